@@ -1,0 +1,621 @@
+//! TOML deployments. Parsing collects every error it can find (one per section at least), and
+//! every error names the file, line, column and key path, e.g.
+//! `deploy.toml:14:12: fleet.shifts[2].severity: expected 1..=5, found 7`.
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use toml_edit::{Item, Table, TableLike, Value};
+
+use crate::data::{DomainSpec, Shift};
+use crate::registry::{PluginKind, Registry, SettingsSpec};
+use crate::seed;
+
+/// One segment of a key path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Segment {
+    /// A table key.
+    Key(String),
+    /// An array index.
+    Index(usize),
+}
+
+/// A path of keys and indices into a TOML document, displayed as `fleet.shifts[2].severity`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyPath(pub Vec<Segment>);
+
+impl KeyPath {
+    /// Parses `a.b[2].c`. Keys containing dots or brackets are not representable, which TOML
+    /// configs of mmpg never need.
+    pub fn parse(text: &str) -> Self {
+        let mut out = Vec::new();
+        for part in text.split('.').filter(|p| !p.is_empty()) {
+            let mut rest = part;
+            if let Some(open) = rest.find('[') {
+                if open > 0 {
+                    out.push(Segment::Key(rest[..open].to_string()));
+                }
+                rest = &rest[open..];
+                while let Some(stripped) = rest.strip_prefix('[') {
+                    let close = stripped.find(']').unwrap_or(stripped.len());
+                    match stripped[..close].parse() {
+                        Ok(i) => out.push(Segment::Index(i)),
+                        Err(_) => out.push(Segment::Key(stripped[..close].to_string())),
+                    }
+                    rest = stripped.get(close + 1..).unwrap_or("");
+                }
+            } else {
+                out.push(Segment::Key(rest.to_string()));
+            }
+        }
+        Self(out)
+    }
+
+    /// This path followed by `child` (a path in the same notation).
+    pub fn join(&self, child: &str) -> Self {
+        let mut out = self.clone();
+        out.0.extend(KeyPath::parse(child).0);
+        out
+    }
+}
+
+impl fmt::Display for KeyPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, seg) in self.0.iter().enumerate() {
+            match seg {
+                Segment::Key(k) if i == 0 => write!(f, "{k}")?,
+                Segment::Key(k) => write!(f, ".{k}")?,
+                Segment::Index(n) => write!(f, "[{n}]")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One problem in a deployment file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file, as given.
+    pub file: String,
+    /// 1-based line, when the path could be located.
+    pub line: Option<usize>,
+    /// 1-based column.
+    pub column: Option<usize>,
+    /// Key path of the offending value (empty for syntax errors).
+    pub path: KeyPath,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let (Some(line), Some(column)) = (self.line, self.column) {
+            write!(f, ":{line}:{column}")?;
+        }
+        if self.path.0.is_empty() {
+            write!(f, ": {}", self.message)
+        } else {
+            write!(f, ": {}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found in a deployment file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let lines: Vec<String> = self.0.iter().map(ToString::to_string).collect();
+        f.write_str(&lines.join("\n"))
+    }
+}
+
+/// `[backend]`: which compute backend runs the models.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendConfig {
+    /// `cpu`, `wgpu`, `cuda` or `tch`.
+    pub kind: String,
+    /// Device index within the backend.
+    pub device: usize,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        Self { kind: "cpu".into(), device: 0 }
+    }
+}
+
+/// A plugin chosen by name, with its own settings table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginChoice {
+    /// Registered plugin name.
+    pub plugin: String,
+    /// The plugin's settings; it deserialises them itself.
+    #[serde(default)]
+    pub settings: toml::Table,
+}
+
+impl PluginChoice {
+    fn named(plugin: &str) -> Self {
+        Self { plugin: plugin.into(), settings: toml::Table::new() }
+    }
+}
+
+/// `[cloud.training]`: schedules of the two cloud phases.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CloudTraining {
+    /// Supervised steps of the device model on source domains.
+    pub pretrain_steps: usize,
+    /// Labelled clips per pretraining step.
+    pub pretrain_batch: usize,
+    /// Pretraining learning rate.
+    pub pretrain_learning_rate: f64,
+    /// Episodic generator steps.
+    pub generator_steps: usize,
+    /// Labelled clips per domain per generator step.
+    pub generator_batch: usize,
+    /// Generator learning rate.
+    pub generator_learning_rate: f64,
+    /// Number of labelled source domains.
+    pub source_domains: usize,
+}
+
+impl Default for CloudTraining {
+    fn default() -> Self {
+        Self {
+            pretrain_steps: 400,
+            pretrain_batch: 32,
+            pretrain_learning_rate: 3e-3,
+            generator_steps: 300,
+            generator_batch: 32,
+            generator_learning_rate: 1e-3,
+            source_domains: 32,
+        }
+    }
+}
+
+/// `[cloud]`: the generator plugin and how the cloud trains.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CloudConfig {
+    /// Generator plugin name.
+    pub generator: String,
+    /// Its settings.
+    pub settings: toml::Table,
+    /// Training schedules.
+    pub training: CloudTraining,
+    /// Directory of checkpoints: loaded when present (and matching), written after training.
+    pub checkpoint: Option<PathBuf>,
+}
+
+impl Default for CloudConfig {
+    fn default() -> Self {
+        Self {
+            generator: "fda".into(),
+            settings: toml::Table::new(),
+            training: CloudTraining::default(),
+            checkpoint: None,
+        }
+    }
+}
+
+/// The data distribution of one device: a `[fleet] shifts` entry or a `[[device]]` table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceDomain {
+    /// Device name (`[[device]]` only; fleet devices are named `device-NN`).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Shift kind, several joined by `+` (`noise+blur`), or `clean`.
+    pub kind: String,
+    /// 1..=5; ignored for `clean`.
+    #[serde(default = "one")]
+    pub severity: u8,
+    /// Label shift: Dirichlet α of the class mix; absent for a uniform mix.
+    #[serde(default)]
+    pub class_mix_alpha: Option<f64>,
+    /// Language shift: the phrasing family of questions.
+    #[serde(default)]
+    pub phrasing: u32,
+    /// Seed of the device's data; derived from the deployment seed when absent.
+    #[serde(default)]
+    pub seed: Option<u64>,
+}
+
+fn one() -> u8 {
+    1
+}
+
+/// `[fleet]`: how many devices, their shifts, and their windows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetConfig {
+    /// Number of fleet devices; their domains cycle through `shifts`. Defaults to one device
+    /// per shift.
+    pub devices: Option<usize>,
+    /// Device domains.
+    pub shifts: Vec<DeviceDomain>,
+    /// Clips in the unlabelled window ADR summarises.
+    pub window_clips: usize,
+    /// Labelled held-out clips per device for evaluation.
+    pub eval_clips: usize,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        Self { devices: None, shifts: Vec::new(), window_clips: 16, eval_clips: 256 }
+    }
+}
+
+/// `[report]`: where results go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReportConfig {
+    /// JSON report path (relative to the working directory).
+    pub json: Option<PathBuf>,
+}
+
+impl Default for ReportConfig {
+    fn default() -> Self {
+        Self { json: None }
+    }
+}
+
+/// A parsed, checked deployment.
+#[derive(Debug, Clone)]
+pub struct Deployment {
+    /// Seed of everything random in the run.
+    pub seed: u64,
+    /// Compute backend.
+    pub backend: BackendConfig,
+    /// Data source plugin.
+    pub data: PluginChoice,
+    /// Device model plugin.
+    pub model: PluginChoice,
+    /// Anchor reasoner plugin.
+    pub anchor: PluginChoice,
+    /// Cloud generator and training.
+    pub cloud: CloudConfig,
+    /// Fleet devices.
+    pub fleet: FleetConfig,
+    /// Explicit `[[device]]` tables.
+    pub devices: Vec<DeviceDomain>,
+    /// Transport plugin.
+    pub transport: PluginChoice,
+    /// Reporting.
+    pub report: ReportConfig,
+    source: Source,
+}
+
+/// The text a deployment came from, kept so later errors can be located too.
+#[derive(Debug, Clone)]
+struct Source {
+    file: String,
+    document: Option<toml_edit::Document<String>>,
+}
+
+impl Source {
+    fn error(&self, path: KeyPath, message: impl Into<String>) -> ConfigError {
+        let (line, column) = match self.document.as_ref().and_then(|d| locate(d, &path)) {
+            Some(span) => {
+                let (l, c) = line_col(d_text(self.document.as_ref()), span.start);
+                (Some(l), Some(c))
+            }
+            None => (None, None),
+        };
+        ConfigError { file: self.file.clone(), line, column, path, message: message.into() }
+    }
+}
+
+fn d_text(doc: Option<&toml_edit::Document<String>>) -> &str {
+    doc.map(|d| d.raw()).unwrap_or("")
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+enum Node<'a> {
+    Item(&'a Item),
+    Table(&'a Table),
+    Value(&'a Value),
+}
+
+impl<'a> Node<'a> {
+    fn span(&self) -> Option<Range<usize>> {
+        match self {
+            Node::Item(i) => i.span(),
+            Node::Table(t) => t.span(),
+            Node::Value(v) => v.span(),
+        }
+    }
+
+    fn table_like(&self) -> Option<&'a dyn TableLike> {
+        match self {
+            Node::Item(i) => i.as_table_like(),
+            Node::Table(t) => Some(*t),
+            Node::Value(v) => v.as_inline_table().map(|t| t as &dyn TableLike),
+        }
+    }
+
+    fn index(&self, n: usize) -> Option<Node<'a>> {
+        match self {
+            Node::Item(Item::ArrayOfTables(a)) => a.get(n).map(Node::Table),
+            Node::Item(Item::Value(Value::Array(a))) | Node::Value(Value::Array(a)) => a.get(n).map(Node::Value),
+            _ => None,
+        }
+    }
+}
+
+/// Span of the deepest part of `path` present in the document: the value where it exists,
+/// else its key, else the nearest ancestor.
+fn locate(doc: &toml_edit::Document<String>, path: &KeyPath) -> Option<Range<usize>> {
+    let mut node = Node::Table(doc.as_table());
+    let mut best: Option<Range<usize>> = None;
+    for seg in &path.0 {
+        let next = match seg {
+            Segment::Key(k) => node.table_like().and_then(|t| t.get_key_value(k)).map(|(key, item)| {
+                if let Some(span) = key.span() {
+                    best = Some(span);
+                }
+                Node::Item(item)
+            }),
+            Segment::Index(n) => node.index(*n),
+        };
+        match next {
+            Some(n) => {
+                if let Some(span) = n.span() {
+                    best = Some(span);
+                }
+                node = n;
+            }
+            None => break,
+        }
+    }
+    best
+}
+
+const SECTIONS: &[&str] =
+    &["seed", "backend", "data", "model", "anchor", "cloud", "fleet", "device", "transport", "report"];
+
+/// Collects errors while parsing.
+struct Parser<'r> {
+    source: Source,
+    errors: Vec<ConfigError>,
+    registry: &'r Registry,
+}
+
+impl Parser<'_> {
+    fn fail(&mut self, path: KeyPath, message: impl Into<String>) {
+        let err = self.source.error(path, message);
+        self.errors.push(err);
+    }
+
+    fn section<T: DeserializeOwned>(&mut self, table: &toml::Table, key: &str) -> Option<T> {
+        let value = table.get(key)?.clone();
+        match serde_path_to_error::deserialize::<_, T>(value) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let mut path = KeyPath::parse(key).join(&e.path().to_string().replace('?', ""));
+                let message = e.into_inner().message().trim().to_string();
+                if let Some(field) = unknown_field(&message) {
+                    if path.0.last() != Some(&Segment::Key(field.clone())) {
+                        path.0.push(Segment::Key(field));
+                    }
+                }
+                self.fail(path, message);
+                None
+            }
+        }
+    }
+
+    fn plugin(&mut self, kind: PluginKind, name: &str, name_path: &str, settings: &toml::Table, settings_path: &str) {
+        match self.registry.get(kind, name) {
+            Err(e) => self.fail(KeyPath::parse(name_path), e.to_string()),
+            Ok(plugin) => {
+                if let Some(SettingsSpec { check, .. }) = plugin.settings() {
+                    if let Err(e) = check(settings) {
+                        self.fail(KeyPath::parse(settings_path).join(&e.path), e.message);
+                    }
+                }
+            }
+        }
+    }
+
+    fn domain(&mut self, domain: &DeviceDomain, path: &KeyPath) {
+        if domain.kind != "clean" && !(1..=5).contains(&domain.severity) {
+            self.fail(path.join("severity"), format!("expected 1..=5, found {}", domain.severity));
+        }
+        if domain.kind.split('+').any(|k| k.trim().is_empty()) {
+            self.fail(path.join("kind"), format!("`{}` names an empty shift kind", domain.kind));
+        }
+        if let Some(alpha) = domain.class_mix_alpha.filter(|a| !(a.is_finite() && *a > 0.0)) {
+            self.fail(path.join("class_mix_alpha"), format!("expected a positive number, found {alpha}"));
+        }
+    }
+}
+
+fn unknown_field(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    Some(rest[..rest.find('`')?].to_string())
+}
+
+impl Deployment {
+    /// Reads and checks a deployment file.
+    pub fn load(path: &Path, registry: &Registry) -> Result<Self, ConfigErrors> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: file.clone(),
+                line: None,
+                column: None,
+                path: KeyPath::default(),
+                message: format!("cannot read: {e}"),
+            }])
+        })?;
+        Self::parse(&text, &file, registry)
+    }
+
+    /// Parses and checks deployment text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str, registry: &Registry) -> Result<Self, ConfigErrors> {
+        let document = match toml_edit::Document::parse(text.to_string()) {
+            Ok(d) => d,
+            Err(e) => {
+                let (line, column) = e.span().map_or((None, None), |s| {
+                    let (l, c) = line_col(text, s.start);
+                    (Some(l), Some(c))
+                });
+                return Err(ConfigErrors(vec![ConfigError {
+                    file: file.into(),
+                    line,
+                    column,
+                    path: KeyPath::default(),
+                    message: format!("TOML syntax: {}", e.message().trim()),
+                }]));
+            }
+        };
+        let table: toml::Table = toml::from_str(text).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: file.into(),
+                line: None,
+                column: None,
+                path: KeyPath::default(),
+                message: e.message().to_string(),
+            }])
+        })?;
+        let mut p = Parser { source: Source { file: file.into(), document: Some(document) }, errors: Vec::new(), registry };
+
+        for key in table.keys().filter(|k| !SECTIONS.contains(&k.as_str())) {
+            p.fail(KeyPath::parse(key), format!("unknown key; expected one of: {}", SECTIONS.join(", ")));
+        }
+        let seed = p.section::<u64>(&table, "seed").unwrap_or(0);
+        let backend = p.section::<BackendConfig>(&table, "backend").unwrap_or_default();
+        let data = p.section::<PluginChoice>(&table, "data").unwrap_or_else(|| PluginChoice::named("synthetic"));
+        let model = p.section::<PluginChoice>(&table, "model").unwrap_or_else(|| PluginChoice::named("lmm"));
+        let anchor = p.section::<PluginChoice>(&table, "anchor").unwrap_or_else(|| PluginChoice::named("adr"));
+        let transport =
+            p.section::<PluginChoice>(&table, "transport").unwrap_or_else(|| PluginChoice::named("in-process"));
+        let cloud = p.section::<CloudConfig>(&table, "cloud").unwrap_or_default();
+        let fleet = p.section::<FleetConfig>(&table, "fleet").unwrap_or_default();
+        let devices = p.section::<Vec<DeviceDomain>>(&table, "device").unwrap_or_default();
+        let report = p.section::<ReportConfig>(&table, "report").unwrap_or_default();
+
+        if let Err(e) = registry.get(PluginKind::Backend, &backend.kind) {
+            p.fail(KeyPath::parse("backend.kind"), e.to_string());
+        }
+        p.plugin(PluginKind::DataSource, &data.plugin, "data.plugin", &data.settings, "data.settings");
+        p.plugin(PluginKind::Model, &model.plugin, "model.plugin", &model.settings, "model.settings");
+        p.plugin(PluginKind::AnchorReasoner, &anchor.plugin, "anchor.plugin", &anchor.settings, "anchor.settings");
+        p.plugin(PluginKind::Generator, &cloud.generator, "cloud.generator", &cloud.settings, "cloud.settings");
+        p.plugin(PluginKind::Transport, &transport.plugin, "transport.plugin", &transport.settings, "transport.settings");
+
+        for (i, d) in fleet.shifts.iter().enumerate() {
+            p.domain(d, &KeyPath::parse(&format!("fleet.shifts[{i}]")));
+        }
+        for (i, d) in devices.iter().enumerate() {
+            p.domain(d, &KeyPath::parse(&format!("device[{i}]")));
+        }
+        if fleet.devices == Some(0) {
+            p.fail(KeyPath::parse("fleet.devices"), "expected at least 1 device");
+        }
+        if fleet.devices.is_none() && fleet.shifts.is_empty() && devices.is_empty() && table.contains_key("fleet") {
+            p.fail(KeyPath::parse("fleet"), "no devices: set `devices`, list `shifts`, or add [[device]] tables");
+        }
+        if fleet.window_clips == 0 {
+            p.fail(KeyPath::parse("fleet.window_clips"), "expected at least 1 clip");
+        }
+        let training = &cloud.training;
+        for (key, value) in [("pretrain_batch", training.pretrain_batch), ("generator_batch", training.generator_batch), ("source_domains", training.source_domains)] {
+            if value == 0 {
+                p.fail(KeyPath::parse("cloud.training").join(key), "expected at least 1");
+            }
+        }
+
+        if !p.errors.is_empty() {
+            return Err(ConfigErrors(p.errors));
+        }
+        Ok(Self { seed, backend, data, model, anchor, cloud, fleet, devices, transport, report, source: p.source })
+    }
+
+    /// The file this deployment came from.
+    pub fn file(&self) -> &str {
+        &self.source.file
+    }
+
+    /// A located error about a key of this deployment, for problems found after parsing (for
+    /// example a shift kind the chosen data source does not implement).
+    pub fn error_at(&self, path: &str, message: impl Into<String>) -> ConfigError {
+        self.source.error(KeyPath::parse(path), message)
+    }
+
+    /// Every device of the deployment: fleet devices (shifts cycled) then `[[device]]` tables,
+    /// with the key path that defines each.
+    pub fn device_domains(&self) -> Vec<(String, DomainSpec)> {
+        let mut out = Vec::new();
+        let count = self.fleet.devices.unwrap_or(self.fleet.shifts.len());
+        for i in 0..count {
+            let (path, domain) = match self.fleet.shifts.get(i % self.fleet.shifts.len().max(1)) {
+                Some(d) => (format!("fleet.shifts[{}]", i % self.fleet.shifts.len()), d.clone()),
+                None => ("fleet.devices".to_string(), DeviceDomain {
+                    name: None,
+                    kind: "clean".into(),
+                    severity: 1,
+                    class_mix_alpha: None,
+                    phrasing: 0,
+                    seed: None,
+                }),
+            };
+            let name = domain.name.clone().unwrap_or_else(|| format!("device-{i:02}"));
+            out.push((path, self.domain_spec(&name, &domain)));
+        }
+        for (i, d) in self.devices.iter().enumerate() {
+            let name = d.name.clone().unwrap_or_else(|| format!("device-{:02}", count + i));
+            out.push((format!("device[{i}]"), self.domain_spec(&name, d)));
+        }
+        out
+    }
+
+    fn domain_spec(&self, name: &str, d: &DeviceDomain) -> DomainSpec {
+        let shifts = if d.kind == "clean" {
+            Vec::new()
+        } else {
+            d.kind.split('+').map(|k| Shift { kind: k.trim().to_string(), severity: d.severity }).collect()
+        };
+        DomainSpec {
+            name: name.to_string(),
+            shifts,
+            class_mix_alpha: d.class_mix_alpha,
+            phrasing: d.phrasing,
+            seed: d.seed.unwrap_or_else(|| seed::derive_str(self.seed, name)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_paths_round_trip_through_text() {
+        for text in ["fleet.shifts[2].severity", "cloud.settings.latent", "device[0]", "a[1][2].b"] {
+            assert_eq!(KeyPath::parse(text).to_string(), text);
+        }
+    }
+
+    #[test]
+    fn line_and_column_are_one_based() {
+        assert_eq!(line_col("a = 1\nbb = 2\n", 6), (2, 1));
+        assert_eq!(line_col("a = 1\nbb = 2\n", 11), (2, 6));
+    }
+}

@@ -1,0 +1,112 @@
+//! The cloud-side parameter generator and what it is trained with.
+
+use crate::anchor::{AnchorError, AnchorReasoner, AnchorSummary};
+use crate::data::DomainSpec;
+use crate::model::{CloudModel, ModelError, TrainingPlan};
+use crate::slots::{GeneratedParams, SlotSchema};
+use crate::source::{DataError, DataSource};
+use crate::{Progress, TrainingLog};
+
+/// Why generation or training failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum GeneratorError {
+    /// A summary from a device is malformed or has the wrong dimension.
+    #[error("summary rejected: {0}")]
+    Summary(#[from] AnchorError),
+    /// A summary's feature dimension differs from the generator's.
+    #[error("summary has feature dimension {found}, the generator expects {expected}")]
+    Dimension {
+        /// Generator's feature dimension.
+        expected: usize,
+        /// Summary's.
+        found: usize,
+    },
+    /// The model failed during training.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The data source failed during training.
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// A checkpoint could not be read.
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+    /// The generator does not offer this capability.
+    #[error("`{generator}` does not support {capability}")]
+    Unsupported {
+        /// Generator name.
+        generator: String,
+        /// What was asked.
+        capability: &'static str,
+    },
+}
+
+/// Everything episodic generator training needs: the frozen cloud model (differentiable with
+/// respect to slot values), the labelled source domains, and the same anchor reasoner the
+/// devices run, so training sees exactly what devices send.
+pub struct GeneratorTraining<'a> {
+    /// The pretrained cloud model.
+    pub model: &'a dyn CloudModel,
+    /// Labelled source data.
+    pub data: &'a dyn DataSource,
+    /// Source domains to sample episodes from.
+    pub domains: &'a [DomainSpec],
+    /// The device-side reasoner.
+    pub reasoner: &'a dyn AnchorReasoner,
+    /// Clips per unlabelled window.
+    pub window_clips: usize,
+    /// Steps, batch, learning rate, seed.
+    pub plan: TrainingPlan,
+    /// Progress sink.
+    pub progress: &'a dyn Progress,
+}
+
+impl std::fmt::Debug for GeneratorTraining<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GeneratorTraining")
+            .field("domains", &self.domains.len())
+            .field("window_clips", &self.window_clips)
+            .field("plan", &self.plan)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The cloud's Fast Domain Adaptor role: anchor summaries in, slot values out, many devices at
+/// once. Only `generate_batch` and `schema` are required.
+pub trait ParameterGenerator: Send {
+    /// The slot schema the generator produces values for.
+    fn schema(&self) -> &SlotSchema;
+
+    /// Parameters for each summary, in order. Deterministic: serving uses no sampling.
+    fn generate_batch(&self, summaries: &[AnchorSummary]) -> Result<Vec<GeneratedParams>, GeneratorError>;
+
+    /// Trains on source domains.
+    fn train(&mut self, _ctx: &GeneratorTraining<'_>) -> Result<TrainingLog, GeneratorError> {
+        Err(GeneratorError::Unsupported { generator: self.name().into(), capability: "training" })
+    }
+
+    /// Trainable parameters on the cloud side.
+    fn parameter_count(&self) -> usize {
+        0
+    }
+
+    /// A display name.
+    fn name(&self) -> &str {
+        "generator"
+    }
+
+    /// Serialises the trained generator.
+    fn save(&self) -> Result<Vec<u8>, GeneratorError> {
+        Err(GeneratorError::Unsupported { generator: self.name().into(), capability: "checkpoints" })
+    }
+
+    /// Restores a generator written by [`ParameterGenerator::save`].
+    fn load(&mut self, _bytes: &[u8]) -> Result<(), GeneratorError> {
+        Err(GeneratorError::Unsupported { generator: self.name().into(), capability: "checkpoints" })
+    }
+
+    /// Parameters for one summary.
+    fn generate(&self, summary: &AnchorSummary) -> Result<GeneratedParams, GeneratorError> {
+        let mut out = self.generate_batch(std::slice::from_ref(summary))?;
+        out.pop().ok_or(GeneratorError::Summary(AnchorError::Empty))
+    }
+}

@@ -1,0 +1,131 @@
+//! # mmpg — cloud-device multi-modal parameter generation
+//!
+//! The core of the framework: domain types, the plugin traits, the plugin registry, TOML
+//! deployments and the runtime that composes them. No plugin logic lives here.
+//!
+//! - A device runs a [`DeviceModel`] and an [`AnchorReasoner`]; it never computes a gradient.
+//! - The cloud trains a [`CloudModel`] and a [`ParameterGenerator`] on labelled source domains
+//!   from a [`DataSource`], then turns each device's [`AnchorSummary`] into [`GeneratedParams`].
+//! - A [`Transport`] carries versioned envelopes between them and counts every byte.
+//! - A [`BackendProvider`] builds the Burn device that `[backend]` names.
+
+pub mod anchor;
+pub mod backend;
+pub mod config;
+pub mod data;
+pub mod generator;
+pub mod model;
+pub mod registry;
+pub mod report;
+pub mod runtime;
+pub mod seed;
+pub mod slots;
+pub mod source;
+pub mod tensor;
+pub mod transport;
+pub mod wire;
+
+pub use anchor::{AnchorError, AnchorReasoner, AnchorSummary, FeatureStats, Quantisation, QuantisedTensor};
+pub use backend::{BackendError, BackendProvider};
+pub use config::{ConfigError, ConfigErrors, Deployment};
+pub use data::{Clip, DeviceId, DomainSpec, Shift, Split, TaskSpec};
+pub use generator::{GeneratorError, GeneratorTraining, ParameterGenerator};
+pub use model::{CloudModel, DeviceModel, ModelError, RetrievalEmbeddings, SlotTensors, TrainingPlan};
+pub use registry::{
+    BuildContext, Factory, GeneratorContext, ModelContext, Plugin, PluginError, PluginKind, Registry,
+    SettingsSpec, StaticPlugin, parse_settings,
+};
+pub use slots::{DType, GeneratedParams, ParamsError, SchemaHash, SlotSchema, SlotSpec, ValidatedParams};
+pub use source::{DataError, DataSource};
+pub use tensor::HostTensor;
+pub use transport::{Direction, InProcess, Traffic, Transport, TransportError};
+
+/// Re-exported so plugin crates use the exact Burn the framework was built with.
+pub use burn;
+/// Re-exported for `inventory::submit!` in plugin crates.
+pub use inventory;
+
+/// The Burn backend every plugin computes with: Burn's run-time dispatch over the backends
+/// compiled in. Autodiff is a property of the device ([`BurnDevice::autodiff`]).
+pub type Backend = burn::Dispatch;
+
+/// A device of [`Backend`].
+pub type BurnDevice = burn::DispatchDevice;
+
+/// Receives progress of long phases (training, the fleet). The binary draws progress bars;
+/// libraries and tests pass [`NoProgress`].
+pub trait Progress: Sync {
+    /// A phase of `total` steps begins.
+    fn start(&self, phase: &str, total: u64);
+    /// One step done, with an optional short status (a loss, a device name).
+    fn step(&self, status: Option<String>);
+    /// The phase ended.
+    fn finish(&self);
+}
+
+/// Discards progress.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn start(&self, _phase: &str, _total: u64) {}
+    fn step(&self, _status: Option<String>) {}
+    fn finish(&self) {}
+}
+
+/// What a training phase did: its loss per step and how long it took.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainingLog {
+    /// Phase name.
+    pub phase: String,
+    /// Loss after each step.
+    pub losses: Vec<f64>,
+    /// Named loss components averaged over the last 10% of steps (e.g. `task`, `kl`).
+    pub final_terms: Vec<(String, f64)>,
+    /// Wall time in seconds.
+    pub seconds: f64,
+}
+
+impl TrainingLog {
+    /// Mean loss over the first `n` steps.
+    pub fn head_mean(&self, n: usize) -> f64 {
+        mean(self.losses.iter().take(n.max(1)).copied())
+    }
+
+    /// Mean loss over the last `n` steps.
+    pub fn tail_mean(&self, n: usize) -> f64 {
+        mean(self.losses.iter().rev().take(n.max(1)).copied())
+    }
+}
+
+fn mean(values: impl Iterator<Item = f64>) -> f64 {
+    let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    if n == 0 { f64::NAN } else { sum / n as f64 }
+}
+
+fn build_in_process(settings: &toml::Table, _ctx: &BuildContext) -> Result<Box<dyn Transport>, PluginError> {
+    let settings: InProcessSettings = parse_settings(settings)?;
+    Ok(Box::new(match settings.max_message_bytes {
+        Some(limit) => InProcess::with_limit(limit),
+        None => InProcess::new(),
+    }))
+}
+
+/// Settings of the `in-process` transport.
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InProcessSettings {
+    /// Refuse messages larger than this, like a broker's payload limit.
+    pub max_message_bytes: Option<usize>,
+}
+
+pub(crate) const fn in_process_factory() -> Factory<dyn Transport, BuildContext> {
+    Factory {
+        name: "in-process",
+        summary: "in-memory queues for simulation; encodes, counts and decodes every byte",
+        settings: SettingsSpec::of::<InProcessSettings>(),
+        build: build_in_process,
+    }
+}
+
+inventory::submit! { StaticPlugin(Plugin::Transport(in_process_factory())) }

@@ -1,0 +1,177 @@
+//! The Lightweight Multi-modal Model, as the device serves it and as the cloud trains it.
+
+use std::collections::BTreeMap;
+
+use burn::tensor::Tensor;
+
+use crate::anchor::FeatureStats;
+use crate::data::{Clip, DomainSpec};
+use crate::slots::{GeneratedParams, ParamsError, SlotSchema, ValidatedParams};
+use crate::source::DataSource;
+use crate::tensor::HostTensor;
+use crate::{Backend, BurnDevice, Progress, TrainingLog};
+
+/// Why a model call failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ModelError {
+    /// Input clips disagree with the model's expected frame shape.
+    #[error("bad input: {0}")]
+    Input(String),
+    /// Parameters were refused; the model keeps its previous ones.
+    #[error("parameters refused: {0}")]
+    Params(#[from] ParamsError),
+    /// A checkpoint could not be read.
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+    /// Training failed.
+    #[error("training: {0}")]
+    Training(String),
+    /// The model does not offer this capability.
+    #[error("`{model}` does not support {capability}")]
+    Unsupported {
+        /// Model name.
+        model: String,
+        /// What was asked.
+        capability: &'static str,
+    },
+}
+
+/// Video and text embeddings in the joint retrieval space, row-aligned with the input clips.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetrievalEmbeddings {
+    /// `[n, e]` L2-normalised video embeddings.
+    pub video: HostTensor,
+    /// `[n, e]` L2-normalised caption embeddings.
+    pub text: HostTensor,
+}
+
+/// The model a device serves. Forward only: no method here computes a gradient.
+///
+/// Implementors provide forward passes, their dynamic-slot schema and an all-or-nothing
+/// `install`; validation before install, answering and scoring are provided.
+pub trait DeviceModel: Send {
+    /// The dynamic slots this model takes from the cloud.
+    fn schema(&self) -> &SlotSchema;
+
+    /// QA logits over the answer vocabulary, `[n, answers]`.
+    fn answer_logits(&self, clips: &[Clip]) -> Result<HostTensor, ModelError>;
+
+    /// Per-frame features `[n·T, d]` computed with the model's *base* slot values, so that a
+    /// summary describes the data, not the adaptation currently installed.
+    fn frame_features(&self, clips: &[Clip]) -> Result<HostTensor, ModelError>;
+
+    /// The slot values currently installed.
+    fn current_params(&self) -> GeneratedParams;
+
+    /// Installs validated values. Must change nothing if it fails.
+    fn install(&mut self, params: &ValidatedParams) -> Result<(), ModelError>;
+
+    /// Joint-space embeddings for retrieval.
+    fn retrieval_embeddings(&self, _clips: &[Clip]) -> Result<RetrievalEmbeddings, ModelError> {
+        Err(ModelError::Unsupported { model: self.name().into(), capability: "retrieval" })
+    }
+
+    /// A display name.
+    fn name(&self) -> &str {
+        "device model"
+    }
+
+    /// Validates parameters from a peer against the schema and installs them; on any error the
+    /// previous parameters stay in place.
+    fn apply(&mut self, params: GeneratedParams) -> Result<(), ModelError> {
+        let validated = self.schema().validate(params)?;
+        self.install(&validated)
+    }
+
+    /// Predicted answer index per clip.
+    fn answers(&self, clips: &[Clip]) -> Result<Vec<usize>, ModelError> {
+        let logits = self.answer_logits(clips)?;
+        let rows = logits.rows().ok_or_else(|| ModelError::Input("logits are not 2-D".into()))?;
+        Ok(rows.map(argmax).collect())
+    }
+
+    /// Fraction of labelled clips answered correctly (unlabelled clips are skipped).
+    fn accuracy(&self, clips: &[Clip]) -> Result<f64, ModelError> {
+        let predicted = self.answers(clips)?;
+        let (right, total) = clips
+            .iter()
+            .zip(predicted)
+            .filter_map(|(clip, p)| clip.answer.map(|a| a == p))
+            .fold((0usize, 0usize), |(r, t), ok| (r + usize::from(ok), t + 1));
+        Ok(if total == 0 { 0.0 } else { right as f64 / total as f64 })
+    }
+}
+
+/// Index of the largest value (first on ties; 0 for an empty row).
+pub fn argmax(row: &[f32]) -> usize {
+    row.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, v)| if *v > bv { (i, *v) } else { (bi, bv) })
+        .0
+}
+
+/// Slot values as flat Burn tensors, keyed by slot name. Tensors on an autodiff device carry
+/// gradients back to whatever produced them (the parameter generator, when training).
+pub type SlotTensors = BTreeMap<String, Tensor<Backend, 1>>;
+
+/// Schedule of a training phase.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainingPlan {
+    /// Optimiser steps.
+    pub steps: usize,
+    /// Labelled clips per step (per domain for episodic training).
+    pub batch: usize,
+    /// Learning rate.
+    pub learning_rate: f64,
+    /// Seed of the phase.
+    pub seed: u64,
+}
+
+/// The model as the cloud holds it: trainable on labelled source domains, differentiable with
+/// respect to its dynamic slots, and exportable to devices.
+pub trait CloudModel: Send {
+    /// The dynamic slots.
+    fn schema(&self) -> &SlotSchema;
+
+    /// Dimension d of the frame features ADR summarises.
+    fn feature_dim(&self) -> usize;
+
+    /// Supervised training of every parameter (static part and base slot values θ0) on
+    /// labelled clips of the source domains.
+    fn pretrain(
+        &mut self,
+        data: &dyn DataSource,
+        domains: &[DomainSpec],
+        plan: &TrainingPlan,
+        progress: &dyn Progress,
+    ) -> Result<TrainingLog, ModelError>;
+
+    /// The base slot values θ0.
+    fn base_params(&self) -> GeneratedParams;
+
+    /// Mean and std of source frame features, shipped to devices for standardisation.
+    fn reference_stats(&self) -> FeatureStats;
+
+    /// Frame features `[n·T, d]` as a device computes them.
+    fn frame_features(&self, clips: &[Clip]) -> Result<HostTensor, ModelError>;
+
+    /// Mean QA cross-entropy of labelled `clips` with the given slot values, differentiable
+    /// with respect to `slots` (the static part is frozen).
+    fn task_loss(&self, slots: &SlotTensors, clips: &[Clip]) -> Result<Tensor<Backend, 1>, ModelError>;
+
+    /// Number of trainable parameters in the cloud model (static part and θ0).
+    fn parameter_count(&self) -> usize;
+
+    /// A device-side copy of the trained model on `device`, with θ0 installed.
+    fn export(&self, device: &BurnDevice) -> Result<Box<dyn DeviceModel>, ModelError>;
+
+    /// Serialises the trained model.
+    fn save(&self) -> Result<Vec<u8>, ModelError> {
+        Err(ModelError::Unsupported { model: "cloud model".into(), capability: "checkpoints" })
+    }
+
+    /// Restores a model written by [`CloudModel::save`]; bytes are validated, never trusted.
+    fn load(&mut self, _bytes: &[u8]) -> Result<(), ModelError> {
+        Err(ModelError::Unsupported { model: "cloud model".into(), capability: "checkpoints" })
+    }
+}

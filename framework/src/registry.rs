@@ -1,0 +1,393 @@
+//! The plugin registry. Every plugin is a named factory of one kind that takes its own TOML
+//! settings. Factories arrive through `inventory` (statically linked plugin crates) or through
+//! [`Registry::register`] (anything else, e.g. libraries loaded at run time).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::anchor::AnchorReasoner;
+use crate::backend::{BackendError, BackendProvider};
+use crate::data::TaskSpec;
+use crate::generator::ParameterGenerator;
+use crate::model::CloudModel;
+use crate::slots::{GeneratedParams, SlotSchema};
+use crate::source::{DataError, DataSource};
+use crate::transport::Transport;
+use crate::BurnDevice;
+
+/// The kinds of plugin a deployment composes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PluginKind {
+    /// Compute backend.
+    Backend,
+    /// Data source.
+    DataSource,
+    /// Device model (LMM).
+    Model,
+    /// Device-side anchor reasoner.
+    AnchorReasoner,
+    /// Cloud-side parameter generator.
+    Generator,
+    /// Device ↔ cloud transport.
+    Transport,
+}
+
+impl fmt::Display for PluginKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PluginKind::Backend => "backend",
+            PluginKind::DataSource => "data source",
+            PluginKind::Model => "model",
+            PluginKind::AnchorReasoner => "anchor reasoner",
+            PluginKind::Generator => "generator",
+            PluginKind::Transport => "transport",
+        })
+    }
+}
+
+/// A settings value that does not fit the plugin's settings struct.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct SettingsError {
+    /// Key path inside the plugin's settings table (`k`, `layers[2].width`); empty for the table.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Deserialises a plugin's settings table into its serde struct, reporting the key path.
+pub fn parse_settings<S: DeserializeOwned>(table: &toml::Table) -> Result<S, SettingsError> {
+    let value = toml::Value::Table(table.clone());
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let message = e.into_inner().message().trim().to_string();
+        SettingsError { path: if path == "." { String::new() } else { path }, message }
+    })
+}
+
+fn defaults_of<S: Default + Serialize>() -> toml::Table {
+    toml::Table::try_from(S::default()).unwrap_or_default()
+}
+
+fn check_of<S: DeserializeOwned>(table: &toml::Table) -> Result<(), SettingsError> {
+    parse_settings::<S>(table).map(|_| ())
+}
+
+/// A plugin's settings type, seen through function pointers so that it can be listed
+/// (`mmpg plugins`) and checked (`mmpg validate`) without building the plugin.
+#[derive(Clone, Copy)]
+pub struct SettingsSpec {
+    /// The default settings as a TOML table: every key the plugin accepts, with its default.
+    pub defaults: fn() -> toml::Table,
+    /// Checks a table without building anything.
+    pub check: fn(&toml::Table) -> Result<(), SettingsError>,
+}
+
+impl SettingsSpec {
+    /// The spec of a serde settings struct (which should use `deny_unknown_fields`).
+    pub const fn of<S: Default + Serialize + DeserializeOwned>() -> Self {
+        Self { defaults: defaults_of::<S>, check: check_of::<S> }
+    }
+}
+
+impl fmt::Debug for SettingsSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries((self.defaults)().iter()).finish()
+    }
+}
+
+/// Why a plugin could not be built.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PluginError {
+    /// Settings do not deserialise.
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+    /// The backend device is unusable.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The data source refused.
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// Anything else the factory reports.
+    #[error("{0}")]
+    Build(String),
+}
+
+/// What every factory receives besides its settings.
+#[derive(Debug, Clone)]
+pub struct BuildContext {
+    /// Deployment seed, already derived for this plugin.
+    pub seed: u64,
+    /// Device the plugin computes on (an autodiff device for cloud-side training).
+    pub device: BurnDevice,
+}
+
+/// What a model factory receives.
+#[derive(Debug, Clone)]
+pub struct ModelContext {
+    /// Seed and device.
+    pub base: BuildContext,
+    /// The task the data source produces.
+    pub task: TaskSpec,
+}
+
+/// What a generator factory receives: the layout it must produce and the base values θ0.
+#[derive(Debug, Clone)]
+pub struct GeneratorContext {
+    /// Seed and device.
+    pub base: BuildContext,
+    /// Slots to generate.
+    pub schema: SlotSchema,
+    /// Base values θ0 of the trained cloud model.
+    pub base_params: GeneratedParams,
+    /// Dimension of summary features.
+    pub feature_dim: usize,
+}
+
+/// A named factory of plugins of type `T`, built with context `C`.
+pub struct Factory<T: ?Sized, C> {
+    /// Name used in TOML.
+    pub name: &'static str,
+    /// One line on what it is.
+    pub summary: &'static str,
+    /// Its settings.
+    pub settings: SettingsSpec,
+    /// Builds one from validated-on-the-way settings.
+    pub build: fn(&toml::Table, &C) -> Result<Box<T>, PluginError>,
+}
+
+impl<T: ?Sized, C> Clone for Factory<T, C> {
+    fn clone(&self) -> Self {
+        Self { name: self.name, summary: self.summary, settings: self.settings, build: self.build }
+    }
+}
+
+impl<T: ?Sized, C> fmt::Debug for Factory<T, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Factory").field("name", &self.name).field("settings", &self.settings).finish()
+    }
+}
+
+/// One registered plugin.
+#[derive(Clone)]
+pub enum Plugin {
+    /// A backend provider.
+    Backend(&'static dyn BackendProvider),
+    /// A data source.
+    DataSource(Factory<dyn DataSource, BuildContext>),
+    /// A model.
+    Model(Factory<dyn CloudModel, ModelContext>),
+    /// An anchor reasoner.
+    AnchorReasoner(Factory<dyn AnchorReasoner, BuildContext>),
+    /// A parameter generator.
+    Generator(Factory<dyn ParameterGenerator, GeneratorContext>),
+    /// A transport.
+    Transport(Factory<dyn Transport, BuildContext>),
+}
+
+impl fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} `{}`", self.kind(), self.name())
+    }
+}
+
+impl Plugin {
+    /// Its kind.
+    pub fn kind(&self) -> PluginKind {
+        match self {
+            Plugin::Backend(_) => PluginKind::Backend,
+            Plugin::DataSource(_) => PluginKind::DataSource,
+            Plugin::Model(_) => PluginKind::Model,
+            Plugin::AnchorReasoner(_) => PluginKind::AnchorReasoner,
+            Plugin::Generator(_) => PluginKind::Generator,
+            Plugin::Transport(_) => PluginKind::Transport,
+        }
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Plugin::Backend(p) => p.kind(),
+            Plugin::DataSource(f) => f.name,
+            Plugin::Model(f) => f.name,
+            Plugin::AnchorReasoner(f) => f.name,
+            Plugin::Generator(f) => f.name,
+            Plugin::Transport(f) => f.name,
+        }
+    }
+
+    /// One line on what it is.
+    pub fn summary(&self) -> &'static str {
+        match self {
+            Plugin::Backend(p) => p.summary(),
+            Plugin::DataSource(f) => f.summary,
+            Plugin::Model(f) => f.summary,
+            Plugin::AnchorReasoner(f) => f.summary,
+            Plugin::Generator(f) => f.summary,
+            Plugin::Transport(f) => f.summary,
+        }
+    }
+
+    /// Its settings, if it takes any.
+    pub fn settings(&self) -> Option<SettingsSpec> {
+        match self {
+            Plugin::Backend(_) => None,
+            Plugin::DataSource(f) => Some(f.settings),
+            Plugin::Model(f) => Some(f.settings),
+            Plugin::AnchorReasoner(f) => Some(f.settings),
+            Plugin::Generator(f) => Some(f.settings),
+            Plugin::Transport(f) => Some(f.settings),
+        }
+    }
+}
+
+/// A plugin submitted at link time with `inventory::submit!`. A plugin crate the binary never
+/// names is not linked, so binaries write `use plugin_crate as _;` for each plugin crate.
+#[derive(Debug)]
+pub struct StaticPlugin(pub Plugin);
+
+inventory::collect!(StaticPlugin);
+
+/// Why a registry lookup or registration failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    /// Two plugins of one kind share a name.
+    #[error("{kind} `{name}` is registered twice")]
+    Duplicate {
+        /// Kind.
+        kind: PluginKind,
+        /// Name.
+        name: String,
+    },
+    /// No plugin of that kind has that name.
+    #[error("no {kind} plugin named `{name}`; registered: {available}")]
+    NotFound {
+        /// Kind.
+        kind: PluginKind,
+        /// Requested name.
+        name: String,
+        /// Registered names of that kind.
+        available: String,
+    },
+}
+
+/// All plugins known to a process, by kind and name.
+#[derive(Debug, Default, Clone)]
+pub struct Registry {
+    plugins: BTreeMap<(PluginKind, &'static str), Plugin>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A registry holding every plugin linked into this binary.
+    pub fn with_static_plugins() -> Result<Self, RegistryError> {
+        let mut registry = Self::new();
+        for entry in inventory::iter::<StaticPlugin> {
+            registry.register(entry.0.clone())?;
+        }
+        Ok(registry)
+    }
+
+    /// Adds a plugin; a second plugin of the same kind and name is an error.
+    pub fn register(&mut self, plugin: Plugin) -> Result<(), RegistryError> {
+        let key = (plugin.kind(), plugin.name());
+        if self.plugins.contains_key(&key) {
+            return Err(RegistryError::Duplicate { kind: key.0, name: key.1.into() });
+        }
+        self.plugins.insert(key, plugin);
+        Ok(())
+    }
+
+    /// Every plugin, ordered by kind then name.
+    pub fn plugins(&self) -> impl Iterator<Item = &Plugin> {
+        self.plugins.values()
+    }
+
+    /// Looks a plugin up.
+    pub fn get(&self, kind: PluginKind, name: &str) -> Result<&Plugin, RegistryError> {
+        self.plugins.iter().find(|((k, n), _)| *k == kind && *n == name).map(|(_, p)| p).ok_or_else(|| {
+            let available: Vec<&str> =
+                self.plugins.keys().filter(|(k, _)| *k == kind).map(|(_, n)| *n).collect();
+            RegistryError::NotFound {
+                kind,
+                name: name.into(),
+                available: if available.is_empty() { "none".into() } else { available.join(", ") },
+            }
+        })
+    }
+
+    /// The backend provider of a kind.
+    pub fn backend(&self, name: &str) -> Result<&'static dyn BackendProvider, RegistryError> {
+        match self.get(PluginKind::Backend, name)? {
+            Plugin::Backend(p) => Ok(*p),
+            _ => unreachable!("registry keys plugins by their own kind"),
+        }
+    }
+}
+
+macro_rules! typed_lookup {
+    ($fn:ident, $variant:ident, $ty:ty) => {
+        impl Registry {
+            #[doc = concat!("The factory of the `", stringify!($variant), "` plugin of this name.")]
+            pub fn $fn(&self, name: &str) -> Result<&$ty, RegistryError> {
+                match self.get(PluginKind::$variant, name)? {
+                    Plugin::$variant(f) => Ok(f),
+                    _ => unreachable!("registry keys plugins by their own kind"),
+                }
+            }
+        }
+    };
+}
+
+typed_lookup!(data_source, DataSource, Factory<dyn DataSource, BuildContext>);
+typed_lookup!(model, Model, Factory<dyn CloudModel, ModelContext>);
+typed_lookup!(anchor_reasoner, AnchorReasoner, Factory<dyn AnchorReasoner, BuildContext>);
+typed_lookup!(generator, Generator, Factory<dyn ParameterGenerator, GeneratorContext>);
+typed_lookup!(transport, Transport, Factory<dyn Transport, BuildContext>);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Default, Serialize, serde::Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    struct Knobs {
+        k: u32,
+        name: String,
+    }
+
+    #[test]
+    fn settings_errors_name_the_key() {
+        let table: toml::Table = toml::from_str("k = \"eight\"").expect("toml");
+        let err = parse_settings::<Knobs>(&table).expect_err("wrong type");
+        assert_eq!(err.path, "k");
+        assert!(err.message.contains("invalid type"), "{}", err.message);
+        let table: toml::Table = toml::from_str("kk = 1").expect("toml");
+        let err = parse_settings::<Knobs>(&table).expect_err("unknown key");
+        assert!(err.message.contains("unknown field `kk`"), "{}", err.message);
+    }
+
+    #[test]
+    fn defaults_list_every_key() {
+        let keys: Vec<String> = (SettingsSpec::of::<Knobs>().defaults)().keys().cloned().collect();
+        assert_eq!(keys, ["k", "name"]);
+    }
+
+    #[test]
+    fn missing_plugins_list_what_is_available() {
+        let mut registry = Registry::new();
+        registry.register(Plugin::Transport(crate::in_process_factory())).expect("first");
+        let err = registry.register(Plugin::Transport(crate::in_process_factory())).expect_err("dup");
+        assert!(matches!(err, RegistryError::Duplicate { .. }));
+        let err = registry.transport("mqtt").expect_err("absent");
+        assert_eq!(err.to_string(), "no transport plugin named `mqtt`; registered: in-process");
+    }
+}

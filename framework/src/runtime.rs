@@ -1,0 +1,342 @@
+//! The runtime: composes a deployment from the registry and runs it — the cloud trains, every
+//! device summarises its unlabelled window, the cloud generates parameters for the whole fleet
+//! in one batch, every device validates and applies them, and both states are evaluated.
+
+use std::time::Instant;
+
+use burn::tensor::backend::Backend as _;
+
+use crate::anchor::AnchorReasoner;
+use crate::backend::BackendError;
+use crate::config::{ConfigErrors, Deployment, PluginChoice};
+use crate::data::{Clip, DeviceId, DomainSpec, Split};
+use crate::generator::{GeneratorError, GeneratorTraining, ParameterGenerator};
+use crate::model::{CloudModel, DeviceModel, ModelError, TrainingPlan};
+use crate::registry::{BuildContext, GeneratorContext, ModelContext, PluginError, PluginKind, Registry, RegistryError};
+use crate::report::{CloudReport, DeviceReport, FleetSummary, RunReport};
+use crate::source::{DataError, DataSource};
+use crate::transport::{Direction, Transport, TransportError};
+use crate::wire::Envelope;
+use crate::{Backend, BurnDevice, Progress, seed};
+
+/// Why a run stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The deployment is inconsistent with the plugins it names.
+    #[error("{0}")]
+    Config(#[from] ConfigErrors),
+    /// The backend cannot be used.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// A plugin is not registered.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// A plugin could not be built.
+    #[error("{kind} `{name}`: {error}")]
+    Plugin {
+        /// Kind.
+        kind: PluginKind,
+        /// Name.
+        name: String,
+        /// Cause.
+        error: PluginError,
+    },
+    /// The data source failed.
+    #[error("data: {0}")]
+    Data(#[from] DataError),
+    /// The cloud model failed.
+    #[error("model: {0}")]
+    Model(#[from] ModelError),
+    /// The generator failed.
+    #[error("generator: {0}")]
+    Generator(#[from] GeneratorError),
+    /// The transport failed.
+    #[error("transport: {0}")]
+    Transport(#[from] TransportError),
+    /// A checkpoint could not be read or written.
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint {
+        /// File.
+        path: String,
+        /// Cause.
+        message: String,
+    },
+}
+
+fn plugin_error(kind: PluginKind, choice: &str) -> impl FnOnce(PluginError) -> RunError + '_ {
+    move |error| RunError::Plugin { kind, name: choice.to_string(), error }
+}
+
+/// A device of the simulated fleet.
+struct FleetDevice {
+    id: DeviceId,
+    domain: DomainSpec,
+    model: Box<dyn DeviceModel>,
+    reasoner: Box<dyn AnchorReasoner>,
+    eval: Vec<Clip>,
+    window: Vec<Clip>,
+    report: DeviceReport,
+}
+
+/// Builds every plugin a deployment names. Exposed so tools (benches, tests) can compose a
+/// deployment's parts without running it whole.
+#[derive(Debug)]
+pub struct Composer<'a> {
+    /// The deployment.
+    pub deployment: &'a Deployment,
+    /// Where plugins come from.
+    pub registry: &'a Registry,
+    /// Inference device.
+    pub device: BurnDevice,
+    /// Training device (autodiff).
+    pub training_device: BurnDevice,
+}
+
+impl<'a> Composer<'a> {
+    /// Resolves the backend of the deployment.
+    pub fn new(deployment: &'a Deployment, registry: &'a Registry) -> Result<Self, RunError> {
+        let provider = registry.backend(&deployment.backend.kind)?;
+        let device = provider.device(deployment.backend.device)?;
+        let training_device = provider.training_device(deployment.backend.device)?;
+        Backend::seed(&training_device, seed::derive_str(deployment.seed, "burn"));
+        Ok(Self { deployment, registry, device, training_device })
+    }
+
+    fn context(&self, purpose: &str, device: &BurnDevice) -> BuildContext {
+        BuildContext { seed: seed::derive_str(self.deployment.seed, purpose), device: device.clone() }
+    }
+
+    /// The data source; also checks every device's shifts against it.
+    pub fn data_source(&self) -> Result<Box<dyn DataSource>, RunError> {
+        let choice = &self.deployment.data;
+        let factory = self.registry.data_source(&choice.plugin)?;
+        let data = (factory.build)(&choice.settings, &self.context("data", &self.device))
+            .map_err(plugin_error(PluginKind::DataSource, &choice.plugin))?;
+        let mut errors = Vec::new();
+        for (path, domain) in self.deployment.device_domains() {
+            for shift in &domain.shifts {
+                if let Err(e) = data.check_shift(shift) {
+                    errors.push(self.deployment.error_at(&format!("{path}.kind"), e.to_string()));
+                }
+            }
+        }
+        if errors.is_empty() { Ok(data) } else { Err(ConfigErrors(errors).into()) }
+    }
+
+    /// The cloud model, on the training device.
+    pub fn cloud_model(&self, data: &dyn DataSource) -> Result<Box<dyn CloudModel>, RunError> {
+        let choice = &self.deployment.model;
+        let factory = self.registry.model(&choice.plugin)?;
+        let ctx = ModelContext { base: self.context("model", &self.training_device), task: data.task().clone() };
+        (factory.build)(&choice.settings, &ctx).map_err(plugin_error(PluginKind::Model, &choice.plugin))
+    }
+
+    /// An anchor reasoner (one per device, one for the cloud's training episodes).
+    pub fn anchor_reasoner(&self) -> Result<Box<dyn AnchorReasoner>, RunError> {
+        let choice = &self.deployment.anchor;
+        let factory = self.registry.anchor_reasoner(&choice.plugin)?;
+        (factory.build)(&choice.settings, &self.context("anchor", &self.device))
+            .map_err(plugin_error(PluginKind::AnchorReasoner, &choice.plugin))
+    }
+
+    /// The generator for a trained model.
+    pub fn generator(&self, model: &dyn CloudModel) -> Result<Box<dyn ParameterGenerator>, RunError> {
+        let cloud = &self.deployment.cloud;
+        let factory = self.registry.generator(&cloud.generator)?;
+        let ctx = GeneratorContext {
+            base: self.context("generator", &self.training_device),
+            schema: model.schema().clone(),
+            base_params: model.base_params(),
+            feature_dim: model.feature_dim(),
+        };
+        (factory.build)(&cloud.settings, &ctx).map_err(plugin_error(PluginKind::Generator, &cloud.generator))
+    }
+
+    /// The transport.
+    pub fn transport(&self) -> Result<Box<dyn Transport>, RunError> {
+        let PluginChoice { plugin, settings } = &self.deployment.transport;
+        let factory = self.registry.transport(plugin)?;
+        (factory.build)(settings, &self.context("transport", &self.device)).map_err(plugin_error(PluginKind::Transport, plugin))
+    }
+}
+
+/// Runs a deployment end to end.
+pub fn run(deployment: &Deployment, registry: &Registry, progress: &dyn Progress) -> Result<RunReport, RunError> {
+    let started = Instant::now();
+    let composer = Composer::new(deployment, registry)?;
+    let data = composer.data_source()?;
+    let mut transport = composer.transport()?;
+    let fleet_domains = deployment.device_domains();
+    let held_out: Vec<DomainSpec> = fleet_domains.iter().map(|(_, d)| d.clone()).collect();
+    let training = &deployment.cloud.training;
+    let sources = data.source_domains(training.source_domains, seed::derive_str(deployment.seed, "sources"), &held_out);
+
+    // Cloud: train the device model, then the generator on episodes through the same ADR.
+    let mut model = composer.cloud_model(data.as_ref())?;
+    let pretrain = model.pretrain(
+        data.as_ref(),
+        &sources,
+        &TrainingPlan {
+            steps: training.pretrain_steps,
+            batch: training.pretrain_batch,
+            learning_rate: training.pretrain_learning_rate,
+            seed: seed::derive_str(deployment.seed, "pretrain"),
+        },
+        progress,
+    )?;
+    let mut generator = composer.generator(model.as_ref())?;
+    let cloud_reasoner = composer.anchor_reasoner()?;
+    let generator_log = generator.train(&GeneratorTraining {
+        model: model.as_ref(),
+        data: data.as_ref(),
+        domains: &sources,
+        reasoner: cloud_reasoner.as_ref(),
+        window_clips: deployment.fleet.window_clips,
+        plan: TrainingPlan {
+            steps: training.generator_steps,
+            batch: training.generator_batch,
+            learning_rate: training.generator_learning_rate,
+            seed: seed::derive_str(deployment.seed, "generator"),
+        },
+        progress,
+    })?;
+    let reference = model.reference_stats();
+    let schema = model.schema().clone();
+
+    // Devices: export the model, draw the stream and the held-out clips, measure static.
+    progress.start("fleet: static evaluation", fleet_domains.len() as u64);
+    let mut fleet = Vec::with_capacity(fleet_domains.len());
+    for (_, domain) in &fleet_domains {
+        let device_model = model.export(&composer.device)?;
+        let window: Vec<Clip> = data
+            .clips(domain, Split::Stream, deployment.fleet.window_clips, domain.seed)?
+            .iter()
+            .map(Clip::unlabelled)
+            .collect();
+        let eval = data.clips(domain, Split::Test, deployment.fleet.eval_clips, domain.seed)?;
+        let static_accuracy = device_model.accuracy(&eval)?;
+        let raw_window_bytes = (window.len() * data.task().raw_clip_bytes()) as u64;
+        fleet.push(FleetDevice {
+            id: DeviceId(domain.name.clone()),
+            report: DeviceReport {
+                device: domain.name.clone(),
+                shift: domain.shift_label(),
+                class_mix_alpha: domain.class_mix_alpha,
+                shifted: !domain.shifts.is_empty() || domain.class_mix_alpha.is_some(),
+                static_accuracy,
+                adapted_accuracy: static_accuracy,
+                bytes_up: 0,
+                bytes_down: 0,
+                raw_window_bytes,
+                anchors: 0,
+                adaptation_ms: 0.0,
+                error: None,
+            },
+            domain: domain.clone(),
+            model: device_model,
+            reasoner: composer.anchor_reasoner()?,
+            eval,
+            window,
+        });
+        progress.step(Some(domain.name.clone()));
+    }
+    progress.finish();
+
+    // Devices → cloud: one summary each.
+    for device in &mut fleet {
+        let t0 = Instant::now();
+        let summary = device.model.frame_features(&device.window).map_err(|e| e.to_string()).and_then(|features| {
+            device
+                .reasoner
+                .summarise(&features, &reference, device.window.len(), seed::derive(device.domain.seed, 0xADE))
+                .map_err(|e| e.to_string())
+        });
+        device.report.adaptation_ms += t0.elapsed().as_secs_f64() * 1e3;
+        match summary {
+            Ok(summary) => {
+                device.report.anchors = summary.anchor_count();
+                transport.send(Direction::Up, &Envelope::summary(device.id.clone(), 1, schema.hash(), &summary))?;
+            }
+            Err(e) => device.report.error = Some(format!("summarise: {e}")),
+        }
+    }
+
+    // Cloud: decode every uplink, generate for the whole fleet in one batch, reply.
+    let mut requests = Vec::new();
+    while let Some(envelope) = transport.recv(Direction::Up, None)? {
+        match envelope.to_summary() {
+            Ok(summary) if envelope.schema_hash == schema.hash() => requests.push((envelope, summary)),
+            Ok(_) => mark_error(&mut fleet, &envelope.device, "summary for another model schema".into()),
+            Err(e) => mark_error(&mut fleet, &envelope.device, format!("summary rejected: {e}")),
+        }
+    }
+    let summaries: Vec<_> = requests.iter().map(|(_, s)| s.clone()).collect();
+    let t0 = Instant::now();
+    let generated = generator.generate_batch(&summaries)?;
+    let generation_ms = t0.elapsed().as_secs_f64() * 1e3;
+    for ((request, _), params) in requests.iter().zip(&generated) {
+        transport.send(Direction::Down, &Envelope::params(request.device.clone(), request.sequence, params))?;
+    }
+
+    // Devices: validate and apply (a refusal keeps the previous parameters), evaluate.
+    progress.start("fleet: adapt and evaluate", fleet.len() as u64);
+    for device in &mut fleet {
+        if let Some(envelope) = transport.recv(Direction::Down, Some(&device.id))? {
+            let t0 = Instant::now();
+            let applied = envelope.to_params().map_err(|e| e.to_string()).and_then(|p| device.model.apply(p).map_err(|e| e.to_string()));
+            device.report.adaptation_ms += t0.elapsed().as_secs_f64() * 1e3;
+            match applied {
+                Ok(()) => device.report.adapted_accuracy = device.model.accuracy(&device.eval)?,
+                Err(e) => device.report.error = Some(format!("apply: {e}")),
+            }
+        }
+        progress.step(Some(device.id.to_string()));
+    }
+    progress.finish();
+
+    let traffic = transport.traffic();
+    let devices: Vec<DeviceReport> = fleet
+        .into_iter()
+        .map(|d| {
+            let mut report = d.report;
+            if let Some(t) = traffic.get(&d.id) {
+                report.bytes_up = t.bytes_up;
+                report.bytes_down = t.bytes_down;
+            }
+            report
+        })
+        .collect();
+    let choices = [
+        ("backend", deployment.backend.kind.as_str()),
+        ("data source", deployment.data.plugin.as_str()),
+        ("model", deployment.model.plugin.as_str()),
+        ("anchor reasoner", deployment.anchor.plugin.as_str()),
+        ("generator", deployment.cloud.generator.as_str()),
+        ("transport", deployment.transport.plugin.as_str()),
+    ];
+    Ok(RunReport {
+        deployment: deployment.file().to_string(),
+        seed: deployment.seed,
+        backend: format!("{} ({:?})", deployment.backend.kind, composer.device),
+        plugins: choices.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        cloud: CloudReport {
+            model_parameters: model.parameter_count(),
+            generator_parameters: generator.parameter_count(),
+            slot_parameters: schema.numel(),
+            source_domains: sources.len(),
+            from_checkpoint: false,
+            pretrain: Some(pretrain),
+            generator: Some(generator_log),
+            generation_ms,
+        },
+        fleet: FleetSummary::of(&devices),
+        devices,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn mark_error(fleet: &mut [FleetDevice], id: &DeviceId, message: String) {
+    if let Some(device) = fleet.iter_mut().find(|d| &d.id == id) {
+        device.report.error = Some(message);
+    }
+}

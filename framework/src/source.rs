@@ -1,0 +1,102 @@
+//! Data sources: each device's stream and the cloud's labelled source domains.
+
+use crate::data::{Clip, DomainSpec, Shift, Split, TaskSpec};
+use crate::seed;
+
+/// Why data could not be produced.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DataError {
+    /// A shift kind this source does not implement.
+    #[error("unknown shift kind `{kind}`; this data source supports: {supported}")]
+    UnknownShift {
+        /// Requested kind.
+        kind: String,
+        /// Comma-separated supported kinds.
+        supported: String,
+    },
+    /// Severity outside 1..=5.
+    #[error("severity must be 1..=5, found {0}")]
+    Severity(u8),
+    /// Data is missing on disk; names the command that installs it.
+    #[error("{what} is missing: run `{install}`")]
+    Missing {
+        /// What is missing.
+        what: String,
+        /// The command that installs it.
+        install: String,
+    },
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Produces labelled and unlabelled clips for any domain. Required: the task, the shift kinds
+/// and clip generation; source-domain sampling and shift checks are provided.
+pub trait DataSource: Send + Sync {
+    /// The answer vocabulary and clip geometry.
+    fn task(&self) -> &TaskSpec;
+
+    /// Shift kinds this source can apply.
+    fn shift_kinds(&self) -> &[&'static str];
+
+    /// `count` clips of `domain` from `split`, deterministic in `(domain.seed, split, seed)`.
+    fn clips(&self, domain: &DomainSpec, split: Split, count: usize, seed: u64) -> Result<Vec<Clip>, DataError>;
+
+    /// Number of phrasing families for questions (language shift).
+    fn phrasings(&self) -> u32 {
+        1
+    }
+
+    /// Checks a shift before any data is produced.
+    fn check_shift(&self, shift: &Shift) -> Result<(), DataError> {
+        if !(1..=5).contains(&shift.severity) {
+            return Err(DataError::Severity(shift.severity));
+        }
+        if !self.shift_kinds().contains(&shift.kind.as_str()) {
+            return Err(DataError::UnknownShift {
+                kind: shift.kind.clone(),
+                supported: self.shift_kinds().join(", "),
+            });
+        }
+        Ok(())
+    }
+
+    /// `count` labelled source domains for cloud training: one clean domain, then random
+    /// kind × severity combinations (single shifts, some pairs) with random class mixes and
+    /// phrasings. Combinations listed in `held_out` (the fleet's) are never drawn, so test
+    /// devices see shift combinations the cloud never trained on.
+    fn source_domains(&self, count: usize, seed: u64, held_out: &[DomainSpec]) -> Vec<DomainSpec> {
+        use rand::Rng as _;
+        let mut rng = seed::rng(seed, 0x0053_4f55_5243);
+        let kinds = self.shift_kinds();
+        let held: Vec<String> = held_out.iter().map(DomainSpec::shift_label).collect();
+        let mut out = vec![DomainSpec::clean("source-00-clean", seed::derive(seed, 0))];
+        let mut attempts = 0;
+        while out.len() < count && attempts < count * 100 {
+            attempts += 1;
+            let mut shifts = vec![Shift {
+                kind: kinds[rng.random_range(0..kinds.len())].to_string(),
+                severity: rng.random_range(1..=5),
+            }];
+            if kinds.len() > 1 && rng.random_bool(0.3) {
+                let second = kinds[rng.random_range(0..kinds.len())];
+                if second != shifts[0].kind {
+                    shifts.push(Shift { kind: second.to_string(), severity: rng.random_range(1..=5) });
+                }
+            }
+            let mut domain = DomainSpec {
+                name: String::new(),
+                shifts,
+                class_mix_alpha: if rng.random_bool(0.5) { Some([0.3, 1.0, 3.0][rng.random_range(0..3)]) } else { None },
+                phrasing: rng.random_range(0..self.phrasings().max(1)),
+                seed: rng.random(),
+            };
+            if held.contains(&domain.shift_label()) {
+                continue;
+            }
+            domain.name = format!("source-{:02}-{}", out.len(), domain.shift_label());
+            out.push(domain);
+        }
+        out
+    }
+}

@@ -1,0 +1,107 @@
+//! Backend-agnostic tensors: what crosses the plugin boundary and the wire.
+
+use burn::tensor::{Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+use crate::Backend;
+
+/// A dense f32 tensor as shape + row-major values. Plugins convert to Burn tensors on their
+/// configured device inside; between plugins (and across a dynamic-library boundary) only this
+/// plain data travels.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostTensor {
+    shape: Vec<usize>,
+    values: Vec<f32>,
+}
+
+/// The shape and the number of values disagree.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("shape {shape:?} holds {expected} values, found {found}")]
+pub struct ShapeMismatch {
+    /// The requested shape.
+    pub shape: Vec<usize>,
+    /// The product of the shape.
+    pub expected: usize,
+    /// The number of values supplied.
+    pub found: usize,
+}
+
+impl HostTensor {
+    /// Builds a tensor, checking that `values` fills `shape` exactly.
+    pub fn new(shape: Vec<usize>, values: Vec<f32>) -> Result<Self, ShapeMismatch> {
+        let expected = shape.iter().product::<usize>();
+        if expected != values.len() {
+            return Err(ShapeMismatch { shape, expected, found: values.len() });
+        }
+        Ok(Self { shape, values })
+    }
+
+    /// A tensor of zeros.
+    pub fn zeros(shape: Vec<usize>) -> Self {
+        let n = shape.iter().product();
+        Self { shape, values: vec![0.0; n] }
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The values, row-major.
+    pub fn values(&self) -> &[f32] {
+        &self.values
+    }
+
+    /// Consumes the tensor and returns its values.
+    pub fn into_values(self) -> Vec<f32> {
+        self.values
+    }
+
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    /// Whether the tensor holds no values.
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// Whether every value is finite (no NaN, no infinity).
+    pub fn is_finite(&self) -> bool {
+        self.values.iter().all(|v| v.is_finite())
+    }
+
+    /// Rows of a 2-D tensor (`[rows, cols]`); `None` for any other rank.
+    pub fn rows(&self) -> Option<std::slice::ChunksExact<'_, f32>> {
+        match self.shape.as_slice() {
+            [_, cols] if *cols > 0 => Some(self.values.chunks_exact(*cols)),
+            _ => None,
+        }
+    }
+
+    /// Moves the values onto a Burn device as a tensor of rank `D`.
+    pub fn to_burn<const D: usize>(
+        &self,
+        device: &burn::tensor::Device<Backend>,
+    ) -> Result<Tensor<Backend, D>, ShapeMismatch> {
+        if self.shape.len() != D {
+            return Err(ShapeMismatch {
+                shape: self.shape.clone(),
+                expected: D,
+                found: self.shape.len(),
+            });
+        }
+        let data = TensorData::new(self.values.clone(), self.shape.clone());
+        Ok(Tensor::from_data(data, device))
+    }
+
+    /// Reads a Burn tensor back to the host.
+    pub fn from_burn<const D: usize>(tensor: Tensor<Backend, D>) -> Self {
+        let shape = tensor.dims().to_vec();
+        let data = tensor.into_data().convert::<f32>();
+        // `convert::<f32>` guarantees the element type, so reading it as f32 cannot fail.
+        let values = data.into_vec::<f32>().unwrap_or_default();
+        Self { shape, values }
+    }
+}
