@@ -1,1 +1,199 @@
-fn main(){}
+//! `mmpg`: run, validate and inspect cloud-device deployments. A thin layer over the library
+//! crates; every plugin crate is linked here so its factories register.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Mutex;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use mmpg::report::RunReport;
+use mmpg::runtime::{self, RunError};
+use mmpg::{Deployment, Progress, Registry};
+
+// Linking a plugin crate is what makes its `inventory::submit!` count.
+use mmpg_adr as _;
+use mmpg_backends as _;
+use mmpg_fda as _;
+use mmpg_lmm as _;
+use mmpg_synthetic as _;
+
+#[derive(Parser)]
+#[command(name = "mmpg", version, about = "Cloud-device multi-modal parameter generation: backprop-free on-device adaptation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train the cloud, adapt every device of a deployment, print the table, write the JSON report.
+    Run {
+        /// Deployment TOML file.
+        deployment: PathBuf,
+        /// Overrides `[report] json`.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
+    /// Check a deployment file and list every problem with its line and key path.
+    Validate {
+        /// Deployment TOML file.
+        deployment: PathBuf,
+    },
+    /// List the registered plugins by kind, with their settings and defaults.
+    Plugins,
+}
+
+/// Exit code of a usage or configuration problem.
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let registry = match Registry::with_static_plugins() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Plugins => {
+            print_plugins(&registry);
+            ExitCode::SUCCESS
+        }
+        Command::Validate { deployment } => match Deployment::load(&deployment, &registry) {
+            Ok(d) => {
+                println!("{}: ok ({} devices)", deployment.display(), d.device_domains().len());
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Run { deployment, report } => match run(&deployment, report, &registry) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                let config_problem = e.downcast_ref::<RunError>().is_some_and(|r| {
+                    matches!(r, RunError::Config(_) | RunError::Backend(_) | RunError::Registry(_) | RunError::Plugin { .. })
+                });
+                eprintln!("error: {e:#}");
+                if config_problem { ExitCode::from(EXIT_CONFIG) } else { ExitCode::FAILURE }
+            }
+        },
+    }
+}
+
+fn run(path: &Path, report_override: Option<PathBuf>, registry: &Registry) -> anyhow::Result<()> {
+    let deployment = Deployment::load(path, registry).map_err(RunError::Config)?;
+    let progress = Bars::default();
+    let report = runtime::run(&deployment, registry, &progress)?;
+    print_table(&report);
+    let out = report_override
+        .or_else(|| deployment.report.json.clone())
+        .unwrap_or_else(|| PathBuf::from("reports").join(format!("{}.json", path.file_stem().and_then(|s| s.to_str()).unwrap_or("run"))));
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&out, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", out.display()))?;
+    println!("report: {}", out.display());
+    Ok(())
+}
+
+fn print_table(report: &RunReport) {
+    println!();
+    println!(
+        "{:<12} {:<22} {:>7} {:>8} {:>7} {:>8} {:>9} {:>10} {:>9}  note",
+        "device", "shift", "static", "adapted", "gain", "up B", "down B", "raw win B", "adapt ms"
+    );
+    for d in &report.devices {
+        let shift = match d.class_mix_alpha {
+            Some(a) => format!("{} α={a}", d.shift),
+            None => d.shift.clone(),
+        };
+        println!(
+            "{:<12} {:<22} {:>6.1}% {:>7.1}% {:>+6.1}  {:>8} {:>9} {:>10} {:>9.2}  {}",
+            d.device,
+            shift,
+            100.0 * d.static_accuracy,
+            100.0 * d.adapted_accuracy,
+            100.0 * (d.adapted_accuracy - d.static_accuracy),
+            d.bytes_up,
+            d.bytes_down,
+            d.raw_window_bytes,
+            d.adaptation_ms,
+            d.error.as_deref().unwrap_or("")
+        );
+    }
+    let f = &report.fleet;
+    println!();
+    println!(
+        "shifted devices ({}): static {:.1}% → adapted {:.1}% ({:+.1} points); all devices ({}): {:.1}% → {:.1}%",
+        f.shifted_devices,
+        100.0 * f.shifted_static_accuracy,
+        100.0 * f.shifted_adapted_accuracy,
+        100.0 * (f.shifted_adapted_accuracy - f.shifted_static_accuracy),
+        f.devices,
+        100.0 * f.static_accuracy,
+        100.0 * f.adapted_accuracy
+    );
+    let c = &report.cloud;
+    println!(
+        "cloud: model {} params, generator {} params, {} dynamic params per device, {} source domains; fleet generation {:.1} ms; run {:.1} s",
+        c.model_parameters, c.generator_parameters, c.slot_parameters, c.source_domains, c.generation_ms, report.seconds
+    );
+}
+
+fn print_plugins(registry: &Registry) {
+    let mut kind = None;
+    for plugin in registry.plugins() {
+        if kind != Some(plugin.kind()) {
+            kind = Some(plugin.kind());
+            println!("{}:", plugin.kind());
+        }
+        println!("  {:<12} {}", plugin.name(), plugin.summary());
+        if let Some(settings) = plugin.settings() {
+            for (key, value) in (settings.defaults)() {
+                println!("  {:<12}   {key} = {value}", "");
+            }
+        }
+    }
+}
+
+/// Progress bars on the terminal (hidden when stderr is not one).
+#[derive(Default)]
+struct Bars(Mutex<Option<ProgressBar>>);
+
+impl Progress for Bars {
+    fn start(&self, phase: &str, total: u64) {
+        let bar = ProgressBar::new(total).with_message(phase.to_string());
+        if let Ok(style) = ProgressStyle::with_template("{msg:32} [{bar:30}] {pos}/{len} {elapsed} {prefix}") {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(bar);
+        }
+    }
+
+    fn step(&self, status: Option<String>) {
+        if let Ok(slot) = self.0.lock() {
+            if let Some(bar) = slot.as_ref() {
+                if let Some(s) = status {
+                    bar.set_prefix(s);
+                }
+                bar.inc(1);
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if let Ok(mut slot) = self.0.lock() {
+            if let Some(bar) = slot.take() {
+                let msg = format!("{} done in {:.1}s", bar.message(), bar.elapsed().as_secs_f64());
+                bar.finish_and_clear();
+                eprintln!("{msg}");
+            }
+        }
+    }
+}

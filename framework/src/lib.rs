@@ -15,6 +15,7 @@ pub mod config;
 pub mod data;
 pub mod generator;
 pub mod model;
+pub mod modules;
 pub mod registry;
 pub mod report;
 pub mod runtime;

@@ -1,1 +1,324 @@
+//! `fda`: the Fast Domain Adaptor. A variational parameter generator:
+//! set encoder over the anchors (DeepSets, permutation-invariant) with the window moments →
+//! μ_z, log σ²_z → z (μ_z when serving) → per-slot decoder θ = θ0 + b·tanh(W z + c), bounded.
+//! A reconstruction head predicts the window's standardised statistics from z.
+//! Loss = task loss with the generated slots + β·KL(q(z|anchors) ‖ N(0, I)) + λ·reconstruction.
 
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::nn::{Linear, LinearConfig};
+use burn::optim::{AdamConfig, GradientsParams, Optimizer};
+use burn::tensor::activation::{relu, tanh};
+use burn::tensor::{Tensor, TensorData};
+use mmpg::modules::{inference_device, relocate};
+use mmpg::seed;
+use mmpg::{
+    AnchorSummary, Backend, BurnDevice, Factory, GeneratedParams, GeneratorContext, GeneratorError, GeneratorTraining,
+    HostTensor, ParameterGenerator, Plugin, PluginError, SettingsSpec, SlotSchema, SlotTensors, Split, StaticPlugin,
+    TrainingLog, parse_settings,
+};
+use rand::Rng as _;
+use rand_distr_free::standard_normal;
+use serde::{Deserialize, Serialize};
+
+/// The backend every tensor here lives on.
+type DB = Backend;
+
+/// Settings of the `fda` generator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FdaSettings {
+    /// Latent dimension of z.
+    pub latent: usize,
+    /// Width of the set encoder.
+    pub hidden: usize,
+    /// Default bound b of every slot's change: |θ − θ0| ≤ b.
+    pub delta_bound: f64,
+    /// Per-slot bounds overriding `delta_bound`, by slot name.
+    pub slot_bounds: BTreeMap<String, f64>,
+    /// β: weight of the KL term (0 disables it).
+    pub beta: f64,
+    /// λ: weight of the reconstruction term (0 disables it).
+    pub lambda: f64,
+    /// Source domains (episodes) per training step.
+    pub episodes_per_step: usize,
+}
+
+impl Default for FdaSettings {
+    fn default() -> Self {
+        Self {
+            latent: 16,
+            hidden: 64,
+            delta_bound: 0.5,
+            slot_bounds: BTreeMap::from([("frame_film".to_string(), 2.0)]),
+            beta: 0.01,
+            lambda: 0.1,
+            episodes_per_step: 4,
+        }
+    }
+}
+
+/// The generator network.
+#[derive(Module, Debug)]
+pub struct FdaNet<B: burn::tensor::backend::Backend> {
+    phi1: Linear<B>,
+    phi2: Linear<B>,
+    rho: Linear<B>,
+    mu: Linear<B>,
+    logvar: Linear<B>,
+    decoders: Vec<Linear<B>>,
+    recon: Linear<B>,
+}
+
+/// Encoder outputs for a batch of summaries.
+struct Encoded<B: burn::tensor::backend::Backend> {
+    mu: Tensor<B, 2>,
+    logvar: Tensor<B, 2>,
+    /// `[S, 2d]`: the summaries' mean and log-variance, the reconstruction target.
+    stats: Tensor<B, 2>,
+}
+
+impl<B: burn::tensor::backend::Backend> FdaNet<B> {
+    fn encode(&self, summaries: &[(HostTensor, &AnchorSummary)], device: &B::Device) -> Encoded<B> {
+        let pooled: Vec<Tensor<B, 2>> = summaries
+            .iter()
+            .map(|(anchors, _)| {
+                let [k, d] = [anchors.shape()[0], anchors.shape()[1]];
+                let a = Tensor::<B, 2>::from_data(TensorData::new(anchors.values().to_vec(), [k, d]), device);
+                let h = relu(self.phi2.forward(relu(self.phi1.forward(a))));
+                h.mean_dim(0)
+            })
+            .collect();
+        let stats_values: Vec<f32> = summaries
+            .iter()
+            .flat_map(|(_, s)| s.mean.iter().copied().chain(s.var.iter().map(|v| (v + 1e-4).ln())).collect::<Vec<_>>())
+            .collect();
+        let d2 = summaries.first().map_or(0, |(_, s)| 2 * s.dim());
+        let stats = Tensor::<B, 2>::from_data(TensorData::new(stats_values, [summaries.len(), d2]), device);
+        let h = relu(self.rho.forward(Tensor::cat(vec![Tensor::cat(pooled, 0), stats.clone()], 1)));
+        Encoded { mu: self.mu.forward(h.clone()), logvar: self.logvar.forward(h).clamp(-8.0, 8.0), stats }
+    }
+
+    /// `[S, z]` → one `[S, numel]` change per slot, bounded by `bounds`.
+    fn deltas(&self, z: Tensor<B, 2>, bounds: &[f64]) -> Vec<Tensor<B, 2>> {
+        self.decoders.iter().zip(bounds).map(|(dec, b)| tanh(dec.forward(z.clone())) * *b).collect()
+    }
+}
+
+/// The FDA generator.
+#[derive(Debug)]
+pub struct Fda {
+    settings: FdaSettings,
+    schema: SlotSchema,
+    base: Vec<HostTensor>,
+    bounds: Vec<f64>,
+    feature_dim: usize,
+    net: FdaNet<DB>,
+    device: BurnDevice,
+    seed: u64,
+}
+
+impl Fda {
+    /// A generator for `ctx`'s schema, initialised so that it first reproduces θ0.
+    pub fn new(settings: FdaSettings, ctx: &GeneratorContext) -> Result<Self, PluginError> {
+        if settings.latent == 0 || settings.hidden == 0 || settings.episodes_per_step == 0 {
+            return Err(PluginError::Build("`latent`, `hidden` and `episodes_per_step` must be at least 1".into()));
+        }
+        if let Some(name) = settings.slot_bounds.keys().find(|n| ctx.schema.get(n).is_none()) {
+            return Err(PluginError::Build(format!("slot_bounds names `{name}`, which is not a slot of the model")));
+        }
+        let all_bounds = std::iter::once(settings.delta_bound).chain(settings.slot_bounds.values().copied());
+        if let Some(b) = all_bounds.clone().find(|b| !(b.is_finite() && *b > 0.0)) {
+            return Err(PluginError::Build(format!("delta bounds must be positive and finite, found {b}")));
+        }
+        let base: Vec<HostTensor> = ctx
+            .schema
+            .slots()
+            .iter()
+            .map(|s| {
+                ctx.base_params.tensors.get(&s.name).cloned().ok_or_else(|| PluginError::Build(format!("base value of slot `{}` missing", s.name)))
+            })
+            .collect::<Result<_, _>>()?;
+        let bounds = ctx.schema.slots().iter().map(|s| *settings.slot_bounds.get(&s.name).unwrap_or(&settings.delta_bound)).collect();
+        let device = &ctx.base.device;
+        let (d, e, z) = (ctx.feature_dim, settings.hidden, settings.latent);
+        let net = FdaNet {
+            phi1: LinearConfig::new(d, e).init(device),
+            phi2: LinearConfig::new(e, e).init(device),
+            rho: LinearConfig::new(e + 2 * d, e).init(device),
+            mu: LinearConfig::new(e, z).init(device),
+            logvar: LinearConfig::new(e, z).init(device),
+            // Small initial decoder weights: training starts from θ ≈ θ0, the static model.
+            decoders: ctx
+                .schema
+                .slots()
+                .iter()
+                .map(|s| {
+                    LinearConfig::new(z, s.numel())
+                        .with_initializer(burn::nn::Initializer::Uniform { min: -1e-3, max: 1e-3 })
+                        .init(device)
+                })
+                .collect(),
+            recon: LinearConfig::new(z, 2 * d).init(device),
+        };
+        Ok(Self { settings, schema: ctx.schema.clone(), base, bounds, feature_dim: d, net, device: device.clone(), seed: ctx.base.seed })
+    }
+
+    fn check(&self, summaries: &[AnchorSummary]) -> Result<Vec<HostTensor>, GeneratorError> {
+        summaries
+            .iter()
+            .map(|s| {
+                if s.dim() != self.feature_dim {
+                    return Err(GeneratorError::Dimension { expected: self.feature_dim, found: s.dim() });
+                }
+                Ok(s.decoded_anchors()?)
+            })
+            .collect()
+    }
+
+    fn base_tensors(&self, device: &BurnDevice) -> Vec<Tensor<DB, 1>> {
+        self.base.iter().map(|t| Tensor::from_data(TensorData::new(t.values().to_vec(), [t.len()]), device)).collect()
+    }
+}
+
+/// Standard normal draws from a seeded generator (Box–Muller), so sampling is reproducible
+/// on every backend.
+mod rand_distr_free {
+    use rand::Rng as _;
+
+    pub fn standard_normal(rng: &mut mmpg::seed::Rng, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let u1: f64 = rng.random_range(f64::EPSILON..1.0);
+                let u2: f64 = rng.random();
+                ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+            })
+            .collect()
+    }
+}
+
+impl ParameterGenerator for Fda {
+    fn schema(&self) -> &SlotSchema {
+        &self.schema
+    }
+
+    fn name(&self) -> &str {
+        "fda"
+    }
+
+    fn parameter_count(&self) -> usize {
+        Module::<DB>::num_params(&self.net)
+    }
+
+    fn generate_batch(&self, summaries: &[AnchorSummary]) -> Result<Vec<GeneratedParams>, GeneratorError> {
+        if summaries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let anchors = self.check(summaries)?;
+        let device = inference_device(&self.device);
+        let net = relocate(self.net.clone(), &device);
+        let pairs: Vec<(HostTensor, &AnchorSummary)> = anchors.into_iter().zip(summaries).collect();
+        let encoded = net.encode(&pairs, &device);
+        let deltas = net.deltas(encoded.mu, &self.bounds);
+        let mut out: Vec<BTreeMap<String, HostTensor>> = vec![BTreeMap::new(); summaries.len()];
+        for ((spec, base), delta) in self.schema.slots().iter().zip(&self.base).zip(deltas) {
+            let delta = HostTensor::from_burn(delta);
+            for (i, row) in delta.rows().into_iter().flatten().enumerate() {
+                let values = base.values().iter().zip(row).map(|(b, d)| b + d).collect();
+                let t = HostTensor::new(spec.shape.clone(), values).map_err(|e| GeneratorError::Checkpoint(e.to_string()))?;
+                out[i].insert(spec.name.clone(), t);
+            }
+        }
+        Ok(out.into_iter().map(|tensors| GeneratedParams { schema_hash: self.schema.hash(), tensors }).collect())
+    }
+
+    fn train(&mut self, ctx: &GeneratorTraining<'_>) -> Result<TrainingLog, GeneratorError> {
+        if ctx.domains.is_empty() {
+            return Err(GeneratorError::Data(mmpg::DataError::Other("no source domains".into())));
+        }
+        let started = Instant::now();
+        let mut rng = seed::rng(ctx.plan.seed, self.seed);
+        let reference = ctx.model.reference_stats();
+        let base = self.base_tensors(&self.device);
+        let mut optim = AdamConfig::new().init::<DB, FdaNet<DB>>();
+        let mut net = self.net.clone();
+        let (mut losses, mut terms) = (Vec::new(), Vec::new());
+        let episodes = self.settings.episodes_per_step;
+        ctx.progress.start("cloud: train generator (FDA)", ctx.plan.steps as u64);
+        for _ in 0..ctx.plan.steps {
+            let mut summaries = Vec::with_capacity(episodes);
+            let mut batches = Vec::with_capacity(episodes);
+            for _ in 0..episodes {
+                let domain = &ctx.domains[rng.random_range(0..ctx.domains.len())];
+                let window = ctx.data.clips(domain, Split::Stream, ctx.window_clips, rng.random())?;
+                let features = ctx.model.frame_features(&window)?;
+                summaries.push(ctx.reasoner.summarise(&features, &reference, window.len(), rng.random())?);
+                batches.push(ctx.data.clips(domain, Split::Train, ctx.plan.batch, rng.random())?);
+            }
+            let anchors = self.check(&summaries)?;
+            let pairs: Vec<(HostTensor, &AnchorSummary)> = anchors.into_iter().zip(&summaries).collect();
+            let enc = net.encode(&pairs, &self.device);
+            let [s, zdim] = enc.mu.dims();
+            let eps = Tensor::<DB, 2>::from_data(TensorData::new(standard_normal(&mut rng, s * zdim), [s, zdim]), &self.device);
+            let z = enc.mu.clone() + (enc.logvar.clone() * 0.5).exp() * eps;
+            let deltas = net.deltas(z.clone(), &self.bounds);
+            let mut task = Vec::with_capacity(episodes);
+            for (e, clips) in batches.iter().enumerate() {
+                let slots: SlotTensors = self
+                    .schema
+                    .slots()
+                    .iter()
+                    .zip(&base)
+                    .zip(&deltas)
+                    .map(|((spec, b), d)| {
+                        let n = spec.numel();
+                        (spec.name.clone(), b.clone() + d.clone().slice([e..e + 1, 0..n]).reshape([n]))
+                    })
+                    .collect();
+                task.push(ctx.model.task_loss(&slots, clips)?);
+            }
+            let task = Tensor::cat(task, 0).mean();
+            let kl = ((enc.logvar.clone().exp() + enc.mu.clone().powf_scalar(2.0) - enc.logvar.clone() - 1.0).sum_dim(1) * 0.5).mean();
+            let recon = (net.recon.forward(z) - enc.stats).powf_scalar(2.0).mean();
+            let loss = task.clone() + kl.clone() * self.settings.beta + recon.clone() * self.settings.lambda;
+            let value = f64::from(loss.clone().into_scalar());
+            if !value.is_finite() {
+                return Err(GeneratorError::Model(mmpg::ModelError::Training(format!("generator loss became {value}"))));
+            }
+            terms.push([f64::from(task.into_scalar()), f64::from(kl.into_scalar()), f64::from(recon.into_scalar())]);
+            let grads = GradientsParams::from_grads::<DB, FdaNet<DB>>(loss.backward(), &net);
+            net = optim.step(ctx.plan.learning_rate, net, grads);
+            losses.push(value);
+            ctx.progress.step(Some(format!("loss {value:.3}")));
+        }
+        ctx.progress.finish();
+        self.net = net;
+        let tail = (terms.len() / 10).max(1);
+        let mean_of = |i: usize| terms.iter().rev().take(tail).map(|t| t[i]).sum::<f64>() / tail as f64;
+        Ok(TrainingLog {
+            phase: "generator".into(),
+            losses,
+            final_terms: if terms.is_empty() {
+                Vec::new()
+            } else {
+                vec![("task".into(), mean_of(0)), ("kl".into(), mean_of(1)), ("reconstruction".into(), mean_of(2))]
+            },
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+fn build(settings: &toml::Table, ctx: &GeneratorContext) -> Result<Box<dyn ParameterGenerator>, PluginError> {
+    Ok(Box::new(Fda::new(parse_settings(settings)?, ctx)?))
+}
+
+inventory::submit! {
+    StaticPlugin(Plugin::Generator(Factory {
+        name: "fda",
+        summary: "Fast Domain Adaptor: variational set encoder → z → bounded per-slot decoder θ0 + Δ(z)",
+        settings: SettingsSpec::of::<FdaSettings>(),
+        build,
+    }))
+}

@@ -1,1 +1,510 @@
+//! `lmm`: the Lightweight Multi-modal Model.
+//!
+//! Frames → small conv encoder (its first layer modulated by the `frame_film` slot) → per-frame
+//! features f_t → temporal pooling ([mean; last − first] → linear) → video vector v. Question →
+//! hashed bag of words → embedding → q. Fusion `[v; q] → h` and the QA head `h → answers` are
+//! dynamic slots; video and caption projections give the retrieval space.
+//!
+//! The forward pass is functional in the slot values: the cloud feeds generated tensors (with
+//! gradients back to the generator), the device feeds its installed values.
 
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use burn::module::{Module, Param};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
+use burn::optim::{AdamConfig, GradientsParams, Optimizer};
+use burn::tensor::activation::relu;
+use burn::tensor::module::avg_pool2d;
+use burn::tensor::{Int, Tensor, TensorData};
+use mmpg::modules::{inference_device, relocate};
+use mmpg::seed;
+use mmpg::{
+    Backend, BurnDevice, Clip, CloudModel, DataSource, DeviceModel, DomainSpec, FeatureStats, Factory, GeneratedParams,
+    HostTensor, ModelContext, ModelError, Plugin, PluginError, Progress, RetrievalEmbeddings, SettingsSpec,
+    SlotSchema, SlotSpec, SlotTensors, Split, StaticPlugin, TaskSpec, TrainingLog, TrainingPlan, ValidatedParams,
+    parse_settings,
+};
+use rand::Rng as _;
+use serde::{Deserialize, Serialize};
+
+/// The backend every tensor here lives on.
+type DB = Backend;
+
+/// Settings of the `lmm` model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LmmSettings {
+    /// Channels of the first conv layer (and of the FiLM slot).
+    pub conv1_channels: usize,
+    /// Channels of the second conv layer.
+    pub conv2_channels: usize,
+    /// Frame feature dimension d (what ADR summarises).
+    pub feature_dim: usize,
+    /// Width of the fusion layer.
+    pub hidden: usize,
+    /// Hash buckets of the question bag of words.
+    pub text_buckets: usize,
+    /// Dimension of the retrieval space.
+    pub retrieval_dim: usize,
+    /// Weight of the InfoNCE retrieval loss in pretraining.
+    pub retrieval_weight: f64,
+    /// Source clips used to compute the reference feature statistics.
+    pub reference_clips: usize,
+}
+
+impl Default for LmmSettings {
+    fn default() -> Self {
+        Self {
+            conv1_channels: 16,
+            conv2_channels: 32,
+            feature_dim: 64,
+            hidden: 64,
+            text_buckets: 256,
+            retrieval_dim: 32,
+            retrieval_weight: 0.5,
+            reference_clips: 256,
+        }
+    }
+}
+
+const FILM: &str = "frame_film";
+const FUSION_W: &str = "fusion.weight";
+const FUSION_B: &str = "fusion.bias";
+const HEAD_W: &str = "qa_head.weight";
+const HEAD_B: &str = "qa_head.bias";
+
+/// The network: the static part as modules, θ0 as flat parameters.
+#[derive(Module, Debug)]
+pub struct LmmNet<B: burn::tensor::backend::Backend> {
+    conv1: Conv2d<B>,
+    conv2: Conv2d<B>,
+    frame_proj: Linear<B>,
+    temporal: Linear<B>,
+    text_embedding: Param<Tensor<B, 2>>,
+    video_proj: Linear<B>,
+    text_proj: Linear<B>,
+    base_film: Param<Tensor<B, 1>>,
+    base_fusion_w: Param<Tensor<B, 1>>,
+    base_fusion_b: Param<Tensor<B, 1>>,
+    base_head_w: Param<Tensor<B, 1>>,
+    base_head_b: Param<Tensor<B, 1>>,
+}
+
+/// Model geometry, derived from settings and task.
+#[derive(Debug, Clone)]
+struct Geometry {
+    settings: LmmSettings,
+    frames: usize,
+    frame_shape: [usize; 3],
+    answers: usize,
+}
+
+impl Geometry {
+    fn new(settings: LmmSettings, task: &TaskSpec) -> Result<Self, ModelError> {
+        let [c, h, w] = task.frame_shape;
+        if c != 3 || h < 4 || w < 4 || h % 4 != 0 || w % 4 != 0 {
+            return Err(ModelError::Input(format!("frames must be [3, H, W] with H, W multiples of 4; task has {:?}", task.frame_shape)));
+        }
+        for (name, v) in [
+            ("conv1_channels", settings.conv1_channels),
+            ("conv2_channels", settings.conv2_channels),
+            ("feature_dim", settings.feature_dim),
+            ("hidden", settings.hidden),
+            ("text_buckets", settings.text_buckets),
+            ("retrieval_dim", settings.retrieval_dim),
+        ] {
+            if v == 0 {
+                return Err(ModelError::Input(format!("`{name}` must be at least 1")));
+            }
+        }
+        Ok(Self { settings, frames: task.frames_per_clip, frame_shape: task.frame_shape, answers: task.answers.len() })
+    }
+
+    fn schema(&self) -> SlotSchema {
+        let s = &self.settings;
+        SlotSchema::new(vec![
+            SlotSpec::f32(FILM, vec![2, s.conv1_channels]),
+            SlotSpec::f32(FUSION_W, vec![2 * s.feature_dim, s.hidden]),
+            SlotSpec::f32(FUSION_B, vec![s.hidden]),
+            SlotSpec::f32(HEAD_W, vec![s.hidden, self.answers]),
+            SlotSpec::f32(HEAD_B, vec![self.answers]),
+        ])
+        .expect("slot names are distinct constants and every size is checked non-zero")
+    }
+
+    fn init<B: burn::tensor::backend::Backend>(&self, device: &B::Device) -> LmmNet<B> {
+        let s = &self.settings;
+        let pooled = s.conv2_channels * (self.frame_shape[1] / 4) * (self.frame_shape[2] / 4);
+        let uniform = |n: usize, fan_in: usize| {
+            let bound = (1.0 / fan_in as f64).sqrt();
+            Param::from_tensor(Tensor::<B, 1>::random([n], burn::tensor::Distribution::Uniform(-bound, bound), device))
+        };
+        LmmNet {
+            conv1: Conv2dConfig::new([3, s.conv1_channels], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(device),
+            conv2: Conv2dConfig::new([s.conv1_channels, s.conv2_channels], [3, 3])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .init(device),
+            frame_proj: LinearConfig::new(pooled, s.feature_dim).init(device),
+            temporal: LinearConfig::new(2 * s.feature_dim, s.feature_dim).init(device),
+            text_embedding: Param::from_tensor(Tensor::random(
+                [s.text_buckets, s.feature_dim],
+                burn::tensor::Distribution::Normal(0.0, 1.0),
+                device,
+            )),
+            video_proj: LinearConfig::new(s.feature_dim, s.retrieval_dim).init(device),
+            text_proj: LinearConfig::new(s.feature_dim, s.retrieval_dim).init(device),
+            base_film: Param::from_tensor(Tensor::zeros([2 * s.conv1_channels], device)),
+            base_fusion_w: uniform(2 * s.feature_dim * s.hidden, 2 * s.feature_dim),
+            base_fusion_b: Param::from_tensor(Tensor::zeros([s.hidden], device)),
+            base_head_w: uniform(s.hidden * self.answers, s.hidden),
+            base_head_b: Param::from_tensor(Tensor::zeros([self.answers], device)),
+        }
+    }
+}
+
+/// Slot values as tensors, in forward-pass form.
+#[derive(Debug, Clone)]
+struct Slots<B: burn::tensor::backend::Backend> {
+    film: Tensor<B, 1>,
+    fusion_w: Tensor<B, 1>,
+    fusion_b: Tensor<B, 1>,
+    head_w: Tensor<B, 1>,
+    head_b: Tensor<B, 1>,
+}
+
+impl<B: burn::tensor::backend::Backend> LmmNet<B> {
+    fn base_slots(&self) -> Slots<B> {
+        Slots {
+            film: self.base_film.val(),
+            fusion_w: self.base_fusion_w.val(),
+            fusion_b: self.base_fusion_b.val(),
+            head_w: self.base_head_w.val(),
+            head_b: self.base_head_b.val(),
+        }
+    }
+
+    /// `[N·T, 3, H, W]` → `[N·T, d]`.
+    fn frame_features(&self, frames: Tensor<B, 4>, film: Tensor<B, 1>) -> Tensor<B, 2> {
+        let c1 = film.dims()[0] / 2;
+        let log_gamma = film.clone().slice([0..c1]).reshape([1, c1, 1, 1]);
+        let beta = film.slice([c1..2 * c1]).reshape([1, c1, 1, 1]);
+        let x = self.conv1.forward(frames);
+        let x = relu(x * log_gamma.exp() + beta);
+        let x = avg_pool2d(x, [2, 2], [2, 2], [0, 0], true, false);
+        let x = relu(self.conv2.forward(x));
+        let x = avg_pool2d(x, [2, 2], [2, 2], [0, 0], true, false);
+        let [n, c, h, w] = x.dims();
+        relu(self.frame_proj.forward(x.reshape([n, c * h * w])))
+    }
+
+    /// Frame features `[N·T, d]` → video vectors `[N, d]`.
+    fn video(&self, features: Tensor<B, 2>, frames: usize) -> Tensor<B, 2> {
+        let [nt, d] = features.dims();
+        let n = nt / frames;
+        let per_clip = features.reshape([n, frames, d]);
+        let mean = per_clip.clone().mean_dim(1).reshape([n, d]);
+        let first = per_clip.clone().slice([0..n, 0..1, 0..d]).reshape([n, d]);
+        let last = per_clip.slice([0..n, frames - 1..frames, 0..d]).reshape([n, d]);
+        relu(self.temporal.forward(Tensor::cat(vec![mean, last - first], 1)))
+    }
+
+    fn text(&self, bags: Tensor<B, 2>) -> Tensor<B, 2> {
+        bags.matmul(self.text_embedding.val())
+    }
+
+    fn logits(&self, v: Tensor<B, 2>, q: Tensor<B, 2>, slots: &Slots<B>) -> Tensor<B, 2> {
+        let d2 = v.dims()[1] + q.dims()[1];
+        let hidden = slots.fusion_b.dims()[0];
+        let answers = slots.head_b.dims()[0];
+        let h = Tensor::cat(vec![v, q], 1).matmul(slots.fusion_w.clone().reshape([d2, hidden]))
+            + slots.fusion_b.clone().reshape([1, hidden]);
+        relu(h).matmul(slots.head_w.clone().reshape([hidden, answers])) + slots.head_b.clone().reshape([1, answers])
+    }
+}
+
+/// Hashed bag of words: lower-cased alphanumeric tokens, FNV-1a into `buckets`, mean-normalised.
+pub fn bag_of_words(text: &str, buckets: usize) -> Vec<f32> {
+    let mut bag = vec![0f32; buckets];
+    let tokens: Vec<String> =
+        text.split(|c: char| !c.is_alphanumeric()).filter(|t| !t.is_empty()).map(str::to_lowercase).collect();
+    for token in &tokens {
+        let h = token.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        bag[(h % buckets as u64) as usize] += 1.0 / tokens.len() as f32;
+    }
+    bag
+}
+
+/// Clips as tensors.
+struct Inputs<B: burn::tensor::backend::Backend> {
+    frames: Tensor<B, 4>,
+    questions: Tensor<B, 2>,
+    captions: Tensor<B, 2>,
+    answers: Option<Tensor<B, 1, Int>>,
+    n: usize,
+}
+
+fn inputs<B: burn::tensor::backend::Backend>(geo: &Geometry, clips: &[Clip], device: &B::Device) -> Result<Inputs<B>, ModelError> {
+    if clips.is_empty() {
+        return Err(ModelError::Input("no clips".into()));
+    }
+    let [c, h, w] = geo.frame_shape;
+    let expected = [geo.frames, c, h, w];
+    let mut frames = Vec::with_capacity(clips.len() * geo.frames * c * h * w);
+    for (i, clip) in clips.iter().enumerate() {
+        if clip.frames.shape() != expected {
+            return Err(ModelError::Input(format!("clip {i} has frames {:?}, the model expects {expected:?}", clip.frames.shape())));
+        }
+        frames.extend_from_slice(clip.frames.values());
+    }
+    let buckets = geo.settings.text_buckets;
+    let bag = |f: fn(&Clip) -> &str| -> Tensor<B, 2> {
+        let values: Vec<f32> = clips.iter().flat_map(|c| bag_of_words(f(c), buckets)).collect();
+        Tensor::from_data(TensorData::new(values, [clips.len(), buckets]), device)
+    };
+    let answers = clips
+        .iter()
+        .map(|c| c.answer.filter(|a| *a < geo.answers).map(|a| a as i64))
+        .collect::<Option<Vec<i64>>>()
+        .map(|a| Tensor::from_data(TensorData::new(a, [clips.len()]), device));
+    Ok(Inputs {
+        frames: Tensor::from_data(TensorData::new(frames, [clips.len() * geo.frames, c, h, w]), device),
+        questions: bag(|c| c.question.as_str()),
+        captions: bag(|c| c.caption.as_str()),
+        answers,
+        n: clips.len(),
+    })
+}
+
+fn l2_normalise<B: burn::tensor::backend::Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
+    let norm = x.clone().powf_scalar(2.0).sum_dim(1).sqrt().clamp_min(1e-6);
+    x / norm
+}
+
+fn slots_from_map(map: &SlotTensors) -> Result<Slots<DB>, ModelError> {
+    let get = |name: &str| map.get(name).cloned().ok_or_else(|| ModelError::Input(format!("slot `{name}` missing")));
+    Ok(Slots { film: get(FILM)?, fusion_w: get(FUSION_W)?, fusion_b: get(FUSION_B)?, head_w: get(HEAD_W)?, head_b: get(HEAD_B)? })
+}
+
+fn slots_to_params(schema: &SlotSchema, slots: &Slots<DB>) -> GeneratedParams {
+    let flat = [(FILM, &slots.film), (FUSION_W, &slots.fusion_w), (FUSION_B, &slots.fusion_b), (HEAD_W, &slots.head_w), (HEAD_B, &slots.head_b)];
+    let tensors = flat
+        .iter()
+        .map(|(name, t)| {
+            let host = HostTensor::from_burn((*t).clone());
+            let shape = schema.get(name).map(|s| s.shape.clone()).unwrap_or_else(|| vec![host.len()]);
+            let values = host.into_values();
+            (name.to_string(), HostTensor::new(shape, values).expect("slot tensors are built from the schema's shapes"))
+        })
+        .collect();
+    GeneratedParams { schema_hash: schema.hash(), tensors }
+}
+
+/// The cloud-side LMM.
+#[derive(Debug)]
+pub struct LmmCloud {
+    geo: Geometry,
+    schema: SlotSchema,
+    net: LmmNet<DB>,
+    device: BurnDevice,
+    reference: Option<FeatureStats>,
+}
+
+impl LmmCloud {
+    /// A freshly initialised model on `device` (an autodiff device to train).
+    pub fn new(settings: LmmSettings, task: &TaskSpec, device: &BurnDevice) -> Result<Self, ModelError> {
+        let geo = Geometry::new(settings, task)?;
+        Ok(Self { schema: geo.schema(), net: geo.init(device), geo, device: device.clone(), reference: None })
+    }
+
+    fn sample_batch(data: &dyn DataSource, domains: &[DomainSpec], batch: usize, rng: &mut seed::Rng) -> Result<Vec<Clip>, ModelError> {
+        // A few domains per batch keep each step's gradient representative of the mixture.
+        let groups = 4.min(batch).max(1);
+        let mut clips = Vec::with_capacity(batch);
+        for g in 0..groups {
+            let domain = &domains[rng.random_range(0..domains.len())];
+            let take = batch / groups + usize::from(g < batch % groups);
+            clips.extend(data.clips(domain, Split::Train, take, rng.random()).map_err(|e| ModelError::Training(e.to_string()))?);
+        }
+        Ok(clips)
+    }
+}
+
+impl LmmCloud {
+    fn valid_net(&self) -> LmmNet<DB> {
+        relocate(self.net.clone(), &inference_device(&self.device))
+    }
+}
+
+impl CloudModel for LmmCloud {
+    fn schema(&self) -> &SlotSchema {
+        &self.schema
+    }
+
+    fn feature_dim(&self) -> usize {
+        self.geo.settings.feature_dim
+    }
+
+    fn pretrain(&mut self, data: &dyn DataSource, domains: &[DomainSpec], plan: &TrainingPlan, progress: &dyn Progress) -> Result<TrainingLog, ModelError> {
+        if domains.is_empty() {
+            return Err(ModelError::Training("no source domains".into()));
+        }
+        let started = Instant::now();
+        let mut rng = seed::rng(plan.seed, 1);
+        let mut optim = AdamConfig::new().init::<DB, LmmNet<DB>>();
+        let ce = CrossEntropyLossConfig::new().init(&self.device);
+        let mut losses = Vec::with_capacity(plan.steps);
+        let mut net = self.net.clone();
+        progress.start("cloud: pretrain device model", plan.steps as u64);
+        for _ in 0..plan.steps {
+            let clips = Self::sample_batch(data, domains, plan.batch, &mut rng)?;
+            let x = inputs::<DB>(&self.geo, &clips, &self.device)?;
+            let targets = x.answers.ok_or_else(|| ModelError::Training("source clips must be labelled".into()))?;
+            let features = net.frame_features(x.frames, net.base_film.val());
+            let v = net.video(features, self.geo.frames);
+            let q = net.text(x.questions);
+            let qa = ce.forward(net.logits(v.clone(), q, &net.base_slots()), targets);
+            // Retrieval: symmetric InfoNCE between video and caption embeddings of the batch.
+            let ve = l2_normalise(net.video_proj.forward(v));
+            let te = l2_normalise(net.text_proj.forward(net.text(x.captions)));
+            let sim = ve.matmul(te.transpose()) * 10.0;
+            let diag = Tensor::<DB, 1, Int>::arange(0..x.n as i64, &self.device);
+            let nce = (ce.forward(sim.clone(), diag.clone()) + ce.forward(sim.transpose(), diag)) * 0.5;
+            let loss = qa + nce * self.geo.settings.retrieval_weight;
+            let value = f64::from(loss.clone().into_scalar());
+            if !value.is_finite() {
+                return Err(ModelError::Training(format!("loss became {value}")));
+            }
+            let grads = GradientsParams::from_grads::<DB, LmmNet<DB>>(loss.backward(), &net);
+            net = optim.step(plan.learning_rate, net, grads);
+            losses.push(value);
+            progress.step(Some(format!("loss {value:.3}")));
+        }
+        progress.finish();
+        self.net = net;
+        // Reference statistics of source features, shipped to devices.
+        let per_domain = (self.geo.settings.reference_clips / domains.len()).max(1);
+        let mut clips = Vec::new();
+        for (i, d) in domains.iter().enumerate() {
+            clips.extend(data.clips(d, Split::Train, per_domain, seed::derive(plan.seed, 0x5245_46 + i as u64)).map_err(|e| ModelError::Training(e.to_string()))?);
+        }
+        self.reference = FeatureStats::of_rows(&self.frame_features(&clips)?);
+        Ok(TrainingLog { phase: "pretrain".into(), losses, final_terms: Vec::new(), seconds: started.elapsed().as_secs_f64() })
+    }
+
+    fn base_params(&self) -> GeneratedParams {
+        slots_to_params(&self.schema, &self.valid_net().base_slots())
+    }
+
+    fn reference_stats(&self) -> FeatureStats {
+        self.reference.clone().unwrap_or_else(|| FeatureStats {
+            mean: vec![0.0; self.feature_dim()],
+            std: vec![1.0; self.feature_dim()],
+        })
+    }
+
+    fn frame_features(&self, clips: &[Clip]) -> Result<HostTensor, ModelError> {
+        let net = self.valid_net();
+        let device = inference_device(&self.device);
+        let x = inputs::<DB>(&self.geo, clips, &device)?;
+        Ok(HostTensor::from_burn(net.frame_features(x.frames, net.base_film.val())))
+    }
+
+    fn task_loss(&self, slots: &SlotTensors, clips: &[Clip]) -> Result<Tensor<DB, 1>, ModelError> {
+        let slots = slots_from_map(slots)?;
+        let x = inputs::<DB>(&self.geo, clips, &self.device)?;
+        let targets = x.answers.ok_or_else(|| ModelError::Training("task loss needs labelled clips".into()))?;
+        // The static part is frozen here: only the slot values (and what produced them) learn.
+        let net = Module::<DB>::no_grad(self.net.clone());
+        let v = net.video(net.frame_features(x.frames, slots.film.clone()), self.geo.frames);
+        let q = net.text(x.questions);
+        Ok(CrossEntropyLossConfig::new().init(&self.device).forward(net.logits(v, q, &slots), targets))
+    }
+
+    fn parameter_count(&self) -> usize {
+        Module::<DB>::num_params(&self.net)
+    }
+
+    fn export(&self, device: &BurnDevice) -> Result<Box<dyn DeviceModel>, ModelError> {
+        let net = relocate(self.net.clone(), device);
+        let base = net.base_slots();
+        let current = slots_to_params(&self.schema, &base);
+        Ok(Box::new(LmmDevice { geo: self.geo.clone(), schema: self.schema.clone(), net, device: device.clone(), slots: base, current }))
+    }
+}
+
+
+/// The LMM as a device serves it.
+#[derive(Debug)]
+pub struct LmmDevice {
+    geo: Geometry,
+    schema: SlotSchema,
+    net: LmmNet<DB>,
+    device: BurnDevice,
+    slots: Slots<DB>,
+    current: GeneratedParams,
+}
+
+impl DeviceModel for LmmDevice {
+    fn schema(&self) -> &SlotSchema {
+        &self.schema
+    }
+
+    fn name(&self) -> &str {
+        "lmm"
+    }
+
+    fn answer_logits(&self, clips: &[Clip]) -> Result<HostTensor, ModelError> {
+        let x = inputs::<DB>(&self.geo, clips, &self.device)?;
+        let v = self.net.video(self.net.frame_features(x.frames, self.slots.film.clone()), self.geo.frames);
+        Ok(HostTensor::from_burn(self.net.logits(v, self.net.text(x.questions), &self.slots)))
+    }
+
+    fn frame_features(&self, clips: &[Clip]) -> Result<HostTensor, ModelError> {
+        let x = inputs::<DB>(&self.geo, clips, &self.device)?;
+        Ok(HostTensor::from_burn(self.net.frame_features(x.frames, self.net.base_film.val())))
+    }
+
+    fn retrieval_embeddings(&self, clips: &[Clip]) -> Result<RetrievalEmbeddings, ModelError> {
+        let x = inputs::<DB>(&self.geo, clips, &self.device)?;
+        let v = self.net.video(self.net.frame_features(x.frames, self.slots.film.clone()), self.geo.frames);
+        Ok(RetrievalEmbeddings {
+            video: HostTensor::from_burn(l2_normalise(self.net.video_proj.forward(v))),
+            text: HostTensor::from_burn(l2_normalise(self.net.text_proj.forward(self.net.text(x.captions)))),
+        })
+    }
+
+    fn current_params(&self) -> GeneratedParams {
+        self.current.clone()
+    }
+
+    fn install(&mut self, params: &ValidatedParams) -> Result<(), ModelError> {
+        // Build every tensor first; only then replace, so a failure changes nothing.
+        let mut built = BTreeMap::new();
+        for spec in self.schema.slots() {
+            let host = params.slot(&spec.name).ok_or_else(|| ModelError::Input(format!("slot `{}` missing", spec.name)))?;
+            let flat = HostTensor::new(vec![host.len()], host.values().to_vec()).map_err(|e| ModelError::Input(e.to_string()))?;
+            built.insert(spec.name.clone(), flat.to_burn::<1>(&self.device).map_err(|e| ModelError::Input(e.to_string()))?);
+        }
+        self.slots = slots_from_map(&built)?;
+        self.current = params.params().clone();
+        Ok(())
+    }
+}
+
+fn build(settings: &toml::Table, ctx: &ModelContext) -> Result<Box<dyn CloudModel>, PluginError> {
+    let settings: LmmSettings = parse_settings(settings)?;
+    let model = LmmCloud::new(settings, &ctx.task, &ctx.base.device).map_err(|e| PluginError::Build(e.to_string()))?;
+    Ok(Box::new(model))
+}
+
+inventory::submit! {
+    StaticPlugin(Plugin::Model(Factory {
+        name: "lmm",
+        summary: "lightweight multi-modal model: conv frame encoder + temporal pooling + text bag, fusion and QA head as dynamic slots",
+        settings: SettingsSpec::of::<LmmSettings>(),
+        build,
+    }))
+}

@@ -1,0 +1,35 @@
+//! Helpers for Burn modules that plugins share.
+
+use burn::module::{Module, ModuleMapper, Param};
+use burn::tensor::Tensor;
+
+use crate::{Backend, BurnDevice};
+
+/// The device without automatic differentiation: where inference copies live.
+pub fn inference_device(device: &BurnDevice) -> BurnDevice {
+    match device {
+        BurnDevice::Autodiff(inner) => (**inner).clone(),
+        other => other.clone(),
+    }
+}
+
+struct Relocate<'a> {
+    device: &'a BurnDevice,
+}
+
+impl ModuleMapper<Backend> for Relocate<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<Backend, D>>) -> Param<Tensor<Backend, D>> {
+        let (id, tensor, _) = param.consume();
+        // A plain parameter: `Dispatch` would otherwise wrap it into an autodiff tensor on access.
+        Param::initialized(id, Tensor::from_data(tensor.into_data(), self.device)).set_require_grad(false)
+    }
+}
+
+/// A copy of `module` on `device` with no gradient history, through host memory.
+///
+/// Burn 0.21's `Dispatch` panics when `to_device` moves a tensor between an autodiff and a
+/// plain device; copying the values works for every pair of devices (cloud training device to
+/// device inference, and across backends in mixed deployments).
+pub fn relocate<M: Module<Backend>>(module: M, device: &BurnDevice) -> M {
+    module.map(&mut Relocate { device })
+}
