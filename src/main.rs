@@ -78,7 +78,11 @@ fn main() -> ExitCode {
                 let config_problem = e.downcast_ref::<RunError>().is_some_and(|r| {
                     matches!(r, RunError::Config(_) | RunError::Backend(_) | RunError::Registry(_) | RunError::Plugin { .. })
                 });
-                eprintln!("error: {e:#}");
+                // Run errors carry their own context; anyhow's chain would repeat it.
+                match e.downcast_ref::<RunError>() {
+                    Some(run_error) => eprintln!("error: {run_error}"),
+                    None => eprintln!("error: {e:#}"),
+                }
                 if config_problem { ExitCode::from(EXIT_CONFIG) } else { ExitCode::FAILURE }
             }
         },

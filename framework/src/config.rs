@@ -133,27 +133,42 @@ impl Default for BackendConfig {
 
 /// A plugin chosen by name, with its own settings table.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PluginChoice {
     /// Registered plugin name.
     pub plugin: String,
     /// The plugin's settings; it deserialises them itself.
-    #[serde(default)]
     pub settings: toml::Table,
 }
 
-impl PluginChoice {
-    fn named(plugin: &str) -> Self {
-        Self { plugin: plugin.into(), settings: toml::Table::new() }
-    }
+/// A plugin section as written: `plugin` may be left out to keep the default.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PluginSection {
+    #[serde(default)]
+    plugin: Option<String>,
+    #[serde(default)]
+    settings: toml::Table,
+}
+
+/// Which labelled data trains the static model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PretrainOn {
+    /// Clean source data only: the usual source model of test-time adaptation. The generator
+    /// still learns from every shifted source domain.
+    Clean,
+    /// The whole source-domain mixture: a domain-general static model.
+    Sources,
 }
 
 /// `[cloud.training]`: schedules of the two cloud phases.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CloudTraining {
-    /// Supervised steps of the device model on source domains.
+    /// Supervised steps of the device model.
     pub pretrain_steps: usize,
+    /// Data of those steps.
+    pub pretrain_on: PretrainOn,
     /// Labelled clips per pretraining step.
     pub pretrain_batch: usize,
     /// Pretraining learning rate.
@@ -171,7 +186,8 @@ pub struct CloudTraining {
 impl Default for CloudTraining {
     fn default() -> Self {
         Self {
-            pretrain_steps: 400,
+            pretrain_steps: 800,
+            pretrain_on: PretrainOn::Clean,
             pretrain_batch: 32,
             pretrain_learning_rate: 3e-3,
             generator_steps: 300,
@@ -192,8 +208,6 @@ pub struct CloudConfig {
     pub settings: toml::Table,
     /// Training schedules.
     pub training: CloudTraining,
-    /// Directory of checkpoints: loaded when present (and matching), written after training.
-    pub checkpoint: Option<PathBuf>,
 }
 
 impl Default for CloudConfig {
@@ -202,7 +216,6 @@ impl Default for CloudConfig {
             generator: "fda".into(),
             settings: toml::Table::new(),
             training: CloudTraining::default(),
-            checkpoint: None,
         }
     }
 }
@@ -304,7 +317,11 @@ struct Source {
 
 impl Source {
     fn error(&self, path: KeyPath, message: impl Into<String>) -> ConfigError {
-        let (line, column) = match self.document.as_ref().and_then(|d| locate(d, &path)) {
+        self.located(path, message, Anchor::Value)
+    }
+
+    fn located(&self, path: KeyPath, message: impl Into<String>, anchor: Anchor) -> ConfigError {
+        let (line, column) = match self.document.as_ref().and_then(|d| locate(d, &path, anchor)) {
             Some(span) => {
                 let (l, c) = line_col(d_text(self.document.as_ref()), span.start);
                 (Some(l), Some(c))
@@ -358,12 +375,22 @@ impl<'a> Node<'a> {
     }
 }
 
-/// Span of the deepest part of `path` present in the document: the value where it exists,
-/// else its key, else the nearest ancestor.
-fn locate(doc: &toml_edit::Document<String>, path: &KeyPath) -> Option<Range<usize>> {
+/// Which part of a key-value pair an error points at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Anchor {
+    /// The value (wrong types, out-of-range values).
+    Value,
+    /// The key (keys that should not be there).
+    Key,
+}
+
+/// Span of the deepest part of `path` present in the document: the value (or the key, for
+/// [`Anchor::Key`]) where it exists, else the nearest ancestor.
+fn locate(doc: &toml_edit::Document<String>, path: &KeyPath, anchor: Anchor) -> Option<Range<usize>> {
     let mut node = Node::Table(doc.as_table());
     let mut best: Option<Range<usize>> = None;
-    for seg in &path.0 {
+    for (depth, seg) in path.0.iter().enumerate() {
+        let last = depth + 1 == path.0.len();
         let next = match seg {
             Segment::Key(k) => node.table_like().and_then(|t| t.get_key_value(k)).map(|(key, item)| {
                 if let Some(span) = key.span() {
@@ -373,6 +400,9 @@ fn locate(doc: &toml_edit::Document<String>, path: &KeyPath) -> Option<Range<usi
             }),
             Segment::Index(n) => node.index(*n),
         };
+        if last && anchor == Anchor::Key && matches!(seg, Segment::Key(_)) && next.is_some() {
+            return best;
+        }
         match next {
             Some(n) => {
                 if let Some(span) = n.span() {
@@ -402,19 +432,27 @@ impl Parser<'_> {
         self.errors.push(err);
     }
 
+    /// A serde error: unknown fields point at their key (serde's path stops at the parent).
+    fn fail_deserialize(&mut self, mut path: KeyPath, message: String) {
+        match unknown_field(&message) {
+            Some(field) => {
+                if path.0.last() != Some(&Segment::Key(field.clone())) {
+                    path.0.push(Segment::Key(field));
+                }
+                let err = self.source.located(path, message, Anchor::Key);
+                self.errors.push(err);
+            }
+            None => self.fail(path, message),
+        }
+    }
+
     fn section<T: DeserializeOwned>(&mut self, table: &toml::Table, key: &str) -> Option<T> {
         let value = table.get(key)?.clone();
         match serde_path_to_error::deserialize::<_, T>(value) {
             Ok(v) => Some(v),
             Err(e) => {
-                let mut path = KeyPath::parse(key).join(&e.path().to_string().replace('?', ""));
-                let message = e.into_inner().message().trim().to_string();
-                if let Some(field) = unknown_field(&message) {
-                    if path.0.last() != Some(&Segment::Key(field.clone())) {
-                        path.0.push(Segment::Key(field));
-                    }
-                }
-                self.fail(path, message);
+                let path = KeyPath::parse(key).join(&e.path().to_string().replace('?', ""));
+                self.fail_deserialize(path, e.into_inner().message().trim().to_string());
                 None
             }
         }
@@ -426,7 +464,7 @@ impl Parser<'_> {
             Ok(plugin) => {
                 if let Some(SettingsSpec { check, .. }) = plugin.settings() {
                     if let Err(e) = check(settings) {
-                        self.fail(KeyPath::parse(settings_path).join(&e.path), e.message);
+                        self.fail_deserialize(KeyPath::parse(settings_path).join(&e.path), e.message);
                     }
                 }
             }
@@ -497,17 +535,24 @@ impl Deployment {
         let mut p = Parser { source: Source { file: file.into(), document: Some(document) }, errors: Vec::new(), registry };
 
         for key in table.keys().filter(|k| !SECTIONS.contains(&k.as_str())) {
-            p.fail(KeyPath::parse(key), format!("unknown key; expected one of: {}", SECTIONS.join(", ")));
+            let message = format!("unknown field `{key}`; expected one of: {}", SECTIONS.join(", "));
+            p.fail_deserialize(KeyPath::default(), message);
         }
         let seed = p.section::<u64>(&table, "seed").unwrap_or(0);
         let backend = p.section::<BackendConfig>(&table, "backend").unwrap_or_default();
-        let data = p.section::<PluginChoice>(&table, "data").unwrap_or_else(|| PluginChoice::named("synthetic"));
-        let model = p.section::<PluginChoice>(&table, "model").unwrap_or_else(|| PluginChoice::named("lmm"));
-        let anchor = p.section::<PluginChoice>(&table, "anchor").unwrap_or_else(|| PluginChoice::named("adr"));
-        let transport =
-            p.section::<PluginChoice>(&table, "transport").unwrap_or_else(|| PluginChoice::named("in-process"));
+        let mut choice = |key: &str, default: &str| {
+            let section = p.section::<PluginSection>(&table, key);
+            let (plugin, settings) = section.map_or((None, toml::Table::new()), |s| (s.plugin, s.settings));
+            PluginChoice { plugin: plugin.unwrap_or_else(|| default.to_string()), settings }
+        };
+        let data = choice("data", "synthetic");
+        let model = choice("model", "lmm");
+        let anchor = choice("anchor", "adr");
+        let transport = choice("transport", "in-process");
         let cloud = p.section::<CloudConfig>(&table, "cloud").unwrap_or_default();
-        let fleet = p.section::<FleetConfig>(&table, "fleet").unwrap_or_default();
+        let fleet_parsed = p.section::<FleetConfig>(&table, "fleet");
+        let fleet_ok = fleet_parsed.is_some() || !table.contains_key("fleet");
+        let fleet = fleet_parsed.unwrap_or_default();
         let devices = p.section::<Vec<DeviceDomain>>(&table, "device").unwrap_or_default();
         let report = p.section::<ReportConfig>(&table, "report").unwrap_or_default();
 
@@ -529,7 +574,7 @@ impl Deployment {
         if fleet.devices == Some(0) {
             p.fail(KeyPath::parse("fleet.devices"), "expected at least 1 device");
         }
-        if fleet.devices.is_none() && fleet.shifts.is_empty() && devices.is_empty() && table.contains_key("fleet") {
+        if fleet_ok && fleet.devices.is_none() && fleet.shifts.is_empty() && devices.is_empty() && table.contains_key("fleet") {
             p.fail(KeyPath::parse("fleet"), "no devices: set `devices`, list `shifts`, or add [[device]] tables");
         }
         if fleet.window_clips == 0 {
@@ -543,6 +588,7 @@ impl Deployment {
         }
 
         if !p.errors.is_empty() {
+            p.errors.sort_by_key(|e| (e.line.unwrap_or(usize::MAX), e.column));
             return Err(ConfigErrors(p.errors));
         }
         Ok(Self { seed, backend, data, model, anchor, cloud, fleet, devices, transport, report, source: p.source })

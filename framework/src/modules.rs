@@ -33,3 +33,16 @@ impl ModuleMapper<Backend> for Relocate<'_> {
 pub fn relocate<M: Module<Backend>>(module: M, device: &BurnDevice) -> M {
     module.map(&mut Relocate { device })
 }
+
+struct Materialise;
+
+impl ModuleMapper<Backend> for Materialise {}
+
+/// Forces every lazily initialised parameter of `module` to draw its values now.
+///
+/// Burn initialises parameters on first use; a plugin built inside
+/// [`crate::seed::with_burn_seed`] calls this so the draws happen while the seeded generator
+/// is held, not later at a time that depends on other threads.
+pub fn materialise<M: Module<Backend>>(module: M) -> M {
+    module.map(&mut Materialise)
+}

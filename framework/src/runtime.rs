@@ -4,11 +4,9 @@
 
 use std::time::Instant;
 
-use burn::tensor::backend::Backend as _;
-
 use crate::anchor::AnchorReasoner;
 use crate::backend::BackendError;
-use crate::config::{ConfigErrors, Deployment, PluginChoice};
+use crate::config::{ConfigErrors, Deployment, PluginChoice, PretrainOn};
 use crate::data::{Clip, DeviceId, DomainSpec, Split};
 use crate::generator::{GeneratorError, GeneratorTraining, ParameterGenerator};
 use crate::model::{CloudModel, DeviceModel, ModelError, TrainingPlan};
@@ -17,7 +15,7 @@ use crate::report::{CloudReport, DeviceReport, FleetSummary, RunReport};
 use crate::source::{DataError, DataSource};
 use crate::transport::{Direction, Transport, TransportError};
 use crate::wire::Envelope;
-use crate::{Backend, BurnDevice, Progress, seed};
+use crate::{BurnDevice, Progress, seed};
 
 /// Why a run stopped.
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +96,6 @@ impl<'a> Composer<'a> {
         let provider = registry.backend(&deployment.backend.kind)?;
         let device = provider.device(deployment.backend.device)?;
         let training_device = provider.training_device(deployment.backend.device)?;
-        Backend::seed(&training_device, seed::derive_str(deployment.seed, "burn"));
         Ok(Self { deployment, registry, device, training_device })
     }
 
@@ -128,7 +125,8 @@ impl<'a> Composer<'a> {
         let choice = &self.deployment.model;
         let factory = self.registry.model(&choice.plugin)?;
         let ctx = ModelContext { base: self.context("model", &self.training_device), task: data.task().clone() };
-        (factory.build)(&choice.settings, &ctx).map_err(plugin_error(PluginKind::Model, &choice.plugin))
+        seed::with_burn_seed(&self.training_device, ctx.base.seed, || (factory.build)(&choice.settings, &ctx))
+            .map_err(plugin_error(PluginKind::Model, &choice.plugin))
     }
 
     /// An anchor reasoner (one per device, one for the cloud's training episodes).
@@ -149,7 +147,8 @@ impl<'a> Composer<'a> {
             base_params: model.base_params(),
             feature_dim: model.feature_dim(),
         };
-        (factory.build)(&cloud.settings, &ctx).map_err(plugin_error(PluginKind::Generator, &cloud.generator))
+        seed::with_burn_seed(&self.training_device, ctx.base.seed, || (factory.build)(&cloud.settings, &ctx))
+            .map_err(plugin_error(PluginKind::Generator, &cloud.generator))
     }
 
     /// The transport.
@@ -173,9 +172,13 @@ pub fn run(deployment: &Deployment, registry: &Registry, progress: &dyn Progress
 
     // Cloud: train the device model, then the generator on episodes through the same ADR.
     let mut model = composer.cloud_model(data.as_ref())?;
+    let pretrain_domains = match training.pretrain_on {
+        PretrainOn::Clean => &sources[..1],
+        PretrainOn::Sources => &sources[..],
+    };
     let pretrain = model.pretrain(
         data.as_ref(),
-        &sources,
+        pretrain_domains,
         &TrainingPlan {
             steps: training.pretrain_steps,
             batch: training.pretrain_batch,

@@ -12,7 +12,7 @@ use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::activation::{relu, tanh};
 use burn::tensor::{Tensor, TensorData};
-use mmpg::modules::{inference_device, relocate};
+use mmpg::modules::{inference_device, materialise, relocate};
 use mmpg::seed;
 use mmpg::{
     AnchorSummary, Backend, BurnDevice, Factory, GeneratedParams, GeneratorContext, GeneratorError, GeneratorTraining,
@@ -163,7 +163,7 @@ impl Fda {
                 .collect(),
             recon: LinearConfig::new(z, 2 * d).init(device),
         };
-        Ok(Self { settings, schema: ctx.schema.clone(), base, bounds, feature_dim: d, net, device: device.clone(), seed: ctx.base.seed })
+        Ok(Self { settings, schema: ctx.schema.clone(), base, bounds, feature_dim: d, net: materialise(net), device: device.clone(), seed: ctx.base.seed })
     }
 
     fn check(&self, summaries: &[AnchorSummary]) -> Result<Vec<HostTensor>, GeneratorError> {

@@ -19,7 +19,7 @@ use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::activation::relu;
 use burn::tensor::module::avg_pool2d;
 use burn::tensor::{Int, Tensor, TensorData};
-use mmpg::modules::{inference_device, relocate};
+use mmpg::modules::{inference_device, materialise, relocate};
 use mmpg::seed;
 use mmpg::{
     Backend, BurnDevice, Clip, CloudModel, DataSource, DeviceModel, DomainSpec, FeatureStats, Factory, GeneratedParams,
@@ -316,7 +316,7 @@ impl LmmCloud {
     /// A freshly initialised model on `device` (an autodiff device to train).
     pub fn new(settings: LmmSettings, task: &TaskSpec, device: &BurnDevice) -> Result<Self, ModelError> {
         let geo = Geometry::new(settings, task)?;
-        Ok(Self { schema: geo.schema(), net: geo.init(device), geo, device: device.clone(), reference: None })
+        Ok(Self { schema: geo.schema(), net: materialise(geo.init(device)), geo, device: device.clone(), reference: None })
     }
 
     fn sample_batch(data: &dyn DataSource, domains: &[DomainSpec], batch: usize, rng: &mut seed::Rng) -> Result<Vec<Clip>, ModelError> {

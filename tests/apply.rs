@@ -1,0 +1,93 @@
+//! Devices validate what they receive: a bad parameter set changes nothing.
+
+mod common;
+
+use mmpg::wire::Envelope;
+use mmpg::{BurnDevice, CloudModel, DataSource, DeviceId, DeviceModel, DomainSpec, HostTensor, ModelError, Split};
+use mmpg_lmm::{LmmCloud, LmmSettings};
+use mmpg_synthetic::{Synthetic, SyntheticSettings};
+use proptest::prelude::*;
+
+fn device_model() -> (Box<dyn DeviceModel>, Vec<mmpg::Clip>) {
+    let data = Synthetic::new(SyntheticSettings::default()).expect("valid");
+    let cpu = BurnDevice::Flex(Default::default());
+    let cloud = LmmCloud::new(LmmSettings::default(), data.task(), &BurnDevice::autodiff(cpu.clone())).expect("model");
+    let clips = data.clips(&DomainSpec::clean("probe", 5), Split::Test, 6, 0).expect("clips");
+    (cloud.export(&cpu).expect("export"), clips)
+}
+
+#[derive(Debug, Clone)]
+enum Corruption {
+    NonFinite(usize, usize, f32),
+    Reshape(usize),
+    DropSlot(usize),
+    ExtraSlot,
+    OtherSchema,
+}
+
+fn corruption() -> impl Strategy<Value = Corruption> {
+    prop_oneof![
+        (0usize..5, any::<usize>(), prop_oneof![Just(f32::NAN), Just(f32::INFINITY), Just(f32::NEG_INFINITY)])
+            .prop_map(|(s, i, v)| Corruption::NonFinite(s, i, v)),
+        (0usize..5).prop_map(Corruption::Reshape),
+        (0usize..5).prop_map(Corruption::DropSlot),
+        Just(Corruption::ExtraSlot),
+        Just(Corruption::OtherSchema),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn apply_rejects_bad_params_and_keeps_the_previous_ones(c in corruption()) {
+        let (mut model, clips) = device_model();
+        let before = model.current_params();
+        let logits = model.answer_logits(&clips).expect("forward");
+        let mut bad = before.clone();
+        let names: Vec<String> = bad.tensors.keys().cloned().collect();
+        match c {
+            Corruption::NonFinite(s, i, v) => {
+                let t = bad.tensors.get_mut(&names[s]).expect("slot");
+                let mut values = t.values().to_vec();
+                let at = i % values.len();
+                values[at] = v;
+                *t = HostTensor::new(t.shape().to_vec(), values).expect("same shape");
+            }
+            Corruption::Reshape(s) => {
+                let t = bad.tensors.get_mut(&names[s]).expect("slot");
+                let mut values = t.values().to_vec();
+                values.push(0.0);
+                *t = HostTensor::new(vec![values.len()], values).expect("1-D");
+            }
+            Corruption::DropSlot(s) => { bad.tensors.remove(&names[s]); }
+            Corruption::ExtraSlot => { bad.tensors.insert("backdoor".into(), HostTensor::zeros(vec![1])); }
+            Corruption::OtherSchema => bad.schema_hash.0 ^= 1,
+        }
+        // Through the wire as a peer would send it, then applied.
+        let received = Envelope::decode(&Envelope::params(DeviceId("d".into()), 1, &bad).encode())
+            .and_then(|e| e.to_params())
+            .expect("well-formed envelope");
+        let refused = model.apply(received);
+        prop_assert!(matches!(refused, Err(ModelError::Params(_))), "{refused:?}");
+        prop_assert_eq!(model.current_params(), before);
+        prop_assert_eq!(model.answer_logits(&clips).expect("forward"), logits);
+    }
+
+    #[test]
+    fn applied_params_are_bit_exact_with_what_was_sent(scale in -2f32..2f32) {
+        let (mut model, clips) = device_model();
+        let mut params = model.current_params();
+        for t in params.tensors.values_mut() {
+            let values = t.values().iter().enumerate().map(|(i, v)| v + scale * ((i % 7) as f32 - 3.0) * 1e-2).collect();
+            *t = HostTensor::new(t.shape().to_vec(), values).expect("same shape");
+        }
+        let received = Envelope::decode(&Envelope::params(DeviceId("d".into()), 1, &params).encode())
+            .and_then(|e| e.to_params())
+            .expect("round trip");
+        model.apply(received).expect("valid params apply");
+        let bits = |p: &mmpg::GeneratedParams| -> Vec<u32> { p.tensors.values().flat_map(|t| t.values().iter().map(|v| v.to_bits())).collect() };
+        prop_assert_eq!(bits(&model.current_params()), bits(&params));
+        prop_assert!(model.answer_logits(&clips).expect("forward").is_finite());
+    }
+}

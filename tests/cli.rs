@@ -1,0 +1,62 @@
+//! The `mmpg` binary as a user meets it.
+
+use std::process::Command;
+
+fn mmpg(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mmpg")).args(args).output().expect("mmpg runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn validate_reports_every_error_with_line_and_key_path_and_exits_2() {
+    let (code, _, stderr) = mmpg(&["validate", "tests/fixtures/three-errors.toml"]);
+    assert_eq!(code, 2, "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 3, "{stderr}");
+    assert!(lines[0].starts_with("tests/fixtures/three-errors.toml:4:11: fleet.devices: invalid type"), "{stderr}");
+    assert!(lines[1].starts_with("tests/fixtures/three-errors.toml:9:1: transport.max_bytes: unknown field `max_bytes`"), "{stderr}");
+    assert_eq!(lines[2], "tests/fixtures/three-errors.toml:12:13: cloud.generator: no generator plugin named `fdx`; registered: fda");
+    assert!(!stderr.contains("panicked"));
+}
+
+#[test]
+fn validate_accepts_the_shipped_examples() {
+    for example in ["examples/quickstart.toml"] {
+        let (code, stdout, stderr) = mmpg(&["validate", example]);
+        assert_eq!(code, 0, "{example}: {stderr}");
+        assert!(stdout.contains("ok (8 devices)"), "{stdout}");
+    }
+}
+
+#[test]
+fn plugins_lists_every_kind_with_settings() {
+    let (code, stdout, _) = mmpg(&["plugins"]);
+    assert_eq!(code, 0);
+    for needle in ["backend:", "  cpu ", "data source:", "  synthetic ", "model:", "  lmm ", "anchor reasoner:", "  adr ", "generator:", "  fda ", "transport:", "  in-process ", "k = 8", "latent = 16"] {
+        assert!(stdout.contains(needle), "missing {needle:?} in\n{stdout}");
+    }
+}
+
+#[test]
+fn a_backend_that_is_not_compiled_in_is_one_line_and_exit_2() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("cuda.toml");
+    std::fs::write(&path, "[backend]\nkind = \"cuda\"\n[fleet]\nshifts = [{ kind = \"blur\", severity = 2 }]\n").expect("write");
+    let (code, _, stderr) = mmpg(&["run", path.to_str().expect("utf-8 path")]);
+    assert_eq!(code, 2);
+    assert_eq!(stderr.trim(), "error: backend `cuda` is not compiled in: rebuild with `--features cuda`");
+}
+
+#[test]
+fn an_unknown_shift_kind_names_its_line_and_the_supported_kinds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("fog.toml");
+    std::fs::write(&path, "[fleet]\nshifts = [{ kind = \"fog\", severity = 2 }]\n").expect("write");
+    let (code, _, stderr) = mmpg(&["run", path.to_str().expect("utf-8 path")]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("fog.toml:2:20: fleet.shifts[0].kind: unknown shift kind `fog`; this data source supports: noise, brightness, contrast, blur"), "{stderr}");
+}
