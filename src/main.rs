@@ -20,7 +20,11 @@ use mmpg_lmm as _;
 use mmpg_synthetic as _;
 
 #[derive(Parser)]
-#[command(name = "mmpg", version, about = "Cloud-device multi-modal parameter generation: backprop-free on-device adaptation")]
+#[command(
+    name = "mmpg",
+    version,
+    about = "Cloud-device multi-modal parameter generation: backprop-free on-device adaptation"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -76,7 +80,10 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 let config_problem = e.downcast_ref::<RunError>().is_some_and(|r| {
-                    matches!(r, RunError::Config(_) | RunError::Backend(_) | RunError::Registry(_) | RunError::Plugin { .. })
+                    matches!(
+                        r,
+                        RunError::Config(_) | RunError::Backend(_) | RunError::Registry(_) | RunError::Plugin { .. }
+                    )
                 });
                 // Run errors carry their own context; anyhow's chain would repeat it.
                 match e.downcast_ref::<RunError>() {
@@ -94,13 +101,14 @@ fn run(path: &Path, report_override: Option<PathBuf>, registry: &Registry) -> an
     let progress = Bars::default();
     let report = runtime::run(&deployment, registry, &progress)?;
     print_table(&report);
-    let out = report_override
-        .or_else(|| deployment.report.json.clone())
-        .unwrap_or_else(|| PathBuf::from("reports").join(format!("{}.json", path.file_stem().and_then(|s| s.to_str()).unwrap_or("run"))));
+    let out = report_override.or_else(|| deployment.report.json.clone()).unwrap_or_else(|| {
+        PathBuf::from("reports").join(format!("{}.json", path.file_stem().and_then(|s| s.to_str()).unwrap_or("run")))
+    });
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    std::fs::write(&out, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", out.display()))?;
+    std::fs::write(&out, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", out.display()))?;
     println!("report: {}", out.display());
     Ok(())
 }
@@ -145,7 +153,12 @@ fn print_table(report: &RunReport) {
     let c = &report.cloud;
     println!(
         "cloud: model {} params, generator {} params, {} dynamic params per device, {} source domains; fleet generation {:.1} ms; run {:.1} s",
-        c.model_parameters, c.generator_parameters, c.slot_parameters, c.source_domains, c.generation_ms, report.seconds
+        c.model_parameters,
+        c.generator_parameters,
+        c.slot_parameters,
+        c.source_domains,
+        c.generation_ms,
+        report.seconds
     );
 }
 
@@ -181,23 +194,23 @@ impl Progress for Bars {
     }
 
     fn step(&self, status: Option<String>) {
-        if let Ok(slot) = self.0.lock() {
-            if let Some(bar) = slot.as_ref() {
-                if let Some(s) = status {
-                    bar.set_prefix(s);
-                }
-                bar.inc(1);
+        if let Ok(slot) = self.0.lock()
+            && let Some(bar) = slot.as_ref()
+        {
+            if let Some(s) = status {
+                bar.set_prefix(s);
             }
+            bar.inc(1);
         }
     }
 
     fn finish(&self) {
-        if let Ok(mut slot) = self.0.lock() {
-            if let Some(bar) = slot.take() {
-                let msg = format!("{} done in {:.1}s", bar.message(), bar.elapsed().as_secs_f64());
-                bar.finish_and_clear();
-                eprintln!("{msg}");
-            }
+        if let Ok(mut slot) = self.0.lock()
+            && let Some(bar) = slot.take()
+        {
+            let msg = format!("{} done in {:.1}s", bar.message(), bar.elapsed().as_secs_f64());
+            bar.finish_and_clear();
+            eprintln!("{msg}");
         }
     }
 }

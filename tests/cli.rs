@@ -18,14 +18,21 @@ fn validate_reports_every_error_with_line_and_key_path_and_exits_2() {
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 3, "{stderr}");
     assert!(lines[0].starts_with("tests/fixtures/three-errors.toml:4:11: fleet.devices: invalid type"), "{stderr}");
-    assert!(lines[1].starts_with("tests/fixtures/three-errors.toml:9:1: transport.max_bytes: unknown field `max_bytes`"), "{stderr}");
-    assert_eq!(lines[2], "tests/fixtures/three-errors.toml:12:13: cloud.generator: no generator plugin named `fdx`; registered: fda");
+    assert!(
+        lines[1].starts_with("tests/fixtures/three-errors.toml:9:1: transport.max_bytes: unknown field `max_bytes`"),
+        "{stderr}"
+    );
+    assert_eq!(
+        lines[2],
+        "tests/fixtures/three-errors.toml:12:13: cloud.generator: no generator plugin named `fdx`; registered: fda"
+    );
     assert!(!stderr.contains("panicked"));
 }
 
 #[test]
 fn validate_accepts_the_shipped_examples() {
-    for example in ["examples/quickstart.toml"] {
+    {
+        let example = "examples/quickstart.toml";
         let (code, stdout, stderr) = mmpg(&["validate", example]);
         assert_eq!(code, 0, "{example}: {stderr}");
         assert!(stdout.contains("ok (8 devices)"), "{stdout}");
@@ -36,7 +43,22 @@ fn validate_accepts_the_shipped_examples() {
 fn plugins_lists_every_kind_with_settings() {
     let (code, stdout, _) = mmpg(&["plugins"]);
     assert_eq!(code, 0);
-    for needle in ["backend:", "  cpu ", "data source:", "  synthetic ", "model:", "  lmm ", "anchor reasoner:", "  adr ", "generator:", "  fda ", "transport:", "  in-process ", "k = 8", "latent = 16"] {
+    for needle in [
+        "backend:",
+        "  cpu ",
+        "data source:",
+        "  synthetic ",
+        "model:",
+        "  lmm ",
+        "anchor reasoner:",
+        "  adr ",
+        "generator:",
+        "  fda ",
+        "transport:",
+        "  in-process ",
+        "k = 8",
+        "latent = 16",
+    ] {
         assert!(stdout.contains(needle), "missing {needle:?} in\n{stdout}");
     }
 }
@@ -45,7 +67,8 @@ fn plugins_lists_every_kind_with_settings() {
 fn a_backend_that_is_not_compiled_in_is_one_line_and_exit_2() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("cuda.toml");
-    std::fs::write(&path, "[backend]\nkind = \"cuda\"\n[fleet]\nshifts = [{ kind = \"blur\", severity = 2 }]\n").expect("write");
+    std::fs::write(&path, "[backend]\nkind = \"cuda\"\n[fleet]\nshifts = [{ kind = \"blur\", severity = 2 }]\n")
+        .expect("write");
     let (code, _, stderr) = mmpg(&["run", path.to_str().expect("utf-8 path")]);
     assert_eq!(code, 2);
     assert_eq!(stderr.trim(), "error: backend `cuda` is not compiled in: rebuild with `--features cuda`");

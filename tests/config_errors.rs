@@ -48,8 +48,14 @@ fn syntax_errors_have_a_position_and_never_panic() {
 #[test]
 fn a_minimal_file_gets_every_default() {
     let d = Deployment::parse("[fleet]\ndevices = 3\n", "deploy.toml", &common::registry()).expect("valid");
-    assert_eq!((d.data.plugin.as_str(), d.model.plugin.as_str(), d.anchor.plugin.as_str()), ("synthetic", "lmm", "adr"));
-    assert_eq!((d.cloud.generator.as_str(), d.transport.plugin.as_str(), d.backend.kind.as_str()), ("fda", "in-process", "cpu"));
+    assert_eq!(
+        (d.data.plugin.as_str(), d.model.plugin.as_str(), d.anchor.plugin.as_str()),
+        ("synthetic", "lmm", "adr")
+    );
+    assert_eq!(
+        (d.cloud.generator.as_str(), d.transport.plugin.as_str(), d.backend.kind.as_str()),
+        ("fda", "in-process", "cpu")
+    );
     let devices = d.device_domains();
     assert_eq!(devices.len(), 3);
     assert!(devices.iter().all(|(_, dom)| dom.shifts.is_empty()));
@@ -69,4 +75,12 @@ fn unknown_plugin_settings_point_at_the_key() {
     let errs = errors("[cloud.settings]\nlatent = 8\nlatnet = 4\n");
     assert_eq!(errs.len(), 1);
     assert!(errs[0].starts_with("deploy.toml:3:1: cloud.settings.latnet: unknown field `latnet`"), "{errs:?}");
+}
+
+#[test]
+fn malformed_text_found_by_the_fuzzer_is_a_located_error() {
+    // toml_edit 0.23 panicked on this input ("all items have spans"); 0.25 reports it.
+    let errs = errors("==F=\n..=");
+    assert_eq!(errs.len(), 1);
+    assert!(errs[0].starts_with("deploy.toml:1:"), "{errs:?}");
 }

@@ -38,10 +38,16 @@ fn adaptation_beats_the_static_model_on_a_strongly_shifted_device() {
 fn a_run_is_reproducible_from_its_seed() {
     let registry = common::registry();
     let run = |seed: u64| {
-        let text = common::tiny_deployment(seed, 12, 4, r#"{ kind = "noise", severity = 4 }, { kind = "clean", class_mix_alpha = 0.3 }"#);
+        let text = common::tiny_deployment(
+            seed,
+            12,
+            4,
+            r#"{ kind = "noise", severity = 4 }, { kind = "clean", class_mix_alpha = 0.3 }"#,
+        );
         let d = Deployment::parse(&text, "det.toml", &registry).expect("valid");
         let r = runtime::run(&d, &registry, &NoProgress).expect("runs");
-        let per_device: Vec<_> = r.devices.iter().map(|d| (d.static_accuracy, d.adapted_accuracy, d.bytes_up, d.bytes_down)).collect();
+        let per_device: Vec<_> =
+            r.devices.iter().map(|d| (d.static_accuracy, d.adapted_accuracy, d.bytes_up, d.bytes_down)).collect();
         (per_device, r.cloud.pretrain.map(|l| l.losses), r.cloud.generator.map(|l| l.losses))
     };
     let first = run(3);

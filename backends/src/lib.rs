@@ -70,11 +70,13 @@ impl BackendProvider for NotCompiled {
 /// The CPU provider.
 pub static CPU: Cpu = Cpu;
 /// WebGPU through wgpu (Vulkan, Metal, DX12; lavapipe on CPU-only machines).
-pub static WGPU: NotCompiled = NotCompiled { kind: "wgpu", feature: "wgpu", summary: "WebGPU via wgpu (not compiled in)" };
+pub static WGPU: NotCompiled =
+    NotCompiled { kind: "wgpu", feature: "wgpu", summary: "WebGPU via wgpu (not compiled in)" };
 /// NVIDIA CUDA.
 pub static CUDA: NotCompiled = NotCompiled { kind: "cuda", feature: "cuda", summary: "NVIDIA CUDA (not compiled in)" };
 /// LibTorch through burn-tch.
-pub static TCH: NotCompiled = NotCompiled { kind: "tch", feature: "tch", summary: "LibTorch via burn-tch (not compiled in)" };
+pub static TCH: NotCompiled =
+    NotCompiled { kind: "tch", feature: "tch", summary: "LibTorch via burn-tch (not compiled in)" };
 
 inventory::submit! { StaticPlugin(Plugin::Backend(&CPU)) }
 inventory::submit! { StaticPlugin(Plugin::Backend(&WGPU)) }

@@ -83,17 +83,11 @@ impl QuantisedTensor {
         let values = tensor.values();
         let (bytes, scale) = match quantisation {
             Quantisation::F32 => (values.iter().flat_map(|v| v.to_le_bytes()).collect(), 1.0),
-            Quantisation::F16 => (
-                values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
-                1.0,
-            ),
+            Quantisation::F16 => (values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(), 1.0),
             Quantisation::Int8 => {
                 let max_abs = values.iter().fold(0f32, |m, v| m.max(v.abs()));
                 let scale = if max_abs > 0.0 { max_abs / 127.0 } else { 1.0 };
-                let bytes = values
-                    .iter()
-                    .map(|v| ((v / scale).round().clamp(-127.0, 127.0) as i8) as u8)
-                    .collect();
+                let bytes = values.iter().map(|v| ((v / scale).round().clamp(-127.0, 127.0) as i8) as u8).collect();
                 (bytes, scale)
             }
         };
@@ -103,7 +97,7 @@ impl QuantisedTensor {
     /// Decodes, checking length, scale and finiteness: payloads come from peers.
     pub fn dequantise(&self) -> Result<HostTensor, QuantError> {
         let n: usize = self.shape.iter().product();
-        let expected = n.checked_mul(self.quantisation.bytes_per_value()).unwrap_or(usize::MAX);
+        let expected = n.saturating_mul(self.quantisation.bytes_per_value());
         if self.bytes.len() != expected {
             return Err(QuantError::Length {
                 quantisation: self.quantisation,
@@ -113,16 +107,12 @@ impl QuantisedTensor {
             });
         }
         let values: Vec<f32> = match self.quantisation {
-            Quantisation::F32 => self
-                .bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Quantisation::F16 => self
-                .bytes
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
+            Quantisation::F32 => {
+                self.bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+            }
+            Quantisation::F16 => {
+                self.bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+            }
             Quantisation::Int8 => {
                 if !(self.scale.is_finite() && self.scale > 0.0) {
                     return Err(QuantError::BadScale(self.scale));
@@ -163,10 +153,7 @@ impl FeatureStats {
         }
         let mean: Vec<f64> = mean.iter().map(|m| m / n).collect();
         let std = sq.iter().zip(&mean).map(|(s, m)| ((s / n - m * m).max(0.0)).sqrt().max(1e-4));
-        Some(Self {
-            mean: mean.iter().map(|m| *m as f32).collect(),
-            std: std.map(|s| s as f32).collect(),
-        })
+        Some(Self { mean: mean.iter().map(|m| *m as f32).collect(), std: std.map(|s| s as f32).collect() })
     }
 
     /// Feature dimension.
@@ -176,12 +163,12 @@ impl FeatureStats {
 
     /// `(x − mean) / std`, row by row, for a `[n, d]` tensor with `d` = [`Self::dim`].
     pub fn standardise(&self, features: &HostTensor) -> Result<HostTensor, AnchorError> {
-        let rows = features.rows().filter(|_| features.shape()[1] == self.dim()).ok_or_else(|| {
-            AnchorError::FeatureShape { expected_dim: self.dim(), found: features.shape().to_vec() }
-        })?;
-        let values = rows
-            .flat_map(|row| row.iter().zip(&self.mean).zip(&self.std).map(|((x, m), s)| (x - m) / s))
-            .collect();
+        let rows = features
+            .rows()
+            .filter(|_| features.shape()[1] == self.dim())
+            .ok_or_else(|| AnchorError::FeatureShape { expected_dim: self.dim(), found: features.shape().to_vec() })?;
+        let values =
+            rows.flat_map(|row| row.iter().zip(&self.mean).zip(&self.std).map(|((x, m), s)| (x - m) / s)).collect();
         Ok(HostTensor::new(features.shape().to_vec(), values)?)
     }
 }
@@ -217,10 +204,7 @@ impl AnchorSummary {
     pub fn decoded_anchors(&self) -> Result<HostTensor, AnchorError> {
         let d = self.dim();
         if self.var.len() != d || self.anchors.shape.len() != 2 || self.anchors.shape[1] != d {
-            return Err(AnchorError::FeatureShape {
-                expected_dim: d,
-                found: self.anchors.shape.clone(),
-            });
+            return Err(AnchorError::FeatureShape { expected_dim: d, found: self.anchors.shape.clone() });
         }
         if self.anchor_count() == 0 {
             return Err(AnchorError::Empty);
@@ -287,8 +271,7 @@ pub trait AnchorReasoner: Send + Sync {
             return Err(AnchorError::Empty);
         }
         let values = standardised.values();
-        let gathered: Vec<f32> =
-            picked.iter().flat_map(|i| values[i * d..(i + 1) * d].iter().copied()).collect();
+        let gathered: Vec<f32> = picked.iter().flat_map(|i| values[i * d..(i + 1) * d].iter().copied()).collect();
         let anchors = HostTensor::new(vec![picked.len(), d], gathered)?;
         let stats = FeatureStats::of_rows(&standardised).ok_or(AnchorError::Empty)?;
         Ok(AnchorSummary {

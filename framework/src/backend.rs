@@ -50,10 +50,7 @@ pub trait BackendProvider: Send + Sync {
     /// The inference device, or why it cannot be had.
     fn device(&self, index: usize) -> Result<BurnDevice, BackendError> {
         if !self.compiled_in() {
-            return Err(BackendError::NotCompiledIn {
-                kind: self.kind().into(),
-                feature: self.cargo_feature().into(),
-            });
+            return Err(BackendError::NotCompiledIn { kind: self.kind().into(), feature: self.cargo_feature().into() });
         }
         self.make_device(index)
     }

@@ -212,11 +212,7 @@ pub struct CloudConfig {
 
 impl Default for CloudConfig {
     fn default() -> Self {
-        Self {
-            generator: "fda".into(),
-            settings: toml::Table::new(),
-            training: CloudTraining::default(),
-        }
+        Self { generator: "fda".into(), settings: toml::Table::new(), training: CloudTraining::default() }
     }
 }
 
@@ -271,15 +267,10 @@ impl Default for FleetConfig {
 /// `[report]`: where results go.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+#[derive(Default)]
 pub struct ReportConfig {
     /// JSON report path (relative to the working directory).
     pub json: Option<PathBuf>,
-}
-
-impl Default for ReportConfig {
-    fn default() -> Self {
-        Self { json: None }
-    }
 }
 
 /// A parsed, checked deployment.
@@ -462,10 +453,10 @@ impl Parser<'_> {
         match self.registry.get(kind, name) {
             Err(e) => self.fail(KeyPath::parse(name_path), e.to_string()),
             Ok(plugin) => {
-                if let Some(SettingsSpec { check, .. }) = plugin.settings() {
-                    if let Err(e) = check(settings) {
-                        self.fail_deserialize(KeyPath::parse(settings_path).join(&e.path), e.message);
-                    }
+                if let Some(SettingsSpec { check, .. }) = plugin.settings()
+                    && let Err(e) = check(settings)
+                {
+                    self.fail_deserialize(KeyPath::parse(settings_path).join(&e.path), e.message);
                 }
             }
         }
@@ -532,7 +523,8 @@ impl Deployment {
                 message: e.message().to_string(),
             }])
         })?;
-        let mut p = Parser { source: Source { file: file.into(), document: Some(document) }, errors: Vec::new(), registry };
+        let mut p =
+            Parser { source: Source { file: file.into(), document: Some(document) }, errors: Vec::new(), registry };
 
         for key in table.keys().filter(|k| !SECTIONS.contains(&k.as_str())) {
             let message = format!("unknown field `{key}`; expected one of: {}", SECTIONS.join(", "));
@@ -563,7 +555,13 @@ impl Deployment {
         p.plugin(PluginKind::Model, &model.plugin, "model.plugin", &model.settings, "model.settings");
         p.plugin(PluginKind::AnchorReasoner, &anchor.plugin, "anchor.plugin", &anchor.settings, "anchor.settings");
         p.plugin(PluginKind::Generator, &cloud.generator, "cloud.generator", &cloud.settings, "cloud.settings");
-        p.plugin(PluginKind::Transport, &transport.plugin, "transport.plugin", &transport.settings, "transport.settings");
+        p.plugin(
+            PluginKind::Transport,
+            &transport.plugin,
+            "transport.plugin",
+            &transport.settings,
+            "transport.settings",
+        );
 
         for (i, d) in fleet.shifts.iter().enumerate() {
             p.domain(d, &KeyPath::parse(&format!("fleet.shifts[{i}]")));
@@ -574,14 +572,23 @@ impl Deployment {
         if fleet.devices == Some(0) {
             p.fail(KeyPath::parse("fleet.devices"), "expected at least 1 device");
         }
-        if fleet_ok && fleet.devices.is_none() && fleet.shifts.is_empty() && devices.is_empty() && table.contains_key("fleet") {
+        if fleet_ok
+            && fleet.devices.is_none()
+            && fleet.shifts.is_empty()
+            && devices.is_empty()
+            && table.contains_key("fleet")
+        {
             p.fail(KeyPath::parse("fleet"), "no devices: set `devices`, list `shifts`, or add [[device]] tables");
         }
         if fleet.window_clips == 0 {
             p.fail(KeyPath::parse("fleet.window_clips"), "expected at least 1 clip");
         }
         let training = &cloud.training;
-        for (key, value) in [("pretrain_batch", training.pretrain_batch), ("generator_batch", training.generator_batch), ("source_domains", training.source_domains)] {
+        for (key, value) in [
+            ("pretrain_batch", training.pretrain_batch),
+            ("generator_batch", training.generator_batch),
+            ("source_domains", training.source_domains),
+        ] {
             if value == 0 {
                 p.fail(KeyPath::parse("cloud.training").join(key), "expected at least 1");
             }
@@ -613,14 +620,17 @@ impl Deployment {
         for i in 0..count {
             let (path, domain) = match self.fleet.shifts.get(i % self.fleet.shifts.len().max(1)) {
                 Some(d) => (format!("fleet.shifts[{}]", i % self.fleet.shifts.len()), d.clone()),
-                None => ("fleet.devices".to_string(), DeviceDomain {
-                    name: None,
-                    kind: "clean".into(),
-                    severity: 1,
-                    class_mix_alpha: None,
-                    phrasing: 0,
-                    seed: None,
-                }),
+                None => (
+                    "fleet.devices".to_string(),
+                    DeviceDomain {
+                        name: None,
+                        kind: "clean".into(),
+                        severity: 1,
+                        class_mix_alpha: None,
+                        phrasing: 0,
+                        seed: None,
+                    },
+                ),
             };
             let name = domain.name.clone().unwrap_or_else(|| format!("device-{i:02}"));
             out.push((path, self.domain_spec(&name, &domain)));

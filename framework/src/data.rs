@@ -90,8 +90,7 @@ impl DomainSpec {
         if self.shifts.is_empty() {
             return "clean".into();
         }
-        let parts: Vec<String> =
-            self.shifts.iter().map(|s| format!("{}@{}", s.kind, s.severity)).collect();
+        let parts: Vec<String> = self.shifts.iter().map(|s| format!("{}@{}", s.kind, s.severity)).collect();
         parts.join("+")
     }
 

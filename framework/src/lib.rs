@@ -33,8 +33,8 @@ pub use data::{Clip, DeviceId, DomainSpec, Shift, Split, TaskSpec};
 pub use generator::{GeneratorError, GeneratorTraining, ParameterGenerator};
 pub use model::{CloudModel, DeviceModel, ModelError, RetrievalEmbeddings, SlotTensors, TrainingPlan};
 pub use registry::{
-    BuildContext, Factory, GeneratorContext, ModelContext, Plugin, PluginError, PluginKind, Registry,
-    SettingsSpec, StaticPlugin, parse_settings,
+    BuildContext, Factory, GeneratorContext, ModelContext, Plugin, PluginError, PluginKind, Registry, SettingsSpec,
+    StaticPlugin, parse_settings,
 };
 pub use slots::{DType, GeneratedParams, ParamsError, SchemaHash, SlotSchema, SlotSpec, ValidatedParams};
 pub use source::{DataError, DataSource};

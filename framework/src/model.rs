@@ -104,10 +104,7 @@ pub trait DeviceModel: Send {
 
 /// Index of the largest value (first on ties; 0 for an empty row).
 pub fn argmax(row: &[f32]) -> usize {
-    row.iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, v)| if *v > bv { (i, *v) } else { (bi, bv) })
-        .0
+    row.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, v)| if *v > bv { (i, *v) } else { (bi, bv) }).0
 }
 
 /// Slot values as flat Burn tensors, keyed by slot name. Tensors on an autodiff device carry

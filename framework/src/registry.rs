@@ -8,6 +8,7 @@ use std::fmt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::BurnDevice;
 use crate::anchor::AnchorReasoner;
 use crate::backend::{BackendError, BackendProvider};
 use crate::data::TaskSpec;
@@ -16,7 +17,6 @@ use crate::model::CloudModel;
 use crate::slots::{GeneratedParams, SlotSchema};
 use crate::source::{DataError, DataSource};
 use crate::transport::Transport;
-use crate::BurnDevice;
 
 /// The kinds of plugin a deployment composes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -314,8 +314,7 @@ impl Registry {
     /// Looks a plugin up.
     pub fn get(&self, kind: PluginKind, name: &str) -> Result<&Plugin, RegistryError> {
         self.plugins.iter().find(|((k, n), _)| *k == kind && *n == name).map(|(_, p)| p).ok_or_else(|| {
-            let available: Vec<&str> =
-                self.plugins.keys().filter(|(k, _)| *k == kind).map(|(_, n)| *n).collect();
+            let available: Vec<&str> = self.plugins.keys().filter(|(k, _)| *k == kind).map(|(_, n)| *n).collect();
             RegistryError::NotFound {
                 kind,
                 name: name.into(),

@@ -155,7 +155,8 @@ impl<'a> Composer<'a> {
     pub fn transport(&self) -> Result<Box<dyn Transport>, RunError> {
         let PluginChoice { plugin, settings } = &self.deployment.transport;
         let factory = self.registry.transport(plugin)?;
-        (factory.build)(settings, &self.context("transport", &self.device)).map_err(plugin_error(PluginKind::Transport, plugin))
+        (factory.build)(settings, &self.context("transport", &self.device))
+            .map_err(plugin_error(PluginKind::Transport, plugin))
     }
 }
 
@@ -286,7 +287,10 @@ pub fn run(deployment: &Deployment, registry: &Registry, progress: &dyn Progress
     for device in &mut fleet {
         if let Some(envelope) = transport.recv(Direction::Down, Some(&device.id))? {
             let t0 = Instant::now();
-            let applied = envelope.to_params().map_err(|e| e.to_string()).and_then(|p| device.model.apply(p).map_err(|e| e.to_string()));
+            let applied = envelope
+                .to_params()
+                .map_err(|e| e.to_string())
+                .and_then(|p| device.model.apply(p).map_err(|e| e.to_string()));
             device.report.adaptation_ms += t0.elapsed().as_secs_f64() * 1e3;
             match applied {
                 Ok(()) => device.report.adapted_accuracy = device.model.accuracy(&device.eval)?,

@@ -144,10 +144,7 @@ impl SlotSchema {
             return Err(ParamsError::UnknownSlot(unknown.clone()));
         }
         for slot in &self.slots {
-            let tensor = params
-                .tensors
-                .get(&slot.name)
-                .ok_or_else(|| ParamsError::MissingSlot(slot.name.clone()))?;
+            let tensor = params.tensors.get(&slot.name).ok_or_else(|| ParamsError::MissingSlot(slot.name.clone()))?;
             if tensor.shape() != slot.shape.as_slice() {
                 return Err(ParamsError::WrongShape {
                     slot: slot.name.clone(),
@@ -244,8 +241,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn schema() -> SlotSchema {
-        SlotSchema::new(vec![SlotSpec::f32("a", vec![2, 3]), SlotSpec::f32("b", vec![4])])
-            .expect("valid schema")
+        SlotSchema::new(vec![SlotSpec::f32("a", vec![2, 3]), SlotSpec::f32("b", vec![4])]).expect("valid schema")
     }
 
     fn params_for(schema: &SlotSchema, fill: f32) -> GeneratedParams {
@@ -296,11 +292,9 @@ mod tests {
     }
 
     fn arb_schema() -> impl Strategy<Value = SlotSchema> {
-        prop::collection::btree_map("[a-z]{1,8}", prop::collection::vec(1usize..6, 1..4), 1..6)
-            .prop_map(|m| {
-                SlotSchema::new(m.into_iter().map(|(n, s)| SlotSpec::f32(n, s)).collect())
-                    .expect("unique names from a map")
-            })
+        prop::collection::btree_map("[a-z]{1,8}", prop::collection::vec(1usize..6, 1..4), 1..6).prop_map(|m| {
+            SlotSchema::new(m.into_iter().map(|(n, s)| SlotSpec::f32(n, s)).collect()).expect("unique names from a map")
+        })
     }
 
     proptest! {

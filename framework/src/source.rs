@@ -53,10 +53,7 @@ pub trait DataSource: Send + Sync {
             return Err(DataError::Severity(shift.severity));
         }
         if !self.shift_kinds().contains(&shift.kind.as_str()) {
-            return Err(DataError::UnknownShift {
-                kind: shift.kind.clone(),
-                supported: self.shift_kinds().join(", "),
-            });
+            return Err(DataError::UnknownShift { kind: shift.kind.clone(), supported: self.shift_kinds().join(", ") });
         }
         Ok(())
     }
@@ -87,7 +84,11 @@ pub trait DataSource: Send + Sync {
             let mut domain = DomainSpec {
                 name: String::new(),
                 shifts,
-                class_mix_alpha: if rng.random_bool(0.5) { Some([0.3, 1.0, 3.0][rng.random_range(0..3)]) } else { None },
+                class_mix_alpha: if rng.random_bool(0.5) {
+                    Some([0.3, 1.0, 3.0][rng.random_range(0..3)])
+                } else {
+                    None
+                },
                 phrasing: rng.random_range(0..self.phrasings().max(1)),
                 seed: rng.random(),
             };

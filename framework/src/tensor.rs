@@ -86,11 +86,7 @@ impl HostTensor {
         device: &burn::tensor::Device<Backend>,
     ) -> Result<Tensor<Backend, D>, ShapeMismatch> {
         if self.shape.len() != D {
-            return Err(ShapeMismatch {
-                shape: self.shape.clone(),
-                expected: D,
-                found: self.shape.len(),
-            });
+            return Err(ShapeMismatch { shape: self.shape.clone(), expected: D, found: self.shape.len() });
         }
         let data = TensorData::new(self.values.clone(), self.shape.clone());
         Ok(Tensor::from_data(data, device))

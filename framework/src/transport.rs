@@ -57,7 +57,11 @@ pub trait Transport: Send {
 
     /// Next message for the cloud from any device (up) or for `device` (down); `None` if none
     /// is waiting.
-    fn recv_bytes(&mut self, direction: Direction, device: Option<&DeviceId>) -> Result<Option<Vec<u8>>, TransportError>;
+    fn recv_bytes(
+        &mut self,
+        direction: Direction,
+        device: Option<&DeviceId>,
+    ) -> Result<Option<Vec<u8>>, TransportError>;
 
     /// Traffic per device so far.
     fn traffic(&self) -> BTreeMap<DeviceId, Traffic>;
@@ -123,7 +127,11 @@ impl Transport for InProcess {
         Ok(())
     }
 
-    fn recv_bytes(&mut self, direction: Direction, device: Option<&DeviceId>) -> Result<Option<Vec<u8>>, TransportError> {
+    fn recv_bytes(
+        &mut self,
+        direction: Direction,
+        device: Option<&DeviceId>,
+    ) -> Result<Option<Vec<u8>>, TransportError> {
         Ok(match (direction, device) {
             (Direction::Up, _) => self.up.pop_front(),
             (Direction::Down, Some(id)) => self.down.get_mut(id).and_then(VecDeque::pop_front),

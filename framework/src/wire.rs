@@ -323,9 +323,10 @@ mod tests {
     fn params_round_trip_bit_exact() {
         let params = GeneratedParams {
             schema_hash: SchemaHash(9),
-            tensors: BTreeMap::from([
-                ("w".to_string(), HostTensor::new(vec![2, 2], vec![1.0, -0.0, f32::MIN_POSITIVE, 3.5]).expect("fits")),
-            ]),
+            tensors: BTreeMap::from([(
+                "w".to_string(),
+                HostTensor::new(vec![2, 2], vec![1.0, -0.0, f32::MIN_POSITIVE, 3.5]).expect("fits"),
+            )]),
         };
         let env = Envelope::params(DeviceId("d".into()), 1, &params);
         let back = Envelope::decode(&env.encode()).expect("decodes").to_params().expect("params");

@@ -103,7 +103,7 @@ impl AnchorReasoner for Adr {
         Ok(match self.settings.strategy {
             Strategy::KCenter => k_center(standardised, k),
             Strategy::Random => {
-                let mut picked = sample(&mut seed::rng(seed, 0x52_414e_44), n, k).into_vec();
+                let mut picked = sample(&mut seed::rng(seed, 0x5241_4e44), n, k).into_vec();
                 picked.sort_unstable();
                 picked
             }
@@ -156,7 +156,8 @@ mod tests {
 
     #[test]
     fn summaries_standardise_against_the_reference() {
-        let adr = Adr::new(AdrSettings { k: 2, strategy: Strategy::KCenter, quantisation: Quantisation::F32 }).expect("valid");
+        let adr = Adr::new(AdrSettings { k: 2, strategy: Strategy::KCenter, quantisation: Quantisation::F32 })
+            .expect("valid");
         let reference = FeatureStats { mean: vec![1.0, 1.0], std: vec![2.0, 2.0] };
         let s = adr.summarise(&features(2, 2, vec![1.0, 1.0, 5.0, 5.0]), &reference, 1, 0).expect("summary");
         let anchors = s.decoded_anchors().expect("decodes");

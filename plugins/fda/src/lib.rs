@@ -138,10 +138,19 @@ impl Fda {
             .slots()
             .iter()
             .map(|s| {
-                ctx.base_params.tensors.get(&s.name).cloned().ok_or_else(|| PluginError::Build(format!("base value of slot `{}` missing", s.name)))
+                ctx.base_params
+                    .tensors
+                    .get(&s.name)
+                    .cloned()
+                    .ok_or_else(|| PluginError::Build(format!("base value of slot `{}` missing", s.name)))
             })
             .collect::<Result<_, _>>()?;
-        let bounds = ctx.schema.slots().iter().map(|s| *settings.slot_bounds.get(&s.name).unwrap_or(&settings.delta_bound)).collect();
+        let bounds = ctx
+            .schema
+            .slots()
+            .iter()
+            .map(|s| *settings.slot_bounds.get(&s.name).unwrap_or(&settings.delta_bound))
+            .collect();
         let device = &ctx.base.device;
         let (d, e, z) = (ctx.feature_dim, settings.hidden, settings.latent);
         let net = FdaNet {
@@ -163,7 +172,16 @@ impl Fda {
                 .collect(),
             recon: LinearConfig::new(z, 2 * d).init(device),
         };
-        Ok(Self { settings, schema: ctx.schema.clone(), base, bounds, feature_dim: d, net: materialise(net), device: device.clone(), seed: ctx.base.seed })
+        Ok(Self {
+            settings,
+            schema: ctx.schema.clone(),
+            base,
+            bounds,
+            feature_dim: d,
+            net: materialise(net),
+            device: device.clone(),
+            seed: ctx.base.seed,
+        })
     }
 
     fn check(&self, summaries: &[AnchorSummary]) -> Result<Vec<HostTensor>, GeneratorError> {
@@ -227,7 +245,8 @@ impl ParameterGenerator for Fda {
             let delta = HostTensor::from_burn(delta);
             for (i, row) in delta.rows().into_iter().flatten().enumerate() {
                 let values = base.values().iter().zip(row).map(|(b, d)| b + d).collect();
-                let t = HostTensor::new(spec.shape.clone(), values).map_err(|e| GeneratorError::Checkpoint(e.to_string()))?;
+                let t = HostTensor::new(spec.shape.clone(), values)
+                    .map_err(|e| GeneratorError::Checkpoint(e.to_string()))?;
                 out[i].insert(spec.name.clone(), t);
             }
         }
@@ -261,7 +280,10 @@ impl ParameterGenerator for Fda {
             let pairs: Vec<(HostTensor, &AnchorSummary)> = anchors.into_iter().zip(&summaries).collect();
             let enc = net.encode(&pairs, &self.device);
             let [s, zdim] = enc.mu.dims();
-            let eps = Tensor::<DB, 2>::from_data(TensorData::new(standard_normal(&mut rng, s * zdim), [s, zdim]), &self.device);
+            let eps = Tensor::<DB, 2>::from_data(
+                TensorData::new(standard_normal(&mut rng, s * zdim), [s, zdim]),
+                &self.device,
+            );
             let z = enc.mu.clone() + (enc.logvar.clone() * 0.5).exp() * eps;
             let deltas = net.deltas(z.clone(), &self.bounds);
             let mut task = Vec::with_capacity(episodes);
@@ -280,12 +302,17 @@ impl ParameterGenerator for Fda {
                 task.push(ctx.model.task_loss(&slots, clips)?);
             }
             let task = Tensor::cat(task, 0).mean();
-            let kl = ((enc.logvar.clone().exp() + enc.mu.clone().powf_scalar(2.0) - enc.logvar.clone() - 1.0).sum_dim(1) * 0.5).mean();
+            let kl = ((enc.logvar.clone().exp() + enc.mu.clone().powf_scalar(2.0) - enc.logvar.clone() - 1.0)
+                .sum_dim(1)
+                * 0.5)
+                .mean();
             let recon = (net.recon.forward(z) - enc.stats).powf_scalar(2.0).mean();
             let loss = task.clone() + kl.clone() * self.settings.beta + recon.clone() * self.settings.lambda;
             let value = f64::from(loss.clone().into_scalar());
             if !value.is_finite() {
-                return Err(GeneratorError::Model(mmpg::ModelError::Training(format!("generator loss became {value}"))));
+                return Err(GeneratorError::Model(mmpg::ModelError::Training(format!(
+                    "generator loss became {value}"
+                ))));
             }
             terms.push([f64::from(task.into_scalar()), f64::from(kl.into_scalar()), f64::from(recon.into_scalar())]);
             let grads = GradientsParams::from_grads::<DB, FdaNet<DB>>(loss.backward(), &net);

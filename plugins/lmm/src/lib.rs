@@ -22,10 +22,9 @@ use burn::tensor::{Int, Tensor, TensorData};
 use mmpg::modules::{inference_device, materialise, relocate};
 use mmpg::seed;
 use mmpg::{
-    Backend, BurnDevice, Clip, CloudModel, DataSource, DeviceModel, DomainSpec, FeatureStats, Factory, GeneratedParams,
-    HostTensor, ModelContext, ModelError, Plugin, PluginError, Progress, RetrievalEmbeddings, SettingsSpec,
-    SlotSchema, SlotSpec, SlotTensors, Split, StaticPlugin, TaskSpec, TrainingLog, TrainingPlan, ValidatedParams,
-    parse_settings,
+    Backend, BurnDevice, Clip, CloudModel, DataSource, DeviceModel, DomainSpec, Factory, FeatureStats, GeneratedParams,
+    HostTensor, ModelContext, ModelError, Plugin, PluginError, Progress, RetrievalEmbeddings, SettingsSpec, SlotSchema,
+    SlotSpec, SlotTensors, Split, StaticPlugin, TaskSpec, TrainingLog, TrainingPlan, ValidatedParams, parse_settings,
 };
 use rand::Rng as _;
 use serde::{Deserialize, Serialize};
@@ -106,7 +105,10 @@ impl Geometry {
     fn new(settings: LmmSettings, task: &TaskSpec) -> Result<Self, ModelError> {
         let [c, h, w] = task.frame_shape;
         if c != 3 || h < 4 || w < 4 || h % 4 != 0 || w % 4 != 0 {
-            return Err(ModelError::Input(format!("frames must be [3, H, W] with H, W multiples of 4; task has {:?}", task.frame_shape)));
+            return Err(ModelError::Input(format!(
+                "frames must be [3, H, W] with H, W multiples of 4; task has {:?}",
+                task.frame_shape
+            )));
         }
         for (name, v) in [
             ("conv1_channels", settings.conv1_channels),
@@ -143,7 +145,9 @@ impl Geometry {
             Param::from_tensor(Tensor::<B, 1>::random([n], burn::tensor::Distribution::Uniform(-bound, bound), device))
         };
         LmmNet {
-            conv1: Conv2dConfig::new([3, s.conv1_channels], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(device),
+            conv1: Conv2dConfig::new([3, s.conv1_channels], [3, 3])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .init(device),
             conv2: Conv2dConfig::new([s.conv1_channels, s.conv2_channels], [3, 3])
                 .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
                 .init(device),
@@ -189,8 +193,8 @@ impl<B: burn::tensor::backend::Backend> LmmNet<B> {
     /// `[N·T, 3, H, W]` → `[N·T, d]`.
     fn frame_features(&self, frames: Tensor<B, 4>, film: Tensor<B, 1>) -> Tensor<B, 2> {
         let c1 = film.dims()[0] / 2;
-        let log_gamma = film.clone().slice([0..c1]).reshape([1, c1, 1, 1]);
-        let beta = film.slice([c1..2 * c1]).reshape([1, c1, 1, 1]);
+        let log_gamma = film.clone().slice(0..c1).reshape([1, c1, 1, 1]);
+        let beta = film.slice(c1..2 * c1).reshape([1, c1, 1, 1]);
         let x = self.conv1.forward(frames);
         let x = relu(x * log_gamma.exp() + beta);
         let x = avg_pool2d(x, [2, 2], [2, 2], [0, 0], true, false);
@@ -246,7 +250,11 @@ struct Inputs<B: burn::tensor::backend::Backend> {
     n: usize,
 }
 
-fn inputs<B: burn::tensor::backend::Backend>(geo: &Geometry, clips: &[Clip], device: &B::Device) -> Result<Inputs<B>, ModelError> {
+fn inputs<B: burn::tensor::backend::Backend>(
+    geo: &Geometry,
+    clips: &[Clip],
+    device: &B::Device,
+) -> Result<Inputs<B>, ModelError> {
     if clips.is_empty() {
         return Err(ModelError::Input("no clips".into()));
     }
@@ -255,7 +263,10 @@ fn inputs<B: burn::tensor::backend::Backend>(geo: &Geometry, clips: &[Clip], dev
     let mut frames = Vec::with_capacity(clips.len() * geo.frames * c * h * w);
     for (i, clip) in clips.iter().enumerate() {
         if clip.frames.shape() != expected {
-            return Err(ModelError::Input(format!("clip {i} has frames {:?}, the model expects {expected:?}", clip.frames.shape())));
+            return Err(ModelError::Input(format!(
+                "clip {i} has frames {:?}, the model expects {expected:?}",
+                clip.frames.shape()
+            )));
         }
         frames.extend_from_slice(clip.frames.values());
     }
@@ -285,11 +296,23 @@ fn l2_normalise<B: burn::tensor::backend::Backend>(x: Tensor<B, 2>) -> Tensor<B,
 
 fn slots_from_map(map: &SlotTensors) -> Result<Slots<DB>, ModelError> {
     let get = |name: &str| map.get(name).cloned().ok_or_else(|| ModelError::Input(format!("slot `{name}` missing")));
-    Ok(Slots { film: get(FILM)?, fusion_w: get(FUSION_W)?, fusion_b: get(FUSION_B)?, head_w: get(HEAD_W)?, head_b: get(HEAD_B)? })
+    Ok(Slots {
+        film: get(FILM)?,
+        fusion_w: get(FUSION_W)?,
+        fusion_b: get(FUSION_B)?,
+        head_w: get(HEAD_W)?,
+        head_b: get(HEAD_B)?,
+    })
 }
 
 fn slots_to_params(schema: &SlotSchema, slots: &Slots<DB>) -> GeneratedParams {
-    let flat = [(FILM, &slots.film), (FUSION_W, &slots.fusion_w), (FUSION_B, &slots.fusion_b), (HEAD_W, &slots.head_w), (HEAD_B, &slots.head_b)];
+    let flat = [
+        (FILM, &slots.film),
+        (FUSION_W, &slots.fusion_w),
+        (FUSION_B, &slots.fusion_b),
+        (HEAD_W, &slots.head_w),
+        (HEAD_B, &slots.head_b),
+    ];
     let tensors = flat
         .iter()
         .map(|(name, t)| {
@@ -316,17 +339,31 @@ impl LmmCloud {
     /// A freshly initialised model on `device` (an autodiff device to train).
     pub fn new(settings: LmmSettings, task: &TaskSpec, device: &BurnDevice) -> Result<Self, ModelError> {
         let geo = Geometry::new(settings, task)?;
-        Ok(Self { schema: geo.schema(), net: materialise(geo.init(device)), geo, device: device.clone(), reference: None })
+        Ok(Self {
+            schema: geo.schema(),
+            net: materialise(geo.init(device)),
+            geo,
+            device: device.clone(),
+            reference: None,
+        })
     }
 
-    fn sample_batch(data: &dyn DataSource, domains: &[DomainSpec], batch: usize, rng: &mut seed::Rng) -> Result<Vec<Clip>, ModelError> {
+    fn sample_batch(
+        data: &dyn DataSource,
+        domains: &[DomainSpec],
+        batch: usize,
+        rng: &mut seed::Rng,
+    ) -> Result<Vec<Clip>, ModelError> {
         // A few domains per batch keep each step's gradient representative of the mixture.
         let groups = 4.min(batch).max(1);
         let mut clips = Vec::with_capacity(batch);
         for g in 0..groups {
             let domain = &domains[rng.random_range(0..domains.len())];
             let take = batch / groups + usize::from(g < batch % groups);
-            clips.extend(data.clips(domain, Split::Train, take, rng.random()).map_err(|e| ModelError::Training(e.to_string()))?);
+            clips.extend(
+                data.clips(domain, Split::Train, take, rng.random())
+                    .map_err(|e| ModelError::Training(e.to_string()))?,
+            );
         }
         Ok(clips)
     }
@@ -347,7 +384,13 @@ impl CloudModel for LmmCloud {
         self.geo.settings.feature_dim
     }
 
-    fn pretrain(&mut self, data: &dyn DataSource, domains: &[DomainSpec], plan: &TrainingPlan, progress: &dyn Progress) -> Result<TrainingLog, ModelError> {
+    fn pretrain(
+        &mut self,
+        data: &dyn DataSource,
+        domains: &[DomainSpec],
+        plan: &TrainingPlan,
+        progress: &dyn Progress,
+    ) -> Result<TrainingLog, ModelError> {
         if domains.is_empty() {
             return Err(ModelError::Training("no source domains".into()));
         }
@@ -388,10 +431,18 @@ impl CloudModel for LmmCloud {
         let per_domain = (self.geo.settings.reference_clips / domains.len()).max(1);
         let mut clips = Vec::new();
         for (i, d) in domains.iter().enumerate() {
-            clips.extend(data.clips(d, Split::Train, per_domain, seed::derive(plan.seed, 0x5245_46 + i as u64)).map_err(|e| ModelError::Training(e.to_string()))?);
+            clips.extend(
+                data.clips(d, Split::Train, per_domain, seed::derive(plan.seed, 0x0052_4546 + i as u64))
+                    .map_err(|e| ModelError::Training(e.to_string()))?,
+            );
         }
         self.reference = FeatureStats::of_rows(&self.frame_features(&clips)?);
-        Ok(TrainingLog { phase: "pretrain".into(), losses, final_terms: Vec::new(), seconds: started.elapsed().as_secs_f64() })
+        Ok(TrainingLog {
+            phase: "pretrain".into(),
+            losses,
+            final_terms: Vec::new(),
+            seconds: started.elapsed().as_secs_f64(),
+        })
     }
 
     fn base_params(&self) -> GeneratedParams {
@@ -399,10 +450,9 @@ impl CloudModel for LmmCloud {
     }
 
     fn reference_stats(&self) -> FeatureStats {
-        self.reference.clone().unwrap_or_else(|| FeatureStats {
-            mean: vec![0.0; self.feature_dim()],
-            std: vec![1.0; self.feature_dim()],
-        })
+        self.reference
+            .clone()
+            .unwrap_or_else(|| FeatureStats { mean: vec![0.0; self.feature_dim()], std: vec![1.0; self.feature_dim()] })
     }
 
     fn frame_features(&self, clips: &[Clip]) -> Result<HostTensor, ModelError> {
@@ -431,10 +481,16 @@ impl CloudModel for LmmCloud {
         let net = relocate(self.net.clone(), device);
         let base = net.base_slots();
         let current = slots_to_params(&self.schema, &base);
-        Ok(Box::new(LmmDevice { geo: self.geo.clone(), schema: self.schema.clone(), net, device: device.clone(), slots: base, current }))
+        Ok(Box::new(LmmDevice {
+            geo: self.geo.clone(),
+            schema: self.schema.clone(),
+            net,
+            device: device.clone(),
+            slots: base,
+            current,
+        }))
     }
 }
-
 
 /// The LMM as a device serves it.
 #[derive(Debug)]
@@ -484,9 +540,14 @@ impl DeviceModel for LmmDevice {
         // Build every tensor first; only then replace, so a failure changes nothing.
         let mut built = BTreeMap::new();
         for spec in self.schema.slots() {
-            let host = params.slot(&spec.name).ok_or_else(|| ModelError::Input(format!("slot `{}` missing", spec.name)))?;
-            let flat = HostTensor::new(vec![host.len()], host.values().to_vec()).map_err(|e| ModelError::Input(e.to_string()))?;
-            built.insert(spec.name.clone(), flat.to_burn::<1>(&self.device).map_err(|e| ModelError::Input(e.to_string()))?);
+            let host =
+                params.slot(&spec.name).ok_or_else(|| ModelError::Input(format!("slot `{}` missing", spec.name)))?;
+            let flat = HostTensor::new(vec![host.len()], host.values().to_vec())
+                .map_err(|e| ModelError::Input(e.to_string()))?;
+            built.insert(
+                spec.name.clone(),
+                flat.to_burn::<1>(&self.device).map_err(|e| ModelError::Input(e.to_string()))?,
+            );
         }
         self.slots = slots_from_map(&built)?;
         self.current = params.params().clone();

@@ -15,8 +15,12 @@ use rand::Rng as _;
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
-const COLOURS: [(&str, [f32; 3]); 4] =
-    [("red", [0.9, 0.15, 0.1]), ("green", [0.15, 0.8, 0.2]), ("blue", [0.15, 0.3, 0.95]), ("yellow", [0.9, 0.85, 0.15])];
+const COLOURS: [(&str, [f32; 3]); 4] = [
+    ("red", [0.9, 0.15, 0.1]),
+    ("green", [0.15, 0.8, 0.2]),
+    ("blue", [0.15, 0.3, 0.95]),
+    ("yellow", [0.9, 0.85, 0.15]),
+];
 const SHAPES: [&str; 3] = ["square", "circle", "triangle"];
 const DIRECTIONS: [(&str, [i32; 2]); 4] = [("left", [-1, 0]), ("right", [1, 0]), ("up", [0, -1]), ("down", [0, 1])];
 const COUNTS: [&str; 3] = ["one", "two", "three"];
@@ -92,7 +96,7 @@ impl Synthetic {
         let Some(alpha) = domain.class_mix_alpha else {
             return (vec![1.0; COLOURS.len()], vec![1.0; SHAPES.len()]);
         };
-        let mut rng = seed::rng(domain.seed, 0x4d49_58);
+        let mut rng = seed::rng(domain.seed, 0x004d_4958);
         let mut draw = |n: usize| -> Vec<f64> {
             // Dirichlet(α) through normalised Gamma(α, 1) draws; a floor keeps every class possible.
             let gamma = rand_distr::Gamma::new(alpha, 1.0).ok();
@@ -321,7 +325,10 @@ mod tests {
     #[test]
     fn unknown_shifts_are_refused_with_the_supported_list() {
         let err = source().clips(&domain("fog", 2), Split::Train, 1, 0).expect_err("unknown");
-        assert_eq!(err.to_string(), "unknown shift kind `fog`; this data source supports: noise, brightness, contrast, blur");
+        assert_eq!(
+            err.to_string(),
+            "unknown shift kind `fog`; this data source supports: noise, brightness, contrast, blur"
+        );
     }
 
     #[test]

@@ -1,0 +1,19 @@
+//! Bytes from a peer: envelope header, safetensors payload, summary and params content.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use mmpg::wire::Envelope;
+
+fuzz_target!(|bytes: &[u8]| {
+    if let Ok(envelope) = Envelope::decode(bytes) {
+        if let Ok(summary) = envelope.to_summary() {
+            // A summary that decodes must be internally consistent.
+            assert!(summary.decoded_anchors().is_ok());
+        }
+        let _ = envelope.to_params();
+        // Re-encoding a decoded envelope reproduces the input exactly.
+        assert_eq!(envelope.encode(), bytes);
+    }
+    let _ = mmpg::wire::decode_summary(bytes);
+    let _ = mmpg::wire::decode_f32_tensors(bytes);
+});
