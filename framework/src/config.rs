@@ -463,6 +463,12 @@ impl Parser<'_> {
     }
 
     fn domain(&mut self, domain: &DeviceDomain, path: &KeyPath) {
+        if let Some(name) = &domain.name {
+            if name.is_empty() || name.len() > crate::wire::MAX_DEVICE_ID {
+                let limit = crate::wire::MAX_DEVICE_ID;
+                self.fail(path.join("name"), format!("expected 1..={limit} bytes, found {}", name.len()));
+            }
+        }
         if domain.kind != "clean" && !(1..=5).contains(&domain.severity) {
             self.fail(path.join("severity"), format!("expected 1..=5, found {}", domain.severity));
         }

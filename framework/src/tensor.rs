@@ -96,8 +96,7 @@ impl HostTensor {
     pub fn from_burn<const D: usize>(tensor: Tensor<Backend, D>) -> Self {
         let shape = tensor.dims().to_vec();
         let data = tensor.into_data().convert::<f32>();
-        // `convert::<f32>` guarantees the element type, so reading it as f32 cannot fail.
-        let values = data.into_vec::<f32>().unwrap_or_default();
+        let values = data.into_vec::<f32>().expect("`convert::<f32>` guarantees the element type");
         Self { shape, values }
     }
 }

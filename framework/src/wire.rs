@@ -15,7 +15,8 @@ const MAGIC: &[u8; 4] = b"MMPG";
 pub const WIRE_VERSION: u8 = 1;
 /// Largest payload a receiver accepts.
 pub const MAX_PAYLOAD: usize = 64 << 20;
-const MAX_DEVICE_ID: usize = 256;
+/// Longest device id, in bytes, a message can carry.
+pub const MAX_DEVICE_ID: usize = 256;
 
 /// What an envelope carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -195,15 +196,16 @@ fn f32_bytes(values: &[f32]) -> Vec<u8> {
 }
 
 fn serialize(tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)>, metadata: HashMap<String, String>) -> Vec<u8> {
+    // Callers build shapes and byte counts from the same tensors, so views always agree.
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
-        .filter_map(|(name, dtype, shape, data)| {
-            TensorView::new(*dtype, shape.clone(), data).ok().map(|v| (name.clone(), v))
+        .map(|(name, dtype, shape, data)| {
+            let view = TensorView::new(*dtype, shape.clone(), data).expect("shape and bytes agree by construction");
+            (name.clone(), view)
         })
         .collect();
     let metadata = if metadata.is_empty() { None } else { Some(metadata) };
-    // Views are built from shapes and byte counts that agree by construction.
-    safetensors::serialize(views, metadata).unwrap_or_default()
+    safetensors::serialize(views, metadata).expect("views of owned, consistent tensors serialise")
 }
 
 /// Encodes generated parameters as safetensors (one F32 tensor per slot).
