@@ -123,11 +123,16 @@ pub struct BackendConfig {
     pub kind: String,
     /// Device index within the backend.
     pub device: usize,
+    /// The cloud's backend when it differs from the devices' (mixed deployments: the wire
+    /// carries backend-agnostic tensors).
+    pub cloud: Option<String>,
+    /// The cloud's device index (default: `device`).
+    pub cloud_device: Option<usize>,
 }
 
 impl Default for BackendConfig {
     fn default() -> Self {
-        Self { kind: "cpu".into(), device: 0 }
+        Self { kind: "cpu".into(), device: 0, cloud: None, cloud_device: None }
     }
 }
 
@@ -556,6 +561,9 @@ impl Deployment {
 
         if let Err(e) = registry.get(PluginKind::Backend, &backend.kind) {
             p.fail(KeyPath::parse("backend.kind"), e.to_string());
+        }
+        if let Some(Err(e)) = backend.cloud.as_ref().map(|k| registry.get(PluginKind::Backend, k)) {
+            p.fail(KeyPath::parse("backend.cloud"), e.to_string());
         }
         p.plugin(PluginKind::DataSource, &data.plugin, "data.plugin", &data.settings, "data.settings");
         p.plugin(PluginKind::Model, &model.plugin, "model.plugin", &model.settings, "model.settings");

@@ -20,12 +20,21 @@ struct Relocate<'a> {
 impl ModuleMapper<Backend> for Relocate<'_> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<Backend, D>>) -> Param<Tensor<Backend, D>> {
         let (id, tensor, _) = param.consume();
-        // A plain parameter: `Dispatch` would otherwise wrap it into an autodiff tensor on access.
-        Param::initialized(id, Tensor::from_data(tensor.into_data(), self.device)).set_require_grad(false)
+        // Trainable exactly on autodiff devices; `Dispatch` would otherwise wrap a plain
+        // parameter into an autodiff tensor on access.
+        let trainable = matches!(self.device, BurnDevice::Autodiff(_));
+        Param::initialized(id, Tensor::from_data(tensor.into_data(), self.device)).set_require_grad(trainable)
     }
 }
 
-/// A copy of `module` on `device` with no gradient history, through host memory.
+/// Where parameters are drawn: Burn's CPU generator, so that one seed gives the same initial
+/// model on every backend (plugins initialise here, then [`relocate`] to their device).
+pub fn init_device() -> BurnDevice {
+    BurnDevice::autodiff(BurnDevice::Flex(Default::default()))
+}
+
+/// A copy of `module` on `device` through host memory, with no gradient history; its
+/// parameters are trainable when `device` is an autodiff device.
 ///
 /// Burn 0.21's `Dispatch` panics when `to_device` moves a tensor between an autodiff and a
 /// plain device; copying the values works for every pair of devices (cloud training device to

@@ -84,18 +84,20 @@ pub struct Composer<'a> {
     pub deployment: &'a Deployment,
     /// Where plugins come from.
     pub registry: &'a Registry,
-    /// Inference device.
+    /// The devices' inference device (`[backend] kind`).
     pub device: BurnDevice,
-    /// Training device (autodiff).
+    /// The cloud's training device (`[backend] cloud`, autodiff).
     pub training_device: BurnDevice,
 }
 
 impl<'a> Composer<'a> {
     /// Resolves the backend of the deployment.
     pub fn new(deployment: &'a Deployment, registry: &'a Registry) -> Result<Self, RunError> {
-        let provider = registry.backend(&deployment.backend.kind)?;
-        let device = provider.device(deployment.backend.device)?;
-        let training_device = provider.training_device(deployment.backend.device)?;
+        let backend = &deployment.backend;
+        let device = registry.backend(&backend.kind)?.device(backend.device)?;
+        let cloud_kind = backend.cloud.as_deref().unwrap_or(&backend.kind);
+        let cloud_index = backend.cloud_device.unwrap_or(backend.device);
+        let training_device = registry.backend(cloud_kind)?.training_device(cloud_index)?;
         Ok(Self { deployment, registry, device, training_device })
     }
 
@@ -125,7 +127,7 @@ impl<'a> Composer<'a> {
         let choice = &self.deployment.model;
         let factory = self.registry.model(&choice.plugin)?;
         let ctx = ModelContext { base: self.context("model", &self.training_device), task: data.task().clone() };
-        seed::with_burn_seed(&self.training_device, ctx.base.seed, || (factory.build)(&choice.settings, &ctx))
+        seed::with_burn_seed(ctx.base.seed, || (factory.build)(&choice.settings, &ctx))
             .map_err(plugin_error(PluginKind::Model, &choice.plugin))
     }
 
@@ -147,7 +149,7 @@ impl<'a> Composer<'a> {
             base_params: model.base_params(),
             feature_dim: model.feature_dim(),
         };
-        seed::with_burn_seed(&self.training_device, ctx.base.seed, || (factory.build)(&cloud.settings, &ctx))
+        seed::with_burn_seed(ctx.base.seed, || (factory.build)(&cloud.settings, &ctx))
             .map_err(plugin_error(PluginKind::Generator, &cloud.generator))
     }
 
@@ -324,7 +326,7 @@ pub fn run(deployment: &Deployment, registry: &Registry, progress: &dyn Progress
     Ok(RunReport {
         deployment: deployment.file().to_string(),
         seed: deployment.seed,
-        backend: format!("{} ({:?})", deployment.backend.kind, composer.device),
+        backend: format!("devices {:?}, cloud {:?}", composer.device, composer.training_device),
         plugins: choices.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         cloud: CloudReport {
             model_parameters: model.parameter_count(),

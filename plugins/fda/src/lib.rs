@@ -12,7 +12,7 @@ use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::activation::{relu, tanh};
 use burn::tensor::{Tensor, TensorData};
-use mmpg::modules::{inference_device, materialise, relocate};
+use mmpg::modules::{inference_device, init_device, materialise, relocate};
 use mmpg::seed;
 use mmpg::{
     AnchorSummary, Backend, BurnDevice, Factory, GeneratedParams, GeneratorContext, GeneratorError, GeneratorTraining,
@@ -151,7 +151,8 @@ impl Fda {
             .iter()
             .map(|s| *settings.slot_bounds.get(&s.name).unwrap_or(&settings.delta_bound))
             .collect();
-        let device = &ctx.base.device;
+        // Drawn on the CPU generator, then moved: one seed, one initial model on every backend.
+        let device = &init_device();
         let (d, e, z) = (ctx.feature_dim, settings.hidden, settings.latent);
         let net = FdaNet {
             phi1: LinearConfig::new(d, e).init(device),
@@ -178,8 +179,8 @@ impl Fda {
             base,
             bounds,
             feature_dim: d,
-            net: materialise(net),
-            device: device.clone(),
+            net: relocate(materialise(net), &ctx.base.device),
+            device: ctx.base.device.clone(),
             seed: ctx.base.seed,
         })
     }

@@ -19,7 +19,7 @@ use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::activation::relu;
 use burn::tensor::module::avg_pool2d;
 use burn::tensor::{Int, Tensor, TensorData};
-use mmpg::modules::{inference_device, materialise, relocate};
+use mmpg::modules::{inference_device, init_device, materialise, relocate};
 use mmpg::seed;
 use mmpg::{
     Backend, BurnDevice, Clip, CloudModel, DataSource, DeviceModel, DomainSpec, Factory, FeatureStats, GeneratedParams,
@@ -341,7 +341,8 @@ impl LmmCloud {
         let geo = Geometry::new(settings, task)?;
         Ok(Self {
             schema: geo.schema(),
-            net: materialise(geo.init(device)),
+            // Drawn on the CPU generator, then moved: one seed, one initial model on every backend.
+            net: relocate(materialise(geo.init(&init_device())), device),
             geo,
             device: device.clone(),
             reference: None,

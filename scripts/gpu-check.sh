@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The GPU check: runs prebuilt mmpg binaries (scripts/build-gpu-bins.sh) on a machine with an
+# NVIDIA GPU and no Rust toolchain, from the repository root.
+#
+#   scripts/gpu-check.sh [bin-dir] [out-dir]   # defaults: gpu-bin/ and gpu-out/
+#
+# It prints the device, runs the backend conformance suite on `cuda`, runs the quickstart three
+# ways (everything on the CPU; the cloud on CUDA with devices on the CPU; everything on CUDA),
+# and writes one JSON of results, gpu-check.json, with the logs beside it.
+set -uo pipefail
+bin=$(realpath "${1:-gpu-bin}")
+out=${2:-gpu-out}
+mkdir -p "$out"
+out=$(realpath "$out")
+limit=${MMPG_GPU_CHECK_TIMEOUT:-180}   # seconds per step, so one hung step cannot eat the lease
+
+# The CUDA runtime loads libcuda and libnvrtc at run time.
+for dir in /usr/local/cuda/lib64 /usr/local/nvidia/lib64 /usr/lib/x86_64-linux-gnu; do
+    [ -d "$dir" ] && export LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+done
+
+seconds_since() { awk -v s="$1" -v e="$(date +%s%N)" 'BEGIN { printf "%.2f", (e - s) / 1e9 }'; }
+
+device=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -n 1)
+echo "device: $device"
+
+echo "== conformance suite on cuda"
+start=$(date +%s%N)
+MMPG_CONFORMANCE_BACKEND=cuda timeout "$limit" "$bin/backend_conformance" --test-threads=1 --nocapture >"$out/conformance.log" 2>&1
+conformance_rc=$?
+conformance_s=$(seconds_since "$start")
+grep -E '^\[cuda\]|test result|FAILED|panicked' "$out/conformance.log"
+
+run_quickstart() { # name, backend lines
+    local name=$1 backend=$2 config="$out/quickstart-$1.toml"
+    awk -v b="$backend" '/^\[backend\]/{print; print b; skip=1; next} skip&&/^kind =/{skip=0; next} {print}' \
+        examples/quickstart.toml >"$config"
+    echo "== quickstart: $name"
+    local start rc
+    start=$(date +%s%N)
+    timeout "$limit" "$bin/mmpg" run "$config" --report "$out/quickstart-$name.json" >"$out/quickstart-$name.log" 2>&1
+    rc=$?
+    echo "$name rc=$rc wall_s=$(seconds_since "$start")" | tee -a "$out/runs.txt"
+    tail -n 4 "$out/quickstart-$name.log"
+}
+run_quickstart cloud-cuda $'kind = "cpu"\ncloud = "cuda"'
+run_quickstart cuda 'kind = "cuda"'
+run_quickstart cpu 'kind = "cpu"'
+
+python3 - "$out" "$device" "$conformance_rc" "$conformance_s" <<'PY'
+import json, os, re, sys
+out, device, rc, secs = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+log = open(os.path.join(out, "conformance.log")).read()
+result = {"device": device, "conformance": {"exit_code": rc, "seconds": secs,
+          "lines": [l for l in log.splitlines() if l.startswith("[cuda]") or "test result" in l]}, "quickstart": {}}
+walls = dict(re.findall(r"^(\S+) rc=\d+ wall_s=([\d.]+)", open(os.path.join(out, "runs.txt")).read(), re.M))
+for name in ("cpu", "cloud-cuda", "cuda"):
+    path = os.path.join(out, f"quickstart-{name}.json")
+    if not os.path.exists(path):
+        result["quickstart"][name] = {"error": open(os.path.join(out, f"quickstart-{name}.log")).read()[-2000:]}
+        continue
+    r = json.load(open(path))
+    c = r["cloud"]
+    result["quickstart"][name] = {
+        "backend": r["backend"], "wall_s": float(walls.get(name, "nan")), "run_s": r["seconds"],
+        "pretrain_s": c["pretrain"]["seconds"], "generator_train_s": c["generator"]["seconds"],
+        "generation_ms": c["generation_ms"],
+        "shifted_static": r["fleet"]["shifted_static_accuracy"], "shifted_adapted": r["fleet"]["shifted_adapted_accuracy"],
+    }
+json.dump(result, open(os.path.join(out, "gpu-check.json"), "w"), indent=2)
+print(json.dumps(result, indent=2))
+PY
