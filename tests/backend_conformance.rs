@@ -26,11 +26,8 @@ fn backend_kind() -> String {
 
 fn target() -> BurnDevice {
     let kind = backend_kind();
-    common::registry()
-        .backend(&kind)
-        .and_then(|p| Ok(p.device(0)))
-        .expect("registered backend")
-        .unwrap_or_else(|e| panic!("backend `{kind}` cannot run here: {e}"))
+    let provider = common::registry().backend(&kind).expect("registered backend");
+    provider.device(0).unwrap_or_else(|e| panic!("backend `{kind}` cannot run here: {e}"))
 }
 
 fn cpu() -> BurnDevice {

@@ -213,11 +213,20 @@ pub struct CloudConfig {
     pub settings: toml::Table,
     /// Training schedules.
     pub training: CloudTraining,
+    /// Checkpoint folder: the trained model and generator are loaded from it when it holds a
+    /// checkpoint of this very training (same data, model, anchor and cloud settings and seed),
+    /// and written to it after training otherwise.
+    pub checkpoint: Option<PathBuf>,
 }
 
 impl Default for CloudConfig {
     fn default() -> Self {
-        Self { generator: "fda".into(), settings: toml::Table::new(), training: CloudTraining::default() }
+        Self {
+            generator: "fda".into(),
+            settings: toml::Table::new(),
+            training: CloudTraining::default(),
+            checkpoint: None,
+        }
     }
 }
 
@@ -468,11 +477,9 @@ impl Parser<'_> {
     }
 
     fn domain(&mut self, domain: &DeviceDomain, path: &KeyPath) {
-        if let Some(name) = &domain.name {
-            if name.is_empty() || name.len() > crate::wire::MAX_DEVICE_ID {
-                let limit = crate::wire::MAX_DEVICE_ID;
-                self.fail(path.join("name"), format!("expected 1..={limit} bytes, found {}", name.len()));
-            }
+        if let Some(name) = domain.name.as_ref().filter(|n| n.is_empty() || n.len() > crate::wire::MAX_DEVICE_ID) {
+            let limit = crate::wire::MAX_DEVICE_ID;
+            self.fail(path.join("name"), format!("expected 1..={limit} bytes, found {}", name.len()));
         }
         if domain.kind != "clean" && !(1..=5).contains(&domain.severity) {
             self.fail(path.join("severity"), format!("expected 1..=5, found {}", domain.severity));
@@ -613,6 +620,27 @@ impl Deployment {
             return Err(ConfigErrors(p.errors));
         }
         Ok(Self { seed, backend, data, model, anchor, cloud, fleet, devices, transport, report, source: p.source })
+    }
+
+    /// A fingerprint of everything that determines what cloud training produces: the seed,
+    /// the data, model, anchor and cloud sections, the window size and the held-out shifts.
+    pub fn training_fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let held_out: Vec<String> = self.device_domains().iter().map(|(_, d)| d.shift_label()).collect();
+        let mut cloud = self.cloud.clone();
+        cloud.checkpoint = None;
+        let canonical = serde_json::json!({
+            "version": 1,
+            "seed": self.seed,
+            "data": self.data,
+            "model": self.model,
+            "anchor": self.anchor,
+            "cloud": cloud,
+            "window_clips": self.fleet.window_clips,
+            "held_out": held_out,
+        });
+        let digest = Sha256::digest(canonical.to_string().as_bytes());
+        digest.iter().take(12).map(|b| format!("{b:02x}")).collect()
     }
 
     /// The file this deployment came from.

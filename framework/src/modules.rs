@@ -55,3 +55,129 @@ impl ModuleMapper<Backend> for Materialise {}
 pub fn materialise<M: Module<Backend>>(module: M) -> M {
     module.map(&mut Materialise)
 }
+
+/// Why a checkpoint could not be read into a module.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CheckpointError {
+    /// Not valid safetensors, or a tensor is not F32.
+    #[error("{0}")]
+    Format(String),
+    /// A parameter of the module is absent from the checkpoint.
+    #[error("parameter `{0}` is missing")]
+    Missing(String),
+    /// A parameter has another shape than the module's.
+    #[error("parameter `{name}` has shape {found:?}, the model expects {expected:?}")]
+    Shape {
+        /// Parameter path.
+        name: String,
+        /// Module's shape.
+        expected: Vec<usize>,
+        /// Checkpoint's shape.
+        found: Vec<usize>,
+    },
+    /// A value is NaN or infinite.
+    #[error("parameter `{0}` holds non-finite values")]
+    NonFinite(String),
+}
+
+/// Tracks the dotted path of the parameter being visited.
+#[derive(Default)]
+struct PathStack(Vec<String>);
+
+impl PathStack {
+    fn enter(&mut self, name: &str) {
+        self.0.push(name.to_string());
+    }
+
+    fn exit(&mut self) {
+        self.0.pop();
+    }
+
+    fn join(&self) -> String {
+        self.0.join(".")
+    }
+}
+
+struct Collect {
+    path: PathStack,
+    tensors: std::collections::BTreeMap<String, crate::HostTensor>,
+}
+
+impl burn::module::ModuleVisitor<Backend> for Collect {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.enter(name);
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.exit();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<Backend, D>>) {
+        self.tensors.insert(self.path.join(), crate::HostTensor::from_burn(param.val()));
+    }
+}
+
+/// Every float parameter of `module`, keyed by its dotted path (`conv1.weight`).
+pub fn parameters<M: Module<Backend>>(module: &M) -> std::collections::BTreeMap<String, crate::HostTensor> {
+    let mut collect = Collect { path: PathStack::default(), tensors: Default::default() };
+    module.visit(&mut collect);
+    collect.tensors
+}
+
+struct Restore<'a> {
+    path: PathStack,
+    values: &'a std::collections::BTreeMap<String, crate::HostTensor>,
+    device: &'a BurnDevice,
+    error: Option<CheckpointError>,
+}
+
+impl ModuleMapper<Backend> for Restore<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.enter(name);
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.exit();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<Backend, D>>) -> Param<Tensor<Backend, D>> {
+        let name = self.path.join();
+        let (id, tensor, mapper) = param.consume();
+        let expected = tensor.dims().to_vec();
+        let replacement = match self.values.get(&name) {
+            None => Err(CheckpointError::Missing(name)),
+            Some(t) if t.shape() != expected.as_slice() => {
+                Err(CheckpointError::Shape { name, expected, found: t.shape().to_vec() })
+            }
+            Some(t) if !t.is_finite() => Err(CheckpointError::NonFinite(name)),
+            Some(t) => t.to_burn::<D>(self.device).map_err(|e| CheckpointError::Format(e.to_string())),
+        };
+        match replacement {
+            Ok(value) if self.error.is_none() => {
+                let trainable = matches!(self.device, BurnDevice::Autodiff(_));
+                Param::from_mapped_value(id, value.set_require_grad(trainable), mapper)
+            }
+            Ok(_) => Param::from_mapped_value(id, tensor, mapper),
+            Err(e) => {
+                self.error.get_or_insert(e);
+                Param::from_mapped_value(id, tensor, mapper)
+            }
+        }
+    }
+}
+
+/// `module` with every float parameter replaced by the value of the same path in `values`,
+/// checked for presence, shape and finiteness. On any error only the error comes back, so
+/// nothing half-loaded escapes (callers pass a clone and keep their module).
+pub fn restore<M: Module<Backend>>(
+    module: M,
+    values: &std::collections::BTreeMap<String, crate::HostTensor>,
+    device: &BurnDevice,
+) -> Result<M, CheckpointError> {
+    let mut restore = Restore { path: PathStack::default(), values, device, error: None };
+    let restored = module.map(&mut restore);
+    match restore.error {
+        Some(e) => Err(e),
+        None => Ok(restored),
+    }
+}

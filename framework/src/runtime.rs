@@ -173,39 +173,58 @@ pub fn run(deployment: &Deployment, registry: &Registry, progress: &dyn Progress
     let training = &deployment.cloud.training;
     let sources = data.source_domains(training.source_domains, seed::derive_str(deployment.seed, "sources"), &held_out);
 
-    // Cloud: train the device model, then the generator on episodes through the same ADR.
+    // Cloud: load a checkpoint of this very training, or train the device model, then the
+    // generator on episodes through the same ADR (and write the checkpoint).
     let mut model = composer.cloud_model(data.as_ref())?;
-    let pretrain_domains = match training.pretrain_on {
-        PretrainOn::Clean => &sources[..1],
-        PretrainOn::Sources => &sources[..],
+    let store = deployment.cloud.checkpoint.as_deref().map(CheckpointDir);
+    let fingerprint = deployment.training_fingerprint();
+    let cached = match &store {
+        Some(dir) => dir.read(&fingerprint)?,
+        None => None,
     };
-    let pretrain = model.pretrain(
-        data.as_ref(),
-        pretrain_domains,
-        &TrainingPlan {
-            steps: training.pretrain_steps,
-            batch: training.pretrain_batch,
-            learning_rate: training.pretrain_learning_rate,
-            seed: seed::derive_str(deployment.seed, "pretrain"),
-        },
-        progress,
-    )?;
-    let mut generator = composer.generator(model.as_ref())?;
-    let cloud_reasoner = composer.anchor_reasoner()?;
-    let generator_log = generator.train(&GeneratorTraining {
-        model: model.as_ref(),
-        data: data.as_ref(),
-        domains: &sources,
-        reasoner: cloud_reasoner.as_ref(),
-        window_clips: deployment.fleet.window_clips,
-        plan: TrainingPlan {
-            steps: training.generator_steps,
-            batch: training.generator_batch,
-            learning_rate: training.generator_learning_rate,
-            seed: seed::derive_str(deployment.seed, "generator"),
-        },
-        progress,
-    })?;
+    let (generator, pretrain, generator_log, from_checkpoint) = if let Some((model_bytes, generator_bytes)) = cached {
+        let dir = store.as_ref().map_or_else(Default::default, |d| d.0.display().to_string());
+        model.load(&model_bytes).map_err(|e| checkpoint_error(&dir, MODEL_FILE, e))?;
+        let mut generator = composer.generator(model.as_ref())?;
+        generator.load(&generator_bytes).map_err(|e| checkpoint_error(&dir, GENERATOR_FILE, e))?;
+        (generator, None, None, true)
+    } else {
+        let pretrain_domains = match training.pretrain_on {
+            PretrainOn::Clean => &sources[..1],
+            PretrainOn::Sources => &sources[..],
+        };
+        let pretrain = model.pretrain(
+            data.as_ref(),
+            pretrain_domains,
+            &TrainingPlan {
+                steps: training.pretrain_steps,
+                batch: training.pretrain_batch,
+                learning_rate: training.pretrain_learning_rate,
+                seed: seed::derive_str(deployment.seed, "pretrain"),
+            },
+            progress,
+        )?;
+        let mut generator = composer.generator(model.as_ref())?;
+        let cloud_reasoner = composer.anchor_reasoner()?;
+        let generator_log = generator.train(&GeneratorTraining {
+            model: model.as_ref(),
+            data: data.as_ref(),
+            domains: &sources,
+            reasoner: cloud_reasoner.as_ref(),
+            window_clips: deployment.fleet.window_clips,
+            plan: TrainingPlan {
+                steps: training.generator_steps,
+                batch: training.generator_batch,
+                learning_rate: training.generator_learning_rate,
+                seed: seed::derive_str(deployment.seed, "generator"),
+            },
+            progress,
+        })?;
+        if let Some(dir) = &store {
+            dir.write(&fingerprint, &model.save()?, &generator.save()?)?;
+        }
+        (generator, Some(pretrain), Some(generator_log), false)
+    };
     let reference = model.reference_stats();
     let schema = model.schema().clone();
 
@@ -333,15 +352,60 @@ pub fn run(deployment: &Deployment, registry: &Registry, progress: &dyn Progress
             generator_parameters: generator.parameter_count(),
             slot_parameters: schema.numel(),
             source_domains: sources.len(),
-            from_checkpoint: false,
-            pretrain: Some(pretrain),
-            generator: Some(generator_log),
+            from_checkpoint,
+            pretrain,
+            generator: generator_log,
             generation_ms,
         },
         fleet: FleetSummary::of(&devices),
         devices,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+const MODEL_FILE: &str = "model.safetensors";
+const GENERATOR_FILE: &str = "generator.safetensors";
+const FINGERPRINT_FILE: &str = "fingerprint";
+
+fn checkpoint_error(dir: &str, file: &str, error: impl std::fmt::Display) -> RunError {
+    RunError::Checkpoint { path: format!("{dir}/{file}"), message: error.to_string() }
+}
+
+/// The model's and the generator's checkpoint bytes.
+type CheckpointBytes = (Vec<u8>, Vec<u8>);
+
+/// A folder holding the cloud's trained model and generator, and the fingerprint of the
+/// training that produced them.
+struct CheckpointDir<'a>(&'a std::path::Path);
+
+impl CheckpointDir<'_> {
+    fn display(&self) -> String {
+        self.0.display().to_string()
+    }
+
+    /// Both checkpoints, if the folder holds a checkpoint of the training with `fingerprint`.
+    fn read(&self, fingerprint: &str) -> Result<Option<CheckpointBytes>, RunError> {
+        match std::fs::read_to_string(self.0.join(FINGERPRINT_FILE)) {
+            Ok(found) if found.trim() == fingerprint => {}
+            _ => return Ok(None),
+        }
+        let read =
+            |file: &str| std::fs::read(self.0.join(file)).map_err(|e| checkpoint_error(&self.display(), file, e));
+        Ok(Some((read(MODEL_FILE)?, read(GENERATOR_FILE)?)))
+    }
+
+    fn write(&self, fingerprint: &str, model: &[u8], generator: &[u8]) -> Result<(), RunError> {
+        let dir = self.display();
+        std::fs::create_dir_all(self.0).map_err(|e| checkpoint_error(&dir, "", e))?;
+        // The fingerprint goes last: a folder interrupted mid-write is never taken as valid.
+        let _ = std::fs::remove_file(self.0.join(FINGERPRINT_FILE));
+        for (file, bytes) in
+            [(MODEL_FILE, model), (GENERATOR_FILE, generator), (FINGERPRINT_FILE, fingerprint.as_bytes())]
+        {
+            std::fs::write(self.0.join(file), bytes).map_err(|e| checkpoint_error(&dir, file, e))?;
+        }
+        Ok(())
+    }
 }
 
 fn mark_error(fleet: &mut [FleetDevice], id: &DeviceId, message: String) {

@@ -195,7 +195,11 @@ fn f32_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
-fn serialize(tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)>, metadata: HashMap<String, String>) -> Vec<u8> {
+/// The one safetensors metadata key mmpg writes: its value is a JSON object with sorted keys.
+/// (safetensors keeps metadata in a hash map, whose order would make equal payloads differ.)
+const METADATA_KEY: &str = "mmpg";
+
+fn serialize(tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)>, metadata: BTreeMap<String, String>) -> Vec<u8> {
     // Callers build shapes and byte counts from the same tensors, so views always agree.
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
@@ -204,7 +208,10 @@ fn serialize(tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)>, metadata: HashM
             (name.clone(), view)
         })
         .collect();
-    let metadata = if metadata.is_empty() { None } else { Some(metadata) };
+    let metadata = (!metadata.is_empty()).then(|| {
+        let json = serde_json::to_string(&metadata).expect("a map of strings serialises");
+        HashMap::from([(METADATA_KEY.to_string(), json)])
+    });
     safetensors::serialize(views, metadata).expect("views of owned, consistent tensors serialise")
 }
 
@@ -215,7 +222,7 @@ pub fn encode_params(params: &GeneratedParams) -> Vec<u8> {
         .iter()
         .map(|(name, t)| (name.clone(), Dtype::F32, t.shape().to_vec(), f32_bytes(t.values())))
         .collect();
-    serialize(tensors, HashMap::new())
+    serialize(tensors, BTreeMap::new())
 }
 
 fn parse(payload: &[u8]) -> Result<SafeTensors<'_>, WireError> {
@@ -228,6 +235,25 @@ fn read_f32(view: &TensorView<'_>, name: &str) -> Result<HostTensor, WireError> 
     }
     let values = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
     HostTensor::new(view.shape().to_vec(), values).map_err(|e| WireError::Content(format!("`{name}`: {e}")))
+}
+
+/// Encodes named F32 tensors with string metadata as safetensors (checkpoints).
+pub fn encode_f32_tensors(
+    tensors: &BTreeMap<String, HostTensor>,
+    metadata: impl IntoIterator<Item = (String, String)>,
+) -> Vec<u8> {
+    let tensors =
+        tensors.iter().map(|(name, t)| (name.clone(), Dtype::F32, t.shape().to_vec(), f32_bytes(t.values()))).collect();
+    serialize(tensors, metadata.into_iter().collect())
+}
+
+/// The string metadata mmpg wrote into a safetensors payload (empty if there is none).
+pub fn read_metadata(payload: &[u8]) -> Result<BTreeMap<String, String>, WireError> {
+    let (_, meta) = SafeTensors::read_metadata(payload).map_err(|e| WireError::Payload(e.to_string()))?;
+    match meta.metadata().as_ref().and_then(|m| m.get(METADATA_KEY)) {
+        None => Ok(BTreeMap::new()),
+        Some(json) => serde_json::from_str(json).map_err(|e| WireError::Content(format!("metadata: {e}"))),
+    }
 }
 
 /// Decodes a safetensors payload of F32 tensors.
@@ -250,7 +276,7 @@ pub fn encode_summary(summary: &AnchorSummary) -> Vec<u8> {
         ("mean".to_string(), Dtype::F32, vec![d], f32_bytes(&summary.mean)),
         ("var".to_string(), Dtype::F32, vec![summary.var.len()], f32_bytes(&summary.var)),
     ];
-    let metadata = HashMap::from([
+    let metadata = BTreeMap::from([
         ("scale".to_string(), format!("{:e}", summary.anchors.scale)),
         ("frames".to_string(), summary.frames.to_string()),
         ("clips".to_string(), summary.clips.to_string()),
@@ -260,8 +286,7 @@ pub fn encode_summary(summary: &AnchorSummary) -> Vec<u8> {
 
 /// Decodes and checks a summary payload.
 pub fn decode_summary(payload: &[u8]) -> Result<AnchorSummary, WireError> {
-    let (_, meta) = SafeTensors::read_metadata(payload).map_err(|e| WireError::Payload(e.to_string()))?;
-    let meta = meta.metadata().clone().unwrap_or_default();
+    let meta = read_metadata(payload)?;
     let field = |key: &str| -> Result<&String, WireError> {
         meta.get(key).ok_or_else(|| WireError::Content(format!("metadata `{key}` missing")))
     };

@@ -12,8 +12,9 @@ use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::activation::{relu, tanh};
 use burn::tensor::{Tensor, TensorData};
-use mmpg::modules::{inference_device, init_device, materialise, relocate};
+use mmpg::modules::{inference_device, init_device, materialise, parameters, relocate, restore};
 use mmpg::seed;
+use mmpg::wire::{decode_f32_tensors, encode_f32_tensors, read_metadata};
 use mmpg::{
     AnchorSummary, Backend, BurnDevice, Factory, GeneratedParams, GeneratorContext, GeneratorError, GeneratorTraining,
     HostTensor, ParameterGenerator, Plugin, PluginError, SettingsSpec, SlotSchema, SlotTensors, Split, StaticPlugin,
@@ -229,6 +230,28 @@ impl ParameterGenerator for Fda {
 
     fn parameter_count(&self) -> usize {
         Module::<DB>::num_params(&self.net)
+    }
+
+    fn save(&self) -> Result<Vec<u8>, GeneratorError> {
+        let metadata = [
+            ("mmpg.plugin".to_string(), "fda".to_string()),
+            ("mmpg.schema".to_string(), self.schema.hash().to_string()),
+        ];
+        Ok(encode_f32_tensors(&parameters(&self.net), metadata))
+    }
+
+    fn load(&mut self, bytes: &[u8]) -> Result<(), GeneratorError> {
+        let bad = |e: String| GeneratorError::Checkpoint(e);
+        let meta = read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
+        if meta.get("mmpg.plugin").map(String::as_str) != Some("fda") {
+            return Err(bad("not an fda checkpoint".into()));
+        }
+        if meta.get("mmpg.schema") != Some(&self.schema.hash().to_string()) {
+            return Err(bad(format!("checkpoint is for another slot schema than {}", self.schema.hash())));
+        }
+        let tensors = decode_f32_tensors(bytes).map_err(|e| bad(e.to_string()))?;
+        self.net = restore(self.net.clone(), &tensors, &self.device).map_err(|e| bad(e.to_string()))?;
+        Ok(())
     }
 
     fn generate_batch(&self, summaries: &[AnchorSummary]) -> Result<Vec<GeneratedParams>, GeneratorError> {

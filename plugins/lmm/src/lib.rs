@@ -19,8 +19,9 @@ use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::activation::relu;
 use burn::tensor::module::avg_pool2d;
 use burn::tensor::{Int, Tensor, TensorData};
-use mmpg::modules::{inference_device, init_device, materialise, relocate};
+use mmpg::modules::{inference_device, init_device, materialise, parameters, relocate, restore};
 use mmpg::seed;
+use mmpg::wire::{decode_f32_tensors, encode_f32_tensors, read_metadata};
 use mmpg::{
     Backend, BurnDevice, Clip, CloudModel, DataSource, DeviceModel, DomainSpec, Factory, FeatureStats, GeneratedParams,
     HostTensor, ModelContext, ModelError, Plugin, PluginError, Progress, RetrievalEmbeddings, SettingsSpec, SlotSchema,
@@ -476,6 +477,50 @@ impl CloudModel for LmmCloud {
 
     fn parameter_count(&self) -> usize {
         Module::<DB>::num_params(&self.net)
+    }
+
+    fn save(&self) -> Result<Vec<u8>, ModelError> {
+        let mut tensors = parameters(&self.net);
+        let reference = self.reference_stats();
+        let d = reference.dim();
+        for (name, values) in [("reference.mean", reference.mean), ("reference.std", reference.std)] {
+            tensors.insert(
+                name.into(),
+                HostTensor::new(vec![d], values).map_err(|e| ModelError::Checkpoint(e.to_string()))?,
+            );
+        }
+        let metadata = [
+            ("mmpg.plugin".to_string(), "lmm".to_string()),
+            ("mmpg.schema".to_string(), self.schema.hash().to_string()),
+        ];
+        Ok(encode_f32_tensors(&tensors, metadata))
+    }
+
+    fn load(&mut self, bytes: &[u8]) -> Result<(), ModelError> {
+        let bad = |e: String| ModelError::Checkpoint(e);
+        let meta = read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
+        if meta.get("mmpg.plugin").map(String::as_str) != Some("lmm") {
+            return Err(bad("not an lmm checkpoint".into()));
+        }
+        if meta.get("mmpg.schema") != Some(&self.schema.hash().to_string()) {
+            return Err(bad(format!("checkpoint is for another slot schema than {}", self.schema.hash())));
+        }
+        let mut tensors = decode_f32_tensors(bytes).map_err(|e| bad(e.to_string()))?;
+        let d = self.feature_dim();
+        let mut take = |name: &str| -> Result<Vec<f32>, ModelError> {
+            let t = tensors.remove(name).ok_or_else(|| bad(format!("`{name}` is missing")))?;
+            if t.shape() != [d] || !t.is_finite() {
+                return Err(bad(format!("`{name}` must be {d} finite values")));
+            }
+            Ok(t.into_values())
+        };
+        let reference = FeatureStats { mean: take("reference.mean")?, std: take("reference.std")? };
+        if reference.std.iter().any(|s| *s <= 0.0) {
+            return Err(bad("`reference.std` must be positive".into()));
+        }
+        self.net = restore(self.net.clone(), &tensors, &self.device).map_err(|e| bad(e.to_string()))?;
+        self.reference = Some(reference);
+        Ok(())
     }
 
     fn export(&self, device: &BurnDevice) -> Result<Box<dyn DeviceModel>, ModelError> {
