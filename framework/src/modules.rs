@@ -181,3 +181,32 @@ pub fn restore<M: Module<Backend>>(
         None => Ok(restored),
     }
 }
+
+/// Encodes a plugin's parameters as a checkpoint stamped with the plugin's name and the slot
+/// schema it serves.
+pub fn write_checkpoint(
+    plugin: &str,
+    schema: &crate::SlotSchema,
+    tensors: &std::collections::BTreeMap<String, crate::HostTensor>,
+) -> Vec<u8> {
+    let metadata =
+        [("mmpg.plugin".to_string(), plugin.to_string()), ("mmpg.schema".to_string(), schema.hash().to_string())];
+    crate::wire::encode_f32_tensors(tensors, metadata)
+}
+
+/// Decodes a checkpoint written by [`write_checkpoint`] for the same plugin and schema.
+pub fn read_checkpoint(
+    plugin: &str,
+    schema: &crate::SlotSchema,
+    bytes: &[u8],
+) -> Result<std::collections::BTreeMap<String, crate::HostTensor>, CheckpointError> {
+    let format = |e: crate::wire::WireError| CheckpointError::Format(e.to_string());
+    let meta = crate::wire::read_metadata(bytes).map_err(format)?;
+    if meta.get("mmpg.plugin").map(String::as_str) != Some(plugin) {
+        return Err(CheckpointError::Format(format!("not a checkpoint of `{plugin}`")));
+    }
+    if meta.get("mmpg.schema") != Some(&schema.hash().to_string()) {
+        return Err(CheckpointError::Format(format!("written for another slot schema than {}", schema.hash())));
+    }
+    crate::wire::decode_f32_tensors(bytes).map_err(format)
+}

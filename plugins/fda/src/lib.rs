@@ -12,9 +12,11 @@ use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::activation::{relu, tanh};
 use burn::tensor::{Tensor, TensorData};
-use mmpg::modules::{inference_device, init_device, materialise, parameters, relocate, restore};
+use mmpg::modules::{
+    CheckpointError, inference_device, init_device, materialise, parameters, read_checkpoint, relocate, restore,
+    write_checkpoint,
+};
 use mmpg::seed;
-use mmpg::wire::{decode_f32_tensors, encode_f32_tensors, read_metadata};
 use mmpg::{
     AnchorSummary, Backend, BurnDevice, Factory, GeneratedParams, GeneratorContext, GeneratorError, GeneratorTraining,
     HostTensor, ParameterGenerator, Plugin, PluginError, SettingsSpec, SlotSchema, SlotTensors, Split, StaticPlugin,
@@ -233,24 +235,13 @@ impl ParameterGenerator for Fda {
     }
 
     fn save(&self) -> Result<Vec<u8>, GeneratorError> {
-        let metadata = [
-            ("mmpg.plugin".to_string(), "fda".to_string()),
-            ("mmpg.schema".to_string(), self.schema.hash().to_string()),
-        ];
-        Ok(encode_f32_tensors(&parameters(&self.net), metadata))
+        Ok(write_checkpoint("fda", &self.schema, &parameters(&self.net)))
     }
 
     fn load(&mut self, bytes: &[u8]) -> Result<(), GeneratorError> {
-        let bad = |e: String| GeneratorError::Checkpoint(e);
-        let meta = read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
-        if meta.get("mmpg.plugin").map(String::as_str) != Some("fda") {
-            return Err(bad("not an fda checkpoint".into()));
-        }
-        if meta.get("mmpg.schema") != Some(&self.schema.hash().to_string()) {
-            return Err(bad(format!("checkpoint is for another slot schema than {}", self.schema.hash())));
-        }
-        let tensors = decode_f32_tensors(bytes).map_err(|e| bad(e.to_string()))?;
-        self.net = restore(self.net.clone(), &tensors, &self.device).map_err(|e| bad(e.to_string()))?;
+        let bad = |e: CheckpointError| GeneratorError::Checkpoint(e.to_string());
+        let tensors = read_checkpoint("fda", &self.schema, bytes).map_err(bad)?;
+        self.net = restore(self.net.clone(), &tensors, &self.device).map_err(bad)?;
         Ok(())
     }
 

@@ -19,9 +19,10 @@ use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::activation::relu;
 use burn::tensor::module::avg_pool2d;
 use burn::tensor::{Int, Tensor, TensorData};
-use mmpg::modules::{inference_device, init_device, materialise, parameters, relocate, restore};
+use mmpg::modules::{
+    inference_device, init_device, materialise, parameters, read_checkpoint, relocate, restore, write_checkpoint,
+};
 use mmpg::seed;
-use mmpg::wire::{decode_f32_tensors, encode_f32_tensors, read_metadata};
 use mmpg::{
     Backend, BurnDevice, Clip, CloudModel, DataSource, DeviceModel, DomainSpec, Factory, FeatureStats, GeneratedParams,
     HostTensor, ModelContext, ModelError, Plugin, PluginError, Progress, RetrievalEmbeddings, SettingsSpec, SlotSchema,
@@ -484,28 +485,15 @@ impl CloudModel for LmmCloud {
         let reference = self.reference_stats();
         let d = reference.dim();
         for (name, values) in [("reference.mean", reference.mean), ("reference.std", reference.std)] {
-            tensors.insert(
-                name.into(),
-                HostTensor::new(vec![d], values).map_err(|e| ModelError::Checkpoint(e.to_string()))?,
-            );
+            let t = HostTensor::new(vec![d], values).map_err(|e| ModelError::Checkpoint(e.to_string()))?;
+            tensors.insert(name.into(), t);
         }
-        let metadata = [
-            ("mmpg.plugin".to_string(), "lmm".to_string()),
-            ("mmpg.schema".to_string(), self.schema.hash().to_string()),
-        ];
-        Ok(encode_f32_tensors(&tensors, metadata))
+        Ok(write_checkpoint("lmm", &self.schema, &tensors))
     }
 
     fn load(&mut self, bytes: &[u8]) -> Result<(), ModelError> {
         let bad = |e: String| ModelError::Checkpoint(e);
-        let meta = read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
-        if meta.get("mmpg.plugin").map(String::as_str) != Some("lmm") {
-            return Err(bad("not an lmm checkpoint".into()));
-        }
-        if meta.get("mmpg.schema") != Some(&self.schema.hash().to_string()) {
-            return Err(bad(format!("checkpoint is for another slot schema than {}", self.schema.hash())));
-        }
-        let mut tensors = decode_f32_tensors(bytes).map_err(|e| bad(e.to_string()))?;
+        let mut tensors = read_checkpoint("lmm", &self.schema, bytes).map_err(|e| bad(e.to_string()))?;
         let d = self.feature_dim();
         let mut take = |name: &str| -> Result<Vec<f32>, ModelError> {
             let t = tensors.remove(name).ok_or_else(|| bad(format!("`{name}` is missing")))?;
