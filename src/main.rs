@@ -116,21 +116,26 @@ fn run(path: &Path, report_override: Option<PathBuf>, registry: &Registry) -> an
 fn print_table(report: &RunReport) {
     println!();
     println!(
-        "{:<12} {:<22} {:>7} {:>8} {:>7} {:>8} {:>9} {:>10} {:>9}  note",
-        "device", "shift", "static", "adapted", "gain", "up B", "down B", "raw win B", "adapt ms"
+        "{:<12} {:<22} {:>7} {:>8} {:>7} {:>13} {:>8} {:>9} {:>10} {:>9}  note",
+        "device", "shift", "static", "adapted", "gain", "R@5 s→a", "up B", "down B", "raw win B", "adapt ms"
     );
     for d in &report.devices {
         let shift = match d.class_mix_alpha {
             Some(a) => format!("{} α={a}", d.shift),
             None => d.shift.clone(),
         };
+        let r5 = match (d.static_retrieval, d.adapted_retrieval) {
+            (Some(s), Some(a)) => format!("{:.0}%→{:.0}%", 100.0 * s.r5, 100.0 * a.r5),
+            _ => "-".into(),
+        };
         println!(
-            "{:<12} {:<22} {:>6.1}% {:>7.1}% {:>+6.1}  {:>8} {:>9} {:>10} {:>9.2}  {}",
+            "{:<12} {:<22} {:>6.1}% {:>7.1}% {:>+6.1}  {:>12} {:>8} {:>9} {:>10} {:>9.2}  {}",
             d.device,
             shift,
             100.0 * d.static_accuracy,
             100.0 * d.adapted_accuracy,
             100.0 * (d.adapted_accuracy - d.static_accuracy),
+            r5,
             d.bytes_up,
             d.bytes_down,
             d.raw_window_bytes,
@@ -150,6 +155,19 @@ fn print_table(report: &RunReport) {
         100.0 * f.static_accuracy,
         100.0 * f.adapted_accuracy
     );
+    if let (Some(s), Some(a)) = (f.static_retrieval, f.adapted_retrieval) {
+        println!(
+            "retrieval (text → video, all devices): R@1 {:.1}% → {:.1}%, R@5 {:.1}% → {:.1}%, R@10 {:.1}% → {:.1}%, median rank {:.1} → {:.1}",
+            100.0 * s.r1,
+            100.0 * a.r1,
+            100.0 * s.r5,
+            100.0 * a.r5,
+            100.0 * s.r10,
+            100.0 * a.r10,
+            s.median_rank,
+            a.median_rank
+        );
+    }
     let c = &report.cloud;
     println!(
         "cloud: model {} params, generator {} params, {} dynamic params per device, {} source domains; fleet generation {:.1} ms; run {:.1} s",

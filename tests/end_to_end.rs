@@ -29,6 +29,9 @@ fn adaptation_beats_the_static_model_on_a_strongly_shifted_device() {
     // Communication is accounted: something went each way, and less than the raw window up.
     assert!(strong.bytes_up > 0 && strong.bytes_down > 0);
     assert!(strong.bytes_up < strong.raw_window_bytes);
+    // Retrieval is scored before and after adaptation, within range.
+    let (before, after) = (strong.static_retrieval.expect("lmm embeds"), strong.adapted_retrieval.expect("lmm embeds"));
+    assert!(before.r1 <= before.r5 && after.r5 <= after.r10 && after.median_rank >= 1.0);
     // Generator training decreased its loss.
     let log = report.cloud.generator.as_ref().expect("trained");
     assert!(log.tail_mean(15) < log.head_mean(15), "{} !< {}", log.tail_mean(15), log.head_mean(15));

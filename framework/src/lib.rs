@@ -14,6 +14,7 @@ pub mod backend;
 pub mod config;
 pub mod data;
 pub mod generator;
+pub mod metrics;
 pub mod model;
 pub mod modules;
 pub mod registry;

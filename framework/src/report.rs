@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::TrainingLog;
+use crate::metrics::RetrievalMetrics;
 
 /// One device's outcome.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -19,6 +20,10 @@ pub struct DeviceReport {
     pub static_accuracy: f64,
     /// QA accuracy after applying the generated parameters (equal to static if refused).
     pub adapted_accuracy: f64,
+    /// Text → video retrieval of the static model on the held-out clips (if the model embeds).
+    pub static_retrieval: Option<RetrievalMetrics>,
+    /// The same after adaptation.
+    pub adapted_retrieval: Option<RetrievalMetrics>,
     /// Bytes uploaded for this adaptation (envelope included).
     pub bytes_up: u64,
     /// Bytes downloaded.
@@ -48,6 +53,10 @@ pub struct FleetSummary {
     pub static_accuracy: f64,
     /// Mean adapted accuracy over all devices.
     pub adapted_accuracy: f64,
+    /// Mean retrieval scores of the static model over devices that report them.
+    pub static_retrieval: Option<RetrievalMetrics>,
+    /// The same after adaptation.
+    pub adapted_retrieval: Option<RetrievalMetrics>,
     /// Mean bytes up per adaptation.
     pub mean_bytes_up: f64,
     /// Mean bytes down per adaptation.
@@ -66,10 +75,24 @@ impl FleetSummary {
             shifted_adapted_accuracy: mean(shifted.iter().map(|d| d.adapted_accuracy).collect()),
             static_accuracy: mean(devices.iter().map(|d| d.static_accuracy).collect()),
             adapted_accuracy: mean(devices.iter().map(|d| d.adapted_accuracy).collect()),
+            static_retrieval: mean_retrieval(devices.iter().filter_map(|d| d.static_retrieval)),
+            adapted_retrieval: mean_retrieval(devices.iter().filter_map(|d| d.adapted_retrieval)),
             mean_bytes_up: mean(devices.iter().map(|d| d.bytes_up as f64).collect()),
             mean_bytes_down: mean(devices.iter().map(|d| d.bytes_down as f64).collect()),
         }
     }
+}
+
+fn mean_retrieval(scores: impl Iterator<Item = RetrievalMetrics>) -> Option<RetrievalMetrics> {
+    let scores: Vec<RetrievalMetrics> = scores.collect();
+    let n = scores.len() as f64;
+    let mean = |f: fn(&RetrievalMetrics) -> f64| scores.iter().map(f).sum::<f64>() / n;
+    (!scores.is_empty()).then(|| RetrievalMetrics {
+        r1: mean(|m| m.r1),
+        r5: mean(|m| m.r5),
+        r10: mean(|m| m.r10),
+        median_rank: mean(|m| m.median_rank),
+    })
 }
 
 /// The cloud's side of a run.

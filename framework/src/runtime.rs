@@ -9,6 +9,7 @@ use crate::backend::BackendError;
 use crate::config::{ConfigErrors, Deployment, PluginChoice, PretrainOn};
 use crate::data::{Clip, DeviceId, DomainSpec, Split};
 use crate::generator::{GeneratorError, GeneratorTraining, ParameterGenerator};
+use crate::metrics::{self, RetrievalMetrics};
 use crate::model::{CloudModel, DeviceModel, ModelError, TrainingPlan};
 use crate::registry::{BuildContext, GeneratorContext, ModelContext, PluginError, PluginKind, Registry, RegistryError};
 use crate::report::{CloudReport, DeviceReport, FleetSummary, RunReport};
@@ -240,6 +241,7 @@ pub fn run(deployment: &Deployment, registry: &Registry, progress: &dyn Progress
             .collect();
         let eval = data.clips(domain, Split::Test, deployment.fleet.eval_clips, domain.seed)?;
         let static_accuracy = device_model.accuracy(&eval)?;
+        let static_retrieval = score_retrieval(device_model.as_ref(), &eval);
         let raw_window_bytes = (window.len() * data.task().raw_clip_bytes()) as u64;
         fleet.push(FleetDevice {
             id: DeviceId(domain.name.clone()),
@@ -250,6 +252,8 @@ pub fn run(deployment: &Deployment, registry: &Registry, progress: &dyn Progress
                 shifted: !domain.shifts.is_empty() || domain.class_mix_alpha.is_some(),
                 static_accuracy,
                 adapted_accuracy: static_accuracy,
+                static_retrieval,
+                adapted_retrieval: static_retrieval,
                 bytes_up: 0,
                 bytes_down: 0,
                 raw_window_bytes,
@@ -314,7 +318,10 @@ pub fn run(deployment: &Deployment, registry: &Registry, progress: &dyn Progress
                 .and_then(|p| device.model.apply(p).map_err(|e| e.to_string()));
             device.report.adaptation_ms += t0.elapsed().as_secs_f64() * 1e3;
             match applied {
-                Ok(()) => device.report.adapted_accuracy = device.model.accuracy(&device.eval)?,
+                Ok(()) => {
+                    device.report.adapted_accuracy = device.model.accuracy(&device.eval)?;
+                    device.report.adapted_retrieval = score_retrieval(device.model.as_ref(), &device.eval);
+                }
                 Err(e) => device.report.error = Some(format!("apply: {e}")),
             }
         }
@@ -406,6 +413,13 @@ impl CheckpointDir<'_> {
         }
         Ok(())
     }
+}
+
+/// Text → video retrieval on `clips`, for models that embed (an optional capability).
+fn score_retrieval(model: &dyn DeviceModel, clips: &[Clip]) -> Option<RetrievalMetrics> {
+    let embeddings = model.retrieval_embeddings(clips).ok()?;
+    let captions: Vec<&str> = clips.iter().map(|c| c.caption.as_str()).collect();
+    metrics::retrieval(&embeddings, &captions)
 }
 
 fn mark_error(fleet: &mut [FleetDevice], id: &DeviceId, message: String) {
