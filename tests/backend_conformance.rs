@@ -7,7 +7,6 @@
 
 mod common;
 
-use mmpg::modules::init_device;
 use mmpg::runtime;
 use mmpg::seed::with_burn_seed;
 use mmpg::wire::Envelope;
@@ -144,5 +143,4 @@ fn initial_models_are_identical_across_backends() {
     let a = model_on(&cpu()).base_params();
     let b = model_on(&target()).base_params();
     assert_eq!(a, b);
-    let _ = init_device();
 }

@@ -174,7 +174,7 @@ impl Synthetic {
         let plural = if count == 0 { "" } else { "s" };
         Clip {
             frames: HostTensor::new(vec![frames, 3, size, size], values)
-                .unwrap_or_else(|_| HostTensor::zeros(vec![frames, 3, size, size])),
+                .expect("the frame buffer is allocated with exactly this shape"),
             question: QUESTIONS[question_type][family].to_string(),
             caption: format!(
                 "{} {} {}{plural} moving {}",
