@@ -17,6 +17,10 @@ pub enum Strategy {
     /// Greedy farthest-point selection: each new anchor is the frame farthest from all
     /// anchors so far, starting from the frame nearest the window mean.
     KCenter,
+    /// k-means++ seeding refined by Lloyd iterations; each anchor is the frame nearest a
+    /// centroid (anchors stay real frames).
+    #[serde(rename = "k-means++")]
+    KmeansPlusPlus,
     /// K frames uniformly at random (ablation: the cheapest choice).
     Random,
     /// Every frame (ablation: the most expensive upload).
@@ -93,6 +97,71 @@ pub fn k_center(features: &HostTensor, k: usize) -> Vec<usize> {
     chosen
 }
 
+/// k-means++ over the rows of `[n, d]` features with `iterations` Lloyd steps; returns the
+/// distinct rows nearest the centroids (at most `k`), deterministic in `seed`.
+pub fn k_means_plus_plus(features: &HostTensor, k: usize, iterations: usize, seed: u64) -> Vec<usize> {
+    use rand::Rng as _;
+    let Some(rows) = features.rows() else { return Vec::new() };
+    let rows: Vec<&[f32]> = rows.collect();
+    let n = rows.len();
+    if n == 0 || k == 0 {
+        return Vec::new();
+    }
+    let mut rng = seed::rng(seed, 0x4b4d_4541);
+    // Seeding: each next centre drawn with probability proportional to its squared distance.
+    let mut centres: Vec<Vec<f32>> = vec![rows[rng.random_range(0..n)].to_vec()];
+    let mut nearest: Vec<f32> = rows.iter().map(|r| squared_distance(r, &centres[0])).collect();
+    while centres.len() < k.min(n) {
+        let total: f32 = nearest.iter().sum();
+        if total <= 0.0 {
+            break;
+        }
+        let mut x = rng.random_range(0.0..total);
+        let next = nearest.iter().position(|d| {
+            x -= d;
+            x < 0.0
+        });
+        let next = next.unwrap_or(n - 1);
+        centres.push(rows[next].to_vec());
+        for (i, r) in rows.iter().enumerate() {
+            nearest[i] = nearest[i].min(squared_distance(r, rows[next]));
+        }
+    }
+    // Lloyd refinement.
+    let assign = |centres: &[Vec<f32>]| -> Vec<usize> {
+        rows.iter()
+            .map(|r| {
+                (0..centres.len())
+                    .min_by(|a, b| squared_distance(r, &centres[*a]).total_cmp(&squared_distance(r, &centres[*b])))
+                    .unwrap_or(0)
+            })
+            .collect()
+    };
+    for _ in 0..iterations {
+        let labels = assign(&centres);
+        for (c, centre) in centres.iter_mut().enumerate() {
+            let members: Vec<&[f32]> = rows.iter().zip(&labels).filter(|(_, l)| **l == c).map(|(r, _)| *r).collect();
+            if members.is_empty() {
+                continue;
+            }
+            for (j, value) in centre.iter_mut().enumerate() {
+                *value = members.iter().map(|m| m[j]).sum::<f32>() / members.len() as f32;
+            }
+        }
+    }
+    // The frame nearest each centroid, without repeats.
+    let mut picked: Vec<usize> = Vec::with_capacity(centres.len());
+    for centre in &centres {
+        let best = (0..n)
+            .filter(|i| !picked.contains(i))
+            .min_by(|a, b| squared_distance(rows[*a], centre).total_cmp(&squared_distance(rows[*b], centre)));
+        if let Some(best) = best {
+            picked.push(best);
+        }
+    }
+    picked
+}
+
 impl AnchorReasoner for Adr {
     fn select(&self, standardised: &HostTensor, seed: u64) -> Result<Vec<usize>, AnchorError> {
         let n = standardised.shape().first().copied().unwrap_or(0);
@@ -102,6 +171,7 @@ impl AnchorReasoner for Adr {
         let k = self.settings.k.min(n);
         Ok(match self.settings.strategy {
             Strategy::KCenter => k_center(standardised, k),
+            Strategy::KmeansPlusPlus => k_means_plus_plus(standardised, k, 10, seed),
             Strategy::Random => {
                 let mut picked = sample(&mut seed::rng(seed, 0x5241_4e44), n, k).into_vec();
                 picked.sort_unstable();
@@ -123,7 +193,7 @@ fn build(settings: &toml::Table, _ctx: &BuildContext) -> Result<Box<dyn AnchorRe
 inventory::submit! {
     StaticPlugin(Plugin::AnchorReasoner(Factory {
         name: "adr",
-        summary: "AnchorFrame Distribution Reasoner: k-center greedy anchors, standardised, quantised",
+        summary: "AnchorFrame Distribution Reasoner: k-center greedy (or k-means++, random, all) anchors, standardised, quantised",
         settings: SettingsSpec::of::<AdrSettings>(),
         build,
     }))
@@ -155,6 +225,22 @@ mod tests {
     }
 
     #[test]
+    fn k_means_plus_plus_covers_separated_clusters() {
+        let mut v = Vec::new();
+        for c in [0.0f32, 10.0, 20.0] {
+            for j in 0..5 {
+                v.extend([c + j as f32 * 0.01, -c]);
+            }
+        }
+        for seed in 0..8 {
+            let picked = k_means_plus_plus(&features(15, 2, v.clone()), 3, 10, seed);
+            let mut clusters: Vec<usize> = picked.iter().map(|i| i / 5).collect();
+            clusters.sort_unstable();
+            assert_eq!(clusters, [0, 1, 2], "seed {seed}");
+        }
+    }
+
+    #[test]
     fn summaries_standardise_against_the_reference() {
         let adr = Adr::new(AdrSettings { k: 2, strategy: Strategy::KCenter, quantisation: Quantisation::F32 })
             .expect("valid");
@@ -169,7 +255,7 @@ mod tests {
         #[test]
         fn selections_are_distinct_in_range_and_at_most_k(
             n in 1usize..40, d in 1usize..6, k in 1usize..12, seed in any::<u64>(),
-            strategy in prop_oneof![Just(Strategy::KCenter), Just(Strategy::Random)],
+            strategy in prop_oneof![Just(Strategy::KCenter), Just(Strategy::KmeansPlusPlus), Just(Strategy::Random)],
             values in prop::collection::vec(-3f32..3f32, 240),
         ) {
             let adr = Adr::new(AdrSettings { k, strategy, quantisation: Quantisation::F16 }).expect("valid");
