@@ -230,6 +230,14 @@ pub enum AnchorError {
     /// The window has no frames, or the summary no anchors.
     #[error("nothing to summarise: the window is empty")]
     Empty,
+    /// The reasoner picked a row that is not in the window.
+    #[error("selection picked row {index} of a window of {rows} frames")]
+    Selection {
+        /// The picked row.
+        index: usize,
+        /// Rows in the window.
+        rows: usize,
+    },
     /// Moments are non-finite or negative variances.
     #[error("summary moments are non-finite or negative")]
     BadMoments,
@@ -267,8 +275,11 @@ pub trait AnchorReasoner: Send + Sync {
         }
         let d = reference.dim();
         let picked = self.select(&standardised, seed)?;
-        if picked.is_empty() || picked.iter().any(|i| *i >= n) {
+        if picked.is_empty() {
             return Err(AnchorError::Empty);
+        }
+        if let Some(index) = picked.iter().copied().find(|i| *i >= n) {
+            return Err(AnchorError::Selection { index, rows: n });
         }
         let values = standardised.values();
         let gathered: Vec<f32> = picked.iter().flat_map(|i| values[i * d..(i + 1) * d].iter().copied()).collect();
@@ -321,5 +332,34 @@ mod tests {
         assert_eq!(stats.standardise(&x).expect("d matches").values(), &[1.0, 2.0]);
         let wrong = HostTensor::new(vec![1, 3], vec![0.0; 3]).expect("fits");
         assert!(stats.standardise(&wrong).is_err());
+    }
+}
+
+#[cfg(test)]
+mod selection_tests {
+    use super::*;
+
+    /// A reasoner that returns whatever rows it was built with.
+    struct Fixed(Vec<usize>);
+
+    impl AnchorReasoner for Fixed {
+        fn select(&self, _standardised: &HostTensor, _seed: u64) -> Result<Vec<usize>, AnchorError> {
+            Ok(self.0.clone())
+        }
+
+        fn quantisation(&self) -> Quantisation {
+            Quantisation::F32
+        }
+    }
+
+    #[test]
+    fn a_selection_outside_the_window_is_named() {
+        let reference = FeatureStats { mean: vec![0.0], std: vec![1.0] };
+        let window = HostTensor::new(vec![2, 1], vec![0.5, -0.5]).expect("fits");
+        assert_eq!(
+            Fixed(vec![0, 7]).summarise(&window, &reference, 1, 0),
+            Err(AnchorError::Selection { index: 7, rows: 2 })
+        );
+        assert_eq!(Fixed(vec![]).summarise(&window, &reference, 1, 0), Err(AnchorError::Empty));
     }
 }

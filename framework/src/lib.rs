@@ -39,7 +39,7 @@ pub use registry::{
 };
 pub use slots::{DType, GeneratedParams, ParamsError, SchemaHash, SlotSchema, SlotSpec, ValidatedParams};
 pub use source::{DataError, DataSource};
-pub use tensor::HostTensor;
+pub use tensor::{HostTensor, RankMismatch};
 pub use transport::{Direction, InProcess, Traffic, Transport, TransportError};
 
 /// Re-exported so plugin crates use the exact Burn the framework was built with.

@@ -26,6 +26,16 @@ pub struct ShapeMismatch {
     pub found: usize,
 }
 
+/// A tensor of another rank than the one asked for.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("expected a rank-{expected} tensor, found shape {shape:?}")]
+pub struct RankMismatch {
+    /// The rank asked for.
+    pub expected: usize,
+    /// The tensor's shape.
+    pub shape: Vec<usize>,
+}
+
 impl HostTensor {
     /// Builds a tensor, checking that `values` fills `shape` exactly.
     pub fn new(shape: Vec<usize>, values: Vec<f32>) -> Result<Self, ShapeMismatch> {
@@ -84,9 +94,9 @@ impl HostTensor {
     pub fn to_burn<const D: usize>(
         &self,
         device: &burn::tensor::Device<Backend>,
-    ) -> Result<Tensor<Backend, D>, ShapeMismatch> {
+    ) -> Result<Tensor<Backend, D>, RankMismatch> {
         if self.shape.len() != D {
-            return Err(ShapeMismatch { shape: self.shape.clone(), expected: D, found: self.shape.len() });
+            return Err(RankMismatch { expected: D, shape: self.shape.clone() });
         }
         let data = TensorData::new(self.values.clone(), self.shape.clone());
         Ok(Tensor::from_data(data, device))
@@ -98,5 +108,17 @@ impl HostTensor {
         let data = tensor.into_data().convert::<f32>();
         let values = data.into_vec::<f32>().expect("`convert::<f32>` guarantees the element type");
         Self { shape, values }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wrong_rank_is_reported_as_such() {
+        let t = HostTensor::new(vec![3, 4], vec![0.0; 12]).expect("fits");
+        let err = t.to_burn::<1>(&crate::BurnDevice::Flex(Default::default())).expect_err("rank 2, not 1");
+        assert_eq!(err.to_string(), "expected a rank-1 tensor, found shape [3, 4]");
     }
 }

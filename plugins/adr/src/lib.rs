@@ -209,34 +209,33 @@ mod tests {
         HostTensor::new(vec![n, d], values).expect("fits")
     }
 
-    #[test]
-    fn k_center_covers_separated_clusters() {
-        // Three tight clusters: three anchors must land one in each.
+    /// Three tight clusters of five frames each (rows 0–4, 5–9, 10–14).
+    fn three_clusters() -> HostTensor {
         let mut v = Vec::new();
         for c in [0.0f32, 10.0, 20.0] {
             for j in 0..5 {
                 v.extend([c + j as f32 * 0.01, -c]);
             }
         }
-        let picked = k_center(&features(15, 2, v), 3);
+        features(15, 2, v)
+    }
+
+    /// Which clusters the picked rows fall in, sorted.
+    fn clusters_of(picked: &[usize]) -> Vec<usize> {
         let mut clusters: Vec<usize> = picked.iter().map(|i| i / 5).collect();
         clusters.sort_unstable();
-        assert_eq!(clusters, [0, 1, 2]);
+        clusters
+    }
+
+    #[test]
+    fn k_center_covers_separated_clusters() {
+        assert_eq!(clusters_of(&k_center(&three_clusters(), 3)), [0, 1, 2]);
     }
 
     #[test]
     fn k_means_plus_plus_covers_separated_clusters() {
-        let mut v = Vec::new();
-        for c in [0.0f32, 10.0, 20.0] {
-            for j in 0..5 {
-                v.extend([c + j as f32 * 0.01, -c]);
-            }
-        }
         for seed in 0..8 {
-            let picked = k_means_plus_plus(&features(15, 2, v.clone()), 3, 10, seed);
-            let mut clusters: Vec<usize> = picked.iter().map(|i| i / 5).collect();
-            clusters.sort_unstable();
-            assert_eq!(clusters, [0, 1, 2], "seed {seed}");
+            assert_eq!(clusters_of(&k_means_plus_plus(&three_clusters(), 3, 10, seed)), [0, 1, 2], "seed {seed}");
         }
     }
 

@@ -132,8 +132,8 @@ impl Fda {
         if let Some(name) = settings.slot_bounds.keys().find(|n| ctx.schema.get(n).is_none()) {
             return Err(PluginError::Build(format!("slot_bounds names `{name}`, which is not a slot of the model")));
         }
-        let all_bounds = std::iter::once(settings.delta_bound).chain(settings.slot_bounds.values().copied());
-        if let Some(b) = all_bounds.clone().find(|b| !(b.is_finite() && *b > 0.0)) {
+        let mut all_bounds = std::iter::once(settings.delta_bound).chain(settings.slot_bounds.values().copied());
+        if let Some(b) = all_bounds.find(|b| !(b.is_finite() && *b > 0.0)) {
             return Err(PluginError::Build(format!("delta bounds must be positive and finite, found {b}")));
         }
         let base: Vec<HostTensor> = ctx

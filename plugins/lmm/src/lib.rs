@@ -576,12 +576,9 @@ impl DeviceModel for LmmDevice {
         for spec in self.schema.slots() {
             let host =
                 params.slot(&spec.name).ok_or_else(|| ModelError::Input(format!("slot `{}` missing", spec.name)))?;
-            let flat = HostTensor::new(vec![host.len()], host.values().to_vec())
-                .map_err(|e| ModelError::Input(e.to_string()))?;
-            built.insert(
-                spec.name.clone(),
-                flat.to_burn::<1>(&self.device).map_err(|e| ModelError::Input(e.to_string()))?,
-            );
+            // Slots run flat through the forward pass, which reshapes them.
+            let flat = TensorData::new(host.values().to_vec(), [host.len()]);
+            built.insert(spec.name.clone(), Tensor::<DB, 1>::from_data(flat, &self.device));
         }
         self.slots = slots_from_map(&built)?;
         self.current = params.params().clone();
