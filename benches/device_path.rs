@@ -1,11 +1,14 @@
-//! What a device spends per adaptation: anchor selection, summary encoding, parameter
-//! validation + install, and the forward pass it serves. `cargo bench --bench device_path`.
+//! What each side spends per adaptation, in one run so the ratios are measured together:
+//! anchor selection, parameter validation + install (with the bytes copied), the forward pass a
+//! device serves, one on-device fine-tuning step (what FTA repeats), and the cloud's batched
+//! generation. `cargo bench --bench device_path`.
 
-use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use mmpg::registry::{BuildContext, GeneratorContext};
 use mmpg::wire::Envelope;
 use mmpg::{
     AnchorReasoner, BurnDevice, CloudModel, DataSource, DeviceId, DomainSpec, FeatureStats, HostTensor, Quantisation,
-    Split,
+    Split, TuneScope,
 };
 use mmpg_adr::{Adr, AdrSettings, Strategy};
 use mmpg_lmm::{LmmCloud, LmmSettings};
@@ -39,14 +42,45 @@ fn device_model(c: &mut Criterion) {
     let clips = data.clips(&DomainSpec::clean("bench", 1), Split::Test, 16, 0).expect("clips");
     let params = model.current_params();
     let wire = Envelope::params(DeviceId("bench".into()), 1, &params).encode();
-    c.bench_function("apply_from_wire", |b| {
+    let mut apply = c.benchmark_group("apply_from_wire");
+    apply.throughput(Throughput::Bytes(wire.len() as u64));
+    apply.bench_function("all_slots", |b| {
         b.iter(|| {
             let p = Envelope::decode(&wire).and_then(|e| e.to_params()).expect("decodes");
             model.apply(p).expect("applies")
         })
     });
+    apply.finish();
     c.bench_function("lmm_forward_16_clips", |b| b.iter(|| model.answer_logits(&clips).expect("forward")));
     c.bench_function("lmm_frame_features_16_clips", |b| b.iter(|| model.frame_features(&clips).expect("features")));
+
+    // One FTA step on 16 labelled clips: FTA's device time is epochs × steps × this.
+    for scope in [TuneScope::Slots, TuneScope::All] {
+        let mut tuner = model.fine_tuner(scope, 1e-3).expect("the LMM fine-tunes");
+        c.bench_function(&format!("fta_step_16_clips_{scope}"), |b| b.iter(|| tuner.step(&clips).expect("step")));
+    }
+
+    // The cloud: generation for a batch of devices (FDA on the CPU).
+    let ctx = GeneratorContext {
+        base: BuildContext { seed: 1, device: BurnDevice::autodiff(cpu.clone()) },
+        schema: cloud.schema().clone(),
+        base_params: cloud.base_params(),
+        feature_dim: cloud.feature_dim(),
+    };
+    let generator = mmpg_fda::Fda::new(Default::default(), &ctx).expect("generator");
+    let adr = Adr::new(AdrSettings::default()).expect("valid settings");
+    let reference = FeatureStats { mean: vec![0.0; 64], std: vec![1.0; 64] };
+    let mut group = c.benchmark_group("fda_generate_batch");
+    for devices in [1usize, 8, 64] {
+        let summaries: Vec<_> = (0..devices)
+            .map(|i| adr.summarise(&features(64 + i, 64), &reference, 16, i as u64).expect("summary"))
+            .collect();
+        group.throughput(Throughput::Elements(devices as u64));
+        group.bench_with_input(BenchmarkId::from_parameter(devices), &summaries, |b, s| {
+            b.iter(|| mmpg::ParameterGenerator::generate_batch(&generator, s).expect("generates"))
+        });
+    }
+    group.finish();
 }
 
 criterion_group! {

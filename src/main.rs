@@ -12,9 +12,16 @@ use mmpg::report::RunReport;
 use mmpg::runtime::{self, RunError};
 use mmpg::{Deployment, Progress, Registry};
 
+mod plots;
+
+// Counts heap bytes so `mmpg bench` can report each device adaptation's peak memory.
+#[global_allocator]
+static ALLOCATOR: mmpg::memory::PeakAllocator = mmpg::memory::PeakAllocator;
+
 // Linking a plugin crate is what makes its `inventory::submit!` count.
 use mmpg_adr as _;
 use mmpg_backends as _;
+use mmpg_baselines as _;
 use mmpg_fda as _;
 use mmpg_lmm as _;
 use mmpg_synthetic as _;
@@ -39,6 +46,15 @@ enum Command {
         /// Overrides `[report] json`.
         #[arg(long)]
         report: Option<PathBuf>,
+    },
+    /// Run the method and every baseline and ablation of `[bench]` on the same devices; write
+    /// report.md, report.json and PNG plots.
+    Bench {
+        /// Deployment TOML file.
+        deployment: PathBuf,
+        /// Overrides `[bench] out`.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Check a deployment file and list every problem with its line and key path.
     Validate {
@@ -76,24 +92,59 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::Run { deployment, report } => match run(&deployment, report, &registry) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                let config_problem = e.downcast_ref::<RunError>().is_some_and(|r| {
-                    matches!(
-                        r,
-                        RunError::Config(_) | RunError::Backend(_) | RunError::Registry(_) | RunError::Plugin { .. }
-                    )
-                });
-                // Run errors carry their own context; anyhow's chain would repeat it.
-                match e.downcast_ref::<RunError>() {
-                    Some(run_error) => eprintln!("error: {run_error}"),
-                    None => eprintln!("error: {e:#}"),
-                }
-                if config_problem { ExitCode::from(EXIT_CONFIG) } else { ExitCode::FAILURE }
-            }
-        },
+        Command::Run { deployment, report } => exit_code(run(&deployment, report, &registry)),
+        Command::Bench { deployment, out } => exit_code(bench(&deployment, out, &registry)),
     }
+}
+
+/// Exit code 2 for problems with the deployment or the machine, 1 for failures while running.
+fn exit_code(result: anyhow::Result<()>) -> ExitCode {
+    let Err(e) = result else { return ExitCode::SUCCESS };
+    let config_problem = e.downcast_ref::<RunError>().is_some_and(|r| {
+        matches!(r, RunError::Config(_) | RunError::Backend(_) | RunError::Registry(_) | RunError::Plugin { .. })
+    });
+    // Run errors carry their own context; anyhow's chain would repeat it.
+    match e.downcast_ref::<RunError>() {
+        Some(run_error) => eprintln!("error: {run_error}"),
+        None => eprintln!("error: {e:#}"),
+    }
+    if config_problem { ExitCode::from(EXIT_CONFIG) } else { ExitCode::FAILURE }
+}
+
+fn create_parent(path: &Path) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+fn bench(path: &Path, out_override: Option<PathBuf>, registry: &Registry) -> anyhow::Result<()> {
+    let deployment = Deployment::load(path, registry).map_err(RunError::Config)?;
+    let out = out_override.or_else(|| deployment.bench.out.clone()).unwrap_or_else(|| {
+        PathBuf::from("reports")
+            .join(format!("{}-bench", path.file_stem().and_then(|s| s.to_str()).unwrap_or("deployment")))
+    });
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let progress = Bars::default();
+    let report = mmpg::bench::bench(&deployment, registry, &progress)?;
+    let markdown = report.markdown();
+    let md_path = out.join("report.md");
+    std::fs::write(&md_path, &markdown).with_context(|| format!("writing {}", md_path.display()))?;
+    let json_path = out.join("report.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    println!("{markdown}");
+    match plots::draw_all(&report, &out) {
+        Ok(files) => {
+            for f in files {
+                println!("plot: {}", f.display());
+            }
+        }
+        // The tables are written; a missing font costs only the pictures.
+        Err(e) => eprintln!("warning: plots not drawn: {e}"),
+    }
+    println!("report: {} and {}", md_path.display(), json_path.display());
+    Ok(())
 }
 
 fn run(path: &Path, report_override: Option<PathBuf>, registry: &Registry) -> anyhow::Result<()> {
@@ -104,9 +155,7 @@ fn run(path: &Path, report_override: Option<PathBuf>, registry: &Registry) -> an
     let out = report_override.or_else(|| deployment.report.json.clone()).unwrap_or_else(|| {
         PathBuf::from("reports").join(format!("{}.json", path.file_stem().and_then(|s| s.to_str()).unwrap_or("run")))
     });
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
+    create_parent(&out)?;
     std::fs::write(&out, serde_json::to_string_pretty(&report)?)
         .with_context(|| format!("writing {}", out.display()))?;
     println!("report: {}", out.display());

@@ -3,7 +3,10 @@
 mod common;
 
 use mmpg::wire::Envelope;
-use mmpg::{BurnDevice, CloudModel, DataSource, DeviceId, DeviceModel, DomainSpec, HostTensor, ModelError, Split};
+use mmpg::{
+    BurnDevice, CloudModel, DataSource, DeviceId, DeviceModel, DomainSpec, HostTensor, ModelError, Quantisation,
+    QuantisedTensor, Split,
+};
 use mmpg_lmm::{LmmCloud, LmmSettings};
 use mmpg_synthetic::{Synthetic, SyntheticSettings};
 use proptest::prelude::*;
@@ -64,30 +67,46 @@ proptest! {
             Corruption::ExtraSlot => { bad.tensors.insert("backdoor".into(), HostTensor::zeros(vec![1])); }
             Corruption::OtherSchema => bad.schema_hash.0 ^= 1,
         }
-        // Through the wire as a peer would send it, then applied.
-        let received = Envelope::decode(&Envelope::params(DeviceId("d".into()), 1, &bad).encode())
-            .and_then(|e| e.to_params())
-            .expect("well-formed envelope");
-        let refused = model.apply(received);
-        prop_assert!(matches!(refused, Err(ModelError::Params(_))), "{refused:?}");
+        // Through the wire as a peer would send it, then applied. Non-finite values are already
+        // refused when the payload is decoded; everything else by the device's validation.
+        let is_non_finite = matches!(c, Corruption::NonFinite(..));
+        match Envelope::decode(&Envelope::params(DeviceId("d".into()), 1, &bad).encode()).and_then(|e| e.to_params()) {
+            Err(e) => prop_assert!(is_non_finite, "the wire refused {c:?}: {e}"),
+            Ok(received) => {
+                prop_assert!(!is_non_finite, "non-finite values passed the wire");
+                let refused = model.apply(received);
+                prop_assert!(matches!(refused, Err(ModelError::Params(_))), "{refused:?}");
+            }
+        }
         prop_assert_eq!(model.current_params(), before);
         prop_assert_eq!(model.answer_logits(&clips).expect("forward"), logits);
     }
 
     #[test]
-    fn applied_params_are_bit_exact_with_what_was_sent(scale in -2f32..2f32) {
+    fn applied_params_are_bit_exact_with_what_was_sent(
+        scale in -2f32..2f32,
+        encoding in prop_oneof![Just(Quantisation::F32), Just(Quantisation::F16), Just(Quantisation::Int8)],
+    ) {
         let (mut model, clips) = device_model();
         let mut params = model.current_params();
         for t in params.tensors.values_mut() {
             let values = t.values().iter().enumerate().map(|(i, v)| v + scale * ((i % 7) as f32 - 3.0) * 1e-2).collect();
             *t = HostTensor::new(t.shape().to_vec(), values).expect("same shape");
         }
-        let received = Envelope::decode(&Envelope::params(DeviceId("d".into()), 1, &params).encode())
+        let received = Envelope::decode(&Envelope::params_encoded(DeviceId("d".into()), 1, &params, encoding).encode())
             .and_then(|e| e.to_params())
             .expect("round trip");
         model.apply(received).expect("valid params apply");
+        // What the cloud generated, after the download encoding's dequantisation (f32: itself).
+        let mut expected = params.clone();
+        for t in expected.tensors.values_mut() {
+            *t = QuantisedTensor::quantise(t, encoding).dequantise().expect("dequantises");
+        }
         let bits = |p: &mmpg::GeneratedParams| -> Vec<u32> { p.tensors.values().flat_map(|t| t.values().iter().map(|v| v.to_bits())).collect() };
-        prop_assert_eq!(bits(&model.current_params()), bits(&params));
+        prop_assert_eq!(bits(&model.current_params()), bits(&expected));
+        if encoding == Quantisation::F32 {
+            prop_assert_eq!(bits(&model.current_params()), bits(&params));
+        }
         prop_assert!(model.answer_logits(&clips).expect("forward").is_finite());
     }
 }

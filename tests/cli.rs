@@ -31,12 +31,28 @@ fn validate_reports_every_error_with_line_and_key_path_and_exits_2() {
 
 #[test]
 fn validate_accepts_the_shipped_examples() {
-    {
-        let example = "examples/quickstart.toml";
+    for (example, devices) in [("examples/quickstart.toml", 8), ("examples/bench-synthetic.toml", 14)] {
         let (code, stdout, stderr) = mmpg(&["validate", example]);
         assert_eq!(code, 0, "{example}: {stderr}");
-        assert!(stdout.contains("ok (8 devices)"), "{stdout}");
+        assert!(stdout.contains(&format!("ok ({devices} devices)")), "{stdout}");
     }
+}
+
+#[test]
+fn bench_section_errors_name_line_and_key_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bad-bench.toml");
+    let text = "[bench]\nk_sweep = [4, 0]\n[[bench.baselines]]\nplugin = \"fta\"\nsettings = { labels = 4, epochs = 3 }\n\
+                [[bench.baselines]]\nplugin = \"tent\"\n[[bench.variants]]\nname = \"x\"\nanchor = { strategy = \"best\" }\n";
+    std::fs::write(&path, text).expect("write");
+    let (code, _, stderr) = mmpg(&["validate", path.to_str().expect("utf-8 path")]);
+    assert_eq!(code, 2, "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 4, "{stderr}");
+    assert!(lines[0].contains(":2:") && lines[0].contains("bench.k_sweep[1]"), "{stderr}");
+    assert!(lines[1].contains(":5:") && lines[1].contains("bench.baselines[0].settings.epochs"), "{stderr}");
+    assert!(lines[2].contains(":7:") && lines[2].contains("no adapter plugin named `tent`"), "{stderr}");
+    assert!(lines[3].contains(":10:") && lines[3].contains("bench.variants[0].anchor.strategy"), "{stderr}");
 }
 
 #[test]

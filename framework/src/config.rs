@@ -10,6 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use toml_edit::{Item, Table, TableLike, Value};
 
+use crate::anchor::Quantisation;
 use crate::data::{DomainSpec, Shift};
 use crate::registry::{PluginKind, Registry, SettingsSpec};
 use crate::seed;
@@ -213,6 +214,9 @@ pub struct CloudConfig {
     pub settings: toml::Table,
     /// Training schedules.
     pub training: CloudTraining,
+    /// Encoding of downloaded parameters: `f32` (bit-exact), `f16`, or `int8` (one scale per slot).
+    #[serde(skip_serializing_if = "is_f32")]
+    pub download: Quantisation,
     /// Checkpoint folder: the trained model and generator are loaded from it when it holds a
     /// checkpoint of this very training (same data, model, anchor and cloud settings and seed),
     /// and written to it after training otherwise.
@@ -225,9 +229,14 @@ impl Default for CloudConfig {
             generator: "fda".into(),
             settings: toml::Table::new(),
             training: CloudTraining::default(),
+            download: Quantisation::F32,
             checkpoint: None,
         }
     }
+}
+
+fn is_f32(q: &Quantisation) -> bool {
+    *q == Quantisation::F32
 }
 
 /// The data distribution of one device: a `[fleet] shifts` entry or a `[[device]]` table.
@@ -287,6 +296,108 @@ pub struct ReportConfig {
     pub json: Option<PathBuf>,
 }
 
+/// A baseline row of `mmpg bench`: an adapter plugin and its settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaselineChoice {
+    /// Registered adapter plugin name.
+    pub plugin: String,
+    /// Its settings.
+    #[serde(default)]
+    pub settings: toml::Table,
+    /// Row name; the adapter's own label when absent.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+impl BaselineChoice {
+    fn new(plugin: &str, settings: &str) -> Self {
+        let settings = toml::from_str(settings).expect("built-in baseline settings are valid TOML");
+        Self { plugin: plugin.into(), settings, name: None }
+    }
+}
+
+/// An ablation of `mmpg bench`: the deployment with some anchor and generator settings changed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Variant {
+    /// Row name.
+    pub name: String,
+    /// Merged over `[anchor] settings`.
+    #[serde(default)]
+    pub anchor: toml::Table,
+    /// Merged over `[cloud] settings` (the generator's).
+    #[serde(default)]
+    pub generator: toml::Table,
+    /// Replaces `[cloud] download`.
+    #[serde(default)]
+    pub download: Option<Quantisation>,
+    /// Train the generator again for this variant (true), or serve the main generator with the
+    /// changed device-side settings (false: a serve-time-only ablation such as quantisation).
+    #[serde(default = "yes")]
+    pub retrain: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `[bench]`: what `mmpg bench` compares beside the method itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BenchConfig {
+    /// Baseline rows (adapter plugins), run on the same devices as the method.
+    pub baselines: Vec<BaselineChoice>,
+    /// Ablations of the method.
+    pub variants: Vec<Variant>,
+    /// Anchor counts K to sweep (each a retrained variant), for accuracy against upload bytes.
+    pub k_sweep: Vec<usize>,
+    /// Stages of the long-stream check: one device drifts through these domains in order,
+    /// re-adapting at each stage; empty skips the check.
+    pub stream: Vec<DeviceDomain>,
+    /// Labelled clips scored per stream stage.
+    pub stream_eval_clips: usize,
+    /// Single-device generations timed for the latency percentiles.
+    pub generation_repeats: usize,
+    /// Folder of `report.md`, `report.json` and the plots (default `reports/<file stem>-bench`).
+    pub out: Option<PathBuf>,
+}
+
+impl Default for BenchConfig {
+    fn default() -> Self {
+        Self {
+            baselines: vec![
+                BaselineChoice::new("static", ""),
+                BaselineChoice::new("fta", "labels = 4"),
+                BaselineChoice::new("fta", "labels = 16"),
+                BaselineChoice::new("fta", "labels = 64"),
+                BaselineChoice::new("fta", "labels = 16\nscope = \"all\""),
+                BaselineChoice::new("feature-stats", ""),
+                BaselineChoice::new("t3a", ""),
+            ],
+            variants: Vec::new(),
+            k_sweep: Vec::new(),
+            stream: Vec::new(),
+            stream_eval_clips: 128,
+            generation_repeats: 200,
+            out: None,
+        }
+    }
+}
+
+/// `base` with every key of `over` replacing its own (tables merge recursively).
+pub fn merge_tables(base: &toml::Table, over: &toml::Table) -> toml::Table {
+    let mut out = base.clone();
+    for (key, value) in over {
+        let merged = match (out.get(key), value) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => toml::Value::Table(merge_tables(a, b)),
+            _ => value.clone(),
+        };
+        out.insert(key.clone(), merged);
+    }
+    out
+}
+
 /// A parsed, checked deployment.
 #[derive(Debug, Clone)]
 pub struct Deployment {
@@ -310,6 +421,8 @@ pub struct Deployment {
     pub transport: PluginChoice,
     /// Reporting.
     pub report: ReportConfig,
+    /// What `mmpg bench` compares.
+    pub bench: BenchConfig,
     source: Source,
 }
 
@@ -422,7 +535,7 @@ fn locate(doc: &toml_edit::Document<String>, path: &KeyPath, anchor: Anchor) -> 
 }
 
 const SECTIONS: &[&str] =
-    &["seed", "backend", "data", "model", "anchor", "cloud", "fleet", "device", "transport", "report"];
+    &["seed", "backend", "data", "model", "anchor", "cloud", "fleet", "device", "transport", "report", "bench"];
 
 /// Collects errors while parsing.
 struct Parser<'r> {
@@ -565,6 +678,7 @@ impl Deployment {
         let fleet = fleet_parsed.unwrap_or_default();
         let devices = p.section::<Vec<DeviceDomain>>(&table, "device").unwrap_or_default();
         let report = p.section::<ReportConfig>(&table, "report").unwrap_or_default();
+        let bench = p.section::<BenchConfig>(&table, "bench").unwrap_or_default();
 
         if let Err(e) = registry.get(PluginKind::Backend, &backend.kind) {
             p.fail(KeyPath::parse("backend.kind"), e.to_string());
@@ -584,6 +698,23 @@ impl Deployment {
             "transport.settings",
         );
 
+        for (i, b) in bench.baselines.iter().enumerate() {
+            let at = format!("bench.baselines[{i}]");
+            p.plugin(PluginKind::Adapter, &b.plugin, &format!("{at}.plugin"), &b.settings, &format!("{at}.settings"));
+        }
+        for (i, v) in bench.variants.iter().enumerate() {
+            let at = format!("bench.variants[{i}]");
+            let merged = merge_tables(&anchor.settings, &v.anchor);
+            p.plugin(PluginKind::AnchorReasoner, &anchor.plugin, "anchor.plugin", &merged, &format!("{at}.anchor"));
+            let merged = merge_tables(&cloud.settings, &v.generator);
+            p.plugin(PluginKind::Generator, &cloud.generator, "cloud.generator", &merged, &format!("{at}.generator"));
+        }
+        if let Some(i) = bench.k_sweep.iter().position(|k| *k == 0) {
+            p.fail(KeyPath::parse(&format!("bench.k_sweep[{i}]")), "expected at least 1 anchor");
+        }
+        for (i, d) in bench.stream.iter().enumerate() {
+            p.domain(d, &KeyPath::parse(&format!("bench.stream[{i}]")));
+        }
         for (i, d) in fleet.shifts.iter().enumerate() {
             p.domain(d, &KeyPath::parse(&format!("fleet.shifts[{i}]")));
         }
@@ -619,7 +750,20 @@ impl Deployment {
             p.errors.sort_by_key(|e| (e.line.unwrap_or(usize::MAX), e.column));
             return Err(ConfigErrors(p.errors));
         }
-        Ok(Self { seed, backend, data, model, anchor, cloud, fleet, devices, transport, report, source: p.source })
+        Ok(Self {
+            seed,
+            backend,
+            data,
+            model,
+            anchor,
+            cloud,
+            fleet,
+            devices,
+            transport,
+            report,
+            bench,
+            source: p.source,
+        })
     }
 
     /// A fingerprint of everything that determines what cloud training produces: the seed,
@@ -629,6 +773,8 @@ impl Deployment {
         let held_out: Vec<String> = self.device_domains().iter().map(|(_, d)| d.shift_label()).collect();
         let mut cloud = self.cloud.clone();
         cloud.checkpoint = None;
+        // How parameters travel does not change what training produces.
+        cloud.download = Quantisation::F32;
         let canonical = serde_json::json!({
             "version": 1,
             "seed": self.seed,
@@ -639,6 +785,12 @@ impl Deployment {
             "window_clips": self.fleet.window_clips,
             "held_out": held_out,
         });
+        // Stream stages are held out of the sources too; older fingerprints stay valid without them.
+        let mut canonical = canonical;
+        if !self.bench.stream.is_empty() {
+            let stream: Vec<String> = self.stream_domains().iter().map(DomainSpec::shift_label).collect();
+            canonical["held_out_stream"] = serde_json::json!(stream);
+        }
         let digest = Sha256::digest(canonical.to_string().as_bytes());
         digest.iter().take(12).map(|b| format!("{b:02x}")).collect()
     }
@@ -681,6 +833,20 @@ impl Deployment {
             let name = d.name.clone().unwrap_or_else(|| format!("device-{:02}", count + i));
             out.push((format!("device[{i}]"), self.domain_spec(&name, d)));
         }
+        out
+    }
+
+    /// The stages of the long-stream check (`[bench] stream`), named `stream-NN`.
+    pub fn stream_domains(&self) -> Vec<DomainSpec> {
+        self.bench.stream.iter().enumerate().map(|(i, d)| self.domain_spec(&format!("stream-{i:02}"), d)).collect()
+    }
+
+    /// This deployment with a bench variant's settings merged in.
+    pub fn with_variant(&self, variant: &Variant) -> Self {
+        let mut out = self.clone();
+        out.anchor.settings = merge_tables(&self.anchor.settings, &variant.anchor);
+        out.cloud.settings = merge_tables(&self.cloud.settings, &variant.generator);
+        out.cloud.download = variant.download.unwrap_or(self.cloud.download);
         out
     }
 

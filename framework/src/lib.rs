@@ -9,11 +9,14 @@
 //! - A [`Transport`] carries versioned envelopes between them and counts every byte.
 //! - A [`BackendProvider`] builds the Burn device that `[backend]` names.
 
+pub mod adapt;
 pub mod anchor;
 pub mod backend;
+pub mod bench;
 pub mod config;
 pub mod data;
 pub mod generator;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod modules;
@@ -27,12 +30,16 @@ pub mod tensor;
 pub mod transport;
 pub mod wire;
 
+pub use adapt::{AdaptError, AdaptInput, AdaptOutcome, DeviceAdapter};
 pub use anchor::{AnchorError, AnchorReasoner, AnchorSummary, FeatureStats, Quantisation, QuantisedTensor};
 pub use backend::{BackendError, BackendProvider};
 pub use config::{ConfigError, ConfigErrors, Deployment};
 pub use data::{Clip, DeviceId, DomainSpec, Shift, Split, TaskSpec};
 pub use generator::{GeneratorError, GeneratorTraining, ParameterGenerator};
-pub use model::{CloudModel, DeviceModel, ModelError, RetrievalEmbeddings, SlotTensors, TrainingPlan};
+pub use model::{
+    CloudModel, DeviceModel, FineTuner, LinearHead, ModelError, RetrievalEmbeddings, SlotTensors, TrainingPlan,
+    TuneScope,
+};
 pub use registry::{
     BuildContext, Factory, GeneratorContext, ModelContext, Plugin, PluginError, PluginKind, Registry, SettingsSpec,
     StaticPlugin, parse_settings,
@@ -84,6 +91,9 @@ pub struct TrainingLog {
     pub losses: Vec<f64>,
     /// Named loss components averaged over the last 10% of steps (e.g. `task`, `kl`).
     pub final_terms: Vec<(String, f64)>,
+    /// Each named loss component at every step.
+    #[serde(default)]
+    pub term_curves: Vec<(String, Vec<f64>)>,
     /// Wall time in seconds.
     pub seconds: f64,
 }

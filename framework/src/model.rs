@@ -76,6 +76,29 @@ pub trait DeviceModel: Send {
         "device model"
     }
 
+    /// Starts on-device backprop from the current state, training what `scope` names — the
+    /// capability the FTA baseline needs and the method avoids.
+    fn fine_tuner(&self, _scope: TuneScope, _learning_rate: f64) -> Result<Box<dyn FineTuner>, ModelError> {
+        Err(ModelError::Unsupported { model: self.name().into(), capability: "on-device fine-tuning" })
+    }
+
+    /// Re-estimates the model's normalisation statistics on unlabelled target clips (AdaBN-style,
+    /// no gradient); returns how many statistics were replaced.
+    fn recalibrate_statistics(&mut self, _unlabelled: &[Clip]) -> Result<usize, ModelError> {
+        Err(ModelError::Unsupported { model: self.name().into(), capability: "statistics recalibration" })
+    }
+
+    /// The linear QA head as slots, for classifier-adjustment methods (T3A): the logits are
+    /// `qa_representations(clips) · weight + bias`.
+    fn qa_head(&self) -> Result<LinearHead, ModelError> {
+        Err(ModelError::Unsupported { model: self.name().into(), capability: "a linear QA head" })
+    }
+
+    /// The representations `[n, h]` the QA head reads.
+    fn qa_representations(&self, _clips: &[Clip]) -> Result<HostTensor, ModelError> {
+        Err(ModelError::Unsupported { model: self.name().into(), capability: "a linear QA head" })
+    }
+
     /// Validates parameters from a peer against the schema and installs them; on any error the
     /// previous parameters stay in place.
     fn apply(&mut self, params: GeneratedParams) -> Result<(), ModelError> {
@@ -100,6 +123,46 @@ pub trait DeviceModel: Send {
             .fold((0usize, 0usize), |(r, t), ok| (r + usize::from(ok), t + 1));
         Ok(if total == 0 { 0.0 } else { right as f64 / total as f64 })
     }
+}
+
+/// Which parameters on-device fine-tuning trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TuneScope {
+    /// The dynamic slots only — what the cloud would otherwise generate.
+    Slots,
+    /// Every parameter of the model.
+    All,
+}
+
+impl std::fmt::Display for TuneScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TuneScope::Slots => "slots",
+            TuneScope::All => "all",
+        })
+    }
+}
+
+/// A model under on-device training (see [`DeviceModel::fine_tuner`]).
+pub trait FineTuner: Send {
+    /// Number of parameters the optimiser updates.
+    fn trainable_parameters(&self) -> usize;
+
+    /// One optimiser step on labelled `batch`; returns the loss before the step.
+    fn step(&mut self, batch: &[Clip]) -> Result<f64, ModelError>;
+
+    /// A servable copy of the model as it is now.
+    fn snapshot(&self) -> Result<Box<dyn DeviceModel>, ModelError>;
+}
+
+/// The slot names of a linear head `logits = x · weight + bias`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinearHead {
+    /// `[h, classes]` weight slot.
+    pub weight_slot: String,
+    /// `[classes]` bias slot.
+    pub bias_slot: String,
 }
 
 /// Index of the largest value (first on ties; 0 for an empty row).

@@ -9,6 +9,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::BurnDevice;
+use crate::adapt::DeviceAdapter;
 use crate::anchor::AnchorReasoner;
 use crate::backend::{BackendError, BackendProvider};
 use crate::data::TaskSpec;
@@ -34,6 +35,8 @@ pub enum PluginKind {
     Generator,
     /// Device ↔ cloud transport.
     Transport,
+    /// Device-side adaptation method other than the cloud's (a baseline).
+    Adapter,
 }
 
 impl fmt::Display for PluginKind {
@@ -45,6 +48,7 @@ impl fmt::Display for PluginKind {
             PluginKind::AnchorReasoner => "anchor reasoner",
             PluginKind::Generator => "generator",
             PluginKind::Transport => "transport",
+            PluginKind::Adapter => "adapter",
         })
     }
 }
@@ -187,6 +191,8 @@ pub enum Plugin {
     Generator(Factory<dyn ParameterGenerator, GeneratorContext>),
     /// A transport.
     Transport(Factory<dyn Transport, BuildContext>),
+    /// A device-side adaptation method.
+    Adapter(Factory<dyn DeviceAdapter, BuildContext>),
 }
 
 impl fmt::Debug for Plugin {
@@ -205,6 +211,7 @@ impl Plugin {
             Plugin::AnchorReasoner(_) => PluginKind::AnchorReasoner,
             Plugin::Generator(_) => PluginKind::Generator,
             Plugin::Transport(_) => PluginKind::Transport,
+            Plugin::Adapter(_) => PluginKind::Adapter,
         }
     }
 
@@ -217,6 +224,7 @@ impl Plugin {
             Plugin::AnchorReasoner(f) => f.name,
             Plugin::Generator(f) => f.name,
             Plugin::Transport(f) => f.name,
+            Plugin::Adapter(f) => f.name,
         }
     }
 
@@ -229,6 +237,7 @@ impl Plugin {
             Plugin::AnchorReasoner(f) => f.summary,
             Plugin::Generator(f) => f.summary,
             Plugin::Transport(f) => f.summary,
+            Plugin::Adapter(f) => f.summary,
         }
     }
 
@@ -241,6 +250,7 @@ impl Plugin {
             Plugin::AnchorReasoner(f) => Some(f.settings),
             Plugin::Generator(f) => Some(f.settings),
             Plugin::Transport(f) => Some(f.settings),
+            Plugin::Adapter(f) => Some(f.settings),
         }
     }
 }
@@ -351,6 +361,7 @@ typed_lookup!(model, Model, Factory<dyn CloudModel, ModelContext>);
 typed_lookup!(anchor_reasoner, AnchorReasoner, Factory<dyn AnchorReasoner, BuildContext>);
 typed_lookup!(generator, Generator, Factory<dyn ParameterGenerator, GeneratorContext>);
 typed_lookup!(transport, Transport, Factory<dyn Transport, BuildContext>);
+typed_lookup!(adapter, Adapter, Factory<dyn DeviceAdapter, BuildContext>);
 
 #[cfg(test)]
 mod tests {

@@ -12,6 +12,9 @@ pub struct DeviceReport {
     pub device: String,
     /// Its shifts, e.g. `contrast@5`.
     pub shift: String,
+    /// Largest severity among its shifts (0: clean).
+    #[serde(default)]
+    pub severity: u8,
     /// Label-shift α, if any.
     pub class_mix_alpha: Option<f64>,
     /// Whether the device's distribution differs from clean, uniform data.
@@ -34,6 +37,13 @@ pub struct DeviceReport {
     pub anchors: usize,
     /// Device-side adaptation time in ms: features, anchor reasoning and apply.
     pub adaptation_ms: f64,
+    /// Of `adaptation_ms`, the forward pass that computes the window's frame features (a device
+    /// serving that window computes them anyway).
+    #[serde(default)]
+    pub feature_ms: f64,
+    /// Peak heap bytes the device allocated while adapting (when the binary counts them).
+    #[serde(default)]
+    pub adaptation_peak_bytes: Option<u64>,
     /// Why adaptation failed, if it did (the device kept its previous parameters).
     pub error: Option<String>,
 }

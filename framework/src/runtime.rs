@@ -66,15 +66,31 @@ fn plugin_error(kind: PluginKind, choice: &str) -> impl FnOnce(PluginError) -> R
     move |error| RunError::Plugin { kind, name: choice.to_string(), error }
 }
 
-/// A device of the simulated fleet.
-struct FleetDevice {
-    id: DeviceId,
-    domain: DomainSpec,
-    model: Box<dyn DeviceModel>,
-    reasoner: Box<dyn AnchorReasoner>,
-    eval: Vec<Clip>,
-    window: Vec<Clip>,
-    report: DeviceReport,
+/// A device of the simulated fleet: its data, its model and (as it goes) its report.
+pub(crate) struct FleetDevice {
+    pub(crate) id: DeviceId,
+    pub(crate) domain: DomainSpec,
+    pub(crate) model: Box<dyn DeviceModel>,
+    pub(crate) reasoner: Box<dyn AnchorReasoner>,
+    pub(crate) eval: Vec<Clip>,
+    pub(crate) window: Vec<Clip>,
+    pub(crate) report: DeviceReport,
+}
+
+impl FleetDevice {
+    /// The same device and data with a fresh copy of the cloud's model and a fresh reasoner:
+    /// every method of a bench starts from the same state.
+    pub(crate) fn fresh(&self, model: &dyn CloudModel, composer: &Composer<'_>) -> Result<Self, RunError> {
+        Ok(Self {
+            id: self.id.clone(),
+            domain: self.domain.clone(),
+            model: model.export(&composer.device)?,
+            reasoner: composer.anchor_reasoner()?,
+            eval: self.eval.clone(),
+            window: self.window.clone(),
+            report: self.report.clone(),
+        })
+    }
 }
 
 /// Builds every plugin a deployment names. Exposed so tools (benches, tests) can compose a
@@ -163,128 +179,194 @@ impl<'a> Composer<'a> {
     }
 }
 
-/// Runs a deployment end to end.
-pub fn run(deployment: &Deployment, registry: &Registry, progress: &dyn Progress) -> Result<RunReport, RunError> {
-    let started = Instant::now();
-    let composer = Composer::new(deployment, registry)?;
-    let data = composer.data_source()?;
-    let mut transport = composer.transport()?;
-    let fleet_domains = deployment.device_domains();
-    let held_out: Vec<DomainSpec> = fleet_domains.iter().map(|(_, d)| d.clone()).collect();
-    let training = &deployment.cloud.training;
-    let sources = data.source_domains(training.source_domains, seed::derive_str(deployment.seed, "sources"), &held_out);
+/// The cloud after training or loading a checkpoint.
+pub(crate) struct TrainedCloud {
+    pub(crate) model: Box<dyn CloudModel>,
+    pub(crate) generator: Box<dyn ParameterGenerator>,
+    pub(crate) sources: Vec<DomainSpec>,
+    pub(crate) pretrain: Option<crate::TrainingLog>,
+    pub(crate) generator_log: Option<crate::TrainingLog>,
+    pub(crate) from_checkpoint: bool,
+}
 
-    // Cloud: load a checkpoint of this very training, or train the device model, then the
-    // generator on episodes through the same ADR (and write the checkpoint).
-    let mut model = composer.cloud_model(data.as_ref())?;
+/// Source domains of a deployment: disjoint from every held-out device's (and stream stage's) shifts.
+pub(crate) fn source_domains(deployment: &Deployment, data: &dyn DataSource) -> Vec<DomainSpec> {
+    let mut held_out: Vec<DomainSpec> = deployment.device_domains().into_iter().map(|(_, d)| d).collect();
+    held_out.extend(deployment.stream_domains());
+    let training = &deployment.cloud.training;
+    data.source_domains(training.source_domains, seed::derive_str(deployment.seed, "sources"), &held_out)
+}
+
+/// Cloud: loads a checkpoint of this very training, or trains the device model and then the
+/// generator on episodes through the same ADR (and writes the checkpoint).
+pub(crate) fn train_cloud(
+    composer: &Composer<'_>,
+    data: &dyn DataSource,
+    progress: &dyn Progress,
+) -> Result<TrainedCloud, RunError> {
+    let deployment = composer.deployment;
+    let sources = source_domains(deployment, data);
+    let training = &deployment.cloud.training;
+    let mut model = composer.cloud_model(data)?;
     let store = deployment.cloud.checkpoint.as_deref().map(CheckpointDir);
     let fingerprint = deployment.training_fingerprint();
-    let cached = match &store {
-        Some(dir) => dir.read(&fingerprint)?,
-        None => None,
-    };
-    let (generator, pretrain, generator_log, from_checkpoint) = if let Some((model_bytes, generator_bytes)) = cached {
-        let dir = store.as_ref().map_or_else(Default::default, |d| d.0.display().to_string());
-        model.load(&model_bytes).map_err(|e| checkpoint_error(&dir, MODEL_FILE, e))?;
+    if let Some(dir) = &store
+        && let Some((model_bytes, generator_bytes)) = dir.read(&fingerprint)?
+    {
+        model.load(&model_bytes).map_err(|e| checkpoint_error(&dir.display(), MODEL_FILE, e))?;
         let mut generator = composer.generator(model.as_ref())?;
-        generator.load(&generator_bytes).map_err(|e| checkpoint_error(&dir, GENERATOR_FILE, e))?;
-        (generator, None, None, true)
-    } else {
-        let pretrain_domains = match training.pretrain_on {
-            PretrainOn::Clean => &sources[..1],
-            PretrainOn::Sources => &sources[..],
-        };
-        let pretrain = model.pretrain(
-            data.as_ref(),
-            pretrain_domains,
-            &TrainingPlan {
-                steps: training.pretrain_steps,
-                batch: training.pretrain_batch,
-                learning_rate: training.pretrain_learning_rate,
-                seed: seed::derive_str(deployment.seed, "pretrain"),
-            },
-            progress,
-        )?;
-        let mut generator = composer.generator(model.as_ref())?;
-        let cloud_reasoner = composer.anchor_reasoner()?;
-        let generator_log = generator.train(&GeneratorTraining {
-            model: model.as_ref(),
-            data: data.as_ref(),
-            domains: &sources,
-            reasoner: cloud_reasoner.as_ref(),
-            window_clips: deployment.fleet.window_clips,
-            plan: TrainingPlan {
-                steps: training.generator_steps,
-                batch: training.generator_batch,
-                learning_rate: training.generator_learning_rate,
-                seed: seed::derive_str(deployment.seed, "generator"),
-            },
-            progress,
-        })?;
-        if let Some(dir) = &store {
-            dir.write(&fingerprint, &model.save()?, &generator.save()?)?;
-        }
-        (generator, Some(pretrain), Some(generator_log), false)
-    };
-    let reference = model.reference_stats();
-    let schema = model.schema().clone();
-
-    // Devices: export the model, draw the stream and the held-out clips, measure static.
-    progress.start("fleet: static evaluation", fleet_domains.len() as u64);
-    let mut fleet = Vec::with_capacity(fleet_domains.len());
-    for (_, domain) in &fleet_domains {
-        let device_model = model.export(&composer.device)?;
-        let window: Vec<Clip> = data
-            .clips(domain, Split::Stream, deployment.fleet.window_clips, domain.seed)?
-            .iter()
-            .map(Clip::unlabelled)
-            .collect();
-        let eval = data.clips(domain, Split::Test, deployment.fleet.eval_clips, domain.seed)?;
-        let static_accuracy = device_model.accuracy(&eval)?;
-        let static_retrieval = score_retrieval(device_model.as_ref(), &eval);
-        let raw_window_bytes = (window.len() * data.task().raw_clip_bytes()) as u64;
-        fleet.push(FleetDevice {
-            id: DeviceId(domain.name.clone()),
-            report: DeviceReport {
-                device: domain.name.clone(),
-                shift: domain.shift_label(),
-                class_mix_alpha: domain.class_mix_alpha,
-                shifted: !domain.shifts.is_empty() || domain.class_mix_alpha.is_some(),
-                static_accuracy,
-                adapted_accuracy: static_accuracy,
-                static_retrieval,
-                adapted_retrieval: static_retrieval,
-                bytes_up: 0,
-                bytes_down: 0,
-                raw_window_bytes,
-                anchors: 0,
-                adaptation_ms: 0.0,
-                error: None,
-            },
-            domain: domain.clone(),
-            model: device_model,
-            reasoner: composer.anchor_reasoner()?,
-            eval,
-            window,
+        generator.load(&generator_bytes).map_err(|e| checkpoint_error(&dir.display(), GENERATOR_FILE, e))?;
+        return Ok(TrainedCloud {
+            model,
+            generator,
+            sources,
+            pretrain: None,
+            generator_log: None,
+            from_checkpoint: true,
         });
-        progress.step(Some(domain.name.clone()));
     }
-    progress.finish();
+    let pretrain_domains = match training.pretrain_on {
+        PretrainOn::Clean => &sources[..1],
+        PretrainOn::Sources => &sources[..],
+    };
+    let pretrain = model.pretrain(
+        data,
+        pretrain_domains,
+        &TrainingPlan {
+            steps: training.pretrain_steps,
+            batch: training.pretrain_batch,
+            learning_rate: training.pretrain_learning_rate,
+            seed: seed::derive_str(deployment.seed, "pretrain"),
+        },
+        progress,
+    )?;
+    let (generator, generator_log) = train_generator(composer, model.as_ref(), data, &sources, progress)?;
+    if let Some(dir) = &store {
+        dir.write(&fingerprint, &model.save()?, &generator.save()?)?;
+    }
+    Ok(TrainedCloud {
+        model,
+        generator,
+        sources,
+        pretrain: Some(pretrain),
+        generator_log: Some(generator_log),
+        from_checkpoint: false,
+    })
+}
 
+/// Builds and trains the deployment's generator for a trained `model`.
+pub(crate) fn train_generator(
+    composer: &Composer<'_>,
+    model: &dyn CloudModel,
+    data: &dyn DataSource,
+    sources: &[DomainSpec],
+    progress: &dyn Progress,
+) -> Result<(Box<dyn ParameterGenerator>, crate::TrainingLog), RunError> {
+    let deployment = composer.deployment;
+    let training = &deployment.cloud.training;
+    let mut generator = composer.generator(model)?;
+    let cloud_reasoner = composer.anchor_reasoner()?;
+    let log = generator.train(&GeneratorTraining {
+        model,
+        data,
+        domains: sources,
+        reasoner: cloud_reasoner.as_ref(),
+        window_clips: deployment.fleet.window_clips,
+        plan: TrainingPlan {
+            steps: training.generator_steps,
+            batch: training.generator_batch,
+            learning_rate: training.generator_learning_rate,
+            seed: seed::derive_str(deployment.seed, "generator"),
+        },
+        progress,
+    })?;
+    Ok((generator, log))
+}
+
+/// One device's data drawn and its static model scored.
+pub(crate) fn fleet_device(
+    composer: &Composer<'_>,
+    data: &dyn DataSource,
+    model: &dyn CloudModel,
+    domain: &DomainSpec,
+    eval_clips: usize,
+) -> Result<FleetDevice, RunError> {
+    let device_model = model.export(&composer.device)?;
+    let window: Vec<Clip> = data
+        .clips(domain, Split::Stream, composer.deployment.fleet.window_clips, domain.seed)?
+        .iter()
+        .map(Clip::unlabelled)
+        .collect();
+    let eval = data.clips(domain, Split::Test, eval_clips, domain.seed)?;
+    let static_accuracy = device_model.accuracy(&eval)?;
+    let static_retrieval = score_retrieval(device_model.as_ref(), &eval);
+    let raw_window_bytes = (window.len() * data.task().raw_clip_bytes()) as u64;
+    Ok(FleetDevice {
+        id: DeviceId(domain.name.clone()),
+        report: DeviceReport {
+            device: domain.name.clone(),
+            shift: domain.shift_label(),
+            severity: domain.max_severity(),
+            class_mix_alpha: domain.class_mix_alpha,
+            shifted: !domain.shifts.is_empty() || domain.class_mix_alpha.is_some(),
+            static_accuracy,
+            adapted_accuracy: static_accuracy,
+            static_retrieval,
+            adapted_retrieval: static_retrieval,
+            bytes_up: 0,
+            bytes_down: 0,
+            raw_window_bytes,
+            anchors: 0,
+            adaptation_ms: 0.0,
+            feature_ms: 0.0,
+            adaptation_peak_bytes: None,
+            error: None,
+        },
+        domain: domain.clone(),
+        model: device_model,
+        reasoner: composer.anchor_reasoner()?,
+        eval,
+        window,
+    })
+}
+
+/// The cloud-device round for a fleet: every device summarises its window, the cloud
+/// generates for all of them in one batch, every device validates, applies and is scored.
+/// Returns the batched generation's wall time in ms; bytes are read from `transport`.
+pub(crate) fn adapt_fleet(
+    fleet: &mut [FleetDevice],
+    generator: &dyn ParameterGenerator,
+    reference: &crate::FeatureStats,
+    transport: &mut dyn Transport,
+    download: crate::Quantisation,
+    round: u64,
+    progress: &dyn Progress,
+) -> Result<f64, RunError> {
+    let schema = generator.schema().clone();
     // Devices → cloud: one summary each.
-    for device in &mut fleet {
+    for device in fleet.iter_mut() {
         let t0 = Instant::now();
-        let summary = device.model.frame_features(&device.window).map_err(|e| e.to_string()).and_then(|features| {
-            device
-                .reasoner
-                .summarise(&features, &reference, device.window.len(), seed::derive(device.domain.seed, 0xADE))
-                .map_err(|e| e.to_string())
+        let (summary, peak) = crate::memory::peak_during(|| {
+            let features = device.model.frame_features(&device.window);
+            device.report.feature_ms = t0.elapsed().as_secs_f64() * 1e3;
+            features.map_err(|e| e.to_string()).and_then(|features| {
+                device
+                    .reasoner
+                    .summarise(
+                        &features,
+                        reference,
+                        device.window.len(),
+                        seed::derive(device.domain.seed, 0xADE + round),
+                    )
+                    .map_err(|e| e.to_string())
+            })
         });
         device.report.adaptation_ms += t0.elapsed().as_secs_f64() * 1e3;
+        device.report.adaptation_peak_bytes = peak;
         match summary {
             Ok(summary) => {
                 device.report.anchors = summary.anchor_count();
-                transport.send(Direction::Up, &Envelope::summary(device.id.clone(), 1, schema.hash(), &summary))?;
+                transport.send(Direction::Up, &Envelope::summary(device.id.clone(), round, schema.hash(), &summary))?;
             }
             Err(e) => device.report.error = Some(format!("summarise: {e}")),
         }
@@ -295,8 +377,8 @@ pub fn run(deployment: &Deployment, registry: &Registry, progress: &dyn Progress
     while let Some(envelope) = transport.recv(Direction::Up, None)? {
         match envelope.to_summary() {
             Ok(summary) if envelope.schema_hash == schema.hash() => requests.push((envelope, summary)),
-            Ok(_) => mark_error(&mut fleet, &envelope.device, "summary for another model schema".into()),
-            Err(e) => mark_error(&mut fleet, &envelope.device, format!("summary rejected: {e}")),
+            Ok(_) => mark_error(fleet, &envelope.device, "summary for another model schema".into()),
+            Err(e) => mark_error(fleet, &envelope.device, format!("summary rejected: {e}")),
         }
     }
     let summaries: Vec<_> = requests.iter().map(|(_, s)| s.clone()).collect();
@@ -304,19 +386,23 @@ pub fn run(deployment: &Deployment, registry: &Registry, progress: &dyn Progress
     let generated = generator.generate_batch(&summaries)?;
     let generation_ms = t0.elapsed().as_secs_f64() * 1e3;
     for ((request, _), params) in requests.iter().zip(&generated) {
-        transport.send(Direction::Down, &Envelope::params(request.device.clone(), request.sequence, params))?;
+        let envelope = Envelope::params_encoded(request.device.clone(), request.sequence, params, download);
+        transport.send(Direction::Down, &envelope)?;
     }
 
     // Devices: validate and apply (a refusal keeps the previous parameters), evaluate.
     progress.start("fleet: adapt and evaluate", fleet.len() as u64);
-    for device in &mut fleet {
+    for device in fleet.iter_mut() {
         if let Some(envelope) = transport.recv(Direction::Down, Some(&device.id))? {
             let t0 = Instant::now();
-            let applied = envelope
-                .to_params()
-                .map_err(|e| e.to_string())
-                .and_then(|p| device.model.apply(p).map_err(|e| e.to_string()));
+            let (applied, peak) = crate::memory::peak_during(|| {
+                envelope
+                    .to_params()
+                    .map_err(|e| e.to_string())
+                    .and_then(|p| device.model.apply(p).map_err(|e| e.to_string()))
+            });
             device.report.adaptation_ms += t0.elapsed().as_secs_f64() * 1e3;
+            device.report.adaptation_peak_bytes = device.report.adaptation_peak_bytes.max(peak);
             match applied {
                 Ok(()) => {
                     device.report.adapted_accuracy = device.model.accuracy(&device.eval)?;
@@ -328,53 +414,90 @@ pub fn run(deployment: &Deployment, registry: &Registry, progress: &dyn Progress
         progress.step(Some(device.id.to_string()));
     }
     progress.finish();
-
     let traffic = transport.traffic();
-    let devices: Vec<DeviceReport> = fleet
-        .into_iter()
-        .map(|d| {
-            let mut report = d.report;
-            if let Some(t) = traffic.get(&d.id) {
-                report.bytes_up = t.bytes_up;
-                report.bytes_down = t.bytes_down;
-            }
-            report
-        })
-        .collect();
-    let choices = [
-        ("backend", deployment.backend.kind.as_str()),
-        ("data source", deployment.data.plugin.as_str()),
-        ("model", deployment.model.plugin.as_str()),
-        ("anchor reasoner", deployment.anchor.plugin.as_str()),
-        ("generator", deployment.cloud.generator.as_str()),
-        ("transport", deployment.transport.plugin.as_str()),
-    ];
+    for device in fleet.iter_mut() {
+        if let Some(t) = traffic.get(&device.id) {
+            device.report.bytes_up = t.bytes_up;
+            device.report.bytes_down = t.bytes_down;
+        }
+    }
+    Ok(generation_ms)
+}
+
+/// Runs a deployment end to end.
+pub fn run(deployment: &Deployment, registry: &Registry, progress: &dyn Progress) -> Result<RunReport, RunError> {
+    let started = Instant::now();
+    let composer = Composer::new(deployment, registry)?;
+    let data = composer.data_source()?;
+    let mut transport = composer.transport()?;
+    let cloud = train_cloud(&composer, data.as_ref(), progress)?;
+
+    // Devices: export the model, draw the stream and the held-out clips, measure static.
+    let fleet_domains = deployment.device_domains();
+    progress.start("fleet: static evaluation", fleet_domains.len() as u64);
+    let mut fleet = Vec::with_capacity(fleet_domains.len());
+    for (_, domain) in &fleet_domains {
+        fleet.push(fleet_device(&composer, data.as_ref(), cloud.model.as_ref(), domain, deployment.fleet.eval_clips)?);
+        progress.step(Some(domain.name.clone()));
+    }
+    progress.finish();
+
+    let reference = cloud.model.reference_stats();
+    let generation_ms = adapt_fleet(
+        &mut fleet,
+        cloud.generator.as_ref(),
+        &reference,
+        transport.as_mut(),
+        deployment.cloud.download,
+        1,
+        progress,
+    )?;
+    let devices: Vec<DeviceReport> = fleet.into_iter().map(|d| d.report).collect();
     Ok(RunReport {
         deployment: deployment.file().to_string(),
         seed: deployment.seed,
         backend: format!("devices {:?}, cloud {:?}", composer.device, composer.training_device),
-        plugins: choices.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-        cloud: CloudReport {
-            model_parameters: model.parameter_count(),
-            generator_parameters: generator.parameter_count(),
-            slot_parameters: schema.numel(),
-            source_domains: sources.len(),
-            from_checkpoint,
-            pretrain,
-            generator: generator_log,
-            generation_ms,
-        },
+        plugins: plugin_choices(deployment),
+        cloud: cloud_report(&cloud, generation_ms),
         fleet: FleetSummary::of(&devices),
         devices,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
 
-const MODEL_FILE: &str = "model.safetensors";
-const GENERATOR_FILE: &str = "generator.safetensors";
+/// `kind = name` of every plugin a deployment composes.
+pub(crate) fn plugin_choices(deployment: &Deployment) -> Vec<(String, String)> {
+    [
+        ("backend", deployment.backend.kind.as_str()),
+        ("data source", deployment.data.plugin.as_str()),
+        ("model", deployment.model.plugin.as_str()),
+        ("anchor reasoner", deployment.anchor.plugin.as_str()),
+        ("generator", deployment.cloud.generator.as_str()),
+        ("transport", deployment.transport.plugin.as_str()),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+pub(crate) fn cloud_report(cloud: &TrainedCloud, generation_ms: f64) -> CloudReport {
+    CloudReport {
+        model_parameters: cloud.model.parameter_count(),
+        generator_parameters: cloud.generator.parameter_count(),
+        slot_parameters: cloud.model.schema().numel(),
+        source_domains: cloud.sources.len(),
+        from_checkpoint: cloud.from_checkpoint,
+        pretrain: cloud.pretrain.clone(),
+        generator: cloud.generator_log.clone(),
+        generation_ms,
+    }
+}
+
+pub(crate) const MODEL_FILE: &str = "model.safetensors";
+pub(crate) const GENERATOR_FILE: &str = "generator.safetensors";
 const FINGERPRINT_FILE: &str = "fingerprint";
 
-fn checkpoint_error(dir: &str, file: &str, error: impl std::fmt::Display) -> RunError {
+pub(crate) fn checkpoint_error(dir: &str, file: &str, error: impl std::fmt::Display) -> RunError {
     RunError::Checkpoint { path: format!("{dir}/{file}"), message: error.to_string() }
 }
 
@@ -383,15 +506,15 @@ type CheckpointBytes = (Vec<u8>, Vec<u8>);
 
 /// A folder holding the cloud's trained model and generator, and the fingerprint of the
 /// training that produced them.
-struct CheckpointDir<'a>(&'a std::path::Path);
+pub(crate) struct CheckpointDir<'a>(pub(crate) &'a std::path::Path);
 
 impl CheckpointDir<'_> {
-    fn display(&self) -> String {
+    pub(crate) fn display(&self) -> String {
         self.0.display().to_string()
     }
 
     /// Both checkpoints, if the folder holds a checkpoint of the training with `fingerprint`.
-    fn read(&self, fingerprint: &str) -> Result<Option<CheckpointBytes>, RunError> {
+    pub(crate) fn read(&self, fingerprint: &str) -> Result<Option<CheckpointBytes>, RunError> {
         match std::fs::read_to_string(self.0.join(FINGERPRINT_FILE)) {
             Ok(found) if found.trim() == fingerprint => {}
             _ => return Ok(None),
@@ -401,7 +524,7 @@ impl CheckpointDir<'_> {
         Ok(Some((read(MODEL_FILE)?, read(GENERATOR_FILE)?)))
     }
 
-    fn write(&self, fingerprint: &str, model: &[u8], generator: &[u8]) -> Result<(), RunError> {
+    pub(crate) fn write(&self, fingerprint: &str, model: &[u8], generator: &[u8]) -> Result<(), RunError> {
         let dir = self.display();
         std::fs::create_dir_all(self.0).map_err(|e| checkpoint_error(&dir, "", e))?;
         // The fingerprint goes last: a folder interrupted mid-write is never taken as valid.
@@ -416,7 +539,7 @@ impl CheckpointDir<'_> {
 }
 
 /// Text → video retrieval on `clips`, for models that embed (an optional capability).
-fn score_retrieval(model: &dyn DeviceModel, clips: &[Clip]) -> Option<RetrievalMetrics> {
+pub(crate) fn score_retrieval(model: &dyn DeviceModel, clips: &[Clip]) -> Option<RetrievalMetrics> {
     let embeddings = model.retrieval_embeddings(clips).ok()?;
     let captions: Vec<&str> = clips.iter().map(|c| c.caption.as_str()).collect();
     metrics::retrieval(&embeddings, &captions)

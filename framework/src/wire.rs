@@ -137,14 +137,20 @@ impl Envelope {
         Self { kind: MessageKind::Summary, schema_hash, device, sequence, payload: encode_summary(summary) }
     }
 
-    /// Wraps generated parameters for download.
+    /// Wraps generated parameters for download, as F32 (bit-exact).
     pub fn params(device: DeviceId, sequence: u64, params: &GeneratedParams) -> Self {
+        Self::params_encoded(device, sequence, params, Quantisation::F32)
+    }
+
+    /// Wraps generated parameters for download in `encoding` (f16, or int8 with one scale per
+    /// slot): the device receives exactly the dequantised values.
+    pub fn params_encoded(device: DeviceId, sequence: u64, params: &GeneratedParams, encoding: Quantisation) -> Self {
         Self {
             kind: MessageKind::Params,
             schema_hash: params.schema_hash,
             device,
             sequence,
-            payload: encode_params(params),
+            payload: encode_params_as(params, encoding),
         }
     }
 
@@ -154,10 +160,10 @@ impl Envelope {
         decode_summary(&self.payload)
     }
 
-    /// The parameters this envelope carries, stamped with the envelope's schema hash.
+    /// The parameters this envelope carries (dequantised), stamped with the envelope's schema hash.
     pub fn to_params(&self) -> Result<GeneratedParams, WireError> {
         self.expect(MessageKind::Params)?;
-        Ok(GeneratedParams { schema_hash: self.schema_hash, tensors: decode_f32_tensors(&self.payload)? })
+        Ok(GeneratedParams { schema_hash: self.schema_hash, tensors: decode_params(&self.payload)? })
     }
 
     fn expect(&self, expected: MessageKind) -> Result<(), WireError> {
@@ -217,12 +223,70 @@ fn serialize(tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)>, metadata: BTree
 
 /// Encodes generated parameters as safetensors (one F32 tensor per slot).
 pub fn encode_params(params: &GeneratedParams) -> Vec<u8> {
+    encode_params_as(params, Quantisation::F32)
+}
+
+fn dtype_of(quantisation: Quantisation) -> Dtype {
+    match quantisation {
+        Quantisation::F32 => Dtype::F32,
+        Quantisation::F16 => Dtype::F16,
+        Quantisation::Int8 => Dtype::I8,
+    }
+}
+
+fn quantisation_of(dtype: Dtype, name: &str) -> Result<Quantisation, WireError> {
+    match dtype {
+        Dtype::F32 => Ok(Quantisation::F32),
+        Dtype::F16 => Ok(Quantisation::F16),
+        Dtype::I8 => Ok(Quantisation::Int8),
+        other => Err(WireError::Content(format!("`{name}` dtype {other:?} is not f32, f16 or i8"))),
+    }
+}
+
+/// Metadata key of an int8 tensor's scale.
+fn scale_key(name: &str) -> String {
+    format!("scale.{name}")
+}
+
+/// Encodes generated parameters as safetensors, one tensor per slot in `encoding`; int8
+/// scales travel in the metadata.
+pub fn encode_params_as(params: &GeneratedParams, encoding: Quantisation) -> Vec<u8> {
+    let mut metadata = BTreeMap::new();
     let tensors = params
         .tensors
         .iter()
-        .map(|(name, t)| (name.clone(), Dtype::F32, t.shape().to_vec(), f32_bytes(t.values())))
+        .map(|(name, t)| {
+            let q = QuantisedTensor::quantise(t, encoding);
+            if encoding == Quantisation::Int8 {
+                metadata.insert(scale_key(name), format!("{:e}", q.scale));
+            }
+            (name.clone(), dtype_of(encoding), q.shape, q.bytes)
+        })
         .collect();
-    serialize(tensors, BTreeMap::new())
+    serialize(tensors, metadata)
+}
+
+/// Decodes a parameters payload of F32, F16 or int8 tensors, checking lengths, scales and
+/// finiteness (the schema check happens on the device).
+pub fn decode_params(payload: &[u8]) -> Result<BTreeMap<String, HostTensor>, WireError> {
+    let meta = read_metadata(payload)?;
+    let st = parse(payload)?;
+    st.tensors()
+        .iter()
+        .map(|(name, view)| {
+            let quantisation = quantisation_of(view.dtype(), name)?;
+            let scale = match quantisation {
+                Quantisation::Int8 => meta
+                    .get(&scale_key(name))
+                    .and_then(|s| s.parse::<f32>().ok())
+                    .ok_or_else(|| WireError::Content(format!("int8 `{name}` has no numeric scale")))?,
+                _ => 1.0,
+            };
+            let q = QuantisedTensor { quantisation, shape: view.shape().to_vec(), bytes: view.data().to_vec(), scale };
+            let t = q.dequantise().map_err(|e| WireError::Content(format!("`{name}`: {e}")))?;
+            Ok((name.clone(), t))
+        })
+        .collect()
 }
 
 fn parse(payload: &[u8]) -> Result<SafeTensors<'_>, WireError> {
@@ -265,11 +329,7 @@ pub fn decode_f32_tensors(payload: &[u8]) -> Result<BTreeMap<String, HostTensor>
 /// Encodes a summary as safetensors: `anchors` in its quantised dtype, `mean` and `var` as F32,
 /// scale and counts in the metadata.
 pub fn encode_summary(summary: &AnchorSummary) -> Vec<u8> {
-    let dtype = match summary.anchors.quantisation {
-        Quantisation::F32 => Dtype::F32,
-        Quantisation::F16 => Dtype::F16,
-        Quantisation::Int8 => Dtype::I8,
-    };
+    let dtype = dtype_of(summary.anchors.quantisation);
     let d = summary.mean.len();
     let tensors = vec![
         ("anchors".to_string(), dtype, summary.anchors.shape.clone(), summary.anchors.bytes.clone()),
@@ -297,12 +357,7 @@ pub fn decode_summary(payload: &[u8]) -> Result<AnchorSummary, WireError> {
     let st = parse(payload)?;
     let get = |name: &str| st.tensor(name).map_err(|_| WireError::Content(format!("tensor `{name}` missing")));
     let anchors = get("anchors")?;
-    let quantisation = match anchors.dtype() {
-        Dtype::F32 => Quantisation::F32,
-        Dtype::F16 => Quantisation::F16,
-        Dtype::I8 => Quantisation::Int8,
-        other => return Err(WireError::Content(format!("anchors dtype {other:?} is not f32, f16 or i8"))),
-    };
+    let quantisation = quantisation_of(anchors.dtype(), "anchors")?;
     let summary = AnchorSummary {
         anchors: QuantisedTensor {
             quantisation,
@@ -359,6 +414,40 @@ mod tests {
         let back = Envelope::decode(&env.encode()).expect("decodes").to_params().expect("params");
         let bits = |p: &GeneratedParams| -> Vec<u32> { p.tensors["w"].values().iter().map(|v| v.to_bits()).collect() };
         assert_eq!(bits(&back), bits(&params));
+    }
+
+    proptest! {
+        #[test]
+        fn quantised_params_arrive_as_exactly_their_dequantised_values(
+            values in prop::collection::vec(-4f32..4.0, 1..64),
+            encoding in prop_oneof![Just(Quantisation::F32), Just(Quantisation::F16), Just(Quantisation::Int8)],
+        ) {
+            let t = HostTensor::new(vec![values.len()], values).expect("fits");
+            let params = GeneratedParams { schema_hash: SchemaHash(3), tensors: BTreeMap::from([("s".to_string(), t.clone())]) };
+            let env = Envelope::params_encoded(DeviceId("d".into()), 2, &params, encoding);
+            let back = Envelope::decode(&env.encode()).expect("decodes").to_params().expect("params");
+            let expected = QuantisedTensor::quantise(&t, encoding).dequantise().expect("dequantises");
+            prop_assert_eq!(&back.tensors["s"], &expected);
+            // Each value within half a quantisation step of what the cloud generated.
+            let step = match encoding {
+                Quantisation::F32 => 0.0,
+                Quantisation::F16 => 4.0 / 1024.0,
+                Quantisation::Int8 => t.values().iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0,
+            };
+            for (a, b) in back.tensors["s"].values().iter().zip(t.values()) {
+                prop_assert!((a - b).abs() <= step / 2.0 + 1e-7, "{a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn int8_params_need_their_scale() {
+        let t = HostTensor::new(vec![2], vec![1.0, -1.0]).expect("fits");
+        let params = GeneratedParams { schema_hash: SchemaHash(3), tensors: BTreeMap::from([("s".to_string(), t)]) };
+        let q = QuantisedTensor::quantise(&params.tensors["s"], Quantisation::Int8);
+        let payload = serialize(vec![("s".into(), Dtype::I8, q.shape, q.bytes)], BTreeMap::new());
+        let err = decode_params(&payload).expect_err("no scale");
+        assert!(err.to_string().contains("no numeric scale"), "{err}");
     }
 
     #[test]

@@ -7,6 +7,7 @@ use mmpg::Registry;
 // Linking the plugin crates is what registers their factories.
 use mmpg_adr as _;
 use mmpg_backends as _;
+use mmpg_baselines as _;
 use mmpg_fda as _;
 use mmpg_lmm as _;
 use mmpg_synthetic as _;

@@ -47,6 +47,21 @@ pub struct FdaSettings {
     pub lambda: f64,
     /// Source domains (episodes) per training step.
     pub episodes_per_step: usize,
+    /// How the decoder forms Δ(z): `basis` (Δ = W z + c, a learned basis per slot) or
+    /// `low-rank` (matrix slots get Δ = U(z) V(z)ᵀ of rank `rank`; far fewer cloud parameters).
+    pub delta: DeltaForm,
+    /// Rank of `low-rank` changes.
+    pub rank: usize,
+}
+
+/// The form of the decoded change of a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeltaForm {
+    /// Δ = W z + c.
+    Basis,
+    /// Δ = U(z) V(z)ᵀ for matrix slots (vectors keep the basis form).
+    LowRank,
 }
 
 impl Default for FdaSettings {
@@ -59,6 +74,8 @@ impl Default for FdaSettings {
             beta: 0.01,
             lambda: 0.1,
             episodes_per_step: 4,
+            delta: DeltaForm::Basis,
+            rank: 4,
         }
     }
 }
@@ -71,9 +88,15 @@ pub struct FdaNet<B: burn::tensor::backend::Backend> {
     rho: Linear<B>,
     mu: Linear<B>,
     logvar: Linear<B>,
+    /// Per slot: z → Δ (basis form) or z → U (low-rank form).
     decoders: Vec<Linear<B>>,
+    /// Per low-rank slot, in slot order: z → V.
+    factors: Vec<Linear<B>>,
     recon: Linear<B>,
 }
+
+/// `Some((rows, cols, rank))` for a slot decoded in low-rank form.
+type Layout = Option<(usize, usize, usize)>;
 
 /// Encoder outputs for a batch of summaries.
 struct Encoded<B: burn::tensor::backend::Backend> {
@@ -105,10 +128,31 @@ impl<B: burn::tensor::backend::Backend> FdaNet<B> {
     }
 
     /// `[S, z]` → one `[S, numel]` change per slot, bounded by `bounds`.
-    fn deltas(&self, z: Tensor<B, 2>, bounds: &[f64]) -> Vec<Tensor<B, 2>> {
-        self.decoders.iter().zip(bounds).map(|(dec, b)| tanh(dec.forward(z.clone())) * *b).collect()
+    fn deltas(&self, z: Tensor<B, 2>, bounds: &[f64], layouts: &[Layout]) -> Vec<Tensor<B, 2>> {
+        let mut factors = self.factors.iter();
+        let s = z.dims()[0];
+        self.decoders
+            .iter()
+            .zip(bounds)
+            .zip(layouts)
+            .map(|((dec, b), layout)| {
+                let raw = match layout {
+                    Some((m, n, r)) => {
+                        let v_dec = factors.next().expect("the net has one factor decoder per low-rank slot");
+                        let u = dec.forward(z.clone()).reshape([s, *m, *r]);
+                        let v = v_dec.forward(z.clone()).reshape([s, *n, *r]);
+                        u.matmul(v.swap_dims(1, 2)).reshape([s, m * n])
+                    }
+                    None => dec.forward(z.clone()),
+                };
+                tanh(raw) * *b
+            })
+            .collect()
     }
 }
+
+/// Names of the loss terms, in the order training records them.
+const TERMS: [&str; 3] = ["task", "kl", "reconstruction"];
 
 /// The FDA generator.
 #[derive(Debug)]
@@ -117,6 +161,7 @@ pub struct Fda {
     schema: SlotSchema,
     base: Vec<HostTensor>,
     bounds: Vec<f64>,
+    layouts: Vec<Layout>,
     feature_dim: usize,
     net: FdaNet<DB>,
     device: BurnDevice,
@@ -126,8 +171,10 @@ pub struct Fda {
 impl Fda {
     /// A generator for `ctx`'s schema, initialised so that it first reproduces θ0.
     pub fn new(settings: FdaSettings, ctx: &GeneratorContext) -> Result<Self, PluginError> {
-        if settings.latent == 0 || settings.hidden == 0 || settings.episodes_per_step == 0 {
-            return Err(PluginError::Build("`latent`, `hidden` and `episodes_per_step` must be at least 1".into()));
+        if settings.latent == 0 || settings.hidden == 0 || settings.episodes_per_step == 0 || settings.rank == 0 {
+            return Err(PluginError::Build(
+                "`latent`, `hidden`, `episodes_per_step` and `rank` must be at least 1".into(),
+            ));
         }
         if let Some(name) = settings.slot_bounds.keys().find(|n| ctx.schema.get(n).is_none()) {
             return Err(PluginError::Build(format!("slot_bounds names `{name}`, which is not a slot of the model")));
@@ -154,26 +201,38 @@ impl Fda {
             .iter()
             .map(|s| *settings.slot_bounds.get(&s.name).unwrap_or(&settings.delta_bound))
             .collect();
+        let layouts: Vec<Layout> = ctx
+            .schema
+            .slots()
+            .iter()
+            .map(|s| match (settings.delta, s.shape.as_slice()) {
+                (DeltaForm::LowRank, [m, n]) if settings.rank < (*m).min(*n) => Some((*m, *n, settings.rank)),
+                _ => None,
+            })
+            .collect();
         // Drawn on the CPU generator, then moved: one seed, one initial model on every backend.
         let device = &init_device();
         let (d, e, z) = (ctx.feature_dim, settings.hidden, settings.latent);
+        // Small initial weights on Δ (or on U): training starts from θ ≈ θ0, the static model.
+        let small = |out: usize| {
+            LinearConfig::new(z, out)
+                .with_initializer(burn::nn::Initializer::Uniform { min: -1e-3, max: 1e-3 })
+                .init(device)
+        };
         let net = FdaNet {
             phi1: LinearConfig::new(d, e).init(device),
             phi2: LinearConfig::new(e, e).init(device),
             rho: LinearConfig::new(e + 2 * d, e).init(device),
             mu: LinearConfig::new(e, z).init(device),
             logvar: LinearConfig::new(e, z).init(device),
-            // Small initial decoder weights: training starts from θ ≈ θ0, the static model.
             decoders: ctx
                 .schema
                 .slots()
                 .iter()
-                .map(|s| {
-                    LinearConfig::new(z, s.numel())
-                        .with_initializer(burn::nn::Initializer::Uniform { min: -1e-3, max: 1e-3 })
-                        .init(device)
-                })
+                .zip(&layouts)
+                .map(|(s, layout)| small(layout.map_or(s.numel(), |(m, _, r)| m * r)))
                 .collect(),
+            factors: layouts.iter().flatten().map(|(_, n, r)| LinearConfig::new(z, n * r).init(device)).collect(),
             recon: LinearConfig::new(z, 2 * d).init(device),
         };
         Ok(Self {
@@ -181,6 +240,7 @@ impl Fda {
             schema: ctx.schema.clone(),
             base,
             bounds,
+            layouts,
             feature_dim: d,
             net: relocate(materialise(net), &ctx.base.device),
             device: ctx.base.device.clone(),
@@ -254,7 +314,7 @@ impl ParameterGenerator for Fda {
         let net = relocate(self.net.clone(), &device);
         let pairs: Vec<(HostTensor, &AnchorSummary)> = anchors.into_iter().zip(summaries).collect();
         let encoded = net.encode(&pairs, &device);
-        let deltas = net.deltas(encoded.mu, &self.bounds);
+        let deltas = net.deltas(encoded.mu, &self.bounds, &self.layouts);
         let mut out: Vec<BTreeMap<String, HostTensor>> = vec![BTreeMap::new(); summaries.len()];
         for ((spec, base), delta) in self.schema.slots().iter().zip(&self.base).zip(deltas) {
             let delta = HostTensor::from_burn(delta);
@@ -300,7 +360,7 @@ impl ParameterGenerator for Fda {
                 &self.device,
             );
             let z = enc.mu.clone() + (enc.logvar.clone() * 0.5).exp() * eps;
-            let deltas = net.deltas(z.clone(), &self.bounds);
+            let deltas = net.deltas(z.clone(), &self.bounds, &self.layouts);
             let mut task = Vec::with_capacity(episodes);
             for (e, clips) in batches.iter().enumerate() {
                 let slots: SlotTensors = self
@@ -345,8 +405,13 @@ impl ParameterGenerator for Fda {
             final_terms: if terms.is_empty() {
                 Vec::new()
             } else {
-                vec![("task".into(), mean_of(0)), ("kl".into(), mean_of(1)), ("reconstruction".into(), mean_of(2))]
+                TERMS.iter().enumerate().map(|(i, name)| (name.to_string(), mean_of(i))).collect()
             },
+            term_curves: TERMS
+                .iter()
+                .enumerate()
+                .map(|(i, name)| (name.to_string(), terms.iter().map(|t| t[i]).collect()))
+                .collect(),
             seconds: started.elapsed().as_secs_f64(),
         })
     }

@@ -24,9 +24,10 @@ use mmpg::modules::{
 };
 use mmpg::seed;
 use mmpg::{
-    Backend, BurnDevice, Clip, CloudModel, DataSource, DeviceModel, DomainSpec, Factory, FeatureStats, GeneratedParams,
-    HostTensor, ModelContext, ModelError, Plugin, PluginError, Progress, RetrievalEmbeddings, SettingsSpec, SlotSchema,
-    SlotSpec, SlotTensors, Split, StaticPlugin, TaskSpec, TrainingLog, TrainingPlan, ValidatedParams, parse_settings,
+    Backend, BurnDevice, Clip, CloudModel, DataSource, DeviceModel, DomainSpec, Factory, FeatureStats, FineTuner,
+    GeneratedParams, HostTensor, LinearHead, ModelContext, ModelError, Plugin, PluginError, Progress,
+    RetrievalEmbeddings, SettingsSpec, SlotSchema, SlotSpec, SlotTensors, Split, StaticPlugin, TaskSpec, TrainingLog,
+    TrainingPlan, TuneScope, ValidatedParams, parse_settings,
 };
 use rand::Rng as _;
 use serde::{Deserialize, Serialize};
@@ -221,13 +222,21 @@ impl<B: burn::tensor::backend::Backend> LmmNet<B> {
         bags.matmul(self.text_embedding.val())
     }
 
-    fn logits(&self, v: Tensor<B, 2>, q: Tensor<B, 2>, slots: &Slots<B>) -> Tensor<B, 2> {
+    /// The fused representation the QA head reads, `[N, hidden]`.
+    fn hidden(&self, v: Tensor<B, 2>, q: Tensor<B, 2>, slots: &Slots<B>) -> Tensor<B, 2> {
         let d2 = v.dims()[1] + q.dims()[1];
         let hidden = slots.fusion_b.dims()[0];
+        relu(
+            Tensor::cat(vec![v, q], 1).matmul(slots.fusion_w.clone().reshape([d2, hidden]))
+                + slots.fusion_b.clone().reshape([1, hidden]),
+        )
+    }
+
+    fn logits(&self, v: Tensor<B, 2>, q: Tensor<B, 2>, slots: &Slots<B>) -> Tensor<B, 2> {
+        let hidden = slots.fusion_b.dims()[0];
         let answers = slots.head_b.dims()[0];
-        let h = Tensor::cat(vec![v, q], 1).matmul(slots.fusion_w.clone().reshape([d2, hidden]))
-            + slots.fusion_b.clone().reshape([1, hidden]);
-        relu(h).matmul(slots.head_w.clone().reshape([hidden, answers])) + slots.head_b.clone().reshape([1, answers])
+        self.hidden(v, q, slots).matmul(slots.head_w.clone().reshape([hidden, answers]))
+            + slots.head_b.clone().reshape([1, answers])
     }
 }
 
@@ -373,6 +382,22 @@ impl LmmCloud {
 }
 
 impl LmmCloud {
+    /// The device-side model on `device`, with θ0 installed.
+    pub fn device_copy(&self, device: &BurnDevice) -> LmmDevice {
+        let net = relocate(self.net.clone(), device);
+        let base = net.base_slots();
+        LmmDevice {
+            geo: self.geo.clone(),
+            schema: self.schema.clone(),
+            current: slots_to_params(&self.schema, &base),
+            net,
+            device: device.clone(),
+            slots: base,
+            reference: self.reference_stats(),
+            alignment: None,
+        }
+    }
+
     fn valid_net(&self) -> LmmNet<DB> {
         relocate(self.net.clone(), &inference_device(&self.device))
     }
@@ -444,6 +469,7 @@ impl CloudModel for LmmCloud {
             phase: "pretrain".into(),
             losses,
             final_terms: Vec::new(),
+            term_curves: Vec::new(),
             seconds: started.elapsed().as_secs_f64(),
         })
     }
@@ -512,17 +538,7 @@ impl CloudModel for LmmCloud {
     }
 
     fn export(&self, device: &BurnDevice) -> Result<Box<dyn DeviceModel>, ModelError> {
-        let net = relocate(self.net.clone(), device);
-        let base = net.base_slots();
-        let current = slots_to_params(&self.schema, &base);
-        Ok(Box::new(LmmDevice {
-            geo: self.geo.clone(),
-            schema: self.schema.clone(),
-            net,
-            device: device.clone(),
-            slots: base,
-            current,
-        }))
+        Ok(Box::new(self.device_copy(device)))
     }
 }
 
@@ -535,6 +551,28 @@ pub struct LmmDevice {
     device: BurnDevice,
     slots: Slots<DB>,
     current: GeneratedParams,
+    /// Source statistics of frame features, the target of statistics recalibration.
+    reference: FeatureStats,
+    /// Per-dimension `(scale, shift)` of served frame features, once recalibrated.
+    alignment: Option<(Tensor<DB, 1>, Tensor<DB, 1>)>,
+}
+
+impl LmmDevice {
+    /// Frame features as served: with the installed FiLM slot and any recalibration.
+    fn served_features(&self, frames: Tensor<DB, 4>) -> Tensor<DB, 2> {
+        let features = self.net.frame_features(frames, self.slots.film.clone());
+        match &self.alignment {
+            Some((scale, shift)) => {
+                let d = scale.dims()[0];
+                features * scale.clone().reshape([1, d]) + shift.clone().reshape([1, d])
+            }
+            None => features,
+        }
+    }
+
+    fn video_and_question(&self, x: Inputs<DB>) -> (Tensor<DB, 2>, Tensor<DB, 2>) {
+        (self.net.video(self.served_features(x.frames), self.geo.frames), self.net.text(x.questions))
+    }
 }
 
 impl DeviceModel for LmmDevice {
@@ -547,9 +585,8 @@ impl DeviceModel for LmmDevice {
     }
 
     fn answer_logits(&self, clips: &[Clip]) -> Result<HostTensor, ModelError> {
-        let x = inputs::<DB>(&self.geo, clips, &self.device)?;
-        let v = self.net.video(self.net.frame_features(x.frames, self.slots.film.clone()), self.geo.frames);
-        Ok(HostTensor::from_burn(self.net.logits(v, self.net.text(x.questions), &self.slots)))
+        let (v, q) = self.video_and_question(inputs::<DB>(&self.geo, clips, &self.device)?);
+        Ok(HostTensor::from_burn(self.net.logits(v, q, &self.slots)))
     }
 
     fn frame_features(&self, clips: &[Clip]) -> Result<HostTensor, ModelError> {
@@ -559,7 +596,7 @@ impl DeviceModel for LmmDevice {
 
     fn retrieval_embeddings(&self, clips: &[Clip]) -> Result<RetrievalEmbeddings, ModelError> {
         let x = inputs::<DB>(&self.geo, clips, &self.device)?;
-        let v = self.net.video(self.net.frame_features(x.frames, self.slots.film.clone()), self.geo.frames);
+        let v = self.net.video(self.served_features(x.frames), self.geo.frames);
         Ok(RetrievalEmbeddings {
             video: HostTensor::from_burn(l2_normalise(self.net.video_proj.forward(v))),
             text: HostTensor::from_burn(l2_normalise(self.net.text_proj.forward(self.net.text(x.captions)))),
@@ -568,6 +605,44 @@ impl DeviceModel for LmmDevice {
 
     fn current_params(&self) -> GeneratedParams {
         self.current.clone()
+    }
+
+    fn fine_tuner(&self, scope: TuneScope, learning_rate: f64) -> Result<Box<dyn FineTuner>, ModelError> {
+        if !(learning_rate.is_finite() && learning_rate > 0.0) {
+            return Err(ModelError::Training(format!("learning rate must be positive, found {learning_rate}")));
+        }
+        Ok(Box::new(LmmTuner::new(self, scope, learning_rate)))
+    }
+
+    fn recalibrate_statistics(&mut self, unlabelled: &[Clip]) -> Result<usize, ModelError> {
+        let x = inputs::<DB>(&self.geo, unlabelled, &self.device)?;
+        let features = HostTensor::from_burn(self.net.frame_features(x.frames, self.slots.film.clone()));
+        let target = FeatureStats::of_rows(&features)
+            .ok_or_else(|| ModelError::Input("recalibration needs at least one frame".into()))?;
+        // Map the device's feature moments onto the source's, dimension by dimension; a
+        // dimension (almost) constant on the device keeps its scale and is only re-centred.
+        let (mut scale, mut shift) = (Vec::new(), Vec::new());
+        for j in 0..target.dim() {
+            let s = if target.std[j] > 1e-4 { self.reference.std[j] / target.std[j] } else { 1.0 };
+            scale.push(s);
+            shift.push(self.reference.mean[j] - target.mean[j] * s);
+        }
+        if scale.iter().chain(&shift).any(|v| !v.is_finite()) {
+            return Err(ModelError::Input("recalibration statistics are not finite".into()));
+        }
+        let d = scale.len();
+        let tensor = |v: Vec<f32>| Tensor::<DB, 1>::from_data(TensorData::new(v, [d]), &self.device);
+        self.alignment = Some((tensor(scale), tensor(shift)));
+        Ok(2 * d)
+    }
+
+    fn qa_head(&self) -> Result<LinearHead, ModelError> {
+        Ok(LinearHead { weight_slot: HEAD_W.into(), bias_slot: HEAD_B.into() })
+    }
+
+    fn qa_representations(&self, clips: &[Clip]) -> Result<HostTensor, ModelError> {
+        let (v, q) = self.video_and_question(inputs::<DB>(&self.geo, clips, &self.device)?);
+        Ok(HostTensor::from_burn(self.net.hidden(v, q, &self.slots)))
     }
 
     fn install(&mut self, params: &ValidatedParams) -> Result<(), ModelError> {
@@ -586,6 +661,135 @@ impl DeviceModel for LmmDevice {
     }
 }
 
+/// On-device fine-tuning of an [`LmmDevice`]: Adam on the QA loss. The slot values train as the
+/// network's base parameters; what `scope` excludes is frozen (no gradient, never updated).
+struct LmmTuner {
+    geo: Geometry,
+    schema: SlotSchema,
+    /// The device model's network, kept for the parts a snapshot must not change.
+    original: LmmNet<DB>,
+    /// The network under training, on the autodiff device, θ0 replaced by the installed slots.
+    net: LmmNet<DB>,
+    optim: burn::optim::adaptor::OptimizerAdaptor<burn::optim::Adam, LmmNet<DB>, DB>,
+    learning_rate: f64,
+    trainable: usize,
+    device: BurnDevice,
+    train_device: BurnDevice,
+    reference: FeatureStats,
+    alignment: Option<(Tensor<DB, 1>, Tensor<DB, 1>)>,
+}
+
+impl std::fmt::Debug for LmmTuner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LmmTuner").field("trainable", &self.trainable).finish_non_exhaustive()
+    }
+}
+
+impl LmmTuner {
+    fn new(device_model: &LmmDevice, scope: TuneScope, learning_rate: f64) -> Self {
+        let train_device = BurnDevice::autodiff(inference_device(&device_model.device));
+        let mut net = relocate(device_model.net.clone(), &train_device);
+        let param = |t: &Tensor<DB, 1>| Param::from_tensor(relocate_tensor(t, &train_device)).set_require_grad(true);
+        let slots = &device_model.slots;
+        net.base_film = param(&slots.film);
+        net.base_fusion_w = param(&slots.fusion_w);
+        net.base_fusion_b = param(&slots.fusion_b);
+        net.base_head_w = param(&slots.head_w);
+        net.base_head_b = param(&slots.head_b);
+        // QA labels never reach the retrieval projections: they stay frozen in every scope.
+        net.video_proj = net.video_proj.no_grad();
+        net.text_proj = net.text_proj.no_grad();
+        if scope == TuneScope::Slots {
+            net.conv1 = net.conv1.no_grad();
+            net.conv2 = net.conv2.no_grad();
+            net.frame_proj = net.frame_proj.no_grad();
+            net.temporal = net.temporal.no_grad();
+            net.text_embedding = net.text_embedding.set_require_grad(false);
+        }
+        let trainable = match scope {
+            TuneScope::Slots => device_model.schema.numel(),
+            TuneScope::All => {
+                Module::<DB>::num_params(&net)
+                    - Module::<DB>::num_params(&net.video_proj)
+                    - Module::<DB>::num_params(&net.text_proj)
+            }
+        };
+        Self {
+            geo: device_model.geo.clone(),
+            schema: device_model.schema.clone(),
+            original: device_model.net.clone(),
+            net,
+            optim: AdamConfig::new().init::<DB, LmmNet<DB>>(),
+            learning_rate,
+            trainable,
+            device: device_model.device.clone(),
+            train_device,
+            reference: device_model.reference.clone(),
+            alignment: device_model.alignment.clone(),
+        }
+    }
+}
+
+/// `tensor`'s values on `device` (Dispatch cannot move tensors between autodiff and plain devices).
+fn relocate_tensor(tensor: &Tensor<DB, 1>, device: &BurnDevice) -> Tensor<DB, 1> {
+    Tensor::from_data(tensor.to_data(), device)
+}
+
+impl FineTuner for LmmTuner {
+    fn trainable_parameters(&self) -> usize {
+        self.trainable
+    }
+
+    fn step(&mut self, batch: &[Clip]) -> Result<f64, ModelError> {
+        let x = inputs::<DB>(&self.geo, batch, &self.train_device)?;
+        let targets = x.answers.ok_or_else(|| ModelError::Training("fine-tuning needs labelled clips".into()))?;
+        let net = &self.net;
+        let mut features = net.frame_features(x.frames, net.base_film.val());
+        if let Some((scale, shift)) = &self.alignment {
+            let d = scale.dims()[0];
+            features = features * relocate_tensor(scale, &self.train_device).reshape([1, d])
+                + relocate_tensor(shift, &self.train_device).reshape([1, d]);
+        }
+        let v = net.video(features, self.geo.frames);
+        let logits = net.logits(v, net.text(x.questions), &net.base_slots());
+        let loss = CrossEntropyLossConfig::new().init(&self.train_device).forward(logits, targets);
+        let value = f64::from(loss.clone().into_scalar());
+        if !value.is_finite() {
+            return Err(ModelError::Training(format!("loss became {value}")));
+        }
+        let grads = GradientsParams::from_grads::<DB, LmmNet<DB>>(loss.backward(), &self.net);
+        self.net = self.optim.step(self.learning_rate, self.net.clone(), grads);
+        Ok(value)
+    }
+
+    fn snapshot(&self) -> Result<Box<dyn DeviceModel>, ModelError> {
+        Ok(Box::new(self.snapshot_device()))
+    }
+}
+
+impl LmmTuner {
+    fn snapshot_device(&self) -> LmmDevice {
+        let mut net = relocate(self.net.clone(), &self.device);
+        let slots = net.base_slots();
+        // θ0 stays the exported one: summaries keep describing the data, not the fine-tuning.
+        net.base_film = self.original.base_film.clone();
+        net.base_fusion_w = self.original.base_fusion_w.clone();
+        net.base_fusion_b = self.original.base_fusion_b.clone();
+        net.base_head_w = self.original.base_head_w.clone();
+        net.base_head_b = self.original.base_head_b.clone();
+        LmmDevice {
+            geo: self.geo.clone(),
+            schema: self.schema.clone(),
+            current: slots_to_params(&self.schema, &slots),
+            slots,
+            net,
+            device: self.device.clone(),
+            reference: self.reference.clone(),
+            alignment: self.alignment.clone(),
+        }
+    }
+}
+
 fn build(settings: &toml::Table, ctx: &ModelContext) -> Result<Box<dyn CloudModel>, PluginError> {
     let settings: LmmSettings = parse_settings(settings)?;
     let model = LmmCloud::new(settings, &ctx.task, &ctx.base.device).map_err(|e| PluginError::Build(e.to_string()))?;
@@ -599,4 +803,100 @@ inventory::submit! {
         settings: SettingsSpec::of::<LmmSettings>(),
         build,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mmpg::modules::init_device;
+
+    fn task() -> TaskSpec {
+        TaskSpec { answers: (0..5).map(|i| format!("a{i}")).collect(), frames_per_clip: 2, frame_shape: [3, 8, 8] }
+    }
+
+    fn clips(n: usize, seed: u64) -> Vec<Clip> {
+        let mut rng = seed::rng(seed, 0);
+        (0..n)
+            .map(|i| Clip {
+                frames: HostTensor::new(vec![2, 3, 8, 8], (0..384).map(|_| rng.random::<f32>()).collect())
+                    .expect("shape"),
+                question: format!("what is shown {}", i % 3),
+                caption: format!("caption {}", i % 4),
+                answer: Some(i % 5),
+            })
+            .collect()
+    }
+
+    fn small() -> LmmSettings {
+        LmmSettings {
+            conv1_channels: 4,
+            conv2_channels: 4,
+            feature_dim: 8,
+            hidden: 8,
+            text_buckets: 16,
+            ..Default::default()
+        }
+    }
+
+    /// Every parameter of the device's network and its installed slots, by name.
+    fn state(device: &LmmDevice) -> BTreeMap<String, Vec<f32>> {
+        let mut out: BTreeMap<String, Vec<f32>> =
+            parameters(&device.net).into_iter().map(|(k, v)| (k, v.into_values())).collect();
+        for (name, t) in &device.current_params().tensors {
+            out.insert(format!("slot:{name}"), t.values().to_vec());
+        }
+        out
+    }
+
+    fn tune(scope: TuneScope) -> (BTreeMap<String, Vec<f32>>, BTreeMap<String, Vec<f32>>, usize, usize) {
+        let cloud = seed::with_burn_seed(3, || LmmCloud::new(small(), &task(), &init_device())).expect("model");
+        let device = cloud.device_copy(&mmpg::modules::inference_device(&init_device()));
+        let mut tuner = LmmTuner::new(&device, scope, 1e-2);
+        let batch = clips(6, 1);
+        for _ in 0..3 {
+            tuner.step(&batch).expect("step");
+        }
+        let total = Module::<DB>::num_params(&device.net);
+        (state(&device), state(&tuner.snapshot_device()), tuner.trainable_parameters(), total)
+    }
+
+    fn changed(before: &BTreeMap<String, Vec<f32>>, after: &BTreeMap<String, Vec<f32>>) -> Vec<String> {
+        before.iter().filter(|(k, v)| after.get(*k) != Some(*v)).map(|(k, _)| k.clone()).collect()
+    }
+
+    #[test]
+    fn slot_fine_tuning_changes_only_the_slots() {
+        let (before, after, trainable, _) = tune(TuneScope::Slots);
+        let changed = changed(&before, &after);
+        assert!(!changed.is_empty());
+        assert!(changed.iter().all(|k| k.starts_with("slot:")), "changed outside the slots: {changed:?}");
+        let schema = LmmCloud::new(small(), &task(), &init_device()).expect("model").schema().clone();
+        assert_eq!(trainable, schema.numel());
+    }
+
+    #[test]
+    fn full_fine_tuning_changes_the_qa_path_and_not_the_retrieval_projections() {
+        let (before, after, trainable, total) = tune(TuneScope::All);
+        let changed = changed(&before, &after);
+        for part in ["conv1.weight", "conv2.weight", "frame_proj.weight", "temporal.weight", "text_embedding"] {
+            assert!(changed.iter().any(|k| k == part), "`{part}` did not train: {changed:?}");
+        }
+        assert!(changed.iter().all(|k| !k.starts_with("video_proj") && !k.starts_with("text_proj")));
+        // θ0 stays as exported: summaries keep describing the data.
+        assert!(changed.iter().all(|k| !k.starts_with("base_")), "{changed:?}");
+        assert!(trainable < total && trainable > total / 2, "{trainable} of {total}");
+    }
+
+    #[test]
+    fn recalibration_matches_the_reference_moments_on_the_window() {
+        let cloud = seed::with_burn_seed(4, || LmmCloud::new(small(), &task(), &init_device())).expect("model");
+        let mut device = cloud.device_copy(&mmpg::modules::inference_device(&init_device()));
+        let window = clips(8, 2);
+        assert_eq!(device.recalibrate_statistics(&window).expect("recalibrate"), 16);
+        let x = inputs::<DB>(&device.geo, &window, &device.device).expect("inputs");
+        let served = FeatureStats::of_rows(&HostTensor::from_burn(device.served_features(x.frames))).expect("stats");
+        for j in 0..served.dim() {
+            assert!((served.mean[j] - device.reference.mean[j]).abs() < 1e-3, "mean {j}");
+        }
+    }
 }

@@ -1,0 +1,810 @@
+//! `mmpg bench`: the method and every baseline on the same devices, in one report.
+//!
+//! The cloud trains once (or loads its checkpoint). Every device draws its window, its
+//! held-out clips and a pool of labelled clips of its own domain once; each method then starts
+//! from a fresh copy of the same static model: the method itself (CDC), each baseline adapter
+//! of `[bench] baselines`, each ablation of `[bench] variants` and `k_sweep`. Figures are means
+//! and 10th/90th percentiles over the *shifted* devices (the ones adaptation is for).
+
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::adapt::{AdaptInput, DeviceAdapter};
+use crate::config::{Deployment, Variant};
+use crate::data::{Clip, DomainSpec, Split};
+use crate::generator::ParameterGenerator;
+use crate::metrics::RetrievalMetrics;
+use crate::registry::{BuildContext, PluginKind, Registry};
+use crate::report::{CloudReport, DeviceReport};
+use crate::runtime::{
+    CheckpointDir, Composer, FleetDevice, RunError, TrainedCloud, adapt_fleet, checkpoint_error, cloud_report,
+    fleet_device, plugin_choices, score_retrieval, train_cloud, train_generator,
+};
+use crate::source::DataSource;
+use crate::{Progress, seed};
+
+/// Mean and spread of a figure over devices.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Spread {
+    /// Mean.
+    pub mean: f64,
+    /// 10th percentile (linear interpolation).
+    pub p10: f64,
+    /// 90th percentile.
+    pub p90: f64,
+}
+
+impl Spread {
+    /// Over `values`; NaN everywhere when empty.
+    pub fn of(values: &[f64]) -> Self {
+        if values.is_empty() {
+            return Self { mean: f64::NAN, p10: f64::NAN, p90: f64::NAN };
+        }
+        let mut sorted = values.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        Self {
+            mean: values.iter().sum::<f64>() / values.len() as f64,
+            p10: percentile(&sorted, 0.10),
+            p90: percentile(&sorted, 0.90),
+        }
+    }
+}
+
+/// The `q` quantile of sorted values, linearly interpolated.
+pub fn percentile(sorted: &[f64], q: f64) -> f64 {
+    match sorted.len() {
+        0 => f64::NAN,
+        1 => sorted[0],
+        n => {
+            let pos = q.clamp(0.0, 1.0) * (n - 1) as f64;
+            let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+            sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
+        }
+    }
+}
+
+/// What kind of row a method is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Family {
+    /// The method: cloud-generated parameters.
+    Cdc,
+    /// A device-side baseline adapter.
+    Baseline,
+    /// An ablation of the method.
+    Ablation,
+}
+
+/// Retrieval figures of a method over the shifted devices.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RetrievalRow {
+    /// R@1.
+    pub r1: Spread,
+    /// R@5.
+    pub r5: Spread,
+    /// R@10.
+    pub r10: Spread,
+    /// Mean of the devices' median ranks.
+    pub median_rank: f64,
+}
+
+/// One method on every device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MethodRow {
+    /// Row name.
+    pub method: String,
+    /// Kind of row.
+    pub family: Family,
+    /// QA accuracy over the shifted devices.
+    pub accuracy: Spread,
+    /// Mean QA accuracy over every device (clean ones too).
+    pub accuracy_all_devices: f64,
+    /// Text → video retrieval over the shifted devices, when the model embeds.
+    pub retrieval: Option<RetrievalRow>,
+    /// Parameters the device trains by gradient.
+    pub device_trainable_parameters: usize,
+    /// Parameters (or statistics) whose values change on the device.
+    pub device_changed_parameters: usize,
+    /// Parameters the cloud trains for this method beyond the shared static model.
+    pub cloud_trainable_parameters: usize,
+    /// Labelled clips each device spends.
+    pub labels_per_device: usize,
+    /// Mean bytes uploaded per adaptation.
+    pub bytes_up: f64,
+    /// Mean bytes downloaded per adaptation.
+    pub bytes_down: f64,
+    /// Device-side adaptation wall time, ms.
+    pub device_ms: Spread,
+    /// Largest peak heap of one device's adaptation, bytes (None when not measured).
+    pub device_peak_bytes: Option<u64>,
+    /// Devices whose adaptation failed (they keep, and are scored with, the static model).
+    pub failures: usize,
+    /// Method-specific figures, averaged over devices (epochs, anchors, …).
+    pub detail: Vec<(String, f64)>,
+    /// Per device (static figures are the shared static model's).
+    pub devices: Vec<DeviceReport>,
+}
+
+/// Latency and throughput of generation on the cloud.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct GenerationStats {
+    /// Single-device generations timed.
+    pub repeats: usize,
+    /// Median latency of one device's generation, ms.
+    pub p50_ms: f64,
+    /// 99th percentile, ms.
+    pub p99_ms: f64,
+    /// Devices in one batched generation.
+    pub batch_devices: usize,
+    /// Median wall time of that batch, ms.
+    pub batch_ms: f64,
+    /// Devices served per second by batched generation.
+    pub devices_per_second: f64,
+}
+
+/// One stage of the long-stream check.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamStage {
+    /// Stage name.
+    pub stage: String,
+    /// Its shift.
+    pub shift: String,
+    /// Static model's accuracy on the stage.
+    pub static_accuracy: f64,
+    /// Accuracy after re-adapting to the stage's window.
+    pub adapted_accuracy: f64,
+}
+
+/// A target of the method and whether it was met.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Target {
+    /// What is compared.
+    pub name: String,
+    /// The measured figure, in words.
+    pub measured: String,
+    /// Whether it meets the target.
+    pub met: bool,
+}
+
+/// Everything `mmpg bench` measured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BenchReport {
+    /// Deployment file.
+    pub deployment: String,
+    /// Seed.
+    pub seed: u64,
+    /// Backend description.
+    pub backend: String,
+    /// Plugins, `kind = name`.
+    pub plugins: Vec<(String, String)>,
+    /// Logical CPUs of the machine.
+    pub cpus: usize,
+    /// The cloud's main training.
+    pub cloud: CloudReport,
+    /// Parameters of the full device model (what FTA-all and a full download would move).
+    pub model_parameters: usize,
+    /// Mean bytes of a raw window upload.
+    pub raw_window_bytes: f64,
+    /// Shifted devices (the ones figures are over) and all devices.
+    pub shifted_devices: usize,
+    /// All devices.
+    pub devices: usize,
+    /// The method and the baselines.
+    pub methods: Vec<MethodRow>,
+    /// Ablations (variants and the K sweep).
+    pub ablations: Vec<MethodRow>,
+    /// `(K, mean bytes up, mean accuracy)` of the K sweep.
+    pub k_sweep: Vec<(usize, f64, f64)>,
+    /// Generation latency and throughput.
+    pub generation: GenerationStats,
+    /// The long-stream check, when configured.
+    pub stream: Vec<StreamStage>,
+    /// The method's targets.
+    pub targets: Vec<Target>,
+    /// Wall time of the bench, s.
+    pub seconds: f64,
+}
+
+/// Name of the method's own row.
+pub const CDC: &str = "CDC-MMPG (ours)";
+
+/// What a method costs besides time and bytes.
+#[derive(Debug, Clone, Copy, Default)]
+struct Costs {
+    device_trainable: usize,
+    device_changed: usize,
+    cloud_trainable: usize,
+    labels: usize,
+}
+
+fn row(
+    method: String,
+    family: Family,
+    devices: Vec<DeviceReport>,
+    costs: Costs,
+    detail: Vec<(String, f64)>,
+) -> MethodRow {
+    let shifted: Vec<&DeviceReport> = devices.iter().filter(|d| d.shifted).collect();
+    let over = |f: &dyn Fn(&DeviceReport) -> f64| Spread::of(&shifted.iter().map(|d| f(d)).collect::<Vec<_>>());
+    let scored: Vec<RetrievalMetrics> = shifted.iter().filter_map(|d| d.adapted_retrieval).collect();
+    let retrieval = (!scored.is_empty()).then(|| {
+        let of = |f: fn(&RetrievalMetrics) -> f64| Spread::of(&scored.iter().map(f).collect::<Vec<_>>());
+        RetrievalRow { r1: of(|m| m.r1), r5: of(|m| m.r5), r10: of(|m| m.r10), median_rank: of(|m| m.median_rank).mean }
+    });
+    let mean_all = |f: fn(&DeviceReport) -> f64| devices.iter().map(f).sum::<f64>() / devices.len().max(1) as f64;
+    MethodRow {
+        method,
+        family,
+        accuracy: over(&|d| d.adapted_accuracy),
+        accuracy_all_devices: mean_all(|d| d.adapted_accuracy),
+        retrieval,
+        device_trainable_parameters: costs.device_trainable,
+        device_changed_parameters: costs.device_changed,
+        cloud_trainable_parameters: costs.cloud_trainable,
+        labels_per_device: costs.labels,
+        bytes_up: mean_all(|d| d.bytes_up as f64),
+        bytes_down: mean_all(|d| d.bytes_down as f64),
+        device_ms: over(&|d| d.adaptation_ms),
+        device_peak_bytes: devices.iter().filter_map(|d| d.adaptation_peak_bytes).max(),
+        failures: devices.iter().filter(|d| d.error.is_some()).count(),
+        detail,
+        devices,
+    }
+}
+
+/// The bench's shared state: the trained cloud, the devices' data, the composer.
+struct Harness<'a> {
+    composer: Composer<'a>,
+    data: Box<dyn DataSource>,
+    cloud: TrainedCloud,
+    /// Devices with their data and the static model scored.
+    fleet: Vec<FleetDevice>,
+    /// Labelled clips of each device's own domain, for label-hungry baselines.
+    labelled: Vec<Vec<Clip>>,
+}
+
+impl Harness<'_> {
+    fn fresh_fleet(&self) -> Result<Vec<FleetDevice>, RunError> {
+        self.fleet.iter().map(|d| d.fresh(self.cloud.model.as_ref(), &self.composer)).collect()
+    }
+
+    /// The method with `generator` and the composer's (possibly varied) anchor reasoner.
+    fn cdc(
+        &self,
+        composer: &Composer<'_>,
+        generator: &dyn ParameterGenerator,
+        progress: &dyn Progress,
+    ) -> Result<Vec<DeviceReport>, RunError> {
+        let mut fleet = self.fresh_fleet()?;
+        for device in &mut fleet {
+            device.reasoner = composer.anchor_reasoner()?;
+        }
+        let mut transport = composer.transport()?;
+        let reference = self.cloud.model.reference_stats();
+        let download = composer.deployment.cloud.download;
+        adapt_fleet(&mut fleet, generator, &reference, transport.as_mut(), download, 1, progress)?;
+        Ok(fleet.into_iter().map(|d| d.report).collect())
+    }
+
+    fn baseline(
+        &self,
+        adapter: &dyn DeviceAdapter,
+        name: String,
+        progress: &dyn Progress,
+    ) -> Result<MethodRow, RunError> {
+        let mut fleet = self.fresh_fleet()?;
+        let needed = adapter.labels_needed();
+        let (mut trainable, mut changed, mut detail_sum, mut detail_n) = (0, 0, Vec::<(String, f64)>::new(), 0usize);
+        progress.start(&format!("bench: {name}"), fleet.len() as u64);
+        for (device, labelled) in fleet.iter_mut().zip(&self.labelled) {
+            let input = AdaptInput {
+                window: &device.window,
+                labelled: &labelled[..needed.min(labelled.len())],
+                seed: seed::derive_str(device.domain.seed, &name),
+            };
+            let t0 = Instant::now();
+            let (outcome, peak) = crate::memory::peak_during(|| adapter.adapt(&mut device.model, &input));
+            device.report.adaptation_ms = t0.elapsed().as_secs_f64() * 1e3;
+            device.report.adaptation_peak_bytes = peak;
+            match outcome {
+                Ok(outcome) => {
+                    trainable = trainable.max(outcome.trainable_parameters);
+                    changed = changed.max(outcome.changed_parameters);
+                    for (key, value) in outcome.detail {
+                        match detail_sum.iter_mut().find(|(k, _)| *k == key) {
+                            Some((_, sum)) => *sum += value,
+                            None => detail_sum.push((key, value)),
+                        }
+                    }
+                    detail_n += 1;
+                    device.report.adapted_accuracy = device.model.accuracy(&device.eval)?;
+                    device.report.adapted_retrieval = score_retrieval(device.model.as_ref(), &device.eval);
+                }
+                // The device keeps its previous model; it is scored with the static figures.
+                Err(e) => device.report.error = Some(e.to_string()),
+            }
+            progress.step(Some(device.id.to_string()));
+        }
+        progress.finish();
+        let detail = detail_sum.into_iter().map(|(k, v)| (k, v / detail_n.max(1) as f64)).collect();
+        let reports = fleet.into_iter().map(|d| d.report).collect();
+        let costs = Costs { device_trainable: trainable, device_changed: changed, cloud_trainable: 0, labels: needed };
+        Ok(row(name, Family::Baseline, reports, costs, detail))
+    }
+
+    /// A variant's generator: the main one (serve-time variants), a checkpointed one, or
+    /// trained now on the shared static model.
+    fn variant_generator(
+        &self,
+        composer: &Composer<'_>,
+        variant: &Variant,
+        progress: &dyn Progress,
+    ) -> Result<Option<Box<dyn ParameterGenerator>>, RunError> {
+        if !variant.retrain {
+            return Ok(None);
+        }
+        let deployment = composer.deployment;
+        let fingerprint = deployment.training_fingerprint();
+        // A variant that changes nothing the training sees (e.g. K equal to the main K) is the
+        // main generator.
+        if fingerprint == self.composer.deployment.training_fingerprint() {
+            return Ok(None);
+        }
+        let folder = deployment.cloud.checkpoint.as_ref().map(|c| c.join("variants").join(slug(&variant.name)));
+        if let Some(folder) = &folder
+            && let Some((_, bytes)) = CheckpointDir(folder).read(&fingerprint)?
+        {
+            let mut generator = composer.generator(self.cloud.model.as_ref())?;
+            let dir = folder.display().to_string();
+            generator.load(&bytes).map_err(|e| checkpoint_error(&dir, crate::runtime::GENERATOR_FILE, e))?;
+            return Ok(Some(generator));
+        }
+        let (generator, _) =
+            train_generator(composer, self.cloud.model.as_ref(), self.data.as_ref(), &self.cloud.sources, progress)?;
+        if let Some(folder) = &folder {
+            CheckpointDir(folder).write(&fingerprint, &self.cloud.model.save()?, &generator.save()?)?;
+        }
+        Ok(Some(generator))
+    }
+
+    /// The long-stream check: one device re-adapts at each stage of a drifting stream.
+    fn stream(&self, progress: &dyn Progress) -> Result<Vec<StreamStage>, RunError> {
+        let deployment = self.composer.deployment;
+        let stages = deployment.stream_domains();
+        let mut out = Vec::with_capacity(stages.len());
+        let mut transport = self.composer.transport()?;
+        let reference = self.cloud.model.reference_stats();
+        // One device, one model: each stage's parameters replace the previous stage's.
+        let mut device: Option<FleetDevice> = None;
+        for (round, stage) in stages.iter().enumerate() {
+            let drawn = fleet_device(
+                &self.composer,
+                self.data.as_ref(),
+                self.cloud.model.as_ref(),
+                &DomainSpec { name: "stream".into(), ..stage.clone() },
+                deployment.bench.stream_eval_clips,
+            )?;
+            let mut current = match device.take() {
+                Some(mut previous) => {
+                    previous.window = drawn.window;
+                    previous.eval = drawn.eval;
+                    previous.domain = drawn.domain;
+                    previous.report = drawn.report;
+                    previous
+                }
+                None => drawn,
+            };
+            let static_accuracy = current.report.static_accuracy;
+            adapt_fleet(
+                std::slice::from_mut(&mut current),
+                self.cloud.generator.as_ref(),
+                &reference,
+                transport.as_mut(),
+                deployment.cloud.download,
+                round as u64 + 1,
+                progress,
+            )?;
+            out.push(StreamStage {
+                stage: stage.name.clone(),
+                shift: stage.shift_label(),
+                static_accuracy,
+                adapted_accuracy: current.report.adapted_accuracy,
+            });
+            device = Some(current);
+        }
+        Ok(out)
+    }
+
+    fn generation_stats(&self, fleet: &mut [FleetDevice], repeats: usize) -> Result<GenerationStats, RunError> {
+        let reference = self.cloud.model.reference_stats();
+        let mut summaries = Vec::with_capacity(fleet.len());
+        for device in fleet.iter() {
+            let features = device.model.frame_features(&device.window)?;
+            let summary = device
+                .reasoner
+                .summarise(&features, &reference, device.window.len(), seed::derive(device.domain.seed, 0xADE + 1))
+                .map_err(|e| RunError::Model(crate::ModelError::Input(e.to_string())))?;
+            summaries.push(summary);
+        }
+        let generator = self.cloud.generator.as_ref();
+        let mut single = Vec::with_capacity(repeats);
+        for i in 0..repeats {
+            let t0 = Instant::now();
+            generator.generate(&summaries[i % summaries.len()])?;
+            single.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        let mut batch = Vec::new();
+        for _ in 0..(repeats / 10).max(3) {
+            let t0 = Instant::now();
+            generator.generate_batch(&summaries)?;
+            batch.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        single.sort_by(f64::total_cmp);
+        batch.sort_by(f64::total_cmp);
+        let batch_ms = percentile(&batch, 0.5);
+        Ok(GenerationStats {
+            repeats,
+            p50_ms: percentile(&single, 0.5),
+            p99_ms: percentile(&single, 0.99),
+            batch_devices: summaries.len(),
+            batch_ms,
+            devices_per_second: summaries.len() as f64 / (batch_ms / 1e3),
+        })
+    }
+}
+
+/// File-system-safe, distinct form of a row name: its ASCII words and a hash of the whole
+/// (`β = 0` and `λ = 0` share their ASCII).
+fn slug(name: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let s: String =
+        name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect();
+    let words: Vec<&str> = s.split('-').filter(|p| !p.is_empty()).collect();
+    let hash: String = Sha256::digest(name.as_bytes()).iter().take(4).map(|b| format!("{b:02x}")).collect();
+    if words.is_empty() { hash } else { format!("{}-{hash}", words.join("-")) }
+}
+
+/// Runs the bench a deployment describes.
+pub fn bench(deployment: &Deployment, registry: &Registry, progress: &dyn Progress) -> Result<BenchReport, RunError> {
+    let started = Instant::now();
+    let composer = Composer::new(deployment, registry)?;
+    let data = composer.data_source()?;
+    let cloud = train_cloud(&composer, data.as_ref(), progress)?;
+    let adapters: Vec<(Box<dyn DeviceAdapter>, Option<String>)> = deployment
+        .bench
+        .baselines
+        .iter()
+        .map(|b| {
+            let factory = registry.adapter(&b.plugin)?;
+            let ctx =
+                BuildContext { seed: seed::derive_str(deployment.seed, "adapter"), device: composer.device.clone() };
+            let adapter = (factory.build)(&b.settings, &ctx).map_err(|error| RunError::Plugin {
+                kind: PluginKind::Adapter,
+                name: b.plugin.clone(),
+                error,
+            })?;
+            Ok((adapter, b.name.clone()))
+        })
+        .collect::<Result<_, RunError>>()?;
+    let max_labels = adapters.iter().map(|(a, _)| a.labels_needed()).max().unwrap_or(0);
+
+    let domains = deployment.device_domains();
+    progress.start("bench: draw devices, score static", domains.len() as u64);
+    let mut fleet = Vec::with_capacity(domains.len());
+    let mut labelled = Vec::with_capacity(domains.len());
+    for (_, domain) in &domains {
+        fleet.push(fleet_device(&composer, data.as_ref(), cloud.model.as_ref(), domain, deployment.fleet.eval_clips)?);
+        labelled.push(if max_labels == 0 {
+            Vec::new()
+        } else {
+            data.clips(domain, Split::Train, max_labels, seed::derive_str(domain.seed, "labelled"))?
+        });
+        progress.step(Some(domain.name.clone()));
+    }
+    progress.finish();
+    let harness = Harness { composer, data, cloud, fleet, labelled };
+    let generator_parameters = harness.cloud.generator.parameter_count();
+
+    // The method.
+    let cdc_devices = harness.cdc(&harness.composer, harness.cloud.generator.as_ref(), progress)?;
+    let slots = harness.cloud.model.schema().numel();
+    let per_device =
+        |f: fn(&DeviceReport) -> f64| cdc_devices.iter().map(f).sum::<f64>() / cdc_devices.len().max(1) as f64;
+    let cdc_detail = vec![
+        ("anchors".to_string(), per_device(|d| d.anchors as f64)),
+        ("feature_ms".to_string(), per_device(|d| d.feature_ms)),
+        ("summary_and_apply_ms".to_string(), per_device(|d| d.adaptation_ms - d.feature_ms)),
+    ];
+    let cdc_costs = |cloud_trainable| Costs { device_changed: slots, cloud_trainable, ..Costs::default() };
+    let mut methods = vec![row(CDC.into(), Family::Cdc, cdc_devices, cdc_costs(generator_parameters), cdc_detail)];
+    for (adapter, name) in &adapters {
+        let name = name.clone().unwrap_or_else(|| adapter.label());
+        methods.push(harness.baseline(adapter.as_ref(), name, progress)?);
+    }
+
+    // Ablations: named variants, then the K sweep.
+    let mut variants = deployment.bench.variants.clone();
+    for k in &deployment.bench.k_sweep {
+        let mut anchor = toml::Table::new();
+        anchor.insert("k".into(), toml::Value::Integer(*k as i64));
+        variants.push(Variant {
+            name: format!("K = {k}"),
+            anchor,
+            generator: toml::Table::new(),
+            download: None,
+            retrain: true,
+        });
+    }
+    let mut ablations = Vec::with_capacity(variants.len());
+    let mut k_sweep = Vec::new();
+    for variant in &variants {
+        let varied = deployment.with_variant(variant);
+        let composer = Composer::new(&varied, registry)?;
+        let trained = harness.variant_generator(&composer, variant, progress)?;
+        let generator = trained.as_deref().unwrap_or(harness.cloud.generator.as_ref());
+        let devices = harness.cdc(&composer, generator, progress)?;
+        let row =
+            row(variant.name.clone(), Family::Ablation, devices, cdc_costs(generator.parameter_count()), Vec::new());
+        if let Some(k) = deployment.bench.k_sweep.iter().find(|k| variant.name == format!("K = {k}")) {
+            k_sweep.push((*k, row.bytes_up, row.accuracy.mean));
+        }
+        ablations.push(row);
+    }
+
+    let mut timing_fleet = harness.fresh_fleet()?;
+    let generation = harness.generation_stats(&mut timing_fleet, deployment.bench.generation_repeats.max(1))?;
+    let stream = harness.stream(progress)?;
+    let report_cloud = cloud_report(&harness.cloud, generation.batch_ms);
+    let model_parameters = harness.cloud.model.parameter_count();
+    let raw_window_bytes =
+        harness.fleet.iter().map(|d| d.report.raw_window_bytes as f64).sum::<f64>() / harness.fleet.len().max(1) as f64;
+    let mut report = BenchReport {
+        deployment: deployment.file().to_string(),
+        seed: deployment.seed,
+        backend: format!("devices {:?}, cloud {:?}", harness.composer.device, harness.composer.training_device),
+        plugins: plugin_choices(deployment),
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cloud: report_cloud,
+        model_parameters,
+        raw_window_bytes,
+        shifted_devices: harness.fleet.iter().filter(|d| d.report.shifted).count(),
+        devices: harness.fleet.len(),
+        methods,
+        ablations,
+        k_sweep,
+        generation,
+        stream,
+        targets: Vec::new(),
+        seconds: 0.0,
+    };
+    report.targets = targets(&report);
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// The method's targets, measured against the report's rows.
+pub fn targets(report: &BenchReport) -> Vec<Target> {
+    let mut out = Vec::new();
+    let find = |name: &str| report.methods.iter().find(|m| m.method == name);
+    let Some(cdc) = find(CDC) else { return out };
+    let fta16 = report
+        .methods
+        .iter()
+        .filter(|m| m.method.starts_with("FTA@16"))
+        .max_by(|a, b| a.accuracy.mean.total_cmp(&b.accuracy.mean));
+    if let Some(fta) = fta16 {
+        out.push(Target {
+            name: format!("accuracy ≥ {} (shifted devices)", fta.method),
+            measured: format!("{:.1}% vs {:.1}%", 100.0 * cdc.accuracy.mean, 100.0 * fta.accuracy.mean),
+            met: cdc.accuracy.mean >= fta.accuracy.mean,
+        });
+    }
+    if let Some(fta) = find("FTA@16 (slots)").or(fta16) {
+        let ratio = fta.device_ms.mean / cdc.device_ms.mean;
+        out.push(Target {
+            name: format!("device adaptation time ≤ 1/1000 of {}", fta.method),
+            measured: format!("{:.2} ms vs {:.0} ms (1/{ratio:.0})", cdc.device_ms.mean, fta.device_ms.mean),
+            met: ratio >= 1000.0,
+        });
+    }
+    if let Some(stat) = find("static") {
+        let gain = 100.0 * (cdc.accuracy.mean - stat.accuracy.mean);
+        out.push(Target {
+            name: "accuracy ≥ static + 5 points".into(),
+            measured: format!(
+                "{:.1}% vs {:.1}% ({gain:+.1} points)",
+                100.0 * cdc.accuracy.mean,
+                100.0 * stat.accuracy.mean
+            ),
+            met: gain >= 5.0,
+        });
+    }
+    let up = report.raw_window_bytes / cdc.bytes_up;
+    out.push(Target {
+        name: "upload ≤ 1/50 of the raw window".into(),
+        measured: format!("{:.0} B vs {:.0} B (1/{up:.1})", cdc.bytes_up, report.raw_window_bytes),
+        met: up >= 50.0,
+    });
+    let model_bytes = 4.0 * report.model_parameters as f64;
+    let down = model_bytes / cdc.bytes_down;
+    out.push(Target {
+        name: "download ≤ 1/20 of the full model".into(),
+        measured: format!("{:.0} B vs {model_bytes:.0} B (1/{down:.1})", cdc.bytes_down),
+        met: down >= 20.0,
+    });
+    if !report.stream.is_empty() {
+        let worst = report.stream.iter().map(|s| s.adapted_accuracy - s.static_accuracy).fold(f64::INFINITY, f64::min);
+        out.push(Target {
+            name: "long stream: adapted never below static".into(),
+            measured: format!("worst stage {:+.1} points", 100.0 * worst),
+            met: worst >= 0.0,
+        });
+    }
+    out
+}
+
+fn pct(x: f64) -> String {
+    if x.is_nan() { "-".into() } else { format!("{:.1}", 100.0 * x) }
+}
+
+fn spread(s: &Spread) -> String {
+    format!("{} [{}, {}]", pct(s.mean), pct(s.p10), pct(s.p90))
+}
+
+fn bytes(b: Option<u64>) -> String {
+    match b {
+        None => "-".into(),
+        Some(b) if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        Some(b) => format!("{:.0} KiB", b as f64 / 1024.0),
+    }
+}
+
+fn method_table(rows: &[MethodRow], out: &mut String) {
+    out.push_str(
+        "| method | QA acc % mean [p10, p90] | R@1 | R@5 | R@10 | med. rank | device trainable | device changed | cloud trainable | labels | up B | down B | device ms mean [p10, p90] | device peak |\n",
+    );
+    out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for r in rows {
+        let (r1, r5, r10, mr) = match &r.retrieval {
+            Some(x) => (pct(x.r1.mean), pct(x.r5.mean), pct(x.r10.mean), format!("{:.1}", x.median_rank)),
+            None => ("-".into(), "-".into(), "-".into(), "-".into()),
+        };
+        let failures = if r.failures > 0 { format!(" ({} failed)", r.failures) } else { String::new() };
+        out.push_str(&format!(
+            "| {}{failures} | {} | {r1} | {r5} | {r10} | {mr} | {} | {} | {} | {} | {:.0} | {:.0} | {:.2} [{:.2}, {:.2}] | {} |\n",
+            r.method,
+            spread(&r.accuracy),
+            r.device_trainable_parameters,
+            r.device_changed_parameters,
+            r.cloud_trainable_parameters,
+            r.labels_per_device,
+            r.bytes_up,
+            r.bytes_down,
+            r.device_ms.mean,
+            r.device_ms.p10,
+            r.device_ms.p90,
+            bytes(r.device_peak_bytes),
+        ));
+    }
+}
+
+impl BenchReport {
+    /// The report as Markdown.
+    pub fn markdown(&self) -> String {
+        let mut out = String::new();
+        out.push_str(&format!("# mmpg bench: {}\n\n", self.deployment));
+        out.push_str(&format!(
+            "Seed {}, {} logical CPUs, {}; {} devices ({} shifted: figures are over these). Wall time {:.0} s.\n\n",
+            self.seed, self.cpus, self.backend, self.devices, self.shifted_devices, self.seconds
+        ));
+        out.push_str(&format!(
+            "Full device model: {} parameters ({} B as f32); raw window upload: {:.0} B; cloud model {} params, \
+             generator {} params{}.\n\n",
+            self.model_parameters,
+            4 * self.model_parameters,
+            self.raw_window_bytes,
+            self.cloud.model_parameters,
+            self.cloud.generator_parameters,
+            if self.cloud.from_checkpoint { " (loaded from checkpoint)" } else { "" },
+        ));
+        out.push_str("## Methods\n\n");
+        method_table(&self.methods, &mut out);
+        out.push('\n');
+        for r in self.methods.iter().filter(|r| !r.detail.is_empty()) {
+            let detail: Vec<String> = r.detail.iter().map(|(k, v)| format!("{k} {v:.3}")).collect();
+            out.push_str(&format!("- {}: {} (means over devices)\n", r.method, detail.join(", ")));
+        }
+        out.push_str(
+            "\nDevice trainable: parameters updated by gradient on the device. Device changed: parameters or \
+             statistics whose values change there. Cloud trainable: trained for this method beyond the shared \
+             static model. Device ms: adaptation only (CDC: features + anchors + validate/apply; FTA: all epochs).\n\n",
+        );
+        if !self.ablations.is_empty() {
+            out.push_str("## Ablations\n\n");
+            let base = self.methods.iter().find(|m| m.method == CDC).map(|m| m.accuracy.mean);
+            out.push_str("| variant | QA acc % | Δ vs CDC (points) | R@5 | up B | generator params |\n|---|---|---|---|---|---|\n");
+            for r in &self.ablations {
+                let delta = base.map_or("-".into(), |b| format!("{:+.1}", 100.0 * (r.accuracy.mean - b)));
+                let r5 = r.retrieval.map_or("-".into(), |x| pct(x.r5.mean));
+                out.push_str(&format!(
+                    "| {} | {} | {delta} | {r5} | {:.0} | {} |\n",
+                    r.method,
+                    spread(&r.accuracy),
+                    r.bytes_up,
+                    r.cloud_trainable_parameters
+                ));
+            }
+            out.push('\n');
+        }
+        if !self.k_sweep.is_empty() {
+            out.push_str("## K sweep (accuracy vs upload)\n\n| K | up B | QA acc % |\n|---|---|---|\n");
+            for (k, up, acc) in &self.k_sweep {
+                out.push_str(&format!("| {k} | {up:.0} | {} |\n", pct(*acc)));
+            }
+            out.push('\n');
+        }
+        let g = &self.generation;
+        out.push_str(&format!(
+            "## Generation (cloud)\n\nOne device: p50 {:.3} ms, p99 {:.3} ms over {} generations. Batch of {} devices: \
+             {:.3} ms median, {:.0} devices/s.\n\n",
+            g.p50_ms, g.p99_ms, g.repeats, g.batch_devices, g.batch_ms, g.devices_per_second
+        ));
+        if !self.stream.is_empty() {
+            out.push_str("## Long stream\n\n| stage | shift | static % | adapted % |\n|---|---|---|---|\n");
+            for s in &self.stream {
+                out.push_str(&format!(
+                    "| {} | {} | {} | {} |\n",
+                    s.stage,
+                    s.shift,
+                    pct(s.static_accuracy),
+                    pct(s.adapted_accuracy)
+                ));
+            }
+            out.push('\n');
+        }
+        out.push_str("## Targets\n\n| target | measured | met |\n|---|---|---|\n");
+        for t in &self.targets {
+            out.push_str(&format!("| {} | {} | {} |\n", t.name, t.measured, if t.met { "yes" } else { "**no**" }));
+        }
+        out.push_str("\n## Per device (QA accuracy %)\n\n| device | shift |");
+        for m in &self.methods {
+            out.push_str(&format!(" {} |", m.method));
+        }
+        out.push_str("\n|---|---|");
+        out.push_str(&"---|".repeat(self.methods.len()));
+        out.push('\n');
+        if let Some(first) = self.methods.first() {
+            for (i, d) in first.devices.iter().enumerate() {
+                out.push_str(&format!("| {} | {} |", d.device, d.shift));
+                for m in &self.methods {
+                    out.push_str(&format!(" {} |", m.devices.get(i).map_or("-".into(), |x| pct(x.adapted_accuracy))));
+                }
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_interpolate() {
+        let s = Spread::of(&[4.0, 1.0, 3.0, 2.0, 5.0]);
+        assert_eq!(s.mean, 3.0);
+        assert!((s.p10 - 1.4).abs() < 1e-12);
+        assert!((s.p90 - 4.6).abs() < 1e-12);
+        assert_eq!(Spread::of(&[7.0]).p90, 7.0);
+        assert!(Spread::of(&[]).mean.is_nan());
+    }
+
+    #[test]
+    fn slugs_are_distinct_file_names() {
+        assert_ne!(slug("β = 0"), slug("λ = 0"));
+        assert!(slug("K = 16").starts_with("k-16-"));
+        assert!(slug("ADR random").chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+    }
+}

@@ -1,0 +1,119 @@
+//! `mmpg bench` as a user runs it: one command, every method on the same devices, a Markdown
+//! and JSON report and the plots.
+
+use std::process::Command;
+
+use mmpg::bench::{BenchReport, CDC, Family};
+
+const TINY_BENCH: &str = r#"
+seed = 3
+[cloud.training]
+pretrain_steps = 40
+generator_steps = 12
+source_domains = 8
+[fleet]
+window_clips = 8
+eval_clips = 48
+shifts = [
+  { kind = "contrast", severity = 5 },
+  { kind = "brightness", severity = 4 },
+  { kind = "clean" },
+]
+[bench]
+k_sweep = [2]
+generation_repeats = 20
+stream_eval_clips = 32
+stream = [{ kind = "blur", severity = 2 }, { kind = "blur", severity = 5 }]
+[[bench.baselines]]
+plugin = "static"
+[[bench.baselines]]
+plugin = "fta"
+settings = { labels = 4, max_epochs = 2 }
+[[bench.baselines]]
+plugin = "fta"
+name = "FTA all"
+settings = { labels = 4, max_epochs = 2, scope = "all" }
+[[bench.baselines]]
+plugin = "feature-stats"
+[[bench.baselines]]
+plugin = "t3a"
+[[bench.variants]]
+name = "β = 0"
+generator = { beta = 0.0 }
+[[bench.variants]]
+name = "int8 (serve-time)"
+anchor = { quantisation = "int8" }
+retrain = false
+"#;
+
+#[test]
+fn bench_writes_every_row_table_and_plot() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("tiny.toml");
+    std::fs::write(&config, TINY_BENCH).expect("write config");
+    let out_dir = dir.path().join("out");
+    let out = Command::new(env!("CARGO_BIN_EXE_mmpg"))
+        .args(["bench", config.to_str().expect("utf-8"), "--out", out_dir.to_str().expect("utf-8")])
+        .output()
+        .expect("mmpg runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+
+    let markdown = std::fs::read_to_string(out_dir.join("report.md")).expect("report.md");
+    for section in ["## Methods", "## Ablations", "## K sweep", "## Generation", "## Long stream", "## Targets"] {
+        assert!(markdown.contains(section), "{section} missing:\n{markdown}");
+    }
+    let report: BenchReport =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("report.json")).expect("json")).expect("parses");
+    for plot in ["accuracy_vs_severity.png", "accuracy_vs_upload.png", "fta_vs_labels.png"] {
+        let bytes = std::fs::read(out_dir.join(plot)).unwrap_or_default();
+        assert!(bytes.starts_with(b"\x89PNG"), "{plot} is not a PNG ({stderr})");
+    }
+
+    let names: Vec<&str> = report.methods.iter().map(|m| m.method.as_str()).collect();
+    assert_eq!(names, [CDC, "static", "FTA@4 (slots)", "FTA all", "BN / feature stats", "T3A"]);
+    let row = |name: &str| report.methods.iter().find(|m| m.method == name).expect("row");
+    let (cdc, stat, fta, fta_all) = (row(CDC), row("static"), row("FTA@4 (slots)"), row("FTA all"));
+    assert_eq!(report.devices, 3);
+    assert_eq!(report.shifted_devices, 2);
+
+    // Same devices for every method: the static row is the static model, device by device.
+    for d in &stat.devices {
+        assert_eq!(d.adapted_accuracy, d.static_accuracy);
+    }
+    for m in &report.methods {
+        let statics: Vec<f64> = m.devices.iter().map(|d| d.static_accuracy).collect();
+        assert_eq!(statics, stat.devices.iter().map(|d| d.static_accuracy).collect::<Vec<_>>(), "{}", m.method);
+        assert_eq!(
+            m.failures,
+            0,
+            "{}: {:?}",
+            m.method,
+            m.devices.iter().filter_map(|d| d.error.as_ref()).collect::<Vec<_>>()
+        );
+    }
+
+    // Costs are what each method claims.
+    assert_eq!(cdc.family, Family::Cdc);
+    assert_eq!((cdc.device_trainable_parameters, cdc.labels_per_device), (0, 0));
+    assert_eq!(cdc.cloud_trainable_parameters, report.cloud.generator_parameters);
+    assert!(cdc.bytes_up > 0.0 && cdc.bytes_down > 0.0);
+    assert_eq!((fta.labels_per_device, fta.bytes_up, fta.bytes_down), (4, 0.0, 0.0));
+    assert_eq!(fta.device_trainable_parameters, report.cloud.slot_parameters);
+    assert!(fta_all.device_trainable_parameters > fta.device_trainable_parameters);
+    assert!(fta.device_peak_bytes.is_some_and(|b| b > 0), "the binary counts heap bytes");
+
+    // Ablations: the retrained variant, the serve-time one, the K sweep.
+    let ablations: Vec<&str> = report.ablations.iter().map(|m| m.method.as_str()).collect();
+    assert_eq!(ablations, ["β = 0", "int8 (serve-time)", "K = 2"]);
+    assert!(report.ablations[1].bytes_up < cdc.bytes_up, "int8 anchors upload less than f16");
+    assert_eq!(report.k_sweep.len(), 1);
+    assert_eq!(report.k_sweep[0].0, 2);
+    assert!(report.k_sweep[0].1 < cdc.bytes_up);
+
+    assert_eq!(report.stream.len(), 2);
+    assert!(report.generation.p50_ms <= report.generation.p99_ms);
+    assert!(report.generation.devices_per_second > 0.0);
+    assert!(report.targets.iter().any(|t| t.name.starts_with("upload")));
+    assert!(report.targets.iter().any(|t| t.name.starts_with("long stream")));
+}
