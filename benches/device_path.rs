@@ -21,7 +21,7 @@ fn features(n: usize, d: usize) -> HostTensor {
 
 fn anchor_selection(c: &mut Criterion) {
     let mut group = c.benchmark_group("adr_summarise");
-    let adr = Adr::new(AdrSettings { k: 8, strategy: Strategy::KCenter, quantisation: Quantisation::F16 })
+    let adr = Adr::new(AdrSettings { k: 8, strategy: Strategy::KCenter, quantisation: Quantisation::F16, text_k: 0 })
         .expect("valid settings");
     for n in [64, 256, 1024] {
         let f = features(n, 64);
@@ -66,6 +66,7 @@ fn device_model(c: &mut Criterion) {
         schema: cloud.schema().clone(),
         base_params: cloud.base_params(),
         feature_dim: cloud.feature_dim(),
+        text_dim: cloud.text_dim(),
     };
     let generator = mmpg_fda::Fda::new(Default::default(), &ctx).expect("generator");
     let adr = Adr::new(AdrSettings::default()).expect("valid settings");

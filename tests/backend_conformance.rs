@@ -74,6 +74,7 @@ fn fda_generation_matches_cpu() {
             schema: cloud.schema().clone(),
             base_params: cloud.base_params(),
             feature_dim: cloud.feature_dim(),
+            text_dim: cloud.text_dim(),
         };
         with_burn_seed(5, || Fda::new(FdaSettings::default(), &ctx)).expect("generator")
     };

@@ -25,6 +25,7 @@ fn summary(values: &[f32], d: usize) -> AnchorSummary {
         var: stats.std.iter().map(|s| s * s).collect(),
         frames: k as u32,
         clips: 1,
+        text_anchors: None,
     }
 }
 

@@ -187,6 +187,10 @@ pub struct AnchorSummary {
     pub frames: u32,
     /// Clips in the window.
     pub clips: u32,
+    /// `[Kt, e]` question embeddings of the window (text-side anchors), quantised like the
+    /// frame anchors; absent when the reasoner or the model does not provide them.
+    #[serde(default)]
+    pub text_anchors: Option<QuantisedTensor>,
 }
 
 impl AnchorSummary {
@@ -214,6 +218,15 @@ impl AnchorSummary {
         }
         Ok(self.anchors.dequantise()?)
     }
+
+    /// Decodes the text-side anchors, if any, checking they are a non-empty `[Kt, e]` matrix.
+    pub fn decoded_text_anchors(&self) -> Result<Option<HostTensor>, AnchorError> {
+        let Some(text) = &self.text_anchors else { return Ok(None) };
+        if text.shape.len() != 2 || text.shape[0] == 0 || text.shape[1] == 0 {
+            return Err(AnchorError::TextShape(text.shape.clone()));
+        }
+        Ok(Some(text.dequantise()?))
+    }
 }
 
 /// Why a window could not be summarised or a summary could not be read.
@@ -238,6 +251,9 @@ pub enum AnchorError {
         /// Rows in the window.
         rows: usize,
     },
+    /// Text anchors are not a non-empty matrix.
+    #[error("text anchors must be a non-empty [Kt, e] matrix, found {0:?}")]
+    TextShape(Vec<usize>),
     /// Moments are non-finite or negative variances.
     #[error("summary moments are non-finite or negative")]
     BadMoments,
@@ -291,7 +307,39 @@ pub trait AnchorReasoner: Send + Sync {
             var: stats.std.iter().map(|s| s * s).collect(),
             frames: u32::try_from(n).unwrap_or(u32::MAX),
             clips: u32::try_from(clips).unwrap_or(u32::MAX),
+            text_anchors: None,
         })
+    }
+
+    /// Text-side anchors uploaded beside the frame anchors (0: none).
+    fn text_anchor_count(&self) -> usize {
+        0
+    }
+
+    /// Picks [`AnchorReasoner::text_anchor_count`] rows of the window's `[n, e]` question
+    /// embeddings with the reasoner's own strategy (its first picks) and encodes them; `None`
+    /// when the reasoner sends no text anchors.
+    fn summarise_text(&self, text_features: &HostTensor, seed: u64) -> Result<Option<QuantisedTensor>, AnchorError> {
+        let k = self.text_anchor_count();
+        if k == 0 {
+            return Ok(None);
+        }
+        let [n, e] = text_features.shape() else {
+            return Err(AnchorError::TextShape(text_features.shape().to_vec()));
+        };
+        let (n, e) = (*n, *e);
+        if n == 0 || e == 0 {
+            return Err(AnchorError::Empty);
+        }
+        let mut picked = self.select(text_features, seed)?;
+        picked.truncate(k);
+        if let Some(index) = picked.iter().copied().find(|i| *i >= n) {
+            return Err(AnchorError::Selection { index, rows: n });
+        }
+        let values = text_features.values();
+        let gathered: Vec<f32> = picked.iter().flat_map(|i| values[i * e..(i + 1) * e].iter().copied()).collect();
+        let anchors = HostTensor::new(vec![picked.len(), e], gathered)?;
+        Ok(Some(QuantisedTensor::quantise(&anchors, self.quantisation())))
     }
 }
 

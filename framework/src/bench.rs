@@ -421,10 +421,16 @@ impl Harness<'_> {
         let mut summaries = Vec::with_capacity(fleet.len());
         for device in fleet.iter() {
             let features = device.model.frame_features(&device.window)?;
-            let summary = device
-                .reasoner
-                .summarise(&features, &reference, device.window.len(), seed::derive(device.domain.seed, 0xADE + 1))
-                .map_err(|e| RunError::Model(crate::ModelError::Input(e.to_string())))?;
+            let seed = seed::derive(device.domain.seed, 0xADE + 1);
+            let summary = crate::runtime::summarise_window(
+                device.model.as_ref(),
+                device.reasoner.as_ref(),
+                &device.window,
+                &features,
+                &reference,
+                seed,
+            )
+            .map_err(|e| RunError::Model(crate::ModelError::Input(e.to_string())))?;
             summaries.push(summary);
         }
         let generator = self.cloud.generator.as_ref();

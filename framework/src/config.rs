@@ -776,7 +776,8 @@ impl Deployment {
         // How parameters travel does not change what training produces.
         cloud.download = Quantisation::F32;
         let canonical = serde_json::json!({
-            "version": 1,
+            // 2: summaries carry text-side anchors and the FDA encodes them.
+            "version": 2,
             "seed": self.seed,
             "data": self.data,
             "model": self.model,

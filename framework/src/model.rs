@@ -66,6 +66,11 @@ pub trait DeviceModel: Send {
     /// Installs validated values. Must change nothing if it fails.
     fn install(&mut self, params: &ValidatedParams) -> Result<(), ModelError>;
 
+    /// Question embeddings `[n, e]` of `clips` (what text-side anchors summarise).
+    fn text_features(&self, _clips: &[Clip]) -> Result<HostTensor, ModelError> {
+        Err(ModelError::Unsupported { model: self.name().into(), capability: "text features" })
+    }
+
     /// Joint-space embeddings for retrieval.
     fn retrieval_embeddings(&self, _clips: &[Clip]) -> Result<RetrievalEmbeddings, ModelError> {
         Err(ModelError::Unsupported { model: self.name().into(), capability: "retrieval" })
@@ -214,6 +219,16 @@ pub trait CloudModel: Send {
 
     /// Frame features `[n·T, d]` as a device computes them.
     fn frame_features(&self, clips: &[Clip]) -> Result<HostTensor, ModelError>;
+
+    /// Dimension e of question embeddings, when the model offers [`CloudModel::text_features`].
+    fn text_dim(&self) -> Option<usize> {
+        None
+    }
+
+    /// Question embeddings `[n, e]` as a device computes them.
+    fn text_features(&self, _clips: &[Clip]) -> Result<HostTensor, ModelError> {
+        Err(ModelError::Unsupported { model: "cloud model".into(), capability: "text features" })
+    }
 
     /// Mean QA cross-entropy of labelled `clips` with the given slot values, differentiable
     /// with respect to `slots` (the static part is frozen).

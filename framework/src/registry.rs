@@ -150,6 +150,8 @@ pub struct GeneratorContext {
     pub base_params: GeneratedParams,
     /// Dimension of summary features.
     pub feature_dim: usize,
+    /// Dimension of text-side anchors, when the model embeds questions.
+    pub text_dim: Option<usize>,
 }
 
 /// A named factory of plugins of type `T`, built with context `C`.

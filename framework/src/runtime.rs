@@ -165,6 +165,7 @@ impl<'a> Composer<'a> {
             schema: model.schema().clone(),
             base_params: model.base_params(),
             feature_dim: model.feature_dim(),
+            text_dim: model.text_dim(),
         };
         seed::with_burn_seed(ctx.base.seed, || (factory.build)(&cloud.settings, &ctx))
             .map_err(plugin_error(PluginKind::Generator, &cloud.generator))
@@ -349,16 +350,17 @@ pub(crate) fn adapt_fleet(
         let (summary, peak) = crate::memory::peak_during(|| {
             let features = device.model.frame_features(&device.window);
             device.report.feature_ms = t0.elapsed().as_secs_f64() * 1e3;
+            let seed = seed::derive(device.domain.seed, 0xADE + round);
             features.map_err(|e| e.to_string()).and_then(|features| {
-                device
-                    .reasoner
-                    .summarise(
-                        &features,
-                        reference,
-                        device.window.len(),
-                        seed::derive(device.domain.seed, 0xADE + round),
-                    )
-                    .map_err(|e| e.to_string())
+                summarise_window(
+                    device.model.as_ref(),
+                    device.reasoner.as_ref(),
+                    &device.window,
+                    &features,
+                    reference,
+                    seed,
+                )
+                .map_err(|e| e.to_string())
             })
         });
         device.report.adaptation_ms += t0.elapsed().as_secs_f64() * 1e3;
@@ -422,6 +424,38 @@ pub(crate) fn adapt_fleet(
         }
     }
     Ok(generation_ms)
+}
+
+/// Why a window could not be summarised.
+#[derive(Debug, thiserror::Error)]
+pub enum SummaryError {
+    /// Anchor reasoning failed.
+    #[error(transparent)]
+    Anchor(#[from] crate::AnchorError),
+    /// The model failed to embed the window's questions.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+/// A window's summary: frame anchors from `features`, and text-side anchors when the reasoner
+/// sends them and the model embeds questions (an optional capability of both).
+pub fn summarise_window(
+    model: &dyn DeviceModel,
+    reasoner: &dyn AnchorReasoner,
+    window: &[Clip],
+    features: &crate::HostTensor,
+    reference: &crate::FeatureStats,
+    seed: u64,
+) -> Result<crate::AnchorSummary, SummaryError> {
+    let mut summary = reasoner.summarise(features, reference, window.len(), seed)?;
+    if reasoner.text_anchor_count() > 0 {
+        match model.text_features(window) {
+            Ok(text) => summary.text_anchors = reasoner.summarise_text(&text, seed::derive(seed, 0x7E77))?,
+            Err(ModelError::Unsupported { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(summary)
 }
 
 /// Runs a deployment end to end.

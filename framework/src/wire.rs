@@ -336,11 +336,16 @@ pub fn encode_summary(summary: &AnchorSummary) -> Vec<u8> {
         ("mean".to_string(), Dtype::F32, vec![d], f32_bytes(&summary.mean)),
         ("var".to_string(), Dtype::F32, vec![summary.var.len()], f32_bytes(&summary.var)),
     ];
-    let metadata = BTreeMap::from([
+    let mut metadata = BTreeMap::from([
         ("scale".to_string(), format!("{:e}", summary.anchors.scale)),
         ("frames".to_string(), summary.frames.to_string()),
         ("clips".to_string(), summary.clips.to_string()),
     ]);
+    let mut tensors = tensors;
+    if let Some(text) = &summary.text_anchors {
+        tensors.push(("text_anchors".to_string(), dtype_of(text.quantisation), text.shape.clone(), text.bytes.clone()));
+        metadata.insert("text_scale".to_string(), format!("{:e}", text.scale));
+    }
     serialize(tensors, metadata)
 }
 
@@ -369,8 +374,18 @@ pub fn decode_summary(payload: &[u8]) -> Result<AnchorSummary, WireError> {
         var: read_f32(&get("var")?, "var")?.into_values(),
         frames,
         clips,
+        text_anchors: match st.tensor("text_anchors") {
+            Err(_) => None,
+            Ok(view) => Some(QuantisedTensor {
+                quantisation: quantisation_of(view.dtype(), "text_anchors")?,
+                shape: view.shape().to_vec(),
+                bytes: view.data().to_vec(),
+                scale: field("text_scale")?.parse().map_err(|_| bad("text_scale"))?,
+            }),
+        },
     };
     summary.decoded_anchors().map_err(|e| WireError::Content(e.to_string()))?;
+    summary.decoded_text_anchors().map_err(|e| WireError::Content(e.to_string()))?;
     Ok(summary)
 }
 
@@ -387,6 +402,7 @@ mod tests {
             var: vec![1.0, 0.5],
             frames: 12,
             clips: 3,
+            text_anchors: None,
         }
     }
 
@@ -398,6 +414,11 @@ mod tests {
             let back = Envelope::decode(&env.encode()).expect("decodes");
             assert_eq!(back, env);
             assert_eq!(back.to_summary().expect("summary"), s);
+            let text = HostTensor::new(vec![2, 3], vec![0.25, -0.5, 1.0, 2.0, 0.0, -1.5]).expect("fits");
+            let with_text = AnchorSummary { text_anchors: Some(QuantisedTensor::quantise(&text, q)), ..s };
+            let env = Envelope::summary(DeviceId("cam-1".into()), 8, SchemaHash(42), &with_text);
+            let back = Envelope::decode(&env.encode()).expect("decodes").to_summary().expect("summary");
+            assert_eq!(back, with_text);
         }
     }
 

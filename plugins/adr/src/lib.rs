@@ -37,11 +37,14 @@ pub struct AdrSettings {
     pub strategy: Strategy,
     /// Upload encoding of the anchors.
     pub quantisation: Quantisation,
+    /// Text-side anchors: question embeddings of the window picked by the same strategy (at
+    /// most `k`; 0 sends none).
+    pub text_k: usize,
 }
 
 impl Default for AdrSettings {
     fn default() -> Self {
-        Self { k: 8, strategy: Strategy::KCenter, quantisation: Quantisation::F16 }
+        Self { k: 8, strategy: Strategy::KCenter, quantisation: Quantisation::F16, text_k: 4 }
     }
 }
 
@@ -184,6 +187,10 @@ impl AnchorReasoner for Adr {
     fn quantisation(&self) -> Quantisation {
         self.settings.quantisation
     }
+
+    fn text_anchor_count(&self) -> usize {
+        self.settings.text_k.min(self.settings.k)
+    }
 }
 
 fn build(settings: &toml::Table, _ctx: &BuildContext) -> Result<Box<dyn AnchorReasoner>, PluginError> {
@@ -241,8 +248,9 @@ mod tests {
 
     #[test]
     fn summaries_standardise_against_the_reference() {
-        let adr = Adr::new(AdrSettings { k: 2, strategy: Strategy::KCenter, quantisation: Quantisation::F32 })
-            .expect("valid");
+        let adr =
+            Adr::new(AdrSettings { k: 2, strategy: Strategy::KCenter, quantisation: Quantisation::F32, text_k: 0 })
+                .expect("valid");
         let reference = FeatureStats { mean: vec![1.0, 1.0], std: vec![2.0, 2.0] };
         let s = adr.summarise(&features(2, 2, vec![1.0, 1.0, 5.0, 5.0]), &reference, 1, 0).expect("summary");
         let anchors = s.decoded_anchors().expect("decodes");
@@ -252,12 +260,35 @@ mod tests {
 
     proptest! {
         #[test]
+        fn text_anchors_are_rows_of_the_questions_and_at_most_text_k(
+            n in 1usize..20, e in 1usize..5, k in 1usize..8, text_k in 0usize..10,
+            values in prop::collection::vec(-3f32..3f32, 100),
+        ) {
+            let adr = Adr::new(AdrSettings { k, text_k, ..AdrSettings::default() }).expect("valid");
+            let text = features(n, e, values[..n * e].to_vec());
+            let picked = adr.summarise_text(&text, 3).expect("summarised");
+            match picked {
+                None => prop_assert_eq!(text_k, 0),
+                Some(q) => {
+                    let rows = q.dequantise().expect("decodes");
+                    prop_assert!(rows.shape()[0] <= text_k.min(k).min(n) && rows.shape()[0] >= 1);
+                    prop_assert_eq!(rows.shape()[1], e);
+                    let f16 = |v: f32| half::f16::from_f32(v).to_f32();
+                    for row in rows.rows().into_iter().flatten() {
+                        let found = text.rows().into_iter().flatten().any(|r| r.iter().zip(row).all(|(a, b)| f16(*a) == *b));
+                        prop_assert!(found, "{row:?} is not a question row");
+                    }
+                }
+            }
+        }
+
+        #[test]
         fn selections_are_distinct_in_range_and_at_most_k(
             n in 1usize..40, d in 1usize..6, k in 1usize..12, seed in any::<u64>(),
             strategy in prop_oneof![Just(Strategy::KCenter), Just(Strategy::KmeansPlusPlus), Just(Strategy::Random)],
             values in prop::collection::vec(-3f32..3f32, 240),
         ) {
-            let adr = Adr::new(AdrSettings { k, strategy, quantisation: Quantisation::F16 }).expect("valid");
+            let adr = Adr::new(AdrSettings { k, strategy, quantisation: Quantisation::F16, text_k: 0 }).expect("valid");
             let picked = adr.select(&features(n, d, values[..n * d].to_vec()), seed).expect("non-empty");
             prop_assert!(picked.len() <= k.min(n) && !picked.is_empty());
             prop_assert!(picked.iter().all(|i| *i < n));

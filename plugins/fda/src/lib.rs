@@ -85,6 +85,9 @@ impl Default for FdaSettings {
 pub struct FdaNet<B: burn::tensor::backend::Backend> {
     phi1: Linear<B>,
     phi2: Linear<B>,
+    /// The text-side set encoder, when the model embeds questions.
+    text_phi1: Option<Linear<B>>,
+    text_phi2: Option<Linear<B>>,
     rho: Linear<B>,
     mu: Linear<B>,
     logvar: Linear<B>,
@@ -98,6 +101,12 @@ pub struct FdaNet<B: burn::tensor::backend::Backend> {
 /// `Some((rows, cols, rank))` for a slot decoded in low-rank form.
 type Layout = Option<(usize, usize, usize)>;
 
+/// A summary's anchors, decoded and checked.
+struct Decoded {
+    anchors: HostTensor,
+    text: Option<HostTensor>,
+}
+
 /// Encoder outputs for a batch of summaries.
 struct Encoded<B: burn::tensor::backend::Backend> {
     mu: Tensor<B, 2>,
@@ -107,14 +116,27 @@ struct Encoded<B: burn::tensor::backend::Backend> {
 }
 
 impl<B: burn::tensor::backend::Backend> FdaNet<B> {
-    fn encode(&self, summaries: &[(HostTensor, &AnchorSummary)], device: &B::Device) -> Encoded<B> {
+    fn encode(&self, summaries: &[(Decoded, &AnchorSummary)], device: &B::Device) -> Encoded<B> {
+        let set = |rows: &HostTensor, phi1: &Linear<B>, phi2: &Linear<B>| {
+            let [k, d] = [rows.shape()[0], rows.shape()[1]];
+            let a = Tensor::<B, 2>::from_data(TensorData::new(rows.values().to_vec(), [k, d]), device);
+            relu(phi2.forward(relu(phi1.forward(a)))).mean_dim(0)
+        };
         let pooled: Vec<Tensor<B, 2>> = summaries
             .iter()
-            .map(|(anchors, _)| {
-                let [k, d] = [anchors.shape()[0], anchors.shape()[1]];
-                let a = Tensor::<B, 2>::from_data(TensorData::new(anchors.values().to_vec(), [k, d]), device);
-                let h = relu(self.phi2.forward(relu(self.phi1.forward(a))));
-                h.mean_dim(0)
+            .map(|(decoded, _)| {
+                let frames = set(&decoded.anchors, &self.phi1, &self.phi2);
+                match (&self.text_phi1, &self.text_phi2) {
+                    (Some(t1), Some(t2)) => {
+                        // A summary without text anchors pools to zeros: the branch is silent.
+                        let text = match &decoded.text {
+                            Some(text) => set(text, t1, t2),
+                            None => Tensor::zeros([1, t2.weight.dims()[1]], device),
+                        };
+                        Tensor::cat(vec![frames, text], 1)
+                    }
+                    _ => frames,
+                }
             })
             .collect();
         let stats_values: Vec<f32> = summaries
@@ -163,6 +185,7 @@ pub struct Fda {
     bounds: Vec<f64>,
     layouts: Vec<Layout>,
     feature_dim: usize,
+    text_dim: Option<usize>,
     net: FdaNet<DB>,
     device: BurnDevice,
     seed: u64,
@@ -222,7 +245,9 @@ impl Fda {
         let net = FdaNet {
             phi1: LinearConfig::new(d, e).init(device),
             phi2: LinearConfig::new(e, e).init(device),
-            rho: LinearConfig::new(e + 2 * d, e).init(device),
+            text_phi1: ctx.text_dim.map(|t| LinearConfig::new(t, e).init(device)),
+            text_phi2: ctx.text_dim.map(|_| LinearConfig::new(e, e).init(device)),
+            rho: LinearConfig::new(e + 2 * d + ctx.text_dim.map_or(0, |_| e), e).init(device),
             mu: LinearConfig::new(e, z).init(device),
             logvar: LinearConfig::new(e, z).init(device),
             decoders: ctx
@@ -242,20 +267,30 @@ impl Fda {
             bounds,
             layouts,
             feature_dim: d,
+            text_dim: ctx.text_dim,
             net: relocate(materialise(net), &ctx.base.device),
             device: ctx.base.device.clone(),
             seed: ctx.base.seed,
         })
     }
 
-    fn check(&self, summaries: &[AnchorSummary]) -> Result<Vec<HostTensor>, GeneratorError> {
+    fn check(&self, summaries: &[AnchorSummary]) -> Result<Vec<Decoded>, GeneratorError> {
         summaries
             .iter()
             .map(|s| {
                 if s.dim() != self.feature_dim {
                     return Err(GeneratorError::Dimension { expected: self.feature_dim, found: s.dim() });
                 }
-                Ok(s.decoded_anchors()?)
+                let anchors = s.decoded_anchors()?;
+                // Text anchors are read only by a generator with a text branch of their width.
+                let text = match (s.decoded_text_anchors()?, self.text_dim) {
+                    (Some(text), Some(e)) if text.shape()[1] == e => Some(text),
+                    (Some(text), Some(e)) => {
+                        return Err(GeneratorError::Dimension { expected: e, found: text.shape()[1] });
+                    }
+                    _ => None,
+                };
+                Ok(Decoded { anchors, text })
             })
             .collect()
     }
@@ -312,7 +347,7 @@ impl ParameterGenerator for Fda {
         let anchors = self.check(summaries)?;
         let device = inference_device(&self.device);
         let net = relocate(self.net.clone(), &device);
-        let pairs: Vec<(HostTensor, &AnchorSummary)> = anchors.into_iter().zip(summaries).collect();
+        let pairs: Vec<(Decoded, &AnchorSummary)> = anchors.into_iter().zip(summaries).collect();
         let encoded = net.encode(&pairs, &device);
         let deltas = net.deltas(encoded.mu, &self.bounds, &self.layouts);
         let mut out: Vec<BTreeMap<String, HostTensor>> = vec![BTreeMap::new(); summaries.len()];
@@ -348,11 +383,17 @@ impl ParameterGenerator for Fda {
                 let domain = &ctx.domains[rng.random_range(0..ctx.domains.len())];
                 let window = ctx.data.clips(domain, Split::Stream, ctx.window_clips, rng.random())?;
                 let features = ctx.model.frame_features(&window)?;
-                summaries.push(ctx.reasoner.summarise(&features, &reference, window.len(), rng.random())?);
+                let mut summary = ctx.reasoner.summarise(&features, &reference, window.len(), rng.random())?;
+                // Episodes summarise exactly as devices do, text-side anchors included.
+                if self.text_dim.is_some() && ctx.reasoner.text_anchor_count() > 0 {
+                    summary.text_anchors =
+                        ctx.reasoner.summarise_text(&ctx.model.text_features(&window)?, rng.random())?;
+                }
+                summaries.push(summary);
                 batches.push(ctx.data.clips(domain, Split::Train, ctx.plan.batch, rng.random())?);
             }
             let anchors = self.check(&summaries)?;
-            let pairs: Vec<(HostTensor, &AnchorSummary)> = anchors.into_iter().zip(&summaries).collect();
+            let pairs: Vec<(Decoded, &AnchorSummary)> = anchors.into_iter().zip(&summaries).collect();
             let enc = net.encode(&pairs, &self.device);
             let [s, zdim] = enc.mu.dims();
             let eps = Tensor::<DB, 2>::from_data(

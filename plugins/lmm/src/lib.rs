@@ -491,6 +491,16 @@ impl CloudModel for LmmCloud {
         Ok(HostTensor::from_burn(net.frame_features(x.frames, net.base_film.val())))
     }
 
+    fn text_dim(&self) -> Option<usize> {
+        Some(self.geo.settings.feature_dim)
+    }
+
+    fn text_features(&self, clips: &[Clip]) -> Result<HostTensor, ModelError> {
+        let net = self.valid_net();
+        let x = inputs::<DB>(&self.geo, clips, &inference_device(&self.device))?;
+        Ok(HostTensor::from_burn(net.text(x.questions)))
+    }
+
     fn task_loss(&self, slots: &SlotTensors, clips: &[Clip]) -> Result<Tensor<DB, 1>, ModelError> {
         let slots = slots_from_map(slots)?;
         let x = inputs::<DB>(&self.geo, clips, &self.device)?;
@@ -592,6 +602,11 @@ impl DeviceModel for LmmDevice {
     fn frame_features(&self, clips: &[Clip]) -> Result<HostTensor, ModelError> {
         let x = inputs::<DB>(&self.geo, clips, &self.device)?;
         Ok(HostTensor::from_burn(self.net.frame_features(x.frames, self.net.base_film.val())))
+    }
+
+    fn text_features(&self, clips: &[Clip]) -> Result<HostTensor, ModelError> {
+        let x = inputs::<DB>(&self.geo, clips, &self.device)?;
+        Ok(HostTensor::from_burn(self.net.text(x.questions)))
     }
 
     fn retrieval_embeddings(&self, clips: &[Clip]) -> Result<RetrievalEmbeddings, ModelError> {
