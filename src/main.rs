@@ -22,6 +22,7 @@ static ALLOCATOR: mmpg::memory::PeakAllocator = mmpg::memory::PeakAllocator;
 use mmpg_adr as _;
 use mmpg_backends as _;
 use mmpg_baselines as _;
+use mmpg_fashion as _;
 use mmpg_fda as _;
 use mmpg_lmm as _;
 use mmpg_synthetic as _;

@@ -31,7 +31,9 @@ fn validate_reports_every_error_with_line_and_key_path_and_exits_2() {
 
 #[test]
 fn validate_accepts_the_shipped_examples() {
-    for (example, devices) in [("examples/quickstart.toml", 8), ("examples/bench-synthetic.toml", 14)] {
+    for (example, devices) in
+        [("examples/quickstart.toml", 8), ("examples/bench-synthetic.toml", 14), ("examples/bench-fashion.toml", 11)]
+    {
         let (code, stdout, stderr) = mmpg(&["validate", example]);
         assert_eq!(code, 0, "{example}: {stderr}");
         assert!(stdout.contains(&format!("ok ({devices} devices)")), "{stdout}");

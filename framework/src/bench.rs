@@ -729,15 +729,18 @@ impl BenchReport {
         if !self.ablations.is_empty() {
             out.push_str("## Ablations\n\n");
             let base = self.methods.iter().find(|m| m.method == CDC).map(|m| m.accuracy.mean);
-            out.push_str("| variant | QA acc % | Δ vs CDC (points) | R@5 | up B | generator params |\n|---|---|---|---|---|---|\n");
+            out.push_str(
+                "| variant | QA acc % | Δ vs CDC (points) | R@5 | up B | down B | generator params |\n|---|---|---|---|---|---|---|\n",
+            );
             for r in &self.ablations {
                 let delta = base.map_or("-".into(), |b| format!("{:+.1}", 100.0 * (r.accuracy.mean - b)));
                 let r5 = r.retrieval.map_or("-".into(), |x| pct(x.r5.mean));
                 out.push_str(&format!(
-                    "| {} | {} | {delta} | {r5} | {:.0} | {} |\n",
+                    "| {} | {} | {delta} | {r5} | {:.0} | {:.0} | {} |\n",
                     r.method,
                     spread(&r.accuracy),
                     r.bytes_up,
+                    r.bytes_down,
                     r.cloud_trainable_parameters
                 ));
             }

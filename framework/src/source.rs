@@ -42,6 +42,12 @@ pub trait DataSource: Send + Sync {
     /// `count` clips of `domain` from `split`, deterministic in `(domain.seed, split, seed)`.
     fn clips(&self, domain: &DomainSpec, split: Split, count: usize, seed: u64) -> Result<Vec<Clip>, DataError>;
 
+    /// Shift kinds the cloud's source domains may use (default: every kind). A subset holds
+    /// whole kinds out for the test devices.
+    fn source_kinds(&self) -> &[&'static str] {
+        self.shift_kinds()
+    }
+
     /// Number of phrasing families for questions (language shift).
     fn phrasings(&self) -> u32 {
         1
@@ -65,7 +71,7 @@ pub trait DataSource: Send + Sync {
     fn source_domains(&self, count: usize, seed: u64, held_out: &[DomainSpec]) -> Vec<DomainSpec> {
         use rand::Rng as _;
         let mut rng = seed::rng(seed, 0x0053_4f55_5243);
-        let kinds = self.shift_kinds();
+        let kinds = self.source_kinds();
         let held: Vec<String> = held_out.iter().map(DomainSpec::shift_label).collect();
         let mut out = vec![DomainSpec::clean("source-00-clean", seed::derive(seed, 0))];
         let mut attempts = 0;

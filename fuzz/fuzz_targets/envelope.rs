@@ -9,6 +9,7 @@ fuzz_target!(|bytes: &[u8]| {
         if let Ok(summary) = envelope.to_summary() {
             // A summary that decodes must be internally consistent.
             assert!(summary.decoded_anchors().is_ok());
+            assert!(summary.decoded_text_anchors().is_ok());
         }
         let _ = envelope.to_params();
         // Re-encoding a decoded envelope reproduces the input exactly.
@@ -16,4 +17,5 @@ fuzz_target!(|bytes: &[u8]| {
     }
     let _ = mmpg::wire::decode_summary(bytes);
     let _ = mmpg::wire::decode_f32_tensors(bytes);
+    let _ = mmpg::wire::decode_params(bytes);
 });

