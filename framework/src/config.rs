@@ -296,6 +296,20 @@ pub struct ReportConfig {
     pub json: Option<PathBuf>,
 }
 
+/// `[text]`: a frozen text encoder for the model's questions and captions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TextChoice {
+    /// Registered text-encoder plugin.
+    pub plugin: String,
+    /// Its settings.
+    #[serde(default)]
+    pub settings: toml::Table,
+    /// Folder caching embeddings by content hash across runs.
+    #[serde(default)]
+    pub cache: Option<PathBuf>,
+}
+
 /// A baseline row of `mmpg bench`: an adapter plugin and its settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -423,6 +437,8 @@ pub struct Deployment {
     pub report: ReportConfig,
     /// What `mmpg bench` compares.
     pub bench: BenchConfig,
+    /// The text encoder, if any.
+    pub text: Option<TextChoice>,
     source: Source,
 }
 
@@ -535,7 +551,7 @@ fn locate(doc: &toml_edit::Document<String>, path: &KeyPath, anchor: Anchor) -> 
 }
 
 const SECTIONS: &[&str] =
-    &["seed", "backend", "data", "model", "anchor", "cloud", "fleet", "device", "transport", "report", "bench"];
+    &["seed", "backend", "data", "model", "anchor", "cloud", "fleet", "device", "transport", "report", "bench", "text"];
 
 /// Collects errors while parsing.
 struct Parser<'r> {
@@ -679,6 +695,10 @@ impl Deployment {
         let devices = p.section::<Vec<DeviceDomain>>(&table, "device").unwrap_or_default();
         let report = p.section::<ReportConfig>(&table, "report").unwrap_or_default();
         let bench = p.section::<BenchConfig>(&table, "bench").unwrap_or_default();
+        let text = p.section::<TextChoice>(&table, "text");
+        if let Some(t) = &text {
+            p.plugin(PluginKind::TextEncoder, &t.plugin, "text.plugin", &t.settings, "text.settings");
+        }
 
         if let Err(e) = registry.get(PluginKind::Backend, &backend.kind) {
             p.fail(KeyPath::parse("backend.kind"), e.to_string());
@@ -762,6 +782,7 @@ impl Deployment {
             transport,
             report,
             bench,
+            text,
             source: p.source,
         })
     }
@@ -788,6 +809,9 @@ impl Deployment {
         });
         // Stream stages are held out of the sources too; older fingerprints stay valid without them.
         let mut canonical = canonical;
+        if let Some(text) = &self.text {
+            canonical["text"] = serde_json::json!({ "plugin": text.plugin, "settings": text.settings });
+        }
         if !self.bench.stream.is_empty() {
             let stream: Vec<String> = self.stream_domains().iter().map(DomainSpec::shift_label).collect();
             canonical["held_out_stream"] = serde_json::json!(stream);

@@ -27,6 +27,7 @@ pub mod seed;
 pub mod slots;
 pub mod source;
 pub mod tensor;
+pub mod text;
 pub mod transport;
 pub mod wire;
 
@@ -47,6 +48,7 @@ pub use registry::{
 pub use slots::{DType, GeneratedParams, ParamsError, SchemaHash, SlotSchema, SlotSpec, ValidatedParams};
 pub use source::{DataError, DataSource};
 pub use tensor::{HostTensor, RankMismatch};
+pub use text::{TextEncoder, TextError, TextSource};
 pub use transport::{Direction, InProcess, Traffic, Transport, TransportError};
 
 /// Re-exported so plugin crates use the exact Burn the framework was built with.

@@ -17,6 +17,7 @@ use crate::generator::ParameterGenerator;
 use crate::model::CloudModel;
 use crate::slots::{GeneratedParams, SlotSchema};
 use crate::source::{DataError, DataSource};
+use crate::text::TextEncoder;
 use crate::transport::Transport;
 
 /// The kinds of plugin a deployment composes.
@@ -37,6 +38,8 @@ pub enum PluginKind {
     Transport,
     /// Device-side adaptation method other than the cloud's (a baseline).
     Adapter,
+    /// Frozen sentence encoder.
+    TextEncoder,
 }
 
 impl fmt::Display for PluginKind {
@@ -49,6 +52,7 @@ impl fmt::Display for PluginKind {
             PluginKind::Generator => "generator",
             PluginKind::Transport => "transport",
             PluginKind::Adapter => "adapter",
+            PluginKind::TextEncoder => "text encoder",
         })
     }
 }
@@ -137,6 +141,8 @@ pub struct ModelContext {
     pub base: BuildContext,
     /// The task the data source produces.
     pub task: TaskSpec,
+    /// The deployment's text encoder (`[text]`), for models that embed text with it.
+    pub text: Option<std::sync::Arc<crate::text::TextSource>>,
 }
 
 /// What a generator factory receives: the layout it must produce and the base values θ0.
@@ -195,6 +201,8 @@ pub enum Plugin {
     Transport(Factory<dyn Transport, BuildContext>),
     /// A device-side adaptation method.
     Adapter(Factory<dyn DeviceAdapter, BuildContext>),
+    /// A frozen sentence encoder.
+    TextEncoder(Factory<dyn TextEncoder, BuildContext>),
 }
 
 impl fmt::Debug for Plugin {
@@ -214,6 +222,7 @@ impl Plugin {
             Plugin::Generator(_) => PluginKind::Generator,
             Plugin::Transport(_) => PluginKind::Transport,
             Plugin::Adapter(_) => PluginKind::Adapter,
+            Plugin::TextEncoder(_) => PluginKind::TextEncoder,
         }
     }
 
@@ -227,6 +236,7 @@ impl Plugin {
             Plugin::Generator(f) => f.name,
             Plugin::Transport(f) => f.name,
             Plugin::Adapter(f) => f.name,
+            Plugin::TextEncoder(f) => f.name,
         }
     }
 
@@ -240,6 +250,7 @@ impl Plugin {
             Plugin::Generator(f) => f.summary,
             Plugin::Transport(f) => f.summary,
             Plugin::Adapter(f) => f.summary,
+            Plugin::TextEncoder(f) => f.summary,
         }
     }
 
@@ -253,6 +264,7 @@ impl Plugin {
             Plugin::Generator(f) => Some(f.settings),
             Plugin::Transport(f) => Some(f.settings),
             Plugin::Adapter(f) => Some(f.settings),
+            Plugin::TextEncoder(f) => Some(f.settings),
         }
     }
 }
@@ -364,6 +376,7 @@ typed_lookup!(anchor_reasoner, AnchorReasoner, Factory<dyn AnchorReasoner, Build
 typed_lookup!(generator, Generator, Factory<dyn ParameterGenerator, GeneratorContext>);
 typed_lookup!(transport, Transport, Factory<dyn Transport, BuildContext>);
 typed_lookup!(adapter, Adapter, Factory<dyn DeviceAdapter, BuildContext>);
+typed_lookup!(text_encoder, TextEncoder, Factory<dyn TextEncoder, BuildContext>);
 
 #[cfg(test)]
 mod tests {

@@ -143,9 +143,22 @@ impl<'a> Composer<'a> {
     pub fn cloud_model(&self, data: &dyn DataSource) -> Result<Box<dyn CloudModel>, RunError> {
         let choice = &self.deployment.model;
         let factory = self.registry.model(&choice.plugin)?;
-        let ctx = ModelContext { base: self.context("model", &self.training_device), task: data.task().clone() };
+        let ctx = ModelContext {
+            base: self.context("model", &self.training_device),
+            task: data.task().clone(),
+            text: self.text_source()?,
+        };
         seed::with_burn_seed(ctx.base.seed, || (factory.build)(&choice.settings, &ctx))
             .map_err(plugin_error(PluginKind::Model, &choice.plugin))
+    }
+
+    /// The deployment's text encoder (`[text]`), built once per call.
+    pub fn text_source(&self) -> Result<Option<std::sync::Arc<crate::TextSource>>, RunError> {
+        let Some(choice) = &self.deployment.text else { return Ok(None) };
+        let factory = self.registry.text_encoder(&choice.plugin)?;
+        let encoder = (factory.build)(&choice.settings, &self.context("text", &self.device))
+            .map_err(plugin_error(PluginKind::TextEncoder, &choice.plugin))?;
+        Ok(Some(std::sync::Arc::new(crate::TextSource::new(encoder, choice.cache.clone()))))
     }
 
     /// An anchor reasoner (one per device, one for the cloud's training episodes).

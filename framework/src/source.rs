@@ -107,3 +107,28 @@ pub trait DataSource: Send + Sync {
         out
     }
 }
+
+/// Index drawn with probability proportional to `weights` (the last index if rounding leaves
+/// the draw past the end).
+pub fn weighted_pick(weights: &[f64], rng: &mut seed::Rng) -> usize {
+    use rand::Rng as _;
+    let total: f64 = weights.iter().sum();
+    let mut x = rng.random_range(0.0..total);
+    for (i, w) in weights.iter().enumerate() {
+        if x < *w {
+            return i;
+        }
+        x -= w;
+    }
+    weights.len() - 1
+}
+
+/// A class mix of `n` classes drawn from Dirichlet(α) (normalised Gamma(α, 1) draws), with a
+/// floor that keeps every class possible.
+pub fn dirichlet(alpha: f64, n: usize, rng: &mut seed::Rng) -> Vec<f64> {
+    use rand_distr::Distribution as _;
+    let gamma = rand_distr::Gamma::new(alpha, 1.0).ok();
+    let raw: Vec<f64> = (0..n).map(|_| gamma.map_or(1.0, |g| g.sample(rng)).max(1e-3)).collect();
+    let sum: f64 = raw.iter().sum();
+    raw.iter().map(|v| v / sum).collect()
+}

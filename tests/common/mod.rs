@@ -11,6 +11,7 @@ use mmpg_baselines as _;
 use mmpg_fashion as _;
 use mmpg_fda as _;
 use mmpg_lmm as _;
+use mmpg_minilm as _;
 use mmpg_synthetic as _;
 
 pub fn registry() -> Registry {

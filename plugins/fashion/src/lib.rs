@@ -16,12 +16,12 @@ use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
 use mmpg::seed::{self, Rng};
+use mmpg::source::{dirichlet, weighted_pick};
 use mmpg::{
     BuildContext, Clip, DataError, DataSource, DomainSpec, Factory, HostTensor, Plugin, PluginError, SettingsSpec,
     Split, StaticPlugin, TaskSpec, parse_settings,
 };
 use rand::Rng as _;
-use rand_distr::Distribution as _;
 use serde::{Deserialize, Serialize};
 
 /// Fashion-MNIST's classes, in label order.
@@ -235,18 +235,15 @@ impl Fashion {
     }
 
     fn class_mix(domain: &DomainSpec) -> Vec<f64> {
-        let Some(alpha) = domain.class_mix_alpha else { return vec![1.0; CLASSES.len()] };
-        let mut rng = seed::rng(domain.seed, 0x004d_4958);
-        // Dirichlet(α) through normalised Gamma(α, 1) draws; a floor keeps every class possible.
-        let gamma = rand_distr::Gamma::new(alpha, 1.0).ok();
-        let raw: Vec<f64> = (0..CLASSES.len()).map(|_| gamma.map_or(1.0, |g| g.sample(&mut rng)).max(1e-3)).collect();
-        let sum: f64 = raw.iter().sum();
-        raw.iter().map(|v| v / sum).collect()
+        match domain.class_mix_alpha {
+            Some(alpha) => dirichlet(alpha, CLASSES.len(), &mut seed::rng(domain.seed, 0x004d_4958)),
+            None => vec![1.0; CLASSES.len()],
+        }
     }
 
     fn clip(&self, domain: &DomainSpec, pool: &Pool, mix: &[f64], rng: &mut Rng) -> Result<Clip, DataError> {
         let t = self.settings.frames;
-        let labels: Vec<usize> = (0..t).map(|_| pick(mix, rng)).collect();
+        let labels: Vec<usize> = (0..t).map(|_| weighted_pick(mix, rng)).collect();
         let mut values = Vec::with_capacity(t * 784);
         for &label in &labels {
             let candidates = &pool.by_class[label];
@@ -320,18 +317,6 @@ impl Fashion {
 
 fn first(labels: &[usize], class: usize) -> usize {
     labels.iter().position(|l| *l == class).unwrap_or(usize::MAX)
-}
-
-fn pick(weights: &[f64], rng: &mut Rng) -> usize {
-    let total: f64 = weights.iter().sum();
-    let mut x = rng.random_range(0.0..total);
-    for (i, w) in weights.iter().enumerate() {
-        if x < *w {
-            return i;
-        }
-        x -= w;
-    }
-    weights.len() - 1
 }
 
 fn plural(name: &str) -> String {

@@ -9,6 +9,7 @@
 //! gradients back to the generator), the device feeds its installed values.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use burn::module::{Module, Param};
@@ -26,8 +27,8 @@ use mmpg::seed;
 use mmpg::{
     Backend, BurnDevice, Clip, CloudModel, DataSource, DeviceModel, DomainSpec, Factory, FeatureStats, FineTuner,
     GeneratedParams, HostTensor, LinearHead, ModelContext, ModelError, Plugin, PluginError, Progress,
-    RetrievalEmbeddings, SettingsSpec, SlotSchema, SlotSpec, SlotTensors, Split, StaticPlugin, TaskSpec, TrainingLog,
-    TrainingPlan, TuneScope, ValidatedParams, parse_settings,
+    RetrievalEmbeddings, SettingsSpec, SlotSchema, SlotSpec, SlotTensors, Split, StaticPlugin, TaskSpec, TextSource,
+    TrainingLog, TrainingPlan, TuneScope, ValidatedParams, parse_settings,
 };
 use rand::Rng as _;
 use serde::{Deserialize, Serialize};
@@ -102,6 +103,8 @@ struct Geometry {
     frames: usize,
     frame_shape: [usize; 3],
     answers: usize,
+    /// A frozen text encoder replacing the bag of words, when the deployment has one.
+    text: Option<Arc<TextSource>>,
 }
 
 impl Geometry {
@@ -125,7 +128,18 @@ impl Geometry {
                 return Err(ModelError::Input(format!("`{name}` must be at least 1")));
             }
         }
-        Ok(Self { settings, frames: task.frames_per_clip, frame_shape: task.frame_shape, answers: task.answers.len() })
+        Ok(Self {
+            settings,
+            frames: task.frames_per_clip,
+            frame_shape: task.frame_shape,
+            answers: task.answers.len(),
+            text: None,
+        })
+    }
+
+    /// Width of a text input: the encoder's embedding, or the bag-of-words buckets.
+    fn text_inputs(&self) -> usize {
+        self.text.as_ref().map_or(self.settings.text_buckets, |t| t.dim())
     }
 
     fn schema(&self) -> SlotSchema {
@@ -156,9 +170,11 @@ impl Geometry {
                 .init(device),
             frame_proj: LinearConfig::new(pooled, s.feature_dim).init(device),
             temporal: LinearConfig::new(2 * s.feature_dim, s.feature_dim).init(device),
+            // A learned bag-of-words embedding, or a learned projection of the frozen encoder's
+            // (unit-norm) sentence embeddings.
             text_embedding: Param::from_tensor(Tensor::random(
-                [s.text_buckets, s.feature_dim],
-                burn::tensor::Distribution::Normal(0.0, 1.0),
+                [self.text_inputs(), s.feature_dim],
+                burn::tensor::Distribution::Normal(0.0, if self.text.is_some() { 2.0 } else { 1.0 }),
                 device,
             )),
             video_proj: LinearConfig::new(s.feature_dim, s.retrieval_dim).init(device),
@@ -282,9 +298,16 @@ fn inputs<B: burn::tensor::backend::Backend>(
         frames.extend_from_slice(clip.frames.values());
     }
     let buckets = geo.settings.text_buckets;
-    let bag = |f: fn(&Clip) -> &str| -> Tensor<B, 2> {
-        let values: Vec<f32> = clips.iter().flat_map(|c| bag_of_words(f(c), buckets)).collect();
-        Tensor::from_data(TensorData::new(values, [clips.len(), buckets]), device)
+    let bag = |f: fn(&Clip) -> &str| -> Result<Tensor<B, 2>, ModelError> {
+        let (values, width) = match &geo.text {
+            Some(encoder) => {
+                let texts: Vec<&str> = clips.iter().map(f).collect();
+                let embedded = encoder.embed(&texts).map_err(|e| ModelError::Input(format!("text encoder: {e}")))?;
+                (embedded.into_values(), encoder.dim())
+            }
+            None => (clips.iter().flat_map(|c| bag_of_words(f(c), buckets)).collect(), buckets),
+        };
+        Ok(Tensor::from_data(TensorData::new(values, [clips.len(), width]), device))
     };
     let answers = clips
         .iter()
@@ -293,8 +316,8 @@ fn inputs<B: burn::tensor::backend::Backend>(
         .map(|a| Tensor::from_data(TensorData::new(a, [clips.len()]), device));
     Ok(Inputs {
         frames: Tensor::from_data(TensorData::new(frames, [clips.len() * geo.frames, c, h, w]), device),
-        questions: bag(|c| c.question.as_str()),
-        captions: bag(|c| c.caption.as_str()),
+        questions: bag(|c| c.question.as_str())?,
+        captions: bag(|c| c.caption.as_str())?,
         answers,
         n: clips.len(),
     })
@@ -349,7 +372,19 @@ pub struct LmmCloud {
 impl LmmCloud {
     /// A freshly initialised model on `device` (an autodiff device to train).
     pub fn new(settings: LmmSettings, task: &TaskSpec, device: &BurnDevice) -> Result<Self, ModelError> {
-        let geo = Geometry::new(settings, task)?;
+        Self::with_text(settings, task, None, device)
+    }
+
+    /// A freshly initialised model whose questions and captions go through `text` (a frozen
+    /// encoder) instead of the bag of words.
+    pub fn with_text(
+        settings: LmmSettings,
+        task: &TaskSpec,
+        text: Option<Arc<TextSource>>,
+        device: &BurnDevice,
+    ) -> Result<Self, ModelError> {
+        let mut geo = Geometry::new(settings, task)?;
+        geo.text = text;
         Ok(Self {
             schema: geo.schema(),
             // Drawn on the CPU generator, then moved: one seed, one initial model on every backend.
@@ -807,7 +842,8 @@ impl LmmTuner {
 
 fn build(settings: &toml::Table, ctx: &ModelContext) -> Result<Box<dyn CloudModel>, PluginError> {
     let settings: LmmSettings = parse_settings(settings)?;
-    let model = LmmCloud::new(settings, &ctx.task, &ctx.base.device).map_err(|e| PluginError::Build(e.to_string()))?;
+    let model = LmmCloud::with_text(settings, &ctx.task, ctx.text.clone(), &ctx.base.device)
+        .map_err(|e| PluginError::Build(e.to_string()))?;
     Ok(Box::new(model))
 }
 

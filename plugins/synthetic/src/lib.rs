@@ -7,6 +7,7 @@
 //! (Dirichlet α over colours and shapes) and phrasing.
 
 use mmpg::seed::{self, Rng};
+use mmpg::source::{dirichlet, weighted_pick};
 use mmpg::{
     BuildContext, Clip, DataError, DataSource, DomainSpec, Factory, HostTensor, Plugin, PluginError, SettingsSpec,
     Split, StaticPlugin, TaskSpec, parse_settings,
@@ -97,21 +98,14 @@ impl Synthetic {
             return (vec![1.0; COLOURS.len()], vec![1.0; SHAPES.len()]);
         };
         let mut rng = seed::rng(domain.seed, 0x004d_4958);
-        let mut draw = |n: usize| -> Vec<f64> {
-            // Dirichlet(α) through normalised Gamma(α, 1) draws; a floor keeps every class possible.
-            let gamma = rand_distr::Gamma::new(alpha, 1.0).ok();
-            let raw: Vec<f64> = (0..n).map(|_| gamma.map_or(1.0, |g| g.sample(&mut rng)).max(1e-3)).collect();
-            let sum: f64 = raw.iter().sum();
-            raw.iter().map(|v| v / sum).collect()
-        };
-        let colours = draw(COLOURS.len());
-        (colours, draw(SHAPES.len()))
+        let colours = dirichlet(alpha, COLOURS.len(), &mut rng);
+        (colours, dirichlet(alpha, SHAPES.len(), &mut rng))
     }
 
     fn clip(&self, domain: &DomainSpec, mix: &(Vec<f64>, Vec<f64>), rng: &mut Rng) -> Clip {
         let SyntheticSettings { frames, size, object_size, .. } = self.settings;
-        let colour = pick(&mix.0, rng);
-        let shape = pick(&mix.1, rng);
+        let colour = weighted_pick(&mix.0, rng);
+        let shape = weighted_pick(&mix.1, rng);
         let direction = rng.random_range(0..DIRECTIONS.len());
         let count = rng.random_range(0..COUNTS.len());
         let step = DIRECTIONS[direction].1;
@@ -183,18 +177,6 @@ impl Synthetic {
             answer: Some(answer),
         }
     }
-}
-
-fn pick(weights: &[f64], rng: &mut Rng) -> usize {
-    let total: f64 = weights.iter().sum();
-    let mut x = rng.random_range(0.0..total);
-    for (i, w) in weights.iter().enumerate() {
-        if x < *w {
-            return i;
-        }
-        x -= w;
-    }
-    weights.len() - 1
 }
 
 fn covers(shape: &str, dx: usize, dy: usize, n: usize) -> bool {
