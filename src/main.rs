@@ -27,6 +27,7 @@ use mmpg_fda as _;
 use mmpg_lmm as _;
 use mmpg_minilm as _;
 use mmpg_synthetic as _;
+use mmpg_videoqa as _;
 
 #[derive(Parser)]
 #[command(

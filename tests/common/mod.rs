@@ -13,6 +13,7 @@ use mmpg_fda as _;
 use mmpg_lmm as _;
 use mmpg_minilm as _;
 use mmpg_synthetic as _;
+use mmpg_videoqa as _;
 
 pub fn registry() -> Registry {
     Registry::with_static_plugins().expect("no duplicate plugins")

@@ -82,8 +82,11 @@ const HEAD_B: &str = "qa_head.bias";
 /// The network: the static part as modules, θ0 as flat parameters.
 #[derive(Module, Debug)]
 pub struct LmmNet<B: burn::tensor::backend::Backend> {
-    conv1: Conv2d<B>,
-    conv2: Conv2d<B>,
+    /// Image frames: two conv layers (the first modulated by the FiLM slot).
+    conv1: Option<Conv2d<B>>,
+    conv2: Option<Conv2d<B>>,
+    /// Pre-extracted frame features (`[d, 1, 1]` frames): one linear layer, FiLM-modulated.
+    feature_in: Option<Linear<B>>,
     frame_proj: Linear<B>,
     temporal: Linear<B>,
     text_embedding: Param<Tensor<B, 2>>,
@@ -110,9 +113,11 @@ struct Geometry {
 impl Geometry {
     fn new(settings: LmmSettings, task: &TaskSpec) -> Result<Self, ModelError> {
         let [c, h, w] = task.frame_shape;
-        if c == 0 || h < 4 || w < 4 || h % 4 != 0 || w % 4 != 0 {
+        let image = h >= 4 && w >= 4 && h % 4 == 0 && w % 4 == 0;
+        let features = h == 1 && w == 1;
+        if c == 0 || !(image || features) {
             return Err(ModelError::Input(format!(
-                "frames must be [C, H, W] with C ≥ 1 and H, W multiples of 4; task has {:?}",
+                "frames must be images [C, H, W] with H, W multiples of 4, or features [d, 1, 1]; task has {:?}",
                 task.frame_shape
             )));
         }
@@ -156,18 +161,20 @@ impl Geometry {
 
     fn init<B: burn::tensor::backend::Backend>(&self, device: &B::Device) -> LmmNet<B> {
         let s = &self.settings;
-        let pooled = s.conv2_channels * (self.frame_shape[1] / 4) * (self.frame_shape[2] / 4);
+        let [c, h, w] = self.frame_shape;
+        let features = h == 1 && w == 1;
+        let pooled = if features { s.conv1_channels } else { s.conv2_channels * (h / 4) * (w / 4) };
+        let conv = |input: usize, output: usize| {
+            Conv2dConfig::new([input, output], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(device)
+        };
         let uniform = |n: usize, fan_in: usize| {
             let bound = (1.0 / fan_in as f64).sqrt();
             Param::from_tensor(Tensor::<B, 1>::random([n], burn::tensor::Distribution::Uniform(-bound, bound), device))
         };
         LmmNet {
-            conv1: Conv2dConfig::new([self.frame_shape[0], s.conv1_channels], [3, 3])
-                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
-                .init(device),
-            conv2: Conv2dConfig::new([s.conv1_channels, s.conv2_channels], [3, 3])
-                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
-                .init(device),
+            conv1: (!features).then(|| conv(c, s.conv1_channels)),
+            conv2: (!features).then(|| conv(s.conv1_channels, s.conv2_channels)),
+            feature_in: features.then(|| LinearConfig::new(c, s.conv1_channels).init(device)),
             frame_proj: LinearConfig::new(pooled, s.feature_dim).init(device),
             temporal: LinearConfig::new(2 * s.feature_dim, s.feature_dim).init(device),
             // A learned bag-of-words embedding, or a learned projection of the frozen encoder's
@@ -209,18 +216,29 @@ impl<B: burn::tensor::backend::Backend> LmmNet<B> {
         }
     }
 
-    /// `[N·T, 3, H, W]` → `[N·T, d]`.
+    /// `[N·T, C, H, W]` → `[N·T, d]`.
     fn frame_features(&self, frames: Tensor<B, 4>, film: Tensor<B, 1>) -> Tensor<B, 2> {
         let c1 = film.dims()[0] / 2;
-        let log_gamma = film.clone().slice(0..c1).reshape([1, c1, 1, 1]);
-        let beta = film.slice(c1..2 * c1).reshape([1, c1, 1, 1]);
-        let x = self.conv1.forward(frames);
-        let x = relu(x * log_gamma.exp() + beta);
-        let x = avg_pool2d(x, [2, 2], [2, 2], [0, 0], true, false);
-        let x = relu(self.conv2.forward(x));
-        let x = avg_pool2d(x, [2, 2], [2, 2], [0, 0], true, false);
-        let [n, c, h, w] = x.dims();
-        relu(self.frame_proj.forward(x.reshape([n, c * h * w])))
+        let log_gamma = film.clone().slice(0..c1);
+        let beta = film.slice(c1..2 * c1);
+        let [n, c, _, _] = frames.dims();
+        let pooled = match (&self.conv1, &self.conv2, &self.feature_in) {
+            (Some(conv1), Some(conv2), _) => {
+                let x = conv1.forward(frames);
+                let x = relu(x * log_gamma.reshape([1, c1, 1, 1]).exp() + beta.reshape([1, c1, 1, 1]));
+                let x = avg_pool2d(x, [2, 2], [2, 2], [0, 0], true, false);
+                let x = relu(conv2.forward(x));
+                let x = avg_pool2d(x, [2, 2], [2, 2], [0, 0], true, false);
+                let [n, c, h, w] = x.dims();
+                x.reshape([n, c * h * w])
+            }
+            (_, _, Some(feature_in)) => {
+                let x = feature_in.forward(frames.reshape([n, c]));
+                relu(x * log_gamma.reshape([1, c1]).exp() + beta.reshape([1, c1]))
+            }
+            _ => unreachable!("Geometry::init builds the conv pair or the feature layer"),
+        };
+        relu(self.frame_proj.forward(pooled))
     }
 
     /// Frame features `[N·T, d]` → video vectors `[N, d]`.
@@ -752,6 +770,7 @@ impl LmmTuner {
         if scope == TuneScope::Slots {
             net.conv1 = net.conv1.no_grad();
             net.conv2 = net.conv2.no_grad();
+            net.feature_in = net.feature_in.no_grad();
             net.frame_proj = net.frame_proj.no_grad();
             net.temporal = net.temporal.no_grad();
             net.text_embedding = net.text_embedding.set_require_grad(false);
@@ -936,6 +955,31 @@ mod tests {
         // θ0 stays as exported: summaries keep describing the data.
         assert!(changed.iter().all(|k| !k.starts_with("base_")), "{changed:?}");
         assert!(trainable < total && trainable > total / 2, "{trainable} of {total}");
+    }
+
+    #[test]
+    fn pre_extracted_features_run_through_a_film_modulated_linear_encoder() {
+        let features_task = TaskSpec { frame_shape: [12, 1, 1], ..task() };
+        let cloud = seed::with_burn_seed(5, || LmmCloud::new(small(), &features_task, &init_device())).expect("model");
+        let device = cloud.device_copy(&mmpg::modules::inference_device(&init_device()));
+        let mut rng = seed::rng(6, 0);
+        let clips: Vec<Clip> = (0..4)
+            .map(|i| Clip {
+                frames: HostTensor::new(vec![2, 12, 1, 1], (0..24).map(|_| rng.random::<f32>()).collect())
+                    .expect("shape"),
+                question: "what happens".into(),
+                caption: format!("caption {i}"),
+                answer: Some(i % 5),
+            })
+            .collect();
+        assert_eq!(device.answer_logits(&clips).expect("forward").shape(), &[4, 5]);
+        assert_eq!(device.frame_features(&clips).expect("features").shape(), &[8, 8]);
+        let mut tuner = device.fine_tuner(TuneScope::Slots, 1e-2).expect("tuner");
+        assert!(tuner.step(&clips).expect("step").is_finite());
+        // Image frames of another shape are refused, not misread.
+        assert!(device.answer_logits(&super::tests::clips(1, 0)).is_err());
+        let bad = TaskSpec { frame_shape: [3, 2, 2], ..task() };
+        assert!(LmmCloud::new(small(), &bad, &init_device()).is_err());
     }
 
     #[test]
