@@ -79,6 +79,7 @@ kind = "clean"
     assert_eq!(report.devices.len(), 2);
     for d in &report.devices {
         assert!(d.error.is_none(), "{:?}", d.error);
+        assert!(d.shifted, "a device that sees some categories is a shifted device");
         assert!(d.bytes_up > 0 && d.bytes_down > 0);
         // Features name the answer: even a short pretraining beats chance (1/6) clearly.
         assert!(d.static_accuracy > 0.4, "{}: {}", d.device, d.static_accuracy);

@@ -322,7 +322,7 @@ pub(crate) fn fleet_device(
             shift: domain.shift_label(),
             severity: domain.max_severity(),
             class_mix_alpha: domain.class_mix_alpha,
-            shifted: !domain.shifts.is_empty() || domain.class_mix_alpha.is_some(),
+            shifted: data.is_shifted(domain),
             static_accuracy,
             adapted_accuracy: static_accuracy,
             static_retrieval,

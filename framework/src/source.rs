@@ -48,6 +48,13 @@ pub trait DataSource: Send + Sync {
         self.shift_kinds()
     }
 
+    /// Whether `domain` differs from the source distribution (the bench's figures are over
+    /// these devices): any shift or label shift; sources with other kinds of domains (e.g.
+    /// video categories) say so here.
+    fn is_shifted(&self, domain: &DomainSpec) -> bool {
+        !domain.shifts.is_empty() || domain.class_mix_alpha.is_some()
+    }
+
     /// Number of phrasing families for questions (language shift).
     fn phrasings(&self) -> u32 {
         1

@@ -47,6 +47,9 @@ pub struct FdaSettings {
     pub lambda: f64,
     /// Source domains (episodes) per training step.
     pub episodes_per_step: usize,
+    /// Share of episodes drawn from unshifted source domains: in-distribution windows teach the
+    /// generator to leave θ0 alone (0: every source domain equally likely).
+    pub clean_fraction: f64,
     /// How the decoder forms Δ(z): `basis` (Δ = W z + c, a learned basis per slot) or
     /// `low-rank` (matrix slots get Δ = U(z) V(z)ᵀ of rank `rank`; far fewer cloud parameters).
     pub delta: DeltaForm,
@@ -74,6 +77,7 @@ impl Default for FdaSettings {
             beta: 0.01,
             lambda: 0.1,
             episodes_per_step: 4,
+            clean_fraction: 0.0,
             delta: DeltaForm::Basis,
             rank: 4,
         }
@@ -198,6 +202,12 @@ impl Fda {
             return Err(PluginError::Build(
                 "`latent`, `hidden`, `episodes_per_step` and `rank` must be at least 1".into(),
             ));
+        }
+        if !(0.0..=1.0).contains(&settings.clean_fraction) {
+            return Err(PluginError::Build(format!(
+                "`clean_fraction` must be in [0, 1], found {}",
+                settings.clean_fraction
+            )));
         }
         if let Some(name) = settings.slot_bounds.keys().find(|n| ctx.schema.get(n).is_none()) {
             return Err(PluginError::Build(format!("slot_bounds names `{name}`, which is not a slot of the model")));
@@ -375,12 +385,17 @@ impl ParameterGenerator for Fda {
         let mut net = self.net.clone();
         let (mut losses, mut terms) = (Vec::new(), Vec::new());
         let episodes = self.settings.episodes_per_step;
+        let clean: Vec<&mmpg::DomainSpec> = ctx.domains.iter().filter(|d| d.shifts.is_empty()).collect();
         ctx.progress.start("cloud: train generator (FDA)", ctx.plan.steps as u64);
         for _ in 0..ctx.plan.steps {
             let mut summaries = Vec::with_capacity(episodes);
             let mut batches = Vec::with_capacity(episodes);
             for _ in 0..episodes {
-                let domain = &ctx.domains[rng.random_range(0..ctx.domains.len())];
+                let domain = if !clean.is_empty() && rng.random_bool(self.settings.clean_fraction) {
+                    clean[rng.random_range(0..clean.len())]
+                } else {
+                    &ctx.domains[rng.random_range(0..ctx.domains.len())]
+                };
                 let window = ctx.data.clips(domain, Split::Stream, ctx.window_clips, rng.random())?;
                 let features = ctx.model.frame_features(&window)?;
                 let mut summary = ctx.reasoner.summarise(&features, &reference, window.len(), rng.random())?;

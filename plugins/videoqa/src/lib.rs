@@ -328,6 +328,11 @@ impl DataSource for VideoQa {
         &[]
     }
 
+    fn is_shifted(&self, domain: &DomainSpec) -> bool {
+        // A device that sees only some categories sees another distribution than the cloud's.
+        self.categories_of(domain).is_some() || !domain.shifts.is_empty() || domain.class_mix_alpha.is_some()
+    }
+
     fn source_domains(&self, count: usize, seed: u64, _held_out: &[DomainSpec]) -> Vec<DomainSpec> {
         let mut categories: Vec<u32> = self.train.iter().filter_map(|e| e.category).collect();
         categories.sort_unstable();
