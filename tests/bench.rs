@@ -111,6 +111,15 @@ fn bench_writes_every_row_table_and_plot() {
     assert_eq!(report.k_sweep[0].0, 2);
     assert!(report.k_sweep[0].1 < cdc.bytes_up);
 
+    // The backend table: the CPU timed; backends not compiled into this build say so.
+    let cpu = report.backends.iter().find(|b| b.backend == "cpu").expect("cpu row");
+    assert!(cpu.unavailable.is_none());
+    for figure in [cpu.forward_16_ms, cpu.generation_devices_per_s, cpu.train_step_ms] {
+        assert!(figure.is_some_and(|v| v > 0.0), "{cpu:?}");
+    }
+    let wgpu = report.backends.iter().find(|b| b.backend == "wgpu").expect("wgpu row");
+    assert!(wgpu.unavailable.as_deref().is_some_and(|w| w.contains("--features wgpu")), "{:?}", wgpu.unavailable);
+    assert!(markdown.contains("## Backends"));
     assert_eq!(report.stream.len(), 2);
     assert!(report.generation.p50_ms <= report.generation.p99_ms);
     assert!(report.generation.devices_per_second > 0.0);

@@ -24,15 +24,23 @@ use crate::runtime::{
 use crate::source::DataSource;
 use crate::{Progress, seed};
 
-/// Mean and spread of a figure over devices.
+/// Mean and spread of a figure over devices (NaN, written as JSON `null`, over no devices).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Spread {
     /// Mean.
+    #[serde(deserialize_with = "null_as_nan")]
     pub mean: f64,
     /// 10th percentile (linear interpolation).
+    #[serde(deserialize_with = "null_as_nan")]
     pub p10: f64,
     /// 90th percentile.
+    #[serde(deserialize_with = "null_as_nan")]
     pub p90: f64,
+}
+
+/// JSON has no NaN: serde_json writes it as `null`; read it back as NaN.
+fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 impl Spread {
@@ -143,6 +151,21 @@ pub struct GenerationStats {
     pub devices_per_second: f64,
 }
 
+/// What one compute backend costs, measured on a fresh model (`mmpg bench`'s backend table).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackendTiming {
+    /// Backend kind.
+    pub backend: String,
+    /// Why it was not measured (not compiled in, no device), if it was not.
+    pub unavailable: Option<String>,
+    /// Median LMM forward latency on 16 clips, ms.
+    pub forward_16_ms: Option<f64>,
+    /// Devices per second through one batched generation of the fleet's summaries (median).
+    pub generation_devices_per_s: Option<f64>,
+    /// One cloud pretraining step (the deployment's batch), ms: the mean of 3 after one warm-up.
+    pub train_step_ms: Option<f64>,
+}
+
 /// One stage of the long-stream check.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StreamStage {
@@ -200,6 +223,9 @@ pub struct BenchReport {
     pub generation: GenerationStats,
     /// The long-stream check, when configured.
     pub stream: Vec<StreamStage>,
+    /// Per compute backend registered in this binary.
+    #[serde(default)]
+    pub backends: Vec<BackendTiming>,
     /// The method's targets.
     pub targets: Vec<Target>,
     /// Wall time of the bench, s.
@@ -416,7 +442,12 @@ impl Harness<'_> {
         Ok(out)
     }
 
-    fn generation_stats(&self, fleet: &mut [FleetDevice], repeats: usize) -> Result<GenerationStats, RunError> {
+    /// Generation latency and throughput, and the fleet's summaries it used.
+    fn generation_stats(
+        &self,
+        fleet: &mut [FleetDevice],
+        repeats: usize,
+    ) -> Result<(GenerationStats, Vec<crate::AnchorSummary>), RunError> {
         let reference = self.cloud.model.reference_stats();
         let mut summaries = Vec::with_capacity(fleet.len());
         for device in fleet.iter() {
@@ -449,15 +480,106 @@ impl Harness<'_> {
         single.sort_by(f64::total_cmp);
         batch.sort_by(f64::total_cmp);
         let batch_ms = percentile(&batch, 0.5);
-        Ok(GenerationStats {
+        let stats = GenerationStats {
             repeats,
             p50_ms: percentile(&single, 0.5),
             p99_ms: percentile(&single, 0.99),
             batch_devices: summaries.len(),
             batch_ms,
             devices_per_second: summaries.len() as f64 / (batch_ms / 1e3),
-        })
+        };
+        Ok((stats, summaries))
     }
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    percentile(&xs, 0.5)
+}
+
+/// Times one backend on a fresh copy of the deployment's model and generator.
+fn time_backend(
+    deployment: &Deployment,
+    registry: &Registry,
+    kind: &str,
+    clips: &[Clip],
+    summaries: &[crate::AnchorSummary],
+) -> Result<BackendTiming, RunError> {
+    let mut on_backend = deployment.clone();
+    on_backend.backend.kind = kind.to_string();
+    on_backend.backend.cloud = None;
+    let composer = Composer::new(&on_backend, registry)?;
+    let data = composer.data_source()?;
+    let mut model = composer.cloud_model(data.as_ref())?;
+    let training = &deployment.cloud.training;
+    let domains = [DomainSpec::clean("timing", 1)];
+    let plan = |steps| crate::TrainingPlan {
+        steps,
+        batch: training.pretrain_batch,
+        learning_rate: training.pretrain_learning_rate,
+        seed: 1,
+    };
+    // One warm-up step: backends that compile kernels on first use pay for it here.
+    model.pretrain(data.as_ref(), &domains, &plan(1), &crate::NoProgress)?;
+    let log = model.pretrain(data.as_ref(), &domains, &plan(3), &crate::NoProgress)?;
+    let device_model = model.export(&composer.device)?;
+    device_model.answer_logits(clips)?;
+    let forward: Vec<f64> = (0..10)
+        .map(|_| {
+            let t0 = Instant::now();
+            device_model.answer_logits(clips).map(|_| t0.elapsed().as_secs_f64() * 1e3)
+        })
+        .collect::<Result<_, _>>()?;
+    let generator = composer.generator(model.as_ref())?;
+    generator.generate_batch(summaries)?;
+    let batches: Vec<f64> = (0..10)
+        .map(|_| {
+            let t0 = Instant::now();
+            generator.generate_batch(summaries).map(|_| t0.elapsed().as_secs_f64())
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(BackendTiming {
+        backend: kind.to_string(),
+        unavailable: None,
+        forward_16_ms: Some(median(forward)),
+        generation_devices_per_s: Some(summaries.len() as f64 / median(batches)),
+        train_step_ms: Some(log.seconds * 1e3 / 3.0),
+    })
+}
+
+/// The backend table: every backend registered in this binary, timed where it can run.
+fn backend_table(
+    deployment: &Deployment,
+    registry: &Registry,
+    clips: &[Clip],
+    summaries: &[crate::AnchorSummary],
+    progress: &dyn Progress,
+) -> Result<Vec<BackendTiming>, RunError> {
+    let kinds: Vec<&'static dyn crate::BackendProvider> = registry
+        .plugins()
+        .filter_map(|p| match p {
+            crate::Plugin::Backend(provider) => Some(*provider),
+            _ => None,
+        })
+        .collect();
+    progress.start("bench: backends", kinds.len() as u64);
+    let mut out = Vec::with_capacity(kinds.len());
+    for provider in kinds {
+        let row = match provider.device(deployment.backend.device) {
+            Err(e) => BackendTiming {
+                backend: provider.kind().to_string(),
+                unavailable: Some(e.to_string()),
+                forward_16_ms: None,
+                generation_devices_per_s: None,
+                train_step_ms: None,
+            },
+            Ok(_) => time_backend(deployment, registry, provider.kind(), clips, summaries)?,
+        };
+        out.push(row);
+        progress.step(Some(provider.kind().to_string()));
+    }
+    progress.finish();
+    Ok(out)
 }
 
 /// File-system-safe, distinct form of a row name: its ASCII words and a hash of the whole
@@ -559,7 +681,10 @@ pub fn bench(deployment: &Deployment, registry: &Registry, progress: &dyn Progre
     }
 
     let mut timing_fleet = harness.fresh_fleet()?;
-    let generation = harness.generation_stats(&mut timing_fleet, deployment.bench.generation_repeats.max(1))?;
+    let (generation, summaries) =
+        harness.generation_stats(&mut timing_fleet, deployment.bench.generation_repeats.max(1))?;
+    let sixteen: Vec<Clip> = harness.fleet.iter().flat_map(|d| d.eval.iter().cloned()).take(16).collect();
+    let backends = backend_table(deployment, registry, &sixteen, &summaries, progress)?;
     let stream = harness.stream(progress)?;
     let report_cloud = cloud_report(&harness.cloud, generation.batch_ms);
     let model_parameters = harness.cloud.model.parameter_count();
@@ -581,6 +706,7 @@ pub fn bench(deployment: &Deployment, registry: &Registry, progress: &dyn Progre
         k_sweep,
         generation,
         stream,
+        backends,
         targets: Vec::new(),
         seconds: 0.0,
     };
@@ -759,6 +885,23 @@ impl BenchReport {
              {:.3} ms median, {:.0} devices/s.\n\n",
             g.p50_ms, g.p99_ms, g.repeats, g.batch_devices, g.batch_ms, g.devices_per_second
         ));
+        if !self.backends.is_empty() {
+            out.push_str(
+                "## Backends (fresh model)\n\n| backend | LMM forward, 16 clips (ms) | generation (devices/s) | cloud training step (ms) |\n|---|---|---|---|\n",
+            );
+            for b in &self.backends {
+                let cell = |v: Option<f64>, digits: usize| v.map_or("–".to_string(), |v| format!("{v:.digits$}"));
+                let why = b.unavailable.as_ref().map_or(String::new(), |w| format!(" ({w})"));
+                out.push_str(&format!(
+                    "| {} | {} | {} | {}{why} |\n",
+                    b.backend,
+                    cell(b.forward_16_ms, 2),
+                    cell(b.generation_devices_per_s, 0),
+                    cell(b.train_step_ms, 1)
+                ));
+            }
+            out.push('\n');
+        }
         if !self.stream.is_empty() {
             out.push_str("## Long stream\n\n| stage | shift | static % | adapted % |\n|---|---|---|---|\n");
             for s in &self.stream {
