@@ -6,7 +6,8 @@
 #
 # It prints the device, runs the backend conformance suite on `cuda`, runs the quickstart three
 # ways (everything on the CPU; the cloud on CUDA with devices on the CPU; everything on CUDA),
-# and writes one JSON of results, gpu-check.json, with the logs beside it.
+# runs `mmpg bench` on it with the cloud on CUDA (baselines and the per-backend table), and
+# writes one JSON of results, gpu-check.json, with the logs and bench/ beside it.
 set -uo pipefail
 bin=$(realpath "${1:-gpu-bin}")
 out=${2:-gpu-out}
@@ -47,6 +48,14 @@ run_quickstart cloud-cuda $'kind = "cpu"\ncloud = "cuda"'
 run_quickstart cuda 'kind = "cuda"'
 run_quickstart cpu 'kind = "cpu"'
 
+# The bench on the quickstart with the cloud on CUDA: every baseline, and the backend table
+# (cpu and cuda timed on this machine).
+echo "== mmpg bench: quickstart, cloud on cuda"
+start=$(date +%s%N)
+timeout "$limit" "$bin/mmpg" bench "$out/quickstart-cloud-cuda.toml" --out "$out/bench" >"$out/bench.log" 2>&1
+echo "bench rc=$? wall_s=$(seconds_since "$start")" | tee -a "$out/runs.txt"
+grep -A6 '^## Backends' "$out/bench/report.md" 2>/dev/null
+
 python3 - "$out" "$device" "$conformance_rc" "$conformance_s" <<'PY'
 import json, os, re, sys
 out, device, rc, secs = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
@@ -67,6 +76,16 @@ for name in ("cpu", "cloud-cuda", "cuda"):
         "generation_ms": c["generation_ms"],
         "shifted_static": r["fleet"]["shifted_static_accuracy"], "shifted_adapted": r["fleet"]["shifted_adapted_accuracy"],
     }
+bench = os.path.join(out, "bench", "report.json")
+if os.path.exists(bench):
+    b = json.load(open(bench))
+    result["bench"] = {
+        "wall_s": float(walls.get("bench", "nan")),
+        "methods": {m["method"]: m["accuracy"]["mean"] for m in b["methods"]},
+        "backends": b.get("backends", []),
+    }
+else:
+    result["bench"] = {"error": open(os.path.join(out, "bench.log")).read()[-2000:]}
 json.dump(result, open(os.path.join(out, "gpu-check.json"), "w"), indent=2)
 print(json.dumps(result, indent=2))
 PY
