@@ -291,8 +291,10 @@ struct Harness<'a> {
 }
 
 impl Harness<'_> {
-    fn fresh_fleet(&self) -> Result<Vec<FleetDevice>, RunError> {
-        self.fleet.iter().map(|d| d.fresh(self.cloud.model.as_ref(), &self.composer)).collect()
+    /// The devices with fresh static models, and anchor reasoners built by `composer` (a
+    /// variant's, for ablations of the reasoner).
+    fn fresh_fleet(&self, composer: &Composer<'_>) -> Result<Vec<FleetDevice>, RunError> {
+        self.fleet.iter().map(|d| d.fresh(self.cloud.model.as_ref(), composer)).collect()
     }
 
     /// The method with `generator` and the composer's (possibly varied) anchor reasoner.
@@ -302,10 +304,7 @@ impl Harness<'_> {
         generator: &dyn ParameterGenerator,
         progress: &dyn Progress,
     ) -> Result<Vec<DeviceReport>, RunError> {
-        let mut fleet = self.fresh_fleet()?;
-        for device in &mut fleet {
-            device.reasoner = composer.anchor_reasoner()?;
-        }
+        let mut fleet = self.fresh_fleet(composer)?;
         let mut transport = composer.transport()?;
         let reference = self.cloud.model.reference_stats();
         let download = composer.deployment.cloud.download;
@@ -319,7 +318,7 @@ impl Harness<'_> {
         name: String,
         progress: &dyn Progress,
     ) -> Result<MethodRow, RunError> {
-        let mut fleet = self.fresh_fleet()?;
+        let mut fleet = self.fresh_fleet(&self.composer)?;
         let needed = adapter.labels_needed();
         let (mut trainable, mut changed, mut detail_sum, mut detail_n) = (0, 0, Vec::<(String, f64)>::new(), 0usize);
         progress.start(&format!("bench: {name}"), fleet.len() as u64);
@@ -680,7 +679,7 @@ pub fn bench(deployment: &Deployment, registry: &Registry, progress: &dyn Progre
         ablations.push(row);
     }
 
-    let mut timing_fleet = harness.fresh_fleet()?;
+    let mut timing_fleet = harness.fresh_fleet(&harness.composer)?;
     let (generation, summaries) =
         harness.generation_stats(&mut timing_fleet, deployment.bench.generation_repeats.max(1))?;
     let sixteen: Vec<Clip> = harness.fleet.iter().flat_map(|d| d.eval.iter().cloned()).take(16).collect();

@@ -73,8 +73,8 @@ unsafe impl GlobalAlloc for PeakAllocator {
 
 /// Runs `f` and returns its result with the peak heap bytes allocated above what was live
 /// when it started (process-wide: threads `f` spawns count too). `None` when the binary did
-/// not install [`PeakAllocator`]. Probes are serialised, so nested or concurrent probes do
-/// not reset each other's peak.
+/// not install [`PeakAllocator`]. Concurrent probes run one after another, so none resets
+/// another's peak; a probe must not nest inside another (it would wait for it forever).
 pub fn peak_during<T>(f: impl FnOnce() -> T) -> (T, Option<u64>) {
     let _guard = PROBE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let base = CURRENT.load(Ordering::Relaxed);

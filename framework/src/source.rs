@@ -81,6 +81,10 @@ pub trait DataSource: Send + Sync {
         let kinds = self.source_kinds();
         let held: Vec<String> = held_out.iter().map(DomainSpec::shift_label).collect();
         let mut out = vec![DomainSpec::clean("source-00-clean", seed::derive(seed, 0))];
+        // A source without shift kinds has one source domain: its clean data.
+        if kinds.is_empty() {
+            return out;
+        }
         let mut attempts = 0;
         while out.len() < count && attempts < count * 100 {
             attempts += 1;
@@ -138,4 +142,34 @@ pub fn dirichlet(alpha: f64, n: usize, rng: &mut seed::Rng) -> Vec<f64> {
     let raw: Vec<f64> = (0..n).map(|_| gamma.map_or(1.0, |g| g.sample(rng)).max(1e-3)).collect();
     let sum: f64 = raw.iter().sum();
     raw.iter().map(|v| v / sum).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A source of clean data only.
+    struct Plain(TaskSpec);
+
+    impl DataSource for Plain {
+        fn task(&self) -> &TaskSpec {
+            &self.0
+        }
+
+        fn shift_kinds(&self) -> &[&'static str] {
+            &[]
+        }
+
+        fn clips(&self, _: &DomainSpec, _: Split, _: usize, _: u64) -> Result<Vec<Clip>, DataError> {
+            Ok(Vec::new())
+        }
+    }
+
+    #[test]
+    fn a_source_without_shift_kinds_has_only_its_clean_domain() {
+        let source = Plain(TaskSpec { answers: vec!["a".into()], frames_per_clip: 1, frame_shape: [1, 4, 4] });
+        let domains = source.source_domains(8, 3, &[]);
+        assert_eq!(domains.len(), 1);
+        assert!(domains[0].shifts.is_empty());
+    }
 }
