@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the x86-64 binaries that scripts/gpu-check.sh runs on a GPU machine with no Rust
-# toolchain, and gathers them (stripped) into one folder to copy there.
+# toolchain (CUDA and wgpu compiled in), and gathers them (stripped) into one folder to copy there.
 #
 #   scripts/build-gpu-bins.sh [out-dir]        # default: gpu-bin/
 #
@@ -11,7 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-gpu-bin}
 target=target/cuda
-cargo build --features cuda --target-dir "$target" --bin mmpg --test backend_conformance
+# wgpu too: on the GPU machine the suite also runs over the NVIDIA Vulkan driver when present.
+cargo build --features cuda,wgpu --target-dir "$target" --bin mmpg --test backend_conformance
 mkdir -p "$out"
 cp "$target/debug/mmpg" "$out/mmpg"
 # The newest test executable of the conformance suite.

@@ -4,7 +4,8 @@
 #
 #   scripts/gpu-check.sh [bin-dir] [out-dir]   # defaults: gpu-bin/ and gpu-out/
 #
-# It prints the device, runs the backend conformance suite on `cuda`, runs the quickstart three
+# It prints the device, runs the backend conformance suite on `cuda` (and on `wgpu` when a Vulkan
+# loader is installed, over the NVIDIA Vulkan driver), runs the quickstart three
 # ways (everything on the CPU; the cloud on CUDA with devices on the CPU; everything on CUDA),
 # runs `mmpg bench` on it with the cloud on CUDA (baselines and the per-backend table), and
 # writes one JSON of results, gpu-check.json, with the logs and bench/ beside it.
@@ -32,6 +33,20 @@ conformance_rc=$?
 conformance_s=$(seconds_since "$start")
 grep -E '^\[cuda\]|test result|FAILED|panicked' "$out/conformance.log"
 
+echo "== conformance suite on wgpu"
+if ldconfig -p 2>/dev/null | grep -q 'libvulkan\.so\.1'; then
+    start=$(date +%s%N)
+    XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp} MMPG_CONFORMANCE_BACKEND=wgpu timeout "$limit" \
+        "$bin/backend_conformance" --test-threads=1 --nocapture >"$out/conformance-wgpu.log" 2>&1
+    wgpu_rc=$?
+    wgpu_s=$(seconds_since "$start")
+    grep -E '^\[wgpu\]|test result|FAILED|panicked' "$out/conformance-wgpu.log"
+else
+    echo "no Vulkan loader (libvulkan.so.1) on this machine: skipped" | tee "$out/conformance-wgpu.log"
+    wgpu_rc=-1
+    wgpu_s=0
+fi
+
 run_quickstart() { # name, backend lines
     local name=$1 backend=$2 config="$out/quickstart-$1.toml"
     awk -v b="$backend" '/^\[backend\]/{print; print b; skip=1; next} skip&&/^kind =/{skip=0; next} {print}' \
@@ -56,12 +71,16 @@ timeout "$limit" "$bin/mmpg" bench "$out/quickstart-cloud-cuda.toml" --out "$out
 echo "bench rc=$? wall_s=$(seconds_since "$start")" | tee -a "$out/runs.txt"
 grep -A6 '^## Backends' "$out/bench/report.md" 2>/dev/null
 
-python3 - "$out" "$device" "$conformance_rc" "$conformance_s" <<'PY'
+python3 - "$out" "$device" "$conformance_rc" "$conformance_s" "$wgpu_rc" "$wgpu_s" <<'PY'
 import json, os, re, sys
 out, device, rc, secs = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-log = open(os.path.join(out, "conformance.log")).read()
-result = {"device": device, "conformance": {"exit_code": rc, "seconds": secs,
-          "lines": [l for l in log.splitlines() if l.startswith("[cuda]") or "test result" in l]}, "quickstart": {}}
+wgpu_rc, wgpu_secs = int(sys.argv[5]), float(sys.argv[6])
+def suite(log_name, tag, exit_code, seconds):
+    log = open(os.path.join(out, log_name)).read()
+    lines = [l for l in log.splitlines() if l.startswith(f"[{tag}]") or "test result" in l or "skipped" in l]
+    return {"exit_code": exit_code, "seconds": seconds, "lines": lines}
+result = {"device": device, "conformance": suite("conformance.log", "cuda", rc, secs),
+          "conformance_wgpu": suite("conformance-wgpu.log", "wgpu", wgpu_rc, wgpu_secs), "quickstart": {}}
 walls = dict(re.findall(r"^(\S+) rc=\d+ wall_s=([\d.]+)", open(os.path.join(out, "runs.txt")).read(), re.M))
 for name in ("cpu", "cloud-cuda", "cuda"):
     path = os.path.join(out, f"quickstart-{name}.json")

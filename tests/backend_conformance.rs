@@ -124,18 +124,25 @@ fn training_steps_give_the_same_loss_curve() {
 #[test]
 fn a_tiny_deployment_adapts_alike() {
     let registry = common::registry();
-    let run = |kind: &str| {
+    let run = |backend: &str| {
         let text = format!(
-            "{}\n[backend]\nkind = \"{kind}\"\n",
+            "{}\n[backend]\n{backend}\n",
             common::tiny_deployment(11, 60, 10, r#"{ kind = "brightness", severity = 4 }"#)
         );
         let d = Deployment::parse(&text, "conformance.toml", &registry).expect("valid");
         let r = runtime::run(&d, &registry, &NoProgress).expect("runs");
         (r.devices[0].static_accuracy, r.devices[0].adapted_accuracy)
     };
-    let (a, b) = (run("cpu"), run(&backend_kind()));
-    eprintln!("[{}] tiny deployment (static, adapted): cpu {a:?} vs {b:?}", backend_kind());
-    assert!((a.0 - b.0).abs() <= 0.05 && (a.1 - b.1).abs() <= 0.05);
+    let kind = backend_kind();
+    let a = run("kind = \"cpu\"");
+    let b = run(&format!("kind = \"{kind}\""));
+    // A mixed deployment: the cloud trains and generates on this backend, the devices serve on
+    // the CPU; only backend-agnostic tensors cross between them.
+    let mixed = run(&format!("kind = \"cpu\"\ncloud = \"{kind}\""));
+    eprintln!("[{kind}] tiny deployment (static, adapted): cpu {a:?}, {kind} {b:?}, cloud on {kind} {mixed:?}");
+    for other in [b, mixed] {
+        assert!((a.0 - other.0).abs() <= 0.05 && (a.1 - other.1).abs() <= 0.05, "{a:?} vs {other:?}");
+    }
 }
 
 #[test]

@@ -84,3 +84,11 @@ fn malformed_text_found_by_the_fuzzer_is_a_located_error() {
     assert_eq!(errs.len(), 1);
     assert!(errs[0].starts_with("deploy.toml:1:"), "{errs:?}");
 }
+
+#[test]
+fn an_unknown_backend_in_the_bench_table_is_located() {
+    let errs = errors("[bench]\nbackends = [\"cpu\", \"opencl\"]\n");
+    assert_eq!(errs.len(), 1);
+    assert!(errs[0].starts_with("deploy.toml:2:20: bench.backends[1]:"), "{errs:?}");
+    assert!(errs[0].contains("opencl"), "{errs:?}");
+}

@@ -7,26 +7,26 @@ use std::path::Path;
 
 use mmpg::HostTensor;
 
-/// 24 videos in 2 categories whose features carry their category (so QA is learnable), 6
-/// answers; questions name the category's objects.
-fn write_fixture(dir: &Path) {
+/// 24 videos over `categories` whose features carry their category (so QA is learnable), 6
+/// answers, `frames` feature rows each.
+fn write_fixture(dir: &Path, categories_used: &[u32], frames: usize) {
     let features = dir.join("features");
     std::fs::create_dir_all(&features).expect("mkdir");
     let mut train = Vec::new();
     let mut test = Vec::new();
     let mut categories = serde_json::Map::new();
     for v in 0..24u32 {
-        let category = 1 + v % 2;
+        let category = categories_used[v as usize % categories_used.len()];
         categories.insert(v.to_string(), serde_json::json!(category));
         let answer = ["man", "car", "cook", "dog", "piano", "ball"][(v % 6) as usize];
         let values: Vec<f32> =
-            (0..8 * 6).map(|i| if i % 6 == (v % 6) as usize { 1.0 } else { 0.1 * category as f32 }).collect();
+            (0..frames * 6).map(|i| if i % 6 == (v % 6) as usize { 1.0 } else { 0.05 * category as f32 }).collect();
         if v % 2 == 0 {
-            let t = HostTensor::new(vec![8, 6], values).expect("shape");
+            let t = HostTensor::new(vec![frames, 6], values).expect("shape");
             let bytes = mmpg::wire::encode_f32_tensors(&std::collections::BTreeMap::from([("features".into(), t)]), []);
             std::fs::write(features.join(format!("video{v}.safetensors")), bytes).expect("write");
         } else {
-            std::fs::write(features.join(format!("video{v}.npy")), mmpg_videoqa::encode_npy(&[8, 6], &values))
+            std::fs::write(features.join(format!("video{v}.npy")), mmpg_videoqa::encode_npy(&[frames, 6], &values))
                 .expect("write");
         }
         for k in 0..4 {
@@ -43,7 +43,7 @@ fn write_fixture(dir: &Path) {
 #[test]
 fn a_videoqa_deployment_trains_adapts_and_scores_devices_by_category() {
     let dir = tempfile::tempdir().expect("tempdir");
-    write_fixture(dir.path());
+    write_fixture(dir.path(), &[1, 2], 8);
     let root = dir.path().display();
     let text = format!(
         r#"
@@ -84,4 +84,79 @@ kind = "clean"
         // Features name the answer: even a short pretraining beats chance (1/6) clearly.
         assert!(d.static_accuracy > 0.4, "{}: {}", d.device, d.static_accuracy);
     }
+}
+
+/// The shipped example, on fixture files placed in exactly its layout (only the training is
+/// shortened): its paths, device groups and text encoder fit together.
+#[test]
+fn the_msrvtt_example_runs_on_data_in_its_layout() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let example = std::fs::read_to_string(repo.join("examples/msrvtt-qa.toml")).expect("example");
+    let mut table: toml::Table = toml::from_str(&example).expect("toml");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let at = |relative: &toml::Value| {
+        toml::Value::String(dir.path().join(relative.as_str().expect("path")).display().to_string())
+    };
+    let settings = table["data"]["settings"].as_table().expect("settings").clone();
+    let used: Vec<u32> = settings["devices"]
+        .as_table()
+        .expect("devices")
+        .values()
+        .flat_map(|cats| cats.as_array().expect("list").iter().map(|c| c.as_integer().expect("int") as u32))
+        .collect();
+    write_fixture(&dir.path().join(settings["annotations"].as_str().expect("path")), &used, 16);
+    let shorter: toml::Table = toml::from_str(&format!(
+        r#"
+[data.settings]
+annotations = {}
+features = {}
+categories = {}
+[text]
+cache = {}
+settings = {{ dir = {} }}
+[cloud]
+checkpoint = {}
+[cloud.training]
+pretrain_steps = 200
+generator_steps = 4
+source_domains = 4
+[fleet]
+eval_clips = 32
+window_clips = 8
+"#,
+        at(&settings["annotations"]),
+        at(&settings["features"]),
+        at(&settings["categories"]),
+        at(&table["text"]["cache"]),
+        toml::Value::String(repo.join("data/all-minilm-l6-v2").display().to_string()),
+        at(&table["cloud"]["checkpoint"]),
+    ))
+    .expect("override");
+    table = mmpg::config::merge_tables(&table, &shorter);
+    let registry = common::registry();
+    let deployment = mmpg::Deployment::parse(&table.to_string(), "msrvtt-qa.toml", &registry).expect("valid");
+    let report = mmpg::runtime::run(&deployment, &registry, &mmpg::NoProgress).expect("runs");
+    let names: Vec<&str> = report.devices.iter().map(|d| d.device.as_str()).collect();
+    assert_eq!(names, ["living-room-tv", "game-console", "kitchen-tablet", "car-dashcam"]);
+    for d in &report.devices {
+        assert!(d.error.is_none(), "{}: {:?}", d.device, d.error);
+        assert!(d.bytes_up > 0 && d.bytes_down > 0);
+    }
+}
+
+/// Without the dataset, the example names what to place where, in one line, exit code 2.
+#[test]
+fn the_msrvtt_example_without_data_says_what_to_place() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/msrvtt-qa.toml");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmpg"))
+        .arg("run")
+        .arg(&example)
+        .current_dir(dir.path())
+        .output()
+        .expect("mmpg runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("place train_qa.json and test_qa.json in data/msrvtt-qa"), "{stderr}");
 }

@@ -554,13 +554,16 @@ fn backend_table(
     summaries: &[crate::AnchorSummary],
     progress: &dyn Progress,
 ) -> Result<Vec<BackendTiming>, RunError> {
-    let kinds: Vec<&'static dyn crate::BackendProvider> = registry
-        .plugins()
-        .filter_map(|p| match p {
-            crate::Plugin::Backend(provider) => Some(*provider),
-            _ => None,
-        })
-        .collect();
+    let kinds: Vec<&'static dyn crate::BackendProvider> = match &deployment.bench.backends {
+        Some(named) => named.iter().map(|kind| registry.backend(kind)).collect::<Result<_, _>>()?,
+        None => registry
+            .plugins()
+            .filter_map(|p| match p {
+                crate::Plugin::Backend(provider) => Some(*provider),
+                _ => None,
+            })
+            .collect(),
+    };
     progress.start("bench: backends", kinds.len() as u64);
     let mut out = Vec::with_capacity(kinds.len());
     for provider in kinds {

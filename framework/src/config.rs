@@ -373,6 +373,9 @@ pub struct BenchConfig {
     pub stream_eval_clips: usize,
     /// Single-device generations timed for the latency percentiles.
     pub generation_repeats: usize,
+    /// Backends the backend table times, by kind (default: every registered one; those not
+    /// compiled in or not usable here get a row saying why).
+    pub backends: Option<Vec<String>>,
     /// Folder of `report.md`, `report.json` and the plots (default `reports/<file stem>-bench`).
     pub out: Option<PathBuf>,
 }
@@ -394,6 +397,7 @@ impl Default for BenchConfig {
             stream: Vec::new(),
             stream_eval_clips: 128,
             generation_repeats: 200,
+            backends: None,
             out: None,
         }
     }
@@ -728,6 +732,11 @@ impl Deployment {
             p.plugin(PluginKind::AnchorReasoner, &anchor.plugin, "anchor.plugin", &merged, &format!("{at}.anchor"));
             let merged = merge_tables(&cloud.settings, &v.generator);
             p.plugin(PluginKind::Generator, &cloud.generator, "cloud.generator", &merged, &format!("{at}.generator"));
+        }
+        for (i, kind) in bench.backends.iter().flatten().enumerate() {
+            if let Err(e) = registry.get(PluginKind::Backend, kind) {
+                p.fail(KeyPath::parse(&format!("bench.backends[{i}]")), e.to_string());
+            }
         }
         if let Some(i) = bench.k_sweep.iter().position(|k| *k == 0) {
             p.fail(KeyPath::parse(&format!("bench.k_sweep[{i}]")), "expected at least 1 anchor");

@@ -287,7 +287,7 @@ fn plasma_fractal(map: usize, decay: f32, rng: &mut Rng) -> Vec<f32> {
         }
         // Diamonds: edge midpoints from their four neighbours.
         for y in (0..map).step_by(half) {
-            let offset = if (y / half) % 2 == 0 { half } else { 0 };
+            let offset = if (y / half).is_multiple_of(2) { half } else { 0 };
             for x in (offset..map).step_by(step) {
                 let mean = (grid[at(y + map - half, x)]
                     + grid[at(y + half, x)]
