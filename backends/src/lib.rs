@@ -4,48 +4,21 @@
 
 use mmpg::{BackendError, BackendProvider, BurnDevice, Plugin, StaticPlugin};
 
-/// Burn's pure-Rust CPU backend (`flex`), multi-threaded, no system dependencies.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Cpu;
+/// Builds the device with a given index, or says why it cannot be had.
+type MakeDevice = fn(usize) -> Result<BurnDevice, BackendError>;
 
-impl BackendProvider for Cpu {
-    fn kind(&self) -> &'static str {
-        "cpu"
-    }
-
-    fn cargo_feature(&self) -> &'static str {
-        "cpu"
-    }
-
-    fn compiled_in(&self) -> bool {
-        true
-    }
-
-    fn summary(&self) -> &'static str {
-        "Burn flex: pure-Rust CPU backend (always available)"
-    }
-
-    fn make_device(&self, index: usize) -> Result<BurnDevice, BackendError> {
-        if index != 0 {
-            return Err(BackendError::Unavailable {
-                kind: self.kind().into(),
-                reason: format!("the CPU backend has one device (index 0), asked for {index}"),
-            });
-        }
-        Ok(BurnDevice::Flex(Default::default()))
-    }
-}
-
-/// A backend family this build does not contain. It registers under its kind so that asking
-/// for it names the feature to rebuild with.
+/// One backend family: its kind, the cargo feature that compiles it in, and — when this binary
+/// contains it — how to build its devices. A family this build lacks still registers, so that
+/// asking for it names the feature to rebuild with.
 #[derive(Debug, Clone, Copy)]
-pub struct NotCompiled {
+pub struct Family {
     kind: &'static str,
     feature: &'static str,
     summary: &'static str,
+    make: Option<MakeDevice>,
 }
 
-impl BackendProvider for NotCompiled {
+impl BackendProvider for Family {
     fn kind(&self) -> &'static str {
         self.kind
     }
@@ -55,160 +28,128 @@ impl BackendProvider for NotCompiled {
     }
 
     fn compiled_in(&self) -> bool {
-        false
+        self.make.is_some()
     }
 
     fn summary(&self) -> &'static str {
         self.summary
     }
 
-    fn make_device(&self, _index: usize) -> Result<BurnDevice, BackendError> {
-        Err(BackendError::NotCompiledIn { kind: self.kind.into(), feature: self.feature.into() })
+    fn make_device(&self, index: usize) -> Result<BurnDevice, BackendError> {
+        match self.make {
+            Some(make) => make(index),
+            None => Err(BackendError::NotCompiledIn { kind: self.kind.into(), feature: self.feature.into() }),
+        }
     }
 }
 
-/// The CPU provider.
-pub static CPU: Cpu = Cpu;
-
-/// WebGPU through wgpu (Vulkan, Metal, DX12; lavapipe on CPU-only machines).
-#[cfg(not(feature = "wgpu"))]
-pub static WGPU: NotCompiled =
-    NotCompiled { kind: "wgpu", feature: "wgpu", summary: "WebGPU via wgpu (not compiled in)" };
-/// WebGPU through wgpu (Vulkan, Metal, DX12; lavapipe on CPU-only machines).
-#[cfg(feature = "wgpu")]
-pub static WGPU: Wgpu = Wgpu;
-
-/// NVIDIA CUDA.
-#[cfg(not(feature = "cuda"))]
-pub static CUDA: NotCompiled = NotCompiled { kind: "cuda", feature: "cuda", summary: "NVIDIA CUDA (not compiled in)" };
-/// NVIDIA CUDA.
-#[cfg(feature = "cuda")]
-pub static CUDA: Cuda = Cuda;
-
-/// LibTorch through burn-tch.
-#[cfg(not(feature = "tch"))]
-pub static TCH: NotCompiled =
-    NotCompiled { kind: "tch", feature: "tch", summary: "LibTorch via burn-tch (not compiled in)" };
-/// LibTorch through burn-tch.
-#[cfg(feature = "tch")]
-pub static TCH: Tch = Tch;
+/// Burn's pure-Rust CPU backend (`flex`), multi-threaded, no system dependencies.
+pub static CPU: Family = Family {
+    kind: "cpu",
+    feature: "cpu",
+    summary: "Burn flex: pure-Rust CPU backend (always available)",
+    make: Some(cpu_device),
+};
 
 /// WebGPU through Burn's wgpu runtime: Vulkan, Metal or DX12, whichever the machine has; on a
 /// machine without a GPU, Mesa's software Vulkan driver (lavapipe). Kernels are compiled on
 /// first use, so the first call of each operation is slow.
-///
-/// Device 0 is the adapter wgpu ranks best (`CUBECL_WGPU_DEFAULT_DEVICE`, e.g. `Cpu` or
-/// `DiscreteGpu(1)`, overrides it); device `k >= 1` is the discrete GPU `k - 1`.
-#[cfg(feature = "wgpu")]
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Wgpu;
-
-#[cfg(feature = "wgpu")]
-impl BackendProvider for Wgpu {
-    fn kind(&self) -> &'static str {
-        "wgpu"
-    }
-
-    fn cargo_feature(&self) -> &'static str {
-        "wgpu"
-    }
-
-    fn compiled_in(&self) -> bool {
-        true
-    }
-
-    fn summary(&self) -> &'static str {
+pub static WGPU: Family = Family {
+    kind: "wgpu",
+    feature: "wgpu",
+    summary: if cfg!(feature = "wgpu") {
         "WebGPU via wgpu (Vulkan/Metal/DX12; Mesa lavapipe on CPU-only machines)"
-    }
-
-    fn make_device(&self, index: usize) -> Result<BurnDevice, BackendError> {
-        use burn::backend::wgpu::WgpuDevice;
-        let device = match index {
-            0 => WgpuDevice::DefaultDevice,
-            k => WgpuDevice::DiscreteGpu(k - 1),
-        };
-        let device = BurnDevice::Wgpu(device);
-        smoke_test(self.kind(), &device).map_err(|e| match e {
-            BackendError::Unavailable { kind, reason } => BackendError::Unavailable {
-                kind,
-                reason: format!(
-                    "{reason}; wgpu needs a Vulkan, Metal or DX12 driver (without a GPU, Mesa's lavapipe: \
-                     `apt-get install mesa-vulkan-drivers libvulkan1`)"
-                ),
-            },
-            other => other,
-        })?;
-        Ok(device)
-    }
-}
-
-/// LibTorch through burn-tch. Built against the LibTorch of a Python venv's `torch` package
-/// (`scripts/with-libtorch.sh`), never downloaded. Device 0 is LibTorch's CPU; device
-/// `k >= 1` is CUDA device `k - 1` (a CUDA build of torch).
-#[cfg(feature = "tch")]
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Tch;
-
-#[cfg(feature = "tch")]
-impl BackendProvider for Tch {
-    fn kind(&self) -> &'static str {
-        "tch"
-    }
-
-    fn cargo_feature(&self) -> &'static str {
-        "tch"
-    }
-
-    fn compiled_in(&self) -> bool {
-        true
-    }
-
-    fn summary(&self) -> &'static str {
-        "LibTorch via burn-tch (torch's own CPU or CUDA kernels)"
-    }
-
-    fn make_device(&self, index: usize) -> Result<BurnDevice, BackendError> {
-        use burn::backend::libtorch::LibTorchDevice;
-        let device = match index {
-            0 => LibTorchDevice::Cpu,
-            k => LibTorchDevice::Cuda(k - 1),
-        };
-        let device = BurnDevice::LibTorch(device);
-        smoke_test(self.kind(), &device)?;
-        Ok(device)
-    }
-}
+    } else {
+        "WebGPU via wgpu (not compiled in)"
+    },
+    #[cfg(feature = "wgpu")]
+    make: Some(wgpu_device),
+    #[cfg(not(feature = "wgpu"))]
+    make: None,
+};
 
 /// NVIDIA CUDA through Burn's CubeCL runtime. Needs no CUDA toolkit to build; at run time it
 /// loads the driver and NVRTC. Without nvcc at build time cudarc targets the newest CUDA API
 /// (13.x, driver >= 580); set `CUDARC_CUDA_VERSION=12080` when building for CUDA 12.8 drivers.
-#[cfg(feature = "cuda")]
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Cuda;
-
-#[cfg(feature = "cuda")]
-impl BackendProvider for Cuda {
-    fn kind(&self) -> &'static str {
-        "cuda"
-    }
-
-    fn cargo_feature(&self) -> &'static str {
-        "cuda"
-    }
-
-    fn compiled_in(&self) -> bool {
-        true
-    }
-
-    fn summary(&self) -> &'static str {
+pub static CUDA: Family = Family {
+    kind: "cuda",
+    feature: "cuda",
+    summary: if cfg!(feature = "cuda") {
         "NVIDIA CUDA via CubeCL (driver and NVRTC loaded at run time)"
-    }
+    } else {
+        "NVIDIA CUDA (not compiled in)"
+    },
+    #[cfg(feature = "cuda")]
+    make: Some(cuda_device),
+    #[cfg(not(feature = "cuda"))]
+    make: None,
+};
 
-    fn make_device(&self, index: usize) -> Result<BurnDevice, BackendError> {
-        let device = BurnDevice::Cuda(burn::backend::cuda::CudaDevice::new(index));
-        smoke_test(self.kind(), &device)?;
-        Ok(device)
+/// LibTorch through burn-tch. Built against the LibTorch of a Python venv's `torch` package
+/// (`scripts/with-libtorch.sh`), never downloaded.
+pub static TCH: Family = Family {
+    kind: "tch",
+    feature: "tch",
+    summary: if cfg!(feature = "tch") {
+        "LibTorch via burn-tch (torch's own CPU or CUDA kernels)"
+    } else {
+        "LibTorch via burn-tch (not compiled in)"
+    },
+    #[cfg(feature = "tch")]
+    make: Some(tch_device),
+    #[cfg(not(feature = "tch"))]
+    make: None,
+};
+
+fn cpu_device(index: usize) -> Result<BurnDevice, BackendError> {
+    if index != 0 {
+        return Err(BackendError::Unavailable {
+            kind: "cpu".into(),
+            reason: format!("the CPU backend has one device (index 0), asked for {index}"),
+        });
     }
+    Ok(BurnDevice::Flex(Default::default()))
+}
+
+/// Device 0 is the adapter wgpu ranks best (`CUBECL_WGPU_DEFAULT_DEVICE`, e.g. `Cpu` or
+/// `DiscreteGpu(1)`, overrides it); device `k >= 1` is the discrete GPU `k - 1`.
+#[cfg(feature = "wgpu")]
+fn wgpu_device(index: usize) -> Result<BurnDevice, BackendError> {
+    use burn::backend::wgpu::WgpuDevice;
+    let device = BurnDevice::Wgpu(match index {
+        0 => WgpuDevice::DefaultDevice,
+        k => WgpuDevice::DiscreteGpu(k - 1),
+    });
+    smoke_test("wgpu", &device).map_err(|e| match e {
+        BackendError::Unavailable { kind, reason } => BackendError::Unavailable {
+            kind,
+            reason: format!(
+                "{reason}; wgpu needs a Vulkan, Metal or DX12 driver (without a GPU, Mesa's lavapipe: \
+                 `apt-get install mesa-vulkan-drivers libvulkan1`)"
+            ),
+        },
+        other => other,
+    })?;
+    Ok(device)
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device(index: usize) -> Result<BurnDevice, BackendError> {
+    let device = BurnDevice::Cuda(burn::backend::cuda::CudaDevice::new(index));
+    smoke_test("cuda", &device)?;
+    Ok(device)
+}
+
+/// Device 0 is LibTorch's CPU; device `k >= 1` is CUDA device `k - 1` (a CUDA build of torch).
+#[cfg(feature = "tch")]
+fn tch_device(index: usize) -> Result<BurnDevice, BackendError> {
+    use burn::backend::libtorch::LibTorchDevice;
+    let device = BurnDevice::LibTorch(match index {
+        0 => LibTorchDevice::Cpu,
+        k => LibTorchDevice::Cuda(k - 1),
+    });
+    smoke_test("tch", &device)?;
+    Ok(device)
 }
 
 /// Runs one tiny computation on `device`. GPU runtimes panic when no driver or device is
