@@ -5,8 +5,8 @@ mod common;
 
 use mmpg::runtime::Composer;
 use mmpg::{
-    AnchorSummary, Deployment, FeatureStats, GeneratorTraining, HostTensor, NoProgress, ParameterGenerator,
-    Quantisation, QuantisedTensor, TrainingLog, TrainingPlan,
+    AnchorSummary, Deployment, FeatureStats, GeneratedParams, GeneratorTraining, HostTensor, NoProgress,
+    ParameterGenerator, Quantisation, QuantisedTensor, TrainingLog, TrainingPlan,
 };
 use proptest::prelude::*;
 
@@ -67,6 +67,21 @@ fn mean(xs: &[f64]) -> f64 {
 
 /// Trains the generator for a few steps on a fixed small problem.
 fn train(settings: &str, steps: usize) -> TrainingLog {
+    trained(settings, steps).log
+}
+
+/// A generator trained on a fixed small problem, with what the tests compare it against.
+struct Trained {
+    generator: Box<dyn ParameterGenerator>,
+    /// An untrained generator for the same trained model, to load checkpoints into.
+    blank: Box<dyn ParameterGenerator>,
+    log: TrainingLog,
+    theta0: GeneratedParams,
+    feature_dim: usize,
+}
+
+/// A generator trained for a few steps on a fixed small problem.
+fn trained(settings: &str, steps: usize) -> Trained {
     let deployment = deployment(&format!("[cloud.settings]\n{settings}"));
     let registry = common::registry();
     let composer = Composer::new(&deployment, &registry).expect("composer");
@@ -77,7 +92,7 @@ fn train(settings: &str, steps: usize) -> TrainingLog {
     model.pretrain(data.as_ref(), &sources[..1], &plan, &NoProgress).expect("pretrain");
     let mut generator = composer.generator(model.as_ref()).expect("generator");
     let reasoner = composer.anchor_reasoner().expect("reasoner");
-    generator
+    let log = generator
         .train(&GeneratorTraining {
             model: model.as_ref(),
             data: data.as_ref(),
@@ -87,7 +102,9 @@ fn train(settings: &str, steps: usize) -> TrainingLog {
             plan: TrainingPlan { steps, batch: 8, learning_rate: 3e-3, seed: 2 },
             progress: &NoProgress,
         })
-        .expect("train")
+        .expect("train");
+    let blank = composer.generator(model.as_ref()).expect("generator");
+    Trained { generator, blank, log, theta0: model.base_params(), feature_dim: model.feature_dim() }
 }
 
 #[test]
@@ -124,5 +141,47 @@ fn low_rank_changes_need_fewer_cloud_parameters() {
         let max_change =
             t.values().iter().zip(theta0.tensors[name].values()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(max_change < 0.05, "`{name}` starts {max_change} away from θ0");
+    }
+}
+
+/// The largest absolute difference between two sets of slot values.
+fn max_difference(a: &GeneratedParams, b: &GeneratedParams) -> f32 {
+    a.tensors
+        .iter()
+        .flat_map(|(name, t)| t.values().iter().zip(b.tensors[name].values()).map(|(x, y)| (x - y).abs()))
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn the_reset_gate_only_ever_swaps_the_change_for_theta0_and_survives_a_checkpoint() {
+    // The gate is fitted after training, so the same seed trains the same generator either way.
+    let plain = trained("", 20);
+    let Trained { generator: gated, blank: mut restored, .. } = trained("reset = true\nreset_episodes = 24", 20);
+    let (theta0, d) = (&plain.theta0, plain.feature_dim);
+    let summaries: Vec<AnchorSummary> = [0.05f32, 0.5, 1.0, 3.0, 10.0]
+        .iter()
+        .map(|scale| {
+            let values: Vec<f32> = (0..d * 4).map(|i| scale * (((i * 37) % 11) as f32 / 5.0 - 1.0)).collect();
+            summary(&values, d)
+        })
+        .collect();
+    let mut resets = 0;
+    for s in &summaries {
+        let adapted = plain.generator.generate(s).expect("plain");
+        let served = gated.generate(s).expect("gated");
+        if served != adapted {
+            let off = max_difference(&served, theta0);
+            assert!(
+                off == 0.0,
+                "a gated generation is Δ(z) or exactly θ0; it is {off} from θ0 and {} from Δ(z)",
+                max_difference(&served, &adapted)
+            );
+            resets += 1;
+        }
+    }
+    eprintln!("reset gate sent θ0 for {resets} of {} summaries", summaries.len());
+    restored.load(&gated.save().expect("save")).expect("load");
+    for s in &summaries {
+        assert_eq!(restored.generate(s).expect("restored"), gated.generate(s).expect("gated"));
     }
 }

@@ -3,6 +3,11 @@
 //! μ_z, log σ²_z → z (μ_z when serving) → per-slot decoder θ = θ0 + b·tanh(W z + c), bounded.
 //! A reconstruction head predicts the window's standardised statistics from z.
 //! Loss = task loss with the generated slots + β·KL(q(z|anchors) ‖ N(0, I)) + λ·reconstruction.
+//!
+//! Reset (optional, `reset = true`): after training, the cloud fits a logistic gate on how far
+//! a window's moments are from the reference (two numbers every summary already carries),
+//! labelled by whether the generated slots beat θ0 on labelled source clips. Serving, a window
+//! the gate judges in-distribution gets θ0 back — adaptation never drifts on clean streams.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -55,6 +60,10 @@ pub struct FdaSettings {
     pub delta: DeltaForm,
     /// Rank of `low-rank` changes.
     pub rank: usize,
+    /// Fit the reset gate after training: windows it judges in-distribution get θ0.
+    pub reset: bool,
+    /// Episodes that label the reset gate (half from unshifted source domains when there are any).
+    pub reset_episodes: usize,
 }
 
 /// The form of the decoded change of a slot.
@@ -80,6 +89,8 @@ impl Default for FdaSettings {
             clean_fraction: 0.0,
             delta: DeltaForm::Basis,
             rank: 4,
+            reset: false,
+            reset_episodes: 128,
         }
     }
 }
@@ -100,6 +111,81 @@ pub struct FdaNet<B: burn::tensor::backend::Backend> {
     /// Per low-rank slot, in slot order: z → V.
     factors: Vec<Linear<B>>,
     recon: Linear<B>,
+    /// The reset gate: shift features → logit that Δ(z) beats θ0 (`reset = true` only).
+    reset: Option<Linear<B>>,
+}
+
+/// Number of shift features the reset gate reads.
+const SHIFT_FEATURES: usize = 2;
+
+/// How far a window's standardised moments are from the reference (0 for a window exactly like
+/// it): ln(1 + mean of the squared means), ln(1 + mean of the squared log variance ratios). The
+/// ratios are damped (+0.1) so that features silent in the reference (variance ≈ 0 either way)
+/// do not swamp the others.
+fn shift_features(summary: &AnchorSummary) -> [f64; SHIFT_FEATURES] {
+    let d = summary.mean.len().max(1) as f64;
+    let mean = summary.mean.iter().map(|m| f64::from(*m).powi(2)).sum::<f64>() / d;
+    let var = summary.var.iter().map(|v| ((f64::from(*v) + 0.1) / 1.1).ln().powi(2)).sum::<f64>() / d;
+    [mean.ln_1p(), var.ln_1p()]
+}
+
+/// Logistic regression by Newton's method with a small ridge: weights then bias.
+fn fit_logistic(xs: &[[f64; SHIFT_FEATURES]], ys: &[bool]) -> [f64; SHIFT_FEATURES + 1] {
+    const P: usize = SHIFT_FEATURES + 1;
+    let mut w = [0.0; P];
+    for _ in 0..50 {
+        let mut grad = [0.0; P];
+        let mut hess = [[0.0; P]; P];
+        for (x, y) in xs.iter().zip(ys) {
+            let row: [f64; P] = std::array::from_fn(|i| if i < SHIFT_FEATURES { x[i] } else { 1.0 });
+            let z: f64 = row.iter().zip(&w).map(|(a, b)| a * b).sum();
+            let p = 1.0 / (1.0 + (-z).exp());
+            for i in 0..P {
+                grad[i] += (p - f64::from(u8::from(*y))) * row[i];
+                for j in 0..P {
+                    hess[i][j] += p * (1.0 - p) * row[i] * row[j];
+                }
+            }
+        }
+        for i in 0..P {
+            grad[i] += 1e-3 * w[i];
+            hess[i][i] += 1e-3;
+        }
+        let Some(step) = solve(hess, grad) else { break };
+        for i in 0..P {
+            w[i] -= step[i];
+        }
+        if step.iter().all(|s| s.abs() < 1e-9) {
+            break;
+        }
+    }
+    w
+}
+
+/// Solves a small linear system by Gaussian elimination with partial pivoting.
+fn solve<const P: usize>(mut a: [[f64; P]; P], mut b: [f64; P]) -> Option<[f64; P]> {
+    for col in 0..P {
+        let pivot = (col..P).max_by(|&i, &j| a[i][col].abs().total_cmp(&a[j][col].abs()))?;
+        if a[pivot][col].abs() < 1e-12 {
+            return None;
+        }
+        a.swap(col, pivot);
+        b.swap(col, pivot);
+        for row in col + 1..P {
+            let f = a[row][col] / a[col][col];
+            let pivot_row = a[col];
+            for (x, p) in a[row][col..].iter_mut().zip(&pivot_row[col..]) {
+                *x -= f * p;
+            }
+            b[row] -= f * b[col];
+        }
+    }
+    let mut x = [0.0; P];
+    for row in (0..P).rev() {
+        let rest: f64 = (row + 1..P).map(|k| a[row][k] * x[k]).sum();
+        x[row] = (b[row] - rest) / a[row][row];
+    }
+    x.iter().all(|v| v.is_finite()).then_some(x)
 }
 
 /// `Some((rows, cols, rank))` for a slot decoded in low-rank form.
@@ -269,6 +355,10 @@ impl Fda {
                 .collect(),
             factors: layouts.iter().flatten().map(|(_, n, r)| LinearConfig::new(z, n * r).init(device)).collect(),
             recon: LinearConfig::new(z, 2 * d).init(device),
+            // Zero weights: until fitted the gate says 0.5, which keeps Δ.
+            reset: settings.reset.then(|| {
+                LinearConfig::new(SHIFT_FEATURES, 1).with_initializer(burn::nn::Initializer::Zeros).init(device)
+            }),
         };
         Ok(Self {
             settings,
@@ -303,6 +393,95 @@ impl Fda {
                 Ok(Decoded { anchors, text })
             })
             .collect()
+    }
+
+    /// An episode's window from `domain`, summarised exactly as a device does (text-side
+    /// anchors included).
+    fn episode_summary(
+        &self,
+        ctx: &GeneratorTraining<'_>,
+        domain: &mmpg::DomainSpec,
+        reference: &mmpg::FeatureStats,
+        rng: &mut seed::Rng,
+    ) -> Result<AnchorSummary, GeneratorError> {
+        let window = ctx.data.clips(domain, Split::Stream, ctx.window_clips, rng.random())?;
+        let features = ctx.model.frame_features(&window)?;
+        let mut summary = ctx.reasoner.summarise(&features, reference, window.len(), rng.random())?;
+        if self.text_dim.is_some() && ctx.reasoner.text_anchor_count() > 0 {
+            summary.text_anchors = ctx.reasoner.summarise_text(&ctx.model.text_features(&window)?, rng.random())?;
+        }
+        Ok(summary)
+    }
+
+    /// Per summary: whether its generated Δ is served (false: the reset gate sends θ0).
+    fn keeps_delta(&self, summaries: &[AnchorSummary]) -> Vec<bool> {
+        let Some(gate) = &self.net.reset else { return vec![true; summaries.len()] };
+        let weights = HostTensor::from_burn(gate.weight.val());
+        let bias = gate.bias.as_ref().map_or(0.0, |b| f64::from(HostTensor::from_burn(b.val()).values()[0]));
+        summaries
+            .iter()
+            .map(|s| {
+                let x = shift_features(s);
+                let logit: f64 = x.iter().zip(weights.values()).map(|(a, w)| a * f64::from(*w)).sum::<f64>() + bias;
+                logit >= 0.0
+            })
+            .collect()
+    }
+
+    /// Labels `reset_episodes` windows by whether the trained generator's slots beat θ0 on
+    /// labelled clips of the same domain, and fits the reset gate on their shift features.
+    fn fit_reset(
+        &self,
+        ctx: &GeneratorTraining<'_>,
+        net: FdaNet<DB>,
+        base: &[Tensor<DB, 1>],
+        reference: &mmpg::FeatureStats,
+        clean: &[&mmpg::DomainSpec],
+        rng: &mut seed::Rng,
+    ) -> Result<FdaNet<DB>, GeneratorError> {
+        let (mut xs, mut ys) = (Vec::new(), Vec::new());
+        let static_slots: SlotTensors =
+            self.schema.slots().iter().zip(base).map(|(spec, b)| (spec.name.clone(), b.clone())).collect();
+        ctx.progress.start("cloud: fit reset gate", self.settings.reset_episodes as u64);
+        for _ in 0..self.settings.reset_episodes {
+            let domain = if !clean.is_empty() && rng.random_bool(0.5) {
+                clean[rng.random_range(0..clean.len())]
+            } else {
+                &ctx.domains[rng.random_range(0..ctx.domains.len())]
+            };
+            let summary = self.episode_summary(ctx, domain, reference, rng)?;
+            let clips = ctx.data.clips(domain, Split::Train, ctx.plan.batch, rng.random())?;
+            let anchors = self.check(std::slice::from_ref(&summary))?;
+            let pairs: Vec<(Decoded, &AnchorSummary)> = anchors.into_iter().zip([&summary]).collect();
+            let deltas = net.deltas(net.encode(&pairs, &self.device).mu, &self.bounds, &self.layouts);
+            let adapted: SlotTensors = self
+                .schema
+                .slots()
+                .iter()
+                .zip(base)
+                .zip(&deltas)
+                .map(|((spec, b), d)| (spec.name.clone(), b.clone() + d.clone().reshape([spec.numel()])))
+                .collect();
+            let with_delta = f64::from(ctx.model.task_loss(&adapted, &clips)?.into_scalar());
+            let without = f64::from(ctx.model.task_loss(&static_slots, &clips)?.into_scalar());
+            xs.push(shift_features(&summary));
+            ys.push(with_delta < without);
+            ctx.progress.step(None);
+        }
+        ctx.progress.finish();
+        let fitted = fit_logistic(&xs, &ys);
+        let Some(gate) = net.reset.clone() else { return Ok(net) };
+        let device = gate.weight.device();
+        let weight = Tensor::<DB, 2>::from_data(
+            TensorData::new(fitted[..SHIFT_FEATURES].iter().map(|w| *w as f32).collect(), [SHIFT_FEATURES, 1]),
+            &device,
+        );
+        let bias = Tensor::<DB, 1>::from_data(TensorData::new(vec![fitted[SHIFT_FEATURES] as f32], [1]), &device);
+        let gate = Linear {
+            weight: burn::module::Param::from_tensor(weight),
+            bias: Some(burn::module::Param::from_tensor(bias)),
+        };
+        Ok(FdaNet { reset: Some(gate), ..net })
     }
 
     fn base_tensors(&self, device: &BurnDevice) -> Vec<Tensor<DB, 1>> {
@@ -360,11 +539,16 @@ impl ParameterGenerator for Fda {
         let pairs: Vec<(Decoded, &AnchorSummary)> = anchors.into_iter().zip(summaries).collect();
         let encoded = net.encode(&pairs, &device);
         let deltas = net.deltas(encoded.mu, &self.bounds, &self.layouts);
+        let keep = self.keeps_delta(summaries);
         let mut out: Vec<BTreeMap<String, HostTensor>> = vec![BTreeMap::new(); summaries.len()];
         for ((spec, base), delta) in self.schema.slots().iter().zip(&self.base).zip(deltas) {
             let delta = HostTensor::from_burn(delta);
             for (i, row) in delta.rows().into_iter().flatten().enumerate() {
-                let values = base.values().iter().zip(row).map(|(b, d)| b + d).collect();
+                let values = if keep[i] {
+                    base.values().iter().zip(row).map(|(b, d)| b + d).collect()
+                } else {
+                    base.values().to_vec()
+                };
                 let t = HostTensor::new(spec.shape.clone(), values)
                     .expect("θ0 and each decoded row have the slot's element count");
                 out[i].insert(spec.name.clone(), t);
@@ -396,15 +580,7 @@ impl ParameterGenerator for Fda {
                 } else {
                     &ctx.domains[rng.random_range(0..ctx.domains.len())]
                 };
-                let window = ctx.data.clips(domain, Split::Stream, ctx.window_clips, rng.random())?;
-                let features = ctx.model.frame_features(&window)?;
-                let mut summary = ctx.reasoner.summarise(&features, &reference, window.len(), rng.random())?;
-                // Episodes summarise exactly as devices do, text-side anchors included.
-                if self.text_dim.is_some() && ctx.reasoner.text_anchor_count() > 0 {
-                    summary.text_anchors =
-                        ctx.reasoner.summarise_text(&ctx.model.text_features(&window)?, rng.random())?;
-                }
-                summaries.push(summary);
+                summaries.push(self.episode_summary(ctx, domain, &reference, &mut rng)?);
                 batches.push(ctx.data.clips(domain, Split::Train, ctx.plan.batch, rng.random())?);
             }
             let anchors = self.check(&summaries)?;
@@ -452,6 +628,9 @@ impl ParameterGenerator for Fda {
             ctx.progress.step(Some(format!("loss {value:.3}")));
         }
         ctx.progress.finish();
+        if self.settings.reset {
+            net = self.fit_reset(ctx, net, &base, &reference, &clean, &mut rng)?;
+        }
         self.net = net;
         let tail = (terms.len() / 10).max(1);
         let mean_of = |i: usize| terms.iter().rev().take(tail).map(|t| t[i]).sum::<f64>() / tail as f64;
@@ -484,4 +663,55 @@ inventory::submit! {
         settings: SettingsSpec::of::<FdaSettings>(),
         build,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn solve_inverts_a_known_system() {
+        let x = solve([[2.0, 1.0, 0.0], [1.0, 3.0, 1.0], [0.0, 1.0, 4.0]], [3.0, 5.0, 5.0]).expect("regular");
+        for (got, want) in x.iter().zip([1.0, 1.0, 1.0]) {
+            assert!((got - want).abs() < 1e-12, "{x:?}");
+        }
+        assert!(solve([[1.0, 2.0], [2.0, 4.0]], [1.0, 2.0]).is_none(), "a singular system has no answer");
+    }
+
+    #[test]
+    fn the_gate_learns_that_far_windows_want_their_delta() {
+        // Windows near the reference: Δ did not help; far ones: it did (with some label noise).
+        let xs: Vec<[f64; 2]> = (0..40).map(|i| [f64::from(i) * 0.05, f64::from(i % 7) * 0.01]).collect();
+        let ys: Vec<bool> = (0..40).map(|i| (i >= 12) != (i == 30)).collect();
+        let w = fit_logistic(&xs, &ys);
+        let logit = |x: [f64; 2]| w[0] * x[0] + w[1] * x[1] + w[2];
+        assert!(logit([0.0, 0.0]) < 0.0, "{w:?}");
+        assert!(logit([1.5, 0.0]) > 0.0, "{w:?}");
+    }
+
+    proptest! {
+        #[test]
+        fn shift_features_are_zero_at_the_reference_and_grow_away_from_it(
+            shift in 0.0f32..3.0, scale in 1.0f32..4.0,
+        ) {
+            let summary = |mean: f32, var: f32| AnchorSummary {
+                anchors: mmpg::QuantisedTensor::quantise(
+                    &HostTensor::new(vec![1, 4], vec![0.0; 4]).expect("shape"),
+                    mmpg::Quantisation::F32,
+                ),
+                mean: vec![mean; 4],
+                var: vec![var; 4],
+                frames: 1,
+                clips: 1,
+                text_anchors: None,
+            };
+            let at = shift_features(&summary(0.0, 1.0));
+            prop_assert!(at.iter().all(|v| v.abs() < 1e-9));
+            let moved = shift_features(&summary(shift, 1.0));
+            let widened = shift_features(&summary(0.0, scale));
+            prop_assert!(moved[0] >= at[0] && widened[1] >= at[1]);
+            prop_assert!(shift_features(&summary(shift + 0.5, 1.0))[0] > moved[0]);
+        }
+    }
 }
