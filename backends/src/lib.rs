@@ -179,8 +179,13 @@ fn smoke_test(kind: &str, device: &BurnDevice) -> Result<(), BackendError> {
         Err(payload) => {
             let first = messages.lock().ok().and_then(|kept| kept.first().cloned());
             let message = first.unwrap_or_else(|| panic_text(payload.as_ref()));
+            // Runtimes list every library name they tried; the first words say what failed.
             let line = message.lines().next().unwrap_or_default();
-            Err(unavailable(format!("no usable device or driver (the runtime failed: {line})")))
+            let cause = match line.char_indices().nth(160) {
+                Some((cut, _)) => format!("{}…", &line[..cut]),
+                None => line.to_string(),
+            };
+            Err(unavailable(format!("no usable device or driver (the runtime failed: {cause})")))
         }
     }
 }
