@@ -129,6 +129,21 @@ fn shift_features(summary: &AnchorSummary) -> [f64; SHIFT_FEATURES] {
     [mean.ln_1p(), var.ln_1p()]
 }
 
+/// An episode's source domain: an unshifted one with probability `clean_fraction` (when there
+/// are any), otherwise any source domain.
+fn pick_domain<'a>(
+    domains: &'a [mmpg::DomainSpec],
+    clean: &[&'a mmpg::DomainSpec],
+    clean_fraction: f64,
+    rng: &mut seed::Rng,
+) -> &'a mmpg::DomainSpec {
+    if !clean.is_empty() && rng.random_bool(clean_fraction) {
+        clean[rng.random_range(0..clean.len())]
+    } else {
+        &domains[rng.random_range(0..domains.len())]
+    }
+}
+
 /// Logistic regression by Newton's method with a small ridge: weights then bias.
 fn fit_logistic(xs: &[[f64; SHIFT_FEATURES]], ys: &[bool]) -> [f64; SHIFT_FEATURES + 1] {
     const P: usize = SHIFT_FEATURES + 1;
@@ -444,11 +459,7 @@ impl Fda {
             self.schema.slots().iter().zip(base).map(|(spec, b)| (spec.name.clone(), b.clone())).collect();
         ctx.progress.start("cloud: fit reset gate", self.settings.reset_episodes as u64);
         for _ in 0..self.settings.reset_episodes {
-            let domain = if !clean.is_empty() && rng.random_bool(0.5) {
-                clean[rng.random_range(0..clean.len())]
-            } else {
-                &ctx.domains[rng.random_range(0..ctx.domains.len())]
-            };
+            let domain = pick_domain(ctx.domains, clean, 0.5, rng);
             let summary = self.episode_summary(ctx, domain, reference, rng)?;
             let clips = ctx.data.clips(domain, Split::Train, ctx.plan.batch, rng.random())?;
             let anchors = self.check(std::slice::from_ref(&summary))?;
@@ -470,13 +481,12 @@ impl Fda {
         }
         ctx.progress.finish();
         let fitted = fit_logistic(&xs, &ys);
-        let Some(gate) = net.reset.clone() else { return Ok(net) };
-        let device = gate.weight.device();
+        let device = &self.device;
         let weight = Tensor::<DB, 2>::from_data(
             TensorData::new(fitted[..SHIFT_FEATURES].iter().map(|w| *w as f32).collect(), [SHIFT_FEATURES, 1]),
-            &device,
+            device,
         );
-        let bias = Tensor::<DB, 1>::from_data(TensorData::new(vec![fitted[SHIFT_FEATURES] as f32], [1]), &device);
+        let bias = Tensor::<DB, 1>::from_data(TensorData::new(vec![fitted[SHIFT_FEATURES] as f32], [1]), device);
         let gate = Linear {
             weight: burn::module::Param::from_tensor(weight),
             bias: Some(burn::module::Param::from_tensor(bias)),
@@ -575,11 +585,7 @@ impl ParameterGenerator for Fda {
             let mut summaries = Vec::with_capacity(episodes);
             let mut batches = Vec::with_capacity(episodes);
             for _ in 0..episodes {
-                let domain = if !clean.is_empty() && rng.random_bool(self.settings.clean_fraction) {
-                    clean[rng.random_range(0..clean.len())]
-                } else {
-                    &ctx.domains[rng.random_range(0..ctx.domains.len())]
-                };
+                let domain = pick_domain(ctx.domains, &clean, self.settings.clean_fraction, &mut rng);
                 summaries.push(self.episode_summary(ctx, domain, &reference, &mut rng)?);
                 batches.push(ctx.data.clips(domain, Split::Train, ctx.plan.batch, rng.random())?);
             }
