@@ -107,9 +107,7 @@ impl QuantisedTensor {
             });
         }
         let values: Vec<f32> = match self.quantisation {
-            Quantisation::F32 => {
-                self.bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
-            }
+            Quantisation::F32 => crate::tensor::f32s_from_le_bytes(&self.bytes),
             Quantisation::F16 => {
                 self.bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
             }

@@ -36,6 +36,12 @@ pub struct RankMismatch {
     pub shape: Vec<usize>,
 }
 
+/// Little-endian f32 values packed in `bytes` (the layout of safetensors, `.npy` `<f4` and our
+/// caches); a trailing partial value is ignored, so callers check the length they expect first.
+pub fn f32s_from_le_bytes(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
 impl HostTensor {
     /// Builds a tensor, checking that `values` fills `shape` exactly.
     pub fn new(shape: Vec<usize>, values: Vec<f32>) -> Result<Self, ShapeMismatch> {

@@ -57,8 +57,7 @@ pub trait TextEncoder: Send + Sync {
         let read = |path: &Path| -> Option<Vec<f32>> {
             let bytes = std::fs::read(path).ok()?;
             (bytes.len() == 4 * e).then_some(())?;
-            let values: Vec<f32> =
-                bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            let values: Vec<f32> = crate::tensor::f32s_from_le_bytes(&bytes);
             values.iter().all(|v| v.is_finite()).then_some(values)
         };
         let mut rows: Vec<Option<Vec<f32>>> = texts.iter().map(|t| read(&file_of(t))).collect();

@@ -297,7 +297,7 @@ fn read_f32(view: &TensorView<'_>, name: &str) -> Result<HostTensor, WireError> 
     if view.dtype() != Dtype::F32 {
         return Err(WireError::Content(format!("`{name}` must be F32, found {:?}", view.dtype())));
     }
-    let values = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let values = crate::tensor::f32s_from_le_bytes(view.data());
     HostTensor::new(view.shape().to_vec(), values).map_err(|e| WireError::Content(format!("`{name}`: {e}")))
 }
 

@@ -71,8 +71,7 @@ pub fn read_weights(bytes: &[u8], shapes: &BTreeMap<String, Vec<usize>>) -> Resu
     let mut out = Weights::new();
     for (name, view) in st.tensors() {
         if view.dtype() == safetensors::Dtype::F32 {
-            let values: Vec<f32> =
-                view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            let values: Vec<f32> = mmpg::tensor::f32s_from_le_bytes(view.data());
             let t = HostTensor::new(view.shape().to_vec(), values).map_err(|e| bad(format!("`{name}`: {e}")))?;
             out.insert(name, t);
         } else if let Some(base) = name.strip_suffix(".q4") {

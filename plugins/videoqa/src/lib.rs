@@ -170,7 +170,7 @@ pub fn parse_npy(bytes: &[u8]) -> Result<HostTensor, String> {
         return Err(format!("shape {shape:?} needs {} bytes of data, found {}", n.saturating_mul(width), body.len()));
     }
     let values: Vec<f32> = if width == 4 {
-        body.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+        mmpg::tensor::f32s_from_le_bytes(body)
     } else {
         body.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32).collect()
     };
