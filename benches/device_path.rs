@@ -41,7 +41,9 @@ fn device_model(c: &mut Criterion) {
     let mut model = cloud.export(&cpu).expect("export");
     let clips = data.clips(&DomainSpec::clean("bench", 1), Split::Test, 16, 0).expect("clips");
     let params = model.current_params();
-    let wire = Envelope::params(DeviceId("bench".into()), 1, &params).encode();
+    let wire = Envelope::params(DeviceId("bench".into()), 1, &params)
+        .and_then(|e| e.encode())
+        .expect("the model's own params encode");
     let mut apply = c.benchmark_group("apply_from_wire");
     apply.throughput(Throughput::Bytes(wire.len() as u64));
     apply.bench_function("all_slots", |b| {

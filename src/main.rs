@@ -168,8 +168,8 @@ fn run(path: &Path, report_override: Option<PathBuf>, registry: &Registry) -> an
 fn print_table(report: &RunReport) {
     println!();
     println!(
-        "{:<12} {:<22} {:>7} {:>8} {:>7} {:>13} {:>8} {:>9} {:>10} {:>9}  note",
-        "device", "shift", "static", "adapted", "gain", "R@5 s→a", "up B", "down B", "raw win B", "adapt ms"
+        "{:<12} {:<22} {:>7} {:>8} {:>7} {:>7} {:>13} {:>8} {:>9} {:>10} {:>9}  note",
+        "device", "shift", "scored", "static", "adapted", "gain", "R@5 s→a", "up B", "down B", "raw win B", "adapt ms"
     );
     for d in &report.devices {
         let shift = match d.class_mix_alpha {
@@ -181,31 +181,32 @@ fn print_table(report: &RunReport) {
             _ => "-".into(),
         };
         println!(
-            "{:<12} {:<22} {:>6.1}% {:>7.1}% {:>+6.1}  {:>12} {:>8} {:>9} {:>10} {:>9.2}  {}",
+            "{:<12} {:<22} {:>7} {:>7} {:>8} {:>7}  {:>12} {:>8} {:>9} {:>10} {:>9.2}  {}",
             d.device,
             shift,
-            100.0 * d.static_accuracy,
-            100.0 * d.adapted_accuracy,
-            100.0 * (d.adapted_accuracy - d.static_accuracy),
+            d.scored_clips,
+            percent(d.static_accuracy),
+            percent(d.adapted_accuracy),
+            points(d.adapted_accuracy - d.static_accuracy),
             r5,
             d.bytes_up,
             d.bytes_down,
             d.raw_window_bytes,
             d.adaptation_ms,
-            d.error.as_deref().unwrap_or("")
+            d.error.as_deref().or(d.warning.as_deref()).unwrap_or("")
         );
     }
     let f = &report.fleet;
     println!();
     println!(
-        "shifted devices ({}): static {:.1}% → adapted {:.1}% ({:+.1} points); all devices ({}): {:.1}% → {:.1}%",
+        "shifted devices ({}): static {} → adapted {} ({} points); all devices ({}): {} → {}",
         f.shifted_devices,
-        100.0 * f.shifted_static_accuracy,
-        100.0 * f.shifted_adapted_accuracy,
-        100.0 * (f.shifted_adapted_accuracy - f.shifted_static_accuracy),
+        percent(f.shifted_static_accuracy),
+        percent(f.shifted_adapted_accuracy),
+        points(f.shifted_adapted_accuracy - f.shifted_static_accuracy),
         f.devices,
-        100.0 * f.static_accuracy,
-        100.0 * f.adapted_accuracy
+        percent(f.static_accuracy),
+        percent(f.adapted_accuracy)
     );
     if let (Some(s), Some(a)) = (f.static_retrieval, f.adapted_retrieval) {
         println!(
@@ -230,6 +231,16 @@ fn print_table(report: &RunReport) {
         c.generation_ms,
         report.seconds
     );
+}
+
+/// An accuracy as a percentage; "n/a" when there is none (no scored clips).
+fn percent(x: f64) -> String {
+    if x.is_finite() { format!("{:.1}%", 100.0 * x) } else { "n/a".into() }
+}
+
+/// A difference of accuracies in points; "n/a" when either is missing.
+fn points(x: f64) -> String {
+    if x.is_finite() { format!("{:+.1}", 100.0 * x) } else { "n/a".into() }
 }
 
 fn print_plugins(registry: &Registry) {

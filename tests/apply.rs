@@ -2,7 +2,7 @@
 
 mod common;
 
-use mmpg::wire::Envelope;
+use mmpg::wire::{Envelope, MessageKind, encode_f32_tensors};
 use mmpg::{
     BurnDevice, CloudModel, DataSource, DeviceId, DeviceModel, DomainSpec, HostTensor, ModelError, Quantisation,
     QuantisedTensor, Split,
@@ -67,10 +67,23 @@ proptest! {
             Corruption::ExtraSlot => { bad.tensors.insert("backdoor".into(), HostTensor::zeros(vec![1])); }
             Corruption::OtherSchema => bad.schema_hash.0 ^= 1,
         }
-        // Through the wire as a peer would send it, then applied. Non-finite values are already
-        // refused when the payload is decoded; everything else by the device's validation.
+        // Through the wire as a peer would send it, then applied. The cloud's encoder refuses
+        // non-finite values, so a forged payload carries them: the device's decoder must refuse
+        // it; everything else is refused by the device's validation.
         let is_non_finite = matches!(c, Corruption::NonFinite(..));
-        match Envelope::decode(&Envelope::params(DeviceId("d".into()), 1, &bad).encode()).and_then(|e| e.to_params()) {
+        let envelope = match Envelope::params(DeviceId("d".into()), 1, &bad) {
+            Ok(envelope) => {
+                prop_assert!(!is_non_finite, "the sender encoded {c:?}");
+                envelope
+            }
+            Err(e) => {
+                prop_assert!(is_non_finite, "the sender refused {c:?}: {e}");
+                let forged = encode_f32_tensors(&bad.tensors, Vec::<(String, String)>::new());
+                Envelope::new(MessageKind::Params, bad.schema_hash, DeviceId("d".into()), 1, forged).expect("small")
+            }
+        };
+        let bytes = envelope.encode().expect("encodes");
+        match Envelope::decode(&bytes).and_then(|e| e.to_params()) {
             Err(e) => prop_assert!(is_non_finite, "the wire refused {c:?}: {e}"),
             Ok(received) => {
                 prop_assert!(!is_non_finite, "non-finite values passed the wire");
@@ -93,14 +106,16 @@ proptest! {
             let values = t.values().iter().enumerate().map(|(i, v)| v + scale * ((i % 7) as f32 - 3.0) * 1e-2).collect();
             *t = HostTensor::new(t.shape().to_vec(), values).expect("same shape");
         }
-        let received = Envelope::decode(&Envelope::params_encoded(DeviceId("d".into()), 1, &params, encoding).encode())
+        let received = Envelope::params_encoded(DeviceId("d".into()), 1, &params, encoding)
+            .and_then(|e| e.encode())
+            .and_then(|bytes| Envelope::decode(&bytes))
             .and_then(|e| e.to_params())
             .expect("round trip");
         model.apply(received).expect("valid params apply");
         // What the cloud generated, after the download encoding's dequantisation (f32: itself).
         let mut expected = params.clone();
         for t in expected.tensors.values_mut() {
-            *t = QuantisedTensor::quantise(t, encoding).dequantise().expect("dequantises");
+            *t = QuantisedTensor::quantise(t, encoding).expect("finite").dequantise().expect("dequantises");
         }
         let bits = |p: &mmpg::GeneratedParams| -> Vec<u32> { p.tensors.values().flat_map(|t| t.values().iter().map(|v| v.to_bits())).collect() };
         prop_assert_eq!(bits(&model.current_params()), bits(&expected));

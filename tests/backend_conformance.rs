@@ -98,7 +98,7 @@ fn apply_is_bit_exact_on_the_backend() {
         let values = t.values().iter().enumerate().map(|(i, v)| v + (i % 5) as f32 * 1e-3).collect();
         *t = HostTensor::new(t.shape().to_vec(), values).expect("same shape");
     }
-    let wire = Envelope::params(DeviceId("d".into()), 1, &params).encode();
+    let wire = Envelope::params(DeviceId("d".into()), 1, &params).and_then(|e| e.encode()).expect("encodes");
     device_model.apply(Envelope::decode(&wire).and_then(|e| e.to_params()).expect("decodes")).expect("applies");
     let bits = |p: &mmpg::GeneratedParams| -> Vec<u32> {
         p.tensors.values().flat_map(|t| t.values().iter().map(|v| v.to_bits())).collect()

@@ -45,7 +45,8 @@ fn bench_section_errors_name_line_and_key_path() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("bad-bench.toml");
     let text = "[bench]\nk_sweep = [4, 0]\n[[bench.baselines]]\nplugin = \"fta\"\nsettings = { labels = 4, epochs = 3 }\n\
-                [[bench.baselines]]\nplugin = \"tent\"\n[[bench.variants]]\nname = \"x\"\nanchor = { strategy = \"best\" }\n";
+                [[bench.baselines]]\nplugin = \"tent\"\n[[bench.variants]]\nname = \"x\"\nanchor = { strategy = \"best\" }\n\
+                [fleet]\ndevices = 1\n";
     std::fs::write(&path, text).expect("write");
     let (code, _, stderr) = mmpg(&["validate", path.to_str().expect("utf-8 path")]);
     assert_eq!(code, 2, "{stderr}");

@@ -5,7 +5,7 @@ mod common;
 
 use mmpg::runtime::Composer;
 use mmpg::{
-    AnchorSummary, Deployment, FeatureStats, GeneratedParams, GeneratorTraining, HostTensor, NoProgress,
+    AnchorSummary, CloudModel, Deployment, FeatureStats, GeneratedParams, GeneratorTraining, HostTensor, NoProgress,
     ParameterGenerator, Quantisation, QuantisedTensor, TrainingLog, TrainingPlan,
 };
 use proptest::prelude::*;
@@ -20,13 +20,20 @@ fn summary(values: &[f32], d: usize) -> AnchorSummary {
     let anchors = HostTensor::new(vec![k, d], values[..k * d].to_vec()).expect("shape");
     let stats = FeatureStats::of_rows(&anchors).expect("rows");
     AnchorSummary {
-        anchors: QuantisedTensor::quantise(&anchors, Quantisation::F32),
+        anchors: QuantisedTensor::quantise(&anchors, Quantisation::F32).expect("finite"),
         mean: stats.mean,
         var: stats.std.iter().map(|s| s * s).collect(),
-        frames: k as u32,
+        frames: u32::try_from(k).expect("small"),
         clips: 1,
         text_anchors: None,
     }
+}
+
+/// A summary whose moments are `mean` and `var` in every dimension (the reference statistics
+/// are 0 and 1), with anchors that are not all zero.
+fn summary_with_moments(d: usize, mean: f32, var: f32) -> AnchorSummary {
+    let values: Vec<f32> = (0..d * 4).map(|i| ((i * 37) % 11) as f32 / 5.0 - 1.0).collect();
+    AnchorSummary { mean: vec![mean; d], var: vec![var; d], ..summary(&values, d) }
 }
 
 /// A generator built from the deployment's seed on an untrained model (cheap to build twice).
@@ -73,11 +80,42 @@ fn train(settings: &str, steps: usize) -> TrainingLog {
 /// A generator trained on a fixed small problem, with what the tests compare it against.
 struct Trained {
     generator: Box<dyn ParameterGenerator>,
-    /// An untrained generator for the same trained model, to load checkpoints into.
-    blank: Box<dyn ParameterGenerator>,
+    deployment: Deployment,
+    model: Box<dyn CloudModel>,
     log: TrainingLog,
     theta0: GeneratedParams,
     feature_dim: usize,
+}
+
+impl Trained {
+    /// An untrained generator for the same trained model, to load checkpoints into.
+    fn blank(&self) -> Box<dyn ParameterGenerator> {
+        let registry = common::registry();
+        let composer = Composer::new(&self.deployment, &registry).expect("composer");
+        composer.generator(self.model.as_ref()).expect("generator")
+    }
+
+    /// A copy of the trained generator whose reset gate is `logit = weight · shift + bias` (Δ(z)
+    /// served when the logit is ≥ 0), set through its checkpoint: the gate's one way in besides
+    /// fitting.
+    fn with_gate(&self, weight: [f32; 2], bias: f32) -> Box<dyn ParameterGenerator> {
+        let bytes = self.generator.save().expect("save");
+        let metadata = mmpg::wire::read_metadata(&bytes).expect("metadata");
+        let mut tensors = mmpg::wire::decode_f32_tensors(&bytes).expect("tensors");
+        let gate: Vec<String> = tensors.keys().filter(|k| k.starts_with("reset.")).cloned().collect();
+        assert_eq!(gate.len(), 2, "a linear gate has a weight and a bias: {gate:?}");
+        for name in gate {
+            let value = match tensors[&name].shape() {
+                [2, 1] => HostTensor::new(vec![2, 1], weight.to_vec()),
+                [1] => HostTensor::new(vec![1], vec![bias]),
+                other => panic!("gate tensor `{name}` has shape {other:?}"),
+            };
+            tensors.insert(name, value.expect("shape"));
+        }
+        let mut generator = self.blank();
+        generator.load(&mmpg::wire::encode_f32_tensors(&tensors, metadata)).expect("load");
+        generator
+    }
 }
 
 /// A generator trained for a few steps on a fixed small problem.
@@ -103,8 +141,9 @@ fn trained(settings: &str, steps: usize) -> Trained {
             progress: &NoProgress,
         })
         .expect("train");
-    let blank = composer.generator(model.as_ref()).expect("generator");
-    Trained { generator, blank, log, theta0: model.base_params(), feature_dim: model.feature_dim() }
+    let (theta0, feature_dim) = (model.base_params(), model.feature_dim());
+    drop(composer);
+    Trained { generator, deployment, model, log, theta0, feature_dim }
 }
 
 #[test]
@@ -153,35 +192,43 @@ fn max_difference(a: &GeneratedParams, b: &GeneratedParams) -> f32 {
 }
 
 #[test]
-fn the_reset_gate_only_ever_swaps_the_change_for_theta0_and_survives_a_checkpoint() {
-    // The gate is fitted after training, so the same seed trains the same generator either way.
-    let plain = trained("", 20);
-    let Trained { generator: gated, blank: mut restored, .. } = trained("reset = true\nreset_episodes = 24", 20);
-    let (theta0, d) = (&plain.theta0, plain.feature_dim);
+fn the_reset_gate_sends_theta0_in_distribution_and_delta_far_away_and_survives_a_checkpoint() {
+    let gated = trained("reset = true\nreset_episodes = 24", 20);
+    let (theta0, d) = (&gated.theta0, gated.feature_dim);
+    // At the reference statistics both shift features are 0; a mean of 3 makes the first ln 10.
+    let (near, far) = (summary_with_moments(d, 0.0, 1.0), summary_with_moments(d, 3.0, 1.0));
+    // A gate that never resets serves Δ(z): the trained generator's own change.
+    let never = gated.with_gate([0.0, 0.0], 1.0);
+    for s in [&near, &far] {
+        let adapted = never.generate(s).expect("Δ(z)");
+        assert!(max_difference(&adapted, theta0) > 0.0, "trained Δ(z) must move θ for the gate to matter");
+    }
+    // A gate that resets at the reference (logit −1 there) and not 3 away (logit 4·ln 10 − 1).
+    let pinned = gated.with_gate([4.0, 4.0], -1.0);
+    assert_eq!(&pinned.generate(&near).expect("near"), theta0, "in distribution the gate must send θ0 exactly");
+    let served = pinned.generate(&far).expect("far");
+    assert_eq!(served, never.generate(&far).expect("Δ(z)"), "far away the gate must keep Δ(z)");
+    assert!(max_difference(&served, theta0) > 0.0);
+    // Batched, each summary gets what it gets alone.
+    let batch = pinned.generate_batch(&[far.clone(), near.clone()]).expect("batch");
+    assert_eq!((&batch[0], &batch[1]), (&served, theta0));
+
+    // The fitted gate only ever swaps Δ(z) for θ0 exactly, and its checkpoint restores it.
     let summaries: Vec<AnchorSummary> = [0.05f32, 0.5, 1.0, 3.0, 10.0]
         .iter()
         .map(|scale| {
             let values: Vec<f32> = (0..d * 4).map(|i| scale * (((i * 37) % 11) as f32 / 5.0 - 1.0)).collect();
             summary(&values, d)
         })
+        .chain([near, far])
         .collect();
-    let mut resets = 0;
+    let mut restored = gated.blank();
+    restored.load(&gated.generator.save().expect("save")).expect("load");
     for s in &summaries {
-        let adapted = plain.generator.generate(s).expect("plain");
-        let served = gated.generate(s).expect("gated");
-        if served != adapted {
-            let off = max_difference(&served, theta0);
-            assert!(
-                off == 0.0,
-                "a gated generation is Δ(z) or exactly θ0; it is {off} from θ0 and {} from Δ(z)",
-                max_difference(&served, &adapted)
-            );
-            resets += 1;
+        let served = gated.generator.generate(s).expect("gated");
+        if served != never.generate(s).expect("Δ(z)") {
+            assert_eq!(&served, theta0, "a gated generation is Δ(z) or exactly θ0");
         }
-    }
-    eprintln!("reset gate sent θ0 for {resets} of {} summaries", summaries.len());
-    restored.load(&gated.save().expect("save")).expect("load");
-    for s in &summaries {
-        assert_eq!(restored.generate(s).expect("restored"), gated.generate(s).expect("gated"));
+        assert_eq!(restored.generate(s).expect("restored"), served);
     }
 }

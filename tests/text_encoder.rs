@@ -9,7 +9,11 @@ use mmpg::{BurnDevice, TextEncoder};
 use mmpg_minilm::{MiniLm, MiniLmSettings};
 
 fn encoder(dir: &str) -> MiniLm {
-    let settings = MiniLmSettings { dir: PathBuf::from(dir), ..MiniLmSettings::default() };
+    encoder_with(dir, MiniLmSettings::default().max_tokens)
+}
+
+fn encoder_with(dir: &str, max_tokens: usize) -> MiniLm {
+    let settings = MiniLmSettings { dir: PathBuf::from(dir), max_tokens };
     MiniLm::new(&settings, &BurnDevice::Flex(Default::default()))
         .unwrap_or_else(|e| panic!("{e} (the tests read real models; `scripts/fetch-data.sh` installs them)"))
 }
@@ -72,12 +76,41 @@ fn cached_embeddings_are_reused_and_corrupt_files_recomputed() {
     let encoder = encoder("data/all-minilm-l6-v2");
     let dir = tempfile::tempdir().expect("tempdir");
     let texts = ["what is shown first", "is there a bag"];
-    let fresh = encoder.embed_cached(&texts, dir.path()).expect("computed");
+    let fresh = encoder.embed_cached(&texts, dir.path(), "max_tokens = 128").expect("computed");
     let files: Vec<_> = std::fs::read_dir(dir.path()).expect("cache").flatten().map(|e| e.path()).collect();
     assert_eq!(files.len(), 2);
-    assert_eq!(encoder.embed_cached(&texts, dir.path()).expect("cached"), fresh);
+    assert_eq!(encoder.embed_cached(&texts, dir.path(), "max_tokens = 128").expect("cached"), fresh);
     std::fs::write(&files[0], b"garbage").expect("corrupt");
-    assert_eq!(encoder.embed_cached(&texts, dir.path()).expect("recomputed"), fresh);
+    assert_eq!(encoder.embed_cached(&texts, dir.path(), "max_tokens = 128").expect("recomputed"), fresh);
+}
+
+#[test]
+fn the_cache_is_keyed_by_the_encoders_settings() {
+    // Issue 10: an embedding cached at 128 tokens was served for a run at 3.
+    let registry = common::registry();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let long = "what colour is the shape that moves from the left to the right of the frame";
+    let deployment = |max_tokens: usize| {
+        let text = format!(
+            "{}\n[text]\nplugin = \"minilm\"\ncache = \"{}\"\n[text.settings]\nmax_tokens = {max_tokens}\n",
+            common::tiny_deployment(2, 1, 1, r#"{ kind = "clean" }"#),
+            dir.path().display()
+        );
+        mmpg::Deployment::parse(&text, "text.toml", &registry).expect("valid")
+    };
+    let embed = |max_tokens: usize| {
+        let d = deployment(max_tokens);
+        let composer = mmpg::runtime::Composer::new(&d, &registry).expect("composer");
+        let source = composer.text_source().expect("builds").expect("configured");
+        source.embed(&[long]).expect("embeds")
+    };
+    let full = embed(128);
+    let cut = embed(3);
+    assert_ne!(full, cut, "a 3-token embedding must not come from the 128-token cache");
+    assert_eq!(std::fs::read_dir(dir.path()).expect("cache").count(), 2);
+    // Uncached, the same truncation gives the same embedding the cache served.
+    let plain = encoder_with("data/all-minilm-l6-v2", 3);
+    assert_eq!(plain.embed(&[long]).expect("embeds"), cut);
 }
 
 #[test]

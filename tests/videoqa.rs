@@ -25,11 +25,20 @@ fn write_fixture(dir: &Path, categories_used: &[u32], frames: usize) {
             let t = HostTensor::new(vec![frames, 6], values).expect("shape");
             let bytes = mmpg::wire::encode_f32_tensors(&std::collections::BTreeMap::from([("features".into(), t)]), []);
             std::fs::write(features.join(format!("video{v}.safetensors")), bytes).expect("write");
-        } else {
+        } else if v % 4 == 1 {
             std::fs::write(features.join(format!("video{v}.npy")), mmpg_videoqa::encode_npy(&[frames, 6], &values))
+                .expect("write");
+        } else {
+            std::fs::write(features.join(format!("video{v}.npy")), big_endian_f64_fortran_npy(frames, 6, &values))
                 .expect("write");
         }
         for k in 0..4 {
+            // The released files spell one answer in several ways; the benchmarks score them as one.
+            let answer = match k {
+                1 => answer.to_uppercase(),
+                2 => format!(" {answer}  "),
+                _ => answer.to_string(),
+            };
             let qa =
                 serde_json::json!({"question": format!("what is in the video {k}"), "answer": answer, "video_id": v});
             if k < 2 { train.push(qa) } else { test.push(qa) }
@@ -40,12 +49,27 @@ fn write_fixture(dir: &Path, categories_used: &[u32], frames: usize) {
     std::fs::write(dir.join("categories.json"), serde_json::to_vec(&categories).expect("json")).expect("write");
 }
 
-#[test]
-fn a_videoqa_deployment_trains_adapts_and_scores_devices_by_category() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    write_fixture(dir.path(), &[1, 2], 8);
-    let root = dir.path().display();
-    let text = format!(
+/// `.npy` bytes of a row-major `rows × cols` array stored as NumPy stores
+/// `np.asfortranarray(a.astype('>f8'))`: big-endian float64, one column after another.
+fn big_endian_f64_fortran_npy(rows: usize, cols: usize, values: &[f32]) -> Vec<u8> {
+    let mut header = format!("{{'descr': '>f8', 'fortran_order': True, 'shape': ({rows}, {cols}), }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend((header.len() as u16).to_le_bytes());
+    out.extend(header.as_bytes());
+    for c in 0..cols {
+        for r in 0..rows {
+            out.extend(f64::from(values[r * cols + c]).to_be_bytes());
+        }
+    }
+    out
+}
+
+fn videoqa_toml(root: &std::path::Display<'_>) -> String {
+    format!(
         r#"
 seed = 1
 [data]
@@ -71,7 +95,34 @@ kind = "clean"
 name = "garage"
 kind = "clean"
 "#
-    );
+    )
+}
+
+#[test]
+fn a_video_id_naming_a_file_outside_the_features_folder_stops_the_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_fixture(dir.path(), &[1, 2], 8);
+    // A file the id would reach, were it joined to the features folder.
+    std::fs::write(dir.path().join("stolen.npy"), mmpg_videoqa::encode_npy(&[8, 6], &[0.5; 48])).expect("write");
+    let test_path = dir.path().join("test_qa.json");
+    let mut test: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(&test_path).expect("read")).expect("json");
+    test.push(serde_json::json!({"question": "what is hidden", "answer": "man", "video_id": "../stolen"}));
+    std::fs::write(&test_path, serde_json::to_vec(&test).expect("json")).expect("write");
+    let registry = common::registry();
+    // Without a prefix (MSVD names feature files by bare id) the id alone would be the path.
+    let text =
+        videoqa_toml(&dir.path().display()).replace("[data.settings]\n", "[data.settings]\nvideo_prefix = \"\"\n");
+    let deployment = mmpg::Deployment::parse(&text, "videoqa.toml", &registry).expect("valid");
+    let err = mmpg::runtime::run(&deployment, &registry, &mmpg::NoProgress).expect_err("refused").to_string();
+    assert!(err.contains("test_qa.json") && err.contains("\"../stolen\"") && err.contains("path separator"), "{err}");
+}
+
+#[test]
+fn a_videoqa_deployment_trains_adapts_and_scores_devices_by_category() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_fixture(dir.path(), &[1, 2], 8);
+    let text = videoqa_toml(&dir.path().display());
     let registry = common::registry();
     let deployment = mmpg::Deployment::parse(&text, "videoqa.toml", &registry).expect("valid");
     let report = mmpg::runtime::run(&deployment, &registry, &mmpg::NoProgress).expect("runs");
@@ -148,7 +199,12 @@ window_clips = 8
 #[test]
 fn the_msrvtt_example_without_data_says_what_to_place() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/msrvtt-qa.toml");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let example = root.join("examples/msrvtt-qa.toml");
+    // The text encoder is present (validate checks it first); only the video-QA data is missing.
+    std::fs::create_dir_all(dir.path().join("data")).expect("data folder");
+    std::os::unix::fs::symlink(root.join("data/all-minilm-l6-v2"), dir.path().join("data/all-minilm-l6-v2"))
+        .expect("link the text encoder");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmpg"))
         .arg("run")
         .arg(&example)

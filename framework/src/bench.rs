@@ -38,18 +38,17 @@ pub struct Spread {
     pub p90: f64,
 }
 
-/// JSON has no NaN: serde_json writes it as `null`; read it back as NaN.
-fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
-    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
-}
+use crate::report::{finite_mean, null_as_nan};
 
 impl Spread {
-    /// Over `values`; NaN everywhere when empty.
+    /// Over the finite `values` (a device without scored clips has no accuracy); NaN
+    /// everywhere when there are none.
     pub fn of(values: &[f64]) -> Self {
+        let values: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
         if values.is_empty() {
             return Self { mean: f64::NAN, p10: f64::NAN, p90: f64::NAN };
         }
-        let mut sorted = values.to_vec();
+        let mut sorted = values.clone();
         sorted.sort_by(f64::total_cmp);
         Self {
             mean: values.iter().sum::<f64>() / values.len() as f64,
@@ -258,7 +257,7 @@ fn row(
         let of = |f: fn(&RetrievalMetrics) -> f64| Spread::of(&scored.iter().map(f).collect::<Vec<_>>());
         RetrievalRow { r1: of(|m| m.r1), r5: of(|m| m.r5), r10: of(|m| m.r10), median_rank: of(|m| m.median_rank).mean }
     });
-    let mean_all = |f: fn(&DeviceReport) -> f64| devices.iter().map(f).sum::<f64>() / devices.len().max(1) as f64;
+    let mean_all = |f: fn(&DeviceReport) -> f64| finite_mean(devices.iter().map(f));
     MethodRow {
         method,
         family,
@@ -449,25 +448,27 @@ impl Harness<'_> {
     ) -> Result<(GenerationStats, Vec<crate::AnchorSummary>), RunError> {
         let reference = self.cloud.model.reference_stats();
         let mut summaries = Vec::with_capacity(fleet.len());
+        // A device whose window cannot be summarised is reported in its CDC row; timing uses
+        // the others.
         for device in fleet.iter() {
-            let features = device.model.frame_features(&device.window)?;
+            let Ok(features) = device.model.frame_features(&device.window) else { continue };
             let seed = seed::derive(device.domain.seed, 0xADE + 1);
-            let summary = crate::runtime::summarise_window(
+            if let Ok(summary) = crate::runtime::summarise_window(
                 device.model.as_ref(),
                 device.reasoner.as_ref(),
                 &device.window,
                 &features,
                 &reference,
                 seed,
-            )
-            .map_err(|e| RunError::Model(crate::ModelError::Input(e.to_string())))?;
-            summaries.push(summary);
+            ) {
+                summaries.push(summary);
+            }
         }
         let generator = self.cloud.generator.as_ref();
         let mut single = Vec::with_capacity(repeats);
-        for i in 0..repeats {
+        for summary in summaries.iter().cycle().take(repeats) {
             let t0 = Instant::now();
-            generator.generate(&summaries[i % summaries.len()])?;
+            generator.generate(summary)?;
             single.push(t0.elapsed().as_secs_f64() * 1e3);
         }
         let mut batch = Vec::new();
@@ -779,7 +780,7 @@ pub fn targets(report: &BenchReport) -> Vec<Target> {
 }
 
 fn pct(x: f64) -> String {
-    if x.is_nan() { "-".into() } else { format!("{:.1}", 100.0 * x) }
+    if x.is_nan() { "n/a".into() } else { format!("{:.1}", 100.0 * x) }
 }
 
 fn spread(s: &Spread) -> String {
@@ -921,16 +922,16 @@ impl BenchReport {
         for t in &self.targets {
             out.push_str(&format!("| {} | {} | {} |\n", t.name, t.measured, if t.met { "yes" } else { "**no**" }));
         }
-        out.push_str("\n## Per device (QA accuracy %)\n\n| device | shift |");
+        out.push_str("\n## Per device (QA accuracy %)\n\n| device | shift | scored clips |");
         for m in &self.methods {
             out.push_str(&format!(" {} |", m.method));
         }
-        out.push_str("\n|---|---|");
+        out.push_str("\n|---|---|---|");
         out.push_str(&"---|".repeat(self.methods.len()));
         out.push('\n');
         if let Some(first) = self.methods.first() {
             for (i, d) in first.devices.iter().enumerate() {
-                out.push_str(&format!("| {} | {} |", d.device, d.shift));
+                out.push_str(&format!("| {} | {} | {} |", d.device, d.shift, d.scored_clips));
                 for m in &self.methods {
                     out.push_str(&format!(" {} |", m.devices.get(i).map_or("-".into(), |x| pct(x.adapted_accuracy))));
                 }

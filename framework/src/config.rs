@@ -14,6 +14,7 @@ use crate::anchor::Quantisation;
 use crate::data::{DomainSpec, Shift};
 use crate::registry::{PluginKind, Registry, SettingsSpec};
 use crate::seed;
+use crate::settings::{Check, Settings};
 
 /// One segment of a key path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -403,6 +404,74 @@ impl Default for BenchConfig {
     }
 }
 
+/// Largest fleet one deployment may declare; the memory estimate usually bounds it first.
+pub const MAX_DEVICES: usize = 1_000_000;
+/// Largest labelled batch of a training step.
+const MAX_BATCH: usize = 4096;
+/// Largest learning rate accepted: beyond it every optimiser here diverges.
+const MAX_LEARNING_RATE: f64 = 10.0;
+
+impl Settings for BackendConfig {
+    fn check(&self, check: &mut Check) {
+        check.within("device", self.device, 0..=1024);
+        if let Some(device) = self.cloud_device {
+            check.within("cloud_device", device, 0..=1024);
+        }
+    }
+}
+
+impl Settings for CloudTraining {
+    fn check(&self, check: &mut Check) {
+        check.within("pretrain_steps", self.pretrain_steps, 0..=10_000_000);
+        check.within("pretrain_batch", self.pretrain_batch, 1..=MAX_BATCH);
+        check.positive("pretrain_learning_rate", self.pretrain_learning_rate, MAX_LEARNING_RATE);
+        check.within("generator_steps", self.generator_steps, 0..=10_000_000);
+        check.within("generator_batch", self.generator_batch, 1..=MAX_BATCH);
+        check.positive("generator_learning_rate", self.generator_learning_rate, MAX_LEARNING_RATE);
+        check.within("source_domains", self.source_domains, 1..=4096);
+    }
+}
+
+impl Settings for FleetConfig {
+    fn check(&self, check: &mut Check) {
+        if let Some(devices) = self.devices {
+            check.within("devices", devices, 1..=MAX_DEVICES);
+        }
+        check.within("window_clips", self.window_clips, 1..=4096);
+        check.within("eval_clips", self.eval_clips, 1..=1_000_000);
+    }
+}
+
+impl Settings for BenchConfig {
+    fn check(&self, check: &mut Check) {
+        for (i, k) in self.k_sweep.iter().enumerate() {
+            check.within(&format!("k_sweep[{i}]"), *k, 1..=4096);
+        }
+        check.within("stream_eval_clips", self.stream_eval_clips, 1..=1_000_000);
+        check.within("generation_repeats", self.generation_repeats, 1..=1_000_000);
+    }
+}
+
+/// Bytes of memory this machine can give a run: `MemAvailable` of `/proc/meminfo` (Linux);
+/// `None` elsewhere, where the memory estimate is not enforced.
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Bytes a run holds for its devices' clips: every device keeps its window and its held-out
+/// clips (and `mmpg bench` a labelled pool of the same size as the largest FTA budget), each
+/// clip `clip_bytes`. A lower bound: models and activations come on top.
+pub fn fleet_clip_bytes(devices: usize, clips_per_device: usize, clip_bytes: u64) -> u128 {
+    devices as u128 * clips_per_device as u128 * u128::from(clip_bytes)
+}
+
+fn gib(bytes: u128) -> String {
+    format!("{:.1} GiB", bytes as f64 / f64::from(1u32 << 30))
+}
+
 /// `base` with every key of `over` replacing its own (tables merge recursively).
 pub fn merge_tables(base: &toml::Table, over: &toml::Table) -> toml::Table {
     let mut out = base.clone();
@@ -601,11 +670,71 @@ impl Parser<'_> {
             Err(e) => self.fail(KeyPath::parse(name_path), e.to_string()),
             Ok(plugin) => {
                 if let Some(SettingsSpec { check, .. }) = plugin.settings()
-                    && let Err(e) = check(settings)
+                    && let Err(errors) = check(settings)
                 {
-                    self.fail_deserialize(KeyPath::parse(settings_path).join(&e.path), e.message);
+                    for e in errors {
+                        self.fail_deserialize(KeyPath::parse(settings_path).join(&e.path), e.message);
+                    }
                 }
             }
+        }
+    }
+
+    /// Device names identify devices in reports, traffic accounting and (later) on the wire:
+    /// two devices may not share one, whether written or derived (`device-NN`).
+    fn unique_device_names(&mut self, fleet: &FleetConfig, devices: &[DeviceDomain]) {
+        let count = fleet.devices.unwrap_or(fleet.shifts.len()).min(MAX_DEVICES);
+        let mut seen = std::collections::HashMap::new();
+        let fleet_names = (0..count).map(|i| {
+            let shift = fleet.shifts.get(i % fleet.shifts.len().max(1));
+            let path = if shift.is_some() {
+                format!("fleet.shifts[{}].name", i % fleet.shifts.len())
+            } else {
+                "fleet.devices".into()
+            };
+            (shift.and_then(|d| d.name.clone()).unwrap_or_else(|| format!("device-{i:02}")), path)
+        });
+        let named = devices.iter().enumerate().map(|(i, d)| {
+            let name = d.name.clone().unwrap_or_else(|| format!("device-{:02}", count + i));
+            (name, format!("device[{i}].name"))
+        });
+        for (name, path) in fleet_names.chain(named) {
+            if let Some(first) = seen.insert(name.clone(), path.clone()) {
+                let message = format!("device name `{name}` is already used by {first}; device names must be unique");
+                let path = if first == path { "fleet.devices".to_string() } else { path };
+                self.fail(KeyPath::parse(&path), message);
+                seen.insert(name, first);
+            }
+        }
+    }
+
+    /// Refuses a deployment whose devices' clips alone would not fit in this machine's memory.
+    fn memory(&mut self, data: &PluginChoice, fleet: &FleetConfig, devices: &[DeviceDomain], bench: &BenchConfig) {
+        let Ok(plugin) = self.registry.get(PluginKind::DataSource, &data.plugin) else { return };
+        let Some(clip_bytes) = plugin.settings().and_then(|s| (s.clip_bytes)(&data.settings)) else { return };
+        let Some(available) = available_memory() else { return };
+        let count = fleet.devices.unwrap_or(fleet.shifts.len()) + devices.len();
+        let pool = bench.baselines.iter().filter_map(|b| b.settings.get("labels")?.as_integer()).max().unwrap_or(0);
+        let per_device = fleet.window_clips + fleet.eval_clips + usize::try_from(pool).unwrap_or(0);
+        let needed = fleet_clip_bytes(count, per_device, clip_bytes);
+        if needed > u128::from(available) {
+            let path = if fleet.devices.is_some() { "fleet.devices" } else { "fleet" };
+            self.fail(
+                KeyPath::parse(path),
+                format!(
+                    "the devices' clips alone need about {} ({count} devices × {per_device} clips × {clip_bytes} bytes), \
+                     more than the {} this machine has available; use fewer devices or clips",
+                    gib(needed),
+                    gib(u128::from(available))
+                ),
+            );
+        }
+    }
+
+    /// Every declared range of a section's settings, located under `prefix`.
+    fn ranges<S: Settings>(&mut self, prefix: &str, settings: &S) {
+        for e in crate::settings::check_ranges(settings) {
+            self.fail(KeyPath::parse(prefix).join(&e.path), e.message);
         }
     }
 
@@ -620,8 +749,14 @@ impl Parser<'_> {
         if domain.kind.split('+').any(|k| k.trim().is_empty()) {
             self.fail(path.join("kind"), format!("`{}` names an empty shift kind", domain.kind));
         }
-        if let Some(alpha) = domain.class_mix_alpha.filter(|a| !(a.is_finite() && *a > 0.0)) {
-            self.fail(path.join("class_mix_alpha"), format!("expected a positive number, found {alpha}"));
+        let mut check = Check::new();
+        if let Some(alpha) = domain.class_mix_alpha {
+            // Dirichlet draws underflow to NaN mixes below this and are uniform far above it.
+            check.real("class_mix_alpha", alpha, 0.001..=1000.0);
+        }
+        check.within("phrasing", domain.phrasing, 0..=1000);
+        for e in check.into_errors() {
+            self.fail(path.join(&e.path), e.message);
         }
     }
 }
@@ -738,9 +873,6 @@ impl Deployment {
                 p.fail(KeyPath::parse(&format!("bench.backends[{i}]")), e.to_string());
             }
         }
-        if let Some(i) = bench.k_sweep.iter().position(|k| *k == 0) {
-            p.fail(KeyPath::parse(&format!("bench.k_sweep[{i}]")), "expected at least 1 anchor");
-        }
         for (i, d) in bench.stream.iter().enumerate() {
             p.domain(d, &KeyPath::parse(&format!("bench.stream[{i}]")));
         }
@@ -750,31 +882,17 @@ impl Deployment {
         for (i, d) in devices.iter().enumerate() {
             p.domain(d, &KeyPath::parse(&format!("device[{i}]")));
         }
-        if fleet.devices == Some(0) {
-            p.fail(KeyPath::parse("fleet.devices"), "expected at least 1 device");
-        }
-        if fleet_ok
-            && fleet.devices.is_none()
-            && fleet.shifts.is_empty()
-            && devices.is_empty()
-            && table.contains_key("fleet")
-        {
+        p.ranges("backend", &backend);
+        p.ranges("cloud.training", &cloud.training);
+        p.ranges("fleet", &fleet);
+        p.ranges("bench", &bench);
+        if fleet_ok && fleet.devices.is_none() && fleet.shifts.is_empty() && devices.is_empty() {
             p.fail(KeyPath::parse("fleet"), "no devices: set `devices`, list `shifts`, or add [[device]] tables");
         }
-        if fleet.window_clips == 0 {
-            p.fail(KeyPath::parse("fleet.window_clips"), "expected at least 1 clip");
+        p.unique_device_names(&fleet, &devices);
+        if p.errors.is_empty() {
+            p.memory(&data, &fleet, &devices, &bench);
         }
-        let training = &cloud.training;
-        for (key, value) in [
-            ("pretrain_batch", training.pretrain_batch),
-            ("generator_batch", training.generator_batch),
-            ("source_domains", training.source_domains),
-        ] {
-            if value == 0 {
-                p.fail(KeyPath::parse("cloud.training").join(key), "expected at least 1");
-            }
-        }
-
         if !p.errors.is_empty() {
             p.errors.sort_by_key(|e| (e.line.unwrap_or(usize::MAX), e.column));
             return Err(ConfigErrors(p.errors));

@@ -27,9 +27,20 @@ pub enum GeneratorError {
     /// The data source failed during training.
     #[error(transparent)]
     Data(#[from] DataError),
-    /// A checkpoint could not be read.
+    /// A checkpoint could not be read or written.
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    /// The generator returned something other than one parameter set per summary.
+    #[error("generator output: {0}")]
+    Output(String),
+    /// The generator's training loss, or its trained parameters, became NaN or infinite.
+    #[error("generator training diverged: the loss became {loss} at step {step}")]
+    Diverged {
+        /// 1-based step at which it was seen (the last step when only the parameters are).
+        step: usize,
+        /// The loss value seen (NaN when the parameters diverged after a finite loss).
+        loss: f64,
+    },
     /// The generator does not offer this capability.
     #[error("`{generator}` does not support {capability}")]
     Unsupported {

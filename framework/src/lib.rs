@@ -24,6 +24,7 @@ pub mod registry;
 pub mod report;
 pub mod runtime;
 pub mod seed;
+pub mod settings;
 pub mod slots;
 pub mod source;
 pub mod tensor;
@@ -42,9 +43,9 @@ pub use model::{
     TuneScope,
 };
 pub use registry::{
-    BuildContext, Factory, GeneratorContext, ModelContext, Plugin, PluginError, PluginKind, Registry, SettingsSpec,
-    StaticPlugin, parse_settings,
+    BuildContext, Factory, GeneratorContext, ModelContext, Plugin, PluginError, PluginKind, Registry, StaticPlugin,
 };
+pub use settings::{Check, NoSettings, Settings, SettingsError, SettingsSpec, parse_settings};
 pub use slots::{DType, GeneratedParams, ParamsError, SchemaHash, SlotSchema, SlotSpec, ValidatedParams};
 pub use source::{DataError, DataSource};
 pub use tensor::{HostTensor, RankMismatch};
@@ -131,6 +132,14 @@ fn build_in_process(settings: &toml::Table, _ctx: &BuildContext) -> Result<Box<d
 pub struct InProcessSettings {
     /// Refuse messages larger than this, like a broker's payload limit.
     pub max_message_bytes: Option<usize>,
+}
+
+impl Settings for InProcessSettings {
+    fn check(&self, check: &mut Check) {
+        if let Some(limit) = self.max_message_bytes {
+            check.within("max_message_bytes", limit, 64..=crate::wire::MAX_PAYLOAD);
+        }
+    }
 }
 
 pub(crate) const fn in_process_factory() -> Factory<dyn Transport, BuildContext> {

@@ -26,6 +26,14 @@ pub enum ModelError {
     /// Training failed.
     #[error("training: {0}")]
     Training(String),
+    /// The training loss, or the trained parameters, became NaN or infinite.
+    #[error("training diverged: the loss became {loss} at step {step}")]
+    Diverged {
+        /// 1-based step at which it was seen (the last step when only the parameters are).
+        step: usize,
+        /// The loss value seen (NaN when the parameters diverged after a finite loss).
+        loss: f64,
+    },
     /// The model does not offer this capability.
     #[error("`{model}` does not support {capability}")]
     Unsupported {
@@ -118,7 +126,8 @@ pub trait DeviceModel: Send {
         Ok(rows.map(argmax).collect())
     }
 
-    /// Fraction of labelled clips answered correctly (unlabelled clips are skipped).
+    /// Fraction of labelled clips answered correctly (unlabelled clips are skipped); NaN when no
+    /// clip is labelled, since no accuracy exists then (reports show it as "n/a").
     fn accuracy(&self, clips: &[Clip]) -> Result<f64, ModelError> {
         let predicted = self.answers(clips)?;
         let (right, total) = clips
@@ -126,7 +135,7 @@ pub trait DeviceModel: Send {
             .zip(predicted)
             .filter_map(|(clip, p)| clip.answer.map(|a| a == p))
             .fold((0usize, 0usize), |(r, t), ok| (r + usize::from(ok), t + 1));
-        Ok(if total == 0 { 0.0 } else { right as f64 / total as f64 })
+        Ok(if total == 0 { f64::NAN } else { right as f64 / total as f64 })
     }
 }
 

@@ -184,14 +184,27 @@ pub fn restore<M: Module<Backend>>(
 
 /// Encodes a plugin's parameters as a checkpoint stamped with the plugin's name and the slot
 /// schema it serves.
+///
+/// # Errors
+/// [`CheckpointError::NonFinite`] naming the first tensor holding NaN or infinity: a diverged
+/// model is never persisted (every later run would refuse it).
 pub fn write_checkpoint(
     plugin: &str,
     schema: &crate::SlotSchema,
     tensors: &std::collections::BTreeMap<String, crate::HostTensor>,
-) -> Vec<u8> {
+) -> Result<Vec<u8>, CheckpointError> {
+    if let Some((name, _)) = tensors.iter().find(|(_, t)| !t.is_finite()) {
+        return Err(CheckpointError::NonFinite(name.clone()));
+    }
     let metadata =
         [("mmpg.plugin".to_string(), plugin.to_string()), ("mmpg.schema".to_string(), schema.hash().to_string())];
-    crate::wire::encode_f32_tensors(tensors, metadata)
+    Ok(crate::wire::encode_f32_tensors(tensors, metadata))
+}
+
+/// Whether every float parameter of `module` is finite: trained weights are checked before
+/// they are served or saved.
+pub fn all_finite<M: Module<Backend>>(module: &M) -> bool {
+    parameters(module).values().all(crate::HostTensor::is_finite)
 }
 
 /// Decodes a checkpoint written by [`write_checkpoint`] for the same plugin and schema.

@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::Serialize;
-use serde::de::DeserializeOwned;
 
 use crate::BurnDevice;
 use crate::adapt::DeviceAdapter;
@@ -15,6 +14,7 @@ use crate::backend::{BackendError, BackendProvider};
 use crate::data::TaskSpec;
 use crate::generator::ParameterGenerator;
 use crate::model::CloudModel;
+pub use crate::settings::{SettingsError, SettingsSpec, parse_settings};
 use crate::slots::{GeneratedParams, SlotSchema};
 use crate::source::{DataError, DataSource};
 use crate::text::TextEncoder;
@@ -54,57 +54,6 @@ impl fmt::Display for PluginKind {
             PluginKind::Adapter => "adapter",
             PluginKind::TextEncoder => "text encoder",
         })
-    }
-}
-
-/// A settings value that does not fit the plugin's settings struct.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{path}: {message}")]
-pub struct SettingsError {
-    /// Key path inside the plugin's settings table (`k`, `layers[2].width`); empty for the table.
-    pub path: String,
-    /// What is wrong.
-    pub message: String,
-}
-
-/// Deserialises a plugin's settings table into its serde struct, reporting the key path.
-pub fn parse_settings<S: DeserializeOwned>(table: &toml::Table) -> Result<S, SettingsError> {
-    let value = toml::Value::Table(table.clone());
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        let message = e.into_inner().message().trim().to_string();
-        SettingsError { path: if path == "." { String::new() } else { path }, message }
-    })
-}
-
-fn defaults_of<S: Default + Serialize>() -> toml::Table {
-    toml::Table::try_from(S::default()).unwrap_or_default()
-}
-
-fn check_of<S: DeserializeOwned>(table: &toml::Table) -> Result<(), SettingsError> {
-    parse_settings::<S>(table).map(|_| ())
-}
-
-/// A plugin's settings type, seen through function pointers so that it can be listed
-/// (`mmpg plugins`) and checked (`mmpg validate`) without building the plugin.
-#[derive(Clone, Copy)]
-pub struct SettingsSpec {
-    /// The default settings as a TOML table: every key the plugin accepts, with its default.
-    pub defaults: fn() -> toml::Table,
-    /// Checks a table without building anything.
-    pub check: fn(&toml::Table) -> Result<(), SettingsError>,
-}
-
-impl SettingsSpec {
-    /// The spec of a serde settings struct (which should use `deny_unknown_fields`).
-    pub const fn of<S: Default + Serialize + DeserializeOwned>() -> Self {
-        Self { defaults: defaults_of::<S>, check: check_of::<S> }
-    }
-}
-
-impl fmt::Debug for SettingsSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_map().entries((self.defaults)().iter()).finish()
     }
 }
 
@@ -381,30 +330,6 @@ typed_lookup!(text_encoder, TextEncoder, Factory<dyn TextEncoder, BuildContext>)
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[derive(Debug, Default, Serialize, serde::Deserialize)]
-    #[serde(deny_unknown_fields, default)]
-    struct Knobs {
-        k: u32,
-        name: String,
-    }
-
-    #[test]
-    fn settings_errors_name_the_key() {
-        let table: toml::Table = toml::from_str("k = \"eight\"").expect("toml");
-        let err = parse_settings::<Knobs>(&table).expect_err("wrong type");
-        assert_eq!(err.path, "k");
-        assert!(err.message.contains("invalid type"), "{}", err.message);
-        let table: toml::Table = toml::from_str("kk = 1").expect("toml");
-        let err = parse_settings::<Knobs>(&table).expect_err("unknown key");
-        assert!(err.message.contains("unknown field `kk`"), "{}", err.message);
-    }
-
-    #[test]
-    fn defaults_list_every_key() {
-        let keys: Vec<String> = (SettingsSpec::of::<Knobs>().defaults)().keys().cloned().collect();
-        assert_eq!(keys, ["k", "name"]);
-    }
 
     #[test]
     fn missing_plugins_list_what_is_available() {

@@ -19,10 +19,16 @@ pub struct DeviceReport {
     pub class_mix_alpha: Option<f64>,
     /// Whether the device's distribution differs from clean, uniform data.
     pub shifted: bool,
-    /// QA accuracy of the static cloud model on the device's held-out clips.
+    /// QA accuracy of the static cloud model on the device's held-out clips; NaN (JSON `null`)
+    /// when none of them is scored.
+    #[serde(deserialize_with = "null_as_nan")]
     pub static_accuracy: f64,
     /// QA accuracy after applying the generated parameters (equal to static if refused).
+    #[serde(deserialize_with = "null_as_nan")]
     pub adapted_accuracy: f64,
+    /// Held-out clips the accuracies are over: those with an answer in the model's vocabulary.
+    #[serde(default)]
+    pub scored_clips: usize,
     /// Text → video retrieval of the static model on the held-out clips (if the model embeds).
     pub static_retrieval: Option<RetrievalMetrics>,
     /// The same after adaptation.
@@ -46,6 +52,22 @@ pub struct DeviceReport {
     pub adaptation_peak_bytes: Option<u64>,
     /// Why adaptation failed, if it did (the device kept its previous parameters).
     pub error: Option<String>,
+    /// What the device had to change to adapt at all, e.g. anchor values saturated by their
+    /// encoding.
+    #[serde(default)]
+    pub warning: Option<String>,
+}
+
+/// JSON has no NaN: serde_json writes it as `null`; read it back as NaN.
+pub(crate) fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+/// Mean of the finite values (NaN when there are none): a device without scored clips has no
+/// accuracy and does not count as 0.
+pub(crate) fn finite_mean(values: impl Iterator<Item = f64>) -> f64 {
+    let (sum, n) = values.filter(|v| v.is_finite()).fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    if n == 0 { f64::NAN } else { sum / n as f64 }
 }
 
 /// Summary over devices.
@@ -76,7 +98,7 @@ pub struct FleetSummary {
 impl FleetSummary {
     /// Aggregates device reports.
     pub fn of(devices: &[DeviceReport]) -> Self {
-        let mean = |xs: Vec<f64>| if xs.is_empty() { f64::NAN } else { xs.iter().sum::<f64>() / xs.len() as f64 };
+        let mean = |xs: Vec<f64>| finite_mean(xs.into_iter());
         let shifted: Vec<&DeviceReport> = devices.iter().filter(|d| d.shifted).collect();
         Self {
             devices: devices.len(),
@@ -145,4 +167,55 @@ pub struct RunReport {
     pub fleet: FleetSummary,
     /// Wall time of the whole run, s.
     pub seconds: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(name: &str, shifted: bool, static_accuracy: f64, adapted_accuracy: f64, scored: usize) -> DeviceReport {
+        DeviceReport {
+            device: name.into(),
+            shift: "blur@2".into(),
+            severity: 2,
+            class_mix_alpha: None,
+            shifted,
+            static_accuracy,
+            adapted_accuracy,
+            scored_clips: scored,
+            static_retrieval: None,
+            adapted_retrieval: None,
+            bytes_up: 10,
+            bytes_down: 20,
+            raw_window_bytes: 0,
+            anchors: 1,
+            adaptation_ms: 0.0,
+            feature_ms: 0.0,
+            adaptation_peak_bytes: None,
+            error: None,
+            warning: None,
+        }
+    }
+
+    #[test]
+    fn a_device_without_scored_clips_has_no_accuracy_and_does_not_count_as_zero() {
+        // Issue 10: such a device showed 0.0% and pulled the fleet's mean down.
+        let devices = [device("a", true, 0.5, 0.75, 8), device("b", true, f64::NAN, f64::NAN, 0)];
+        let fleet = FleetSummary::of(&devices);
+        assert_eq!((fleet.devices, fleet.shifted_devices), (2, 2));
+        assert_eq!((fleet.shifted_static_accuracy, fleet.shifted_adapted_accuracy), (0.5, 0.75));
+        assert_eq!((fleet.static_accuracy, fleet.adapted_accuracy), (0.5, 0.75));
+        // Written as JSON null and read back as NaN, with the clip count beside it.
+        let json = serde_json::to_string(&devices[1]).expect("serialises");
+        assert!(json.contains("\"static_accuracy\":null") && json.contains("\"scored_clips\":0"), "{json}");
+        let back: DeviceReport = serde_json::from_str(&json).expect("reads back");
+        assert!(back.static_accuracy.is_nan() && back.adapted_accuracy.is_nan());
+    }
+
+    #[test]
+    fn a_fleet_of_no_scored_device_has_no_mean() {
+        let fleet = FleetSummary::of(&[device("b", false, f64::NAN, f64::NAN, 0)]);
+        assert!(fleet.static_accuracy.is_nan() && fleet.adapted_accuracy.is_nan());
+        assert!(fleet.shifted_static_accuracy.is_nan());
+    }
 }

@@ -158,7 +158,10 @@ impl<'a> Composer<'a> {
         let factory = self.registry.text_encoder(&choice.plugin)?;
         let encoder = (factory.build)(&choice.settings, &self.context("text", &self.device))
             .map_err(plugin_error(PluginKind::TextEncoder, &choice.plugin))?;
-        Ok(Some(std::sync::Arc::new(crate::TextSource::new(encoder, choice.cache.clone()))))
+        // Plugin name and settings key the cache: embeddings at one truncation are never served
+        // for another.
+        let settings = format!("{}\n{}", choice.plugin, serde_json::json!(choice.settings));
+        Ok(Some(std::sync::Arc::new(crate::TextSource::new(encoder, choice.cache.clone(), settings))))
     }
 
     /// An anchor reasoner (one per device, one for the cloud's training episodes).
@@ -243,17 +246,22 @@ pub(crate) fn train_cloud(
         PretrainOn::Clean => &sources[..1],
         PretrainOn::Sources => &sources[..],
     };
-    let pretrain = model.pretrain(
-        data,
-        pretrain_domains,
-        &TrainingPlan {
-            steps: training.pretrain_steps,
-            batch: training.pretrain_batch,
-            learning_rate: training.pretrain_learning_rate,
-            seed: seed::derive_str(deployment.seed, "pretrain"),
-        },
-        progress,
-    )?;
+    let pretrain = model
+        .pretrain(
+            data,
+            pretrain_domains,
+            &TrainingPlan {
+                steps: training.pretrain_steps,
+                batch: training.pretrain_batch,
+                learning_rate: training.pretrain_learning_rate,
+                seed: seed::derive_str(deployment.seed, "pretrain"),
+            },
+            progress,
+        )
+        .map_err(|e| match e {
+            ModelError::Diverged { step, loss } => diverged(deployment, "pretrain", step, loss),
+            e => e.into(),
+        })?;
     let (generator, generator_log) = train_generator(composer, model.as_ref(), data, &sources, progress)?;
     if let Some(dir) = &store {
         dir.write(&fingerprint, &model.save()?, &generator.save()?)?;
@@ -268,6 +276,22 @@ pub(crate) fn train_cloud(
     })
 }
 
+/// A training that diverged, as an error located at the setting most likely responsible: the
+/// phase's learning rate. Nothing of that training is kept or written.
+fn diverged(deployment: &Deployment, phase: &str, step: usize, loss: f64) -> RunError {
+    let key = format!("cloud.training.{phase}_learning_rate");
+    let rate = match phase {
+        "pretrain" => deployment.cloud.training.pretrain_learning_rate,
+        _ => deployment.cloud.training.generator_learning_rate,
+    };
+    let message = format!(
+        "{phase} training diverged: the loss or the parameters became non-finite (loss {loss}) at step {step}; \
+         nothing was saved. \
+         Lower `{phase}_learning_rate` (now {rate})"
+    );
+    RunError::Config(ConfigErrors(vec![deployment.error_at(&key, message)]))
+}
+
 /// Builds and trains the deployment's generator for a trained `model`.
 pub(crate) fn train_generator(
     composer: &Composer<'_>,
@@ -280,20 +304,25 @@ pub(crate) fn train_generator(
     let training = &deployment.cloud.training;
     let mut generator = composer.generator(model)?;
     let cloud_reasoner = composer.anchor_reasoner()?;
-    let log = generator.train(&GeneratorTraining {
-        model,
-        data,
-        domains: sources,
-        reasoner: cloud_reasoner.as_ref(),
-        window_clips: deployment.fleet.window_clips,
-        plan: TrainingPlan {
-            steps: training.generator_steps,
-            batch: training.generator_batch,
-            learning_rate: training.generator_learning_rate,
-            seed: seed::derive_str(deployment.seed, "generator"),
-        },
-        progress,
-    })?;
+    let log = generator
+        .train(&GeneratorTraining {
+            model,
+            data,
+            domains: sources,
+            reasoner: cloud_reasoner.as_ref(),
+            window_clips: deployment.fleet.window_clips,
+            plan: TrainingPlan {
+                steps: training.generator_steps,
+                batch: training.generator_batch,
+                learning_rate: training.generator_learning_rate,
+                seed: seed::derive_str(deployment.seed, "generator"),
+            },
+            progress,
+        })
+        .map_err(|e| match e {
+            GeneratorError::Diverged { step, loss } => diverged(deployment, "generator", step, loss),
+            e => e.into(),
+        })?;
     Ok((generator, log))
 }
 
@@ -325,6 +354,7 @@ pub(crate) fn fleet_device(
             shifted: data.is_shifted(domain),
             static_accuracy,
             adapted_accuracy: static_accuracy,
+            scored_clips: eval.iter().filter(|c| c.answer.is_some()).count(),
             static_retrieval,
             adapted_retrieval: static_retrieval,
             bytes_up: 0,
@@ -335,6 +365,7 @@ pub(crate) fn fleet_device(
             feature_ms: 0.0,
             adaptation_peak_bytes: None,
             error: None,
+            warning: None,
         },
         domain: domain.clone(),
         model: device_model,
@@ -381,7 +412,15 @@ pub(crate) fn adapt_fleet(
         match summary {
             Ok(summary) => {
                 device.report.anchors = summary.anchor_count();
-                transport.send(Direction::Up, &Envelope::summary(device.id.clone(), round, schema.hash(), &summary))?;
+                device.report.warning = summary.saturation().map(|s| s.to_string());
+                // A message that cannot be encoded, or that the transport refuses (e.g. over its
+                // size limit), is this device's failure.
+                let sent = Envelope::summary(device.id.clone(), round, schema.hash(), &summary)
+                    .map_err(TransportError::from)
+                    .and_then(|envelope| transport.send(Direction::Up, &envelope));
+                if let Err(e) = sent {
+                    device.report.error = Some(format!("upload: {e}"));
+                }
             }
             Err(e) => device.report.error = Some(format!("summarise: {e}")),
         }
@@ -398,11 +437,17 @@ pub(crate) fn adapt_fleet(
     }
     let summaries: Vec<_> = requests.iter().map(|(_, s)| s.clone()).collect();
     let t0 = Instant::now();
-    let generated = generator.generate_batch(&summaries)?;
+    let generated = generate_each(generator, &summaries);
     let generation_ms = t0.elapsed().as_secs_f64() * 1e3;
-    for ((request, _), params) in requests.iter().zip(&generated) {
-        let envelope = Envelope::params_encoded(request.device.clone(), request.sequence, params, download);
-        transport.send(Direction::Down, &envelope)?;
+    for ((request, _), params) in requests.iter().zip(generated) {
+        let sent = params.map_err(|e| format!("generation: {e}")).and_then(|params| {
+            let envelope = Envelope::params_encoded(request.device.clone(), request.sequence, &params, download)
+                .map_err(|e| format!("download: {e}"))?;
+            transport.send(Direction::Down, &envelope).map_err(|e| format!("download: {e}"))
+        });
+        if let Err(message) = sent {
+            mark_error(fleet, &request.device, message);
+        }
     }
 
     // Devices: validate and apply (a refusal keeps the previous parameters), evaluate.
@@ -419,10 +464,13 @@ pub(crate) fn adapt_fleet(
             device.report.adaptation_ms += t0.elapsed().as_secs_f64() * 1e3;
             device.report.adaptation_peak_bytes = device.report.adaptation_peak_bytes.max(peak);
             match applied {
-                Ok(()) => {
-                    device.report.adapted_accuracy = device.model.accuracy(&device.eval)?;
-                    device.report.adapted_retrieval = score_retrieval(device.model.as_ref(), &device.eval);
-                }
+                Ok(()) => match device.model.accuracy(&device.eval) {
+                    Ok(accuracy) => {
+                        device.report.adapted_accuracy = accuracy;
+                        device.report.adapted_retrieval = score_retrieval(device.model.as_ref(), &device.eval);
+                    }
+                    Err(e) => device.report.error = Some(format!("evaluate: {e}")),
+                },
                 Err(e) => device.report.error = Some(format!("apply: {e}")),
             }
         }
@@ -437,6 +485,24 @@ pub(crate) fn adapt_fleet(
         }
     }
     Ok(generation_ms)
+}
+
+/// Parameters for every summary, one result each: the batch when it succeeds, and otherwise
+/// each summary alone, so that one device's bad summary fails only that device.
+fn generate_each(
+    generator: &dyn ParameterGenerator,
+    summaries: &[crate::AnchorSummary],
+) -> Vec<Result<crate::GeneratedParams, GeneratorError>> {
+    match generator.generate_batch(summaries) {
+        Ok(all) if all.len() == summaries.len() => all.into_iter().map(Ok).collect(),
+        _ => summaries
+            .iter()
+            .map(|s| {
+                let mut one = generator.generate_batch(std::slice::from_ref(s))?;
+                one.pop().ok_or_else(|| GeneratorError::Output("no parameters for a summary".into()))
+            })
+            .collect(),
+    }
 }
 
 /// Why a window could not be summarised.
@@ -595,5 +661,54 @@ pub(crate) fn score_retrieval(model: &dyn DeviceModel, clips: &[Clip]) -> Option
 fn mark_error(fleet: &mut [FleetDevice], id: &DeviceId, message: String) {
     if let Some(device) = fleet.iter_mut().find(|d| &d.id == id) {
         device.report.error = Some(message);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{AnchorSummary, GeneratedParams, HostTensor, Quantisation, QuantisedTensor, SlotSchema, SlotSpec};
+
+    /// Fails any batch holding a summary of 13 clips, like a generator meeting one device's
+    /// malformed summary.
+    struct Picky(SlotSchema);
+
+    impl ParameterGenerator for Picky {
+        fn schema(&self) -> &SlotSchema {
+            &self.0
+        }
+
+        fn generate_batch(&self, summaries: &[AnchorSummary]) -> Result<Vec<GeneratedParams>, GeneratorError> {
+            if summaries.iter().any(|s| s.clips == 13) {
+                return Err(GeneratorError::Dimension { expected: 1, found: 13 });
+            }
+            let one = |s: &AnchorSummary| GeneratedParams {
+                schema_hash: self.0.hash(),
+                tensors: [("w".to_string(), HostTensor::new(vec![1], vec![s.clips as f32]).expect("1 value"))].into(),
+            };
+            Ok(summaries.iter().map(one).collect())
+        }
+    }
+
+    fn summary(clips: u32) -> AnchorSummary {
+        let anchors = HostTensor::new(vec![1, 1], vec![0.5]).expect("fits");
+        AnchorSummary {
+            anchors: QuantisedTensor::quantise(&anchors, Quantisation::F32).expect("finite"),
+            mean: vec![0.0],
+            var: vec![1.0],
+            frames: clips,
+            clips,
+            text_anchors: None,
+        }
+    }
+
+    #[test]
+    fn one_bad_summary_fails_only_its_own_device() {
+        let generator = Picky(SlotSchema::new(vec![SlotSpec::f32("w", vec![1])]).expect("schema"));
+        let results = generate_each(&generator, &[summary(2), summary(13), summary(4)]);
+        assert_eq!(results.len(), 3);
+        let value = |r: &Result<GeneratedParams, GeneratorError>| r.as_ref().ok().map(|p| p.tensors["w"].values()[0]);
+        assert_eq!((value(&results[0]), value(&results[2])), (Some(2.0), Some(4.0)));
+        assert!(matches!(results[1], Err(GeneratorError::Dimension { found: 13, .. })));
     }
 }

@@ -37,10 +37,12 @@ pub trait TextEncoder: Send + Sync {
     /// `[n, e]` embeddings of `texts`, row-aligned.
     fn embed(&self, texts: &[&str]) -> Result<HostTensor, TextError>;
 
-    /// As [`TextEncoder::embed`], reusing embeddings stored under `cache` (one file per text and
-    /// model, named by the SHA-256 of both). Cached files are validated (length, finiteness);
-    /// an invalid one is recomputed and rewritten.
-    fn embed_cached(&self, texts: &[&str], cache: &Path) -> Result<HostTensor, TextError> {
+    /// As [`TextEncoder::embed`], reusing embeddings stored under `cache`: one file per text,
+    /// named by the SHA-256 of everything that changes an embedding — the model's identity
+    /// ([`TextEncoder::model_id`]: weights and tokenizer), `settings` (the canonical text of the
+    /// encoder's settings, e.g. its truncation) and the text. Cached files are validated (length,
+    /// finiteness); an invalid one is recomputed and rewritten.
+    fn embed_cached(&self, texts: &[&str], cache: &Path, settings: &str) -> Result<HostTensor, TextError> {
         use sha2::{Digest, Sha256};
         let e = self.dim();
         let cache_error = |path: &Path, err: std::io::Error| TextError::Cache {
@@ -50,8 +52,13 @@ pub trait TextEncoder: Send + Sync {
         std::fs::create_dir_all(cache).map_err(|err| cache_error(cache, err))?;
         let id = self.model_id();
         let file_of = |text: &str| {
-            let digest =
-                Sha256::new().chain_update(id.as_bytes()).chain_update([0]).chain_update(text.as_bytes()).finalize();
+            let digest = Sha256::new()
+                .chain_update(id.as_bytes())
+                .chain_update([0])
+                .chain_update(settings.as_bytes())
+                .chain_update([0])
+                .chain_update(text.as_bytes())
+                .finalize();
             cache.join(format!("{}.f32", digest.iter().map(|b| format!("{b:02x}")).collect::<String>()))
         };
         let read = |path: &Path| -> Option<Vec<f32>> {
@@ -81,6 +88,7 @@ pub trait TextEncoder: Send + Sync {
 pub struct TextSource {
     encoder: Box<dyn TextEncoder>,
     cache: Option<std::path::PathBuf>,
+    settings: String,
     memo: std::sync::Mutex<std::collections::HashMap<String, Vec<f32>>>,
 }
 
@@ -91,9 +99,10 @@ impl std::fmt::Debug for TextSource {
 }
 
 impl TextSource {
-    /// Wraps an encoder, with an optional on-disk cache folder.
-    pub fn new(encoder: Box<dyn TextEncoder>, cache: Option<std::path::PathBuf>) -> Self {
-        Self { encoder, cache, memo: Default::default() }
+    /// Wraps an encoder, with an optional on-disk cache folder. `settings` is the canonical text
+    /// of the encoder's settings: part of every cache key (see [`TextEncoder::embed_cached`]).
+    pub fn new(encoder: Box<dyn TextEncoder>, cache: Option<std::path::PathBuf>, settings: String) -> Self {
+        Self { encoder, cache, settings, memo: Default::default() }
     }
 
     /// Embedding dimension.
@@ -110,7 +119,7 @@ impl TextSource {
         missing.dedup();
         if !missing.is_empty() {
             let fresh = match &self.cache {
-                Some(dir) => self.encoder.embed_cached(&missing, dir)?,
+                Some(dir) => self.encoder.embed_cached(&missing, dir, &self.settings)?,
                 None => self.encoder.embed(&missing)?,
             };
             for (text, row) in missing.iter().zip(fresh.rows().into_iter().flatten()) {

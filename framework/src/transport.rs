@@ -68,7 +68,7 @@ pub trait Transport: Send {
 
     /// Encodes and sends an envelope; returns its size on the wire.
     fn send(&mut self, direction: Direction, envelope: &Envelope) -> Result<usize, TransportError> {
-        let bytes = envelope.encode();
+        let bytes = envelope.encode()?;
         let size = bytes.len();
         self.send_bytes(direction, &envelope.device, bytes)?;
         Ok(size)

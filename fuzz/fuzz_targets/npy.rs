@@ -1,4 +1,4 @@
-//! Feature files: `.npy` arrays are parsed, never trusted.
+//! Feature files: `.npy` arrays of any float width, byte order and axis order are parsed, never trusted.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

@@ -4,8 +4,8 @@
 
 use mmpg::seed;
 use mmpg::{
-    AnchorError, AnchorReasoner, BuildContext, Factory, HostTensor, Plugin, PluginError, Quantisation, SettingsSpec,
-    StaticPlugin, parse_settings,
+    AnchorError, AnchorReasoner, BuildContext, Check, Factory, HostTensor, Plugin, PluginError, Quantisation, Settings,
+    SettingsSpec, StaticPlugin, parse_settings,
 };
 use rand::seq::index::sample;
 use serde::{Deserialize, Serialize};
@@ -35,7 +35,9 @@ pub struct AdrSettings {
     pub k: usize,
     /// Selection strategy.
     pub strategy: Strategy,
-    /// Upload encoding of the anchors.
+    /// Upload encoding of the anchors. f16 saturates standardised values beyond ±65504 (a
+    /// dimension the reference barely varies in, shifted on the device) instead of failing;
+    /// `AnchorSummary::saturation` counts them.
     pub quantisation: Quantisation,
     /// Text-side anchors: question embeddings of the window picked by the same strategy (at
     /// most `k`; 0 sends none).
@@ -45,6 +47,14 @@ pub struct AdrSettings {
 impl Default for AdrSettings {
     fn default() -> Self {
         Self { k: 8, strategy: Strategy::KCenter, quantisation: Quantisation::F16, text_k: 4 }
+    }
+}
+
+impl Settings for AdrSettings {
+    fn check(&self, check: &mut Check) {
+        check.within("k", self.k, 1..=4096);
+        // More than k is allowed and means k: a K sweep keeps one text_k for every K.
+        check.within("text_k", self.text_k, 0..=4096);
     }
 }
 
@@ -209,7 +219,8 @@ inventory::submit! {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mmpg::FeatureStats;
+    use mmpg::wire::Envelope;
+    use mmpg::{DeviceId, FeatureStats, SchemaHash};
     use proptest::prelude::{Just, any, prop, prop_assert, prop_assert_eq, prop_oneof, proptest};
 
     fn features(n: usize, d: usize, values: Vec<f32>) -> HostTensor {
@@ -256,6 +267,37 @@ mod tests {
         let anchors = s.decoded_anchors().expect("decodes");
         assert_eq!(anchors.shape(), &[2, 2]);
         assert_eq!(s.mean, vec![1.0, 1.0]);
+    }
+
+    #[test]
+    fn a_silent_reference_dimension_shifted_on_a_device_saturates_f16_instead_of_failing() {
+        // The cloud's source features never vary in dimension 1: its std is floored at 1e-4.
+        let source = features(4, 3, vec![0.1, 5.0, -1.0, 0.3, 5.0, 0.0, -0.2, 5.0, 1.0, 0.4, 5.0, 0.5]);
+        let reference = FeatureStats::of_rows(&source).expect("rows");
+        assert_eq!(reference.std[1], 1e-4);
+        // On this device that dimension sits ~10 higher: ~1e5 standard deviations, past f16's 65504.
+        let window =
+            features(5, 3, vec![0.0, 15.0, 0.0, 1.0, 15.2, -1.0, -1.0, 14.9, 0.5, 0.5, 15.1, 1.0, 0.2, 2.0, 0.2]);
+        let adr = Adr::new(AdrSettings { k: 5, strategy: Strategy::All, quantisation: Quantisation::F16, text_k: 0 })
+            .expect("valid");
+        let summary = adr.summarise(&window, &reference, 2, 0).expect("a shifted device still summarises");
+        let saturation = summary.saturation().expect("saturation is reported");
+        // Rows 0–3 are beyond the range in dimension 1; row 4 ((2 − 5) / 1e-4 = −30000) is not.
+        assert_eq!(saturation.values, 4);
+        assert_eq!(saturation.to_string(), "4 anchor values saturated at ±65504 (f16)");
+
+        // The cloud receives a finite summary, the saturated values at the bound.
+        let envelope = Envelope::summary(DeviceId("cam-7".into()), 1, SchemaHash(1), &summary).expect("encodes");
+        let received = Envelope::decode(&envelope.encode().expect("encodes"))
+            .and_then(|e| e.to_summary())
+            .expect("the cloud accepts the summary");
+        let anchors = received.decoded_anchors().expect("decodes");
+        assert!(anchors.is_finite() && received.mean.iter().chain(&received.var).all(|v| v.is_finite()));
+        let column: Vec<f32> = anchors.rows().expect("matrix").map(|row| row[1]).collect();
+        assert_eq!(column[..4], [65504.0; 4]);
+        assert!((column[4] + 30_000.0).abs() < 30_000.0 * 2f32.powi(-10), "{}", column[4]);
+        // Saturation is the device's to report: the wire does not carry it.
+        assert_eq!(received.saturation(), None);
     }
 
     proptest! {

@@ -11,16 +11,13 @@
 
 use mmpg::seed;
 use mmpg::{
-    AdaptError, AdaptInput, AdaptOutcome, BuildContext, Clip, DeviceAdapter, DeviceModel, Factory, HostTensor, Plugin,
-    PluginError, SettingsSpec, StaticPlugin, TuneScope, parse_settings,
+    AdaptError, AdaptInput, AdaptOutcome, BuildContext, Check, Clip, DeviceAdapter, DeviceModel, Factory, HostTensor,
+    Plugin, PluginError, Settings, SettingsSpec, StaticPlugin, TuneScope, parse_settings,
 };
 use rand::seq::SliceRandom as _;
 use serde::{Deserialize, Serialize};
 
-/// `static` takes no settings.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NoSettings {}
+pub use mmpg::NoSettings;
 
 /// No adaptation: the model the cloud exported.
 #[derive(Debug, Clone, Copy, Default)]
@@ -67,6 +64,18 @@ impl Default for FtaSettings {
             batch: 16,
             held_out_fraction: 0.25,
         }
+    }
+}
+
+impl Settings for FtaSettings {
+    fn check(&self, check: &mut Check) {
+        check.within("labels", self.labels, 1..=100_000);
+        check.positive("learning_rate", self.learning_rate, 10.0);
+        check.within("max_epochs", self.max_epochs, 1..=100_000);
+        check.within("patience", self.patience, 1..=100_000);
+        check.within("batch", self.batch, 1..=4096);
+        // At least one clip trains: the held-out part stays below the whole.
+        check.real("held_out_fraction", self.held_out_fraction, 0.0..=0.95);
     }
 }
 
@@ -203,6 +212,12 @@ pub struct T3aSettings {
 impl Default for T3aSettings {
     fn default() -> Self {
         Self { filter_k: 20 }
+    }
+}
+
+impl Settings for T3aSettings {
+    fn check(&self, check: &mut Check) {
+        check.within("filter_k", self.filter_k, 0..=1_000_000);
     }
 }
 

@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use mmpg::seed::{self, Rng};
 use mmpg::source::{dirichlet, weighted_pick};
 use mmpg::{
-    BuildContext, Clip, DataError, DataSource, DomainSpec, Factory, HostTensor, Plugin, PluginError, SettingsSpec,
-    Split, StaticPlugin, TaskSpec, parse_settings,
+    BuildContext, Check, Clip, DataError, DataSource, DomainSpec, Factory, HostTensor, Plugin, PluginError, Settings,
+    SettingsSpec, Split, StaticPlugin, TaskSpec, parse_settings,
 };
 use rand::Rng as _;
 use serde::{Deserialize, Serialize};
@@ -66,6 +66,18 @@ impl Default for FashionSettings {
     }
 }
 
+impl Settings for FashionSettings {
+    fn check(&self, check: &mut Check) {
+        check.within("frames", self.frames, 2..=8);
+        check.within("phrasings", self.phrasings, 1..=3);
+    }
+
+    fn clip_bytes(&self) -> Option<u64> {
+        // 28×28 grey frames as f32, plus question and caption text.
+        Some(self.frames as u64 * 28 * 28 * 4 + 256)
+    }
+}
+
 /// Images of one split, grouped by class.
 #[derive(Debug, Clone)]
 struct Pool {
@@ -85,12 +97,18 @@ impl Pool {
     }
 }
 
-/// Why an IDX file could not be read.
+/// Why an IDX file could not be read. The caller adds the file's path.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum IdxError {
-    /// Not gzip, or truncated.
-    #[error("not a gzipped IDX file: {0}")]
+    /// The bytes do not start like gzip.
+    #[error("not gzip-compressed (no 1f 8b magic); the dataset ships gzipped IDX files")]
+    NotGzip,
+    /// Gzip data that does not decompress.
+    #[error("corrupt or truncated gzip data: {0}")]
     Gzip(String),
+    /// Decompresses past the bound on gzip bombs.
+    #[error("decompresses to more than {0} bytes")]
+    TooLarge(u64),
     /// Header or size disagree with the expected layout.
     #[error("{0}")]
     Layout(String),
@@ -100,13 +118,22 @@ pub enum IdxError {
 const MAX_IDX_BYTES: u64 = 256 << 20;
 
 fn gunzip(bytes: &[u8]) -> Result<Vec<u8>, IdxError> {
+    gunzip_at_most(bytes, MAX_IDX_BYTES)
+}
+
+/// Decompresses every member: `gzip` and `pigz` write a file compressed in parts, or appended
+/// to, as members one after the other, and a reader that stops after the first drops the rest.
+fn gunzip_at_most(bytes: &[u8], limit: u64) -> Result<Vec<u8>, IdxError> {
+    if !bytes.starts_with(&[0x1f, 0x8b]) {
+        return Err(IdxError::NotGzip);
+    }
     let mut out = Vec::new();
-    flate2::read::GzDecoder::new(bytes)
-        .take(MAX_IDX_BYTES + 1)
+    flate2::read::MultiGzDecoder::new(bytes)
+        .take(limit + 1)
         .read_to_end(&mut out)
         .map_err(|e| IdxError::Gzip(e.to_string()))?;
-    if out.len() as u64 > MAX_IDX_BYTES {
-        return Err(IdxError::Layout(format!("decompresses to more than {MAX_IDX_BYTES} bytes")));
+    if out.len() as u64 > limit {
+        return Err(IdxError::TooLarge(limit));
     }
     Ok(out)
 }
@@ -127,10 +154,18 @@ pub fn parse_images(gz: &[u8]) -> Result<Vec<[u8; 784]>, IdxError> {
         return Err(IdxError::Layout(format!("images are {rows}×{cols}, expected 28×28")));
     }
     let body = &raw[16..];
-    if body.len() != n.saturating_mul(784) {
-        return Err(IdxError::Layout(format!("{n} images need {} bytes, found {}", n * 784, body.len())));
+    let needed = n.saturating_mul(784);
+    if body.len() != needed {
+        return Err(IdxError::Layout(format!("{n} images need {needed} bytes, found {}", body.len())));
     }
-    Ok(body.chunks_exact(784).map(|c| c.try_into().expect("chunks are 784 bytes")).collect())
+    Ok(body
+        .chunks_exact(784)
+        .map(|c| {
+            let mut image = [0u8; 784];
+            image.copy_from_slice(c);
+            image
+        })
+        .collect())
 }
 
 /// Parses gzipped IDX labels (`0x00000801`, n bytes, each below 10).
@@ -165,20 +200,27 @@ pub struct Fashion {
 pub const INSTALL: &str = "scripts/fetch-data.sh";
 
 fn read_split(root: &Path, prefix: &str) -> Result<(Vec<[u8; 784]>, Vec<u8>), DataError> {
-    let read = |file: String| -> Result<Vec<u8>, DataError> {
-        let path = root.join(&file);
-        std::fs::read(&path).map_err(|_| DataError::Missing {
-            what: format!("Fashion-MNIST ({})", path.display()),
-            install: INSTALL.into(),
+    let read = |path: &Path| -> Result<Vec<u8>, DataError> {
+        std::fs::read(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                DataError::Missing { what: format!("Fashion-MNIST ({})", path.display()), install: INSTALL.into() }
+            }
+            _ => DataError::Other(format!("{}: {e}", path.display())),
         })
     };
-    let bad = |file: &str, e: IdxError| DataError::Other(format!("{}: {e}", root.join(file).display()));
-    let images_file = format!("{prefix}-images-idx3-ubyte.gz");
-    let labels_file = format!("{prefix}-labels-idx1-ubyte.gz");
-    let images = parse_images(&read(images_file.clone())?).map_err(|e| bad(&images_file, e))?;
-    let labels = parse_labels(&read(labels_file.clone())?).map_err(|e| bad(&labels_file, e))?;
+    let bad = |path: &Path, e: IdxError| DataError::Other(format!("{}: {e}", path.display()));
+    let images_path = root.join(format!("{prefix}-images-idx3-ubyte.gz"));
+    let labels_path = root.join(format!("{prefix}-labels-idx1-ubyte.gz"));
+    let images = parse_images(&read(&images_path)?).map_err(|e| bad(&images_path, e))?;
+    let labels = parse_labels(&read(&labels_path)?).map_err(|e| bad(&labels_path, e))?;
     if images.len() != labels.len() {
-        return Err(DataError::Other(format!("{prefix}: {} images but {} labels", images.len(), labels.len())));
+        return Err(DataError::Other(format!(
+            "{} holds {} images but {} holds {} labels",
+            images_path.display(),
+            images.len(),
+            labels_path.display(),
+            labels.len()
+        )));
     }
     Ok((images, labels))
 }
@@ -423,15 +465,63 @@ mod tests {
         assert!(err.to_string().contains("run `scripts/fetch-data.sh`"), "{err}");
     }
 
+    fn gz(bytes: &[u8]) -> Vec<u8> {
+        use std::io::Write as _;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(bytes).expect("in memory");
+        e.finish().expect("in memory")
+    }
+
+    #[test]
+    fn a_gzip_file_of_several_members_is_read_whole() {
+        // As `cat a.gz b.gz` or a parallel compressor writes it: header and first image in one
+        // member, the second image in another.
+        let mut first = vec![0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 28, 0, 0, 0, 28];
+        first.extend([7u8; 784]);
+        let mut file = gz(&first);
+        file.extend(gz(&[9u8; 784]));
+        let images = parse_images(&file).expect("both members");
+        assert_eq!(images.len(), 2);
+        assert!(images[0].iter().all(|p| *p == 7) && images[1].iter().all(|p| *p == 9));
+        let mut labels = gz(&[0, 0, 8, 1, 0, 0, 0, 3, 1]);
+        labels.extend(gz(&[2]));
+        labels.extend(gz(&[3]));
+        assert_eq!(parse_labels(&labels).expect("three members"), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn the_decompressed_size_bound_covers_all_members_together() {
+        let member = gz(&[0u8; 600]);
+        let mut two = member.clone();
+        two.extend(&member);
+        assert_eq!(gunzip_at_most(&member, 1000).expect("one member fits").len(), 600);
+        assert_eq!(gunzip_at_most(&two, 1000), Err(IdxError::TooLarge(1000)));
+        assert_eq!(gunzip_at_most(&two, 1200).expect("exactly at the bound").len(), 1200);
+    }
+
+    #[test]
+    fn a_corrupt_file_is_named_with_its_cause() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("train-images-idx3-ubyte.gz"), b"<html>404</html>").expect("write");
+        let err = Fashion::new(FashionSettings { root: dir.path().to_path_buf(), ..FashionSettings::default() })
+            .expect_err("not gzip")
+            .to_string();
+        assert!(err.contains("train-images-idx3-ubyte.gz: not gzip-compressed"), "{err}");
+        let images = gz(&[0, 0, 8, 3, 0, 0, 0, 0, 0, 0, 0, 28, 0, 0, 0, 28]);
+        std::fs::write(dir.path().join("train-images-idx3-ubyte.gz"), images).expect("write");
+        std::fs::create_dir(dir.path().join("train-labels-idx1-ubyte.gz")).expect("a folder where a file belongs");
+        let err = Fashion::new(FashionSettings { root: dir.path().to_path_buf(), ..FashionSettings::default() })
+            .expect_err("unreadable")
+            .to_string();
+        assert!(err.contains("train-labels-idx1-ubyte.gz: ") && !err.contains("is missing"), "{err}");
+    }
+
     #[test]
     fn idx_parsers_refuse_malformed_files() {
-        use std::io::Write as _;
-        let gz = |bytes: &[u8]| {
-            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-            e.write_all(bytes).expect("in memory");
-            e.finish().expect("in memory")
-        };
-        assert!(parse_images(b"not gzip").is_err());
+        assert_eq!(parse_images(b"not gzip"), Err(IdxError::NotGzip));
+        let truncated = gz(&[0, 0, 8, 1, 0, 0, 0, 2, 3, 9]);
+        let err = parse_labels(&truncated[..truncated.len() - 6]).expect_err("cut short");
+        assert!(matches!(err, IdxError::Gzip(_)), "{err}");
         assert!(parse_images(&gz(&[0, 0, 8, 3, 0, 0, 0, 1, 0, 0, 0, 28, 0, 0, 0, 28])).is_err(), "truncated body");
         assert!(parse_labels(&gz(&[0, 0, 8, 1, 0, 0, 0, 1, 12])).is_err(), "label 12");
         assert_eq!(parse_labels(&gz(&[0, 0, 8, 1, 0, 0, 0, 2, 3, 9])).expect("valid"), vec![3, 9]);

@@ -18,14 +18,14 @@ use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::activation::{relu, tanh};
 use burn::tensor::{Tensor, TensorData};
 use mmpg::modules::{
-    CheckpointError, inference_device, init_device, materialise, parameters, read_checkpoint, relocate, restore,
-    write_checkpoint,
+    CheckpointError, all_finite, inference_device, init_device, materialise, parameters, read_checkpoint, relocate,
+    restore, write_checkpoint,
 };
 use mmpg::seed;
 use mmpg::{
-    AnchorSummary, Backend, BurnDevice, Factory, GeneratedParams, GeneratorContext, GeneratorError, GeneratorTraining,
-    HostTensor, ParameterGenerator, Plugin, PluginError, SettingsSpec, SlotSchema, SlotTensors, Split, StaticPlugin,
-    TrainingLog, parse_settings,
+    AnchorSummary, Backend, BurnDevice, Check, Factory, GeneratedParams, GeneratorContext, GeneratorError,
+    GeneratorTraining, HostTensor, ParameterGenerator, Plugin, PluginError, Settings, SettingsSpec, SlotSchema,
+    SlotTensors, Split, StaticPlugin, TrainingLog, parse_settings,
 };
 use rand::Rng as _;
 use rand_distr_free::standard_normal;
@@ -92,6 +92,23 @@ impl Default for FdaSettings {
             reset: false,
             reset_episodes: 128,
         }
+    }
+}
+
+impl Settings for FdaSettings {
+    fn check(&self, check: &mut Check) {
+        check.within("latent", self.latent, 1..=1024);
+        check.within("hidden", self.hidden, 1..=4096);
+        check.positive("delta_bound", self.delta_bound, 100.0);
+        for (slot, bound) in &self.slot_bounds {
+            check.positive(&format!("slot_bounds.{slot}"), *bound, 100.0);
+        }
+        check.real("beta", self.beta, 0.0..=1000.0);
+        check.real("lambda", self.lambda, 0.0..=1000.0);
+        check.within("episodes_per_step", self.episodes_per_step, 1..=256);
+        check.real("clean_fraction", self.clean_fraction, 0.0..=1.0);
+        check.within("rank", self.rank, 1..=256);
+        check.within("reset_episodes", self.reset_episodes, 2..=100_000);
     }
 }
 
@@ -529,7 +546,8 @@ impl ParameterGenerator for Fda {
     }
 
     fn save(&self) -> Result<Vec<u8>, GeneratorError> {
-        Ok(write_checkpoint("fda", &self.schema, &parameters(&self.net)))
+        write_checkpoint("fda", &self.schema, &parameters(&self.net))
+            .map_err(|e| GeneratorError::Checkpoint(e.to_string()))
     }
 
     fn load(&mut self, bytes: &[u8]) -> Result<(), GeneratorError> {
@@ -581,7 +599,7 @@ impl ParameterGenerator for Fda {
         let episodes = self.settings.episodes_per_step;
         let clean: Vec<&mmpg::DomainSpec> = ctx.domains.iter().filter(|d| d.shifts.is_empty()).collect();
         ctx.progress.start("cloud: train generator (FDA)", ctx.plan.steps as u64);
-        for _ in 0..ctx.plan.steps {
+        for step in 1..=ctx.plan.steps {
             let mut summaries = Vec::with_capacity(episodes);
             let mut batches = Vec::with_capacity(episodes);
             for _ in 0..episodes {
@@ -623,9 +641,7 @@ impl ParameterGenerator for Fda {
             let loss = task.clone() + kl.clone() * self.settings.beta + recon.clone() * self.settings.lambda;
             let value = f64::from(loss.clone().into_scalar());
             if !value.is_finite() {
-                return Err(GeneratorError::Model(mmpg::ModelError::Training(format!(
-                    "generator loss became {value}"
-                ))));
+                return Err(GeneratorError::Diverged { step, loss: value });
             }
             terms.push([f64::from(task.into_scalar()), f64::from(kl.into_scalar()), f64::from(recon.into_scalar())]);
             let grads = GradientsParams::from_grads::<DB, FdaNet<DB>>(loss.backward(), &net);
@@ -634,6 +650,10 @@ impl ParameterGenerator for Fda {
             ctx.progress.step(Some(format!("loss {value:.3}")));
         }
         ctx.progress.finish();
+        // The last step's update can overflow after a finite loss.
+        if !all_finite(&net) {
+            return Err(GeneratorError::Diverged { step: ctx.plan.steps, loss: f64::NAN });
+        }
         if self.settings.reset {
             net = self.fit_reset(ctx, net, &base, &reference, &clean, &mut rng)?;
         }
@@ -705,7 +725,8 @@ mod tests {
                 anchors: mmpg::QuantisedTensor::quantise(
                     &HostTensor::new(vec![1, 4], vec![0.0; 4]).expect("shape"),
                     mmpg::Quantisation::F32,
-                ),
+                )
+                .expect("finite"),
                 mean: vec![mean; 4],
                 var: vec![var; 4],
                 frames: 1,

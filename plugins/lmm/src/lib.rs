@@ -21,14 +21,15 @@ use burn::tensor::activation::relu;
 use burn::tensor::module::avg_pool2d;
 use burn::tensor::{Int, Tensor, TensorData};
 use mmpg::modules::{
-    inference_device, init_device, materialise, parameters, read_checkpoint, relocate, restore, write_checkpoint,
+    all_finite, inference_device, init_device, materialise, parameters, read_checkpoint, relocate, restore,
+    write_checkpoint,
 };
 use mmpg::seed;
 use mmpg::{
-    Backend, BurnDevice, Clip, CloudModel, DataSource, DeviceModel, DomainSpec, Factory, FeatureStats, FineTuner,
-    GeneratedParams, HostTensor, LinearHead, ModelContext, ModelError, Plugin, PluginError, Progress,
-    RetrievalEmbeddings, SettingsSpec, SlotSchema, SlotSpec, SlotTensors, Split, StaticPlugin, TaskSpec, TextSource,
-    TrainingLog, TrainingPlan, TuneScope, ValidatedParams, parse_settings,
+    Backend, BurnDevice, Check, Clip, CloudModel, DataSource, DeviceModel, DomainSpec, Factory, FeatureStats,
+    FineTuner, GeneratedParams, HostTensor, LinearHead, ModelContext, ModelError, Plugin, PluginError, Progress,
+    RetrievalEmbeddings, Settings, SettingsSpec, SlotSchema, SlotSpec, SlotTensors, Split, StaticPlugin, TaskSpec,
+    TextSource, TrainingLog, TrainingPlan, TuneScope, ValidatedParams, parse_settings,
 };
 use rand::Rng as _;
 use serde::{Deserialize, Serialize};
@@ -70,6 +71,19 @@ impl Default for LmmSettings {
             retrieval_weight: 0.5,
             reference_clips: 256,
         }
+    }
+}
+
+impl Settings for LmmSettings {
+    fn check(&self, check: &mut Check) {
+        check.within("conv1_channels", self.conv1_channels, 1..=1024);
+        check.within("conv2_channels", self.conv2_channels, 1..=1024);
+        check.within("feature_dim", self.feature_dim, 1..=8192);
+        check.within("hidden", self.hidden, 1..=8192);
+        check.within("text_buckets", self.text_buckets, 1..=1 << 20);
+        check.within("retrieval_dim", self.retrieval_dim, 1..=4096);
+        check.real("retrieval_weight", self.retrieval_weight, 0.0..=100.0);
+        check.within("reference_clips", self.reference_clips, 1..=100_000);
     }
 }
 
@@ -482,7 +496,7 @@ impl CloudModel for LmmCloud {
         let mut losses = Vec::with_capacity(plan.steps);
         let mut net = self.net.clone();
         progress.start("cloud: pretrain device model", plan.steps as u64);
-        for _ in 0..plan.steps {
+        for step in 1..=plan.steps {
             let clips = Self::sample_batch(data, domains, plan.batch, &mut rng)?;
             let x = inputs::<DB>(&self.geo, &clips, &self.device)?;
             let targets = x.answers.ok_or_else(|| ModelError::Training("source clips must be labelled".into()))?;
@@ -499,7 +513,7 @@ impl CloudModel for LmmCloud {
             let loss = qa + nce * self.geo.settings.retrieval_weight;
             let value = f64::from(loss.clone().into_scalar());
             if !value.is_finite() {
-                return Err(ModelError::Training(format!("loss became {value}")));
+                return Err(ModelError::Diverged { step, loss: value });
             }
             let grads = GradientsParams::from_grads::<DB, LmmNet<DB>>(loss.backward(), &net);
             net = optim.step(plan.learning_rate, net, grads);
@@ -507,6 +521,10 @@ impl CloudModel for LmmCloud {
             progress.step(Some(format!("loss {value:.3}")));
         }
         progress.finish();
+        // The last step's update can overflow after a finite loss.
+        if !all_finite(&net) {
+            return Err(ModelError::Diverged { step: plan.steps, loss: f64::NAN });
+        }
         self.net = net;
         // Reference statistics of source features, shipped to devices.
         let per_domain = (self.geo.settings.reference_clips / domains.len()).max(1);
@@ -577,7 +595,7 @@ impl CloudModel for LmmCloud {
             let t = HostTensor::new(vec![d], values).map_err(|e| ModelError::Checkpoint(e.to_string()))?;
             tensors.insert(name.into(), t);
         }
-        Ok(write_checkpoint("lmm", &self.schema, &tensors))
+        write_checkpoint("lmm", &self.schema, &tensors).map_err(|e| ModelError::Checkpoint(e.to_string()))
     }
 
     fn load(&mut self, bytes: &[u8]) -> Result<(), ModelError> {
@@ -909,7 +927,10 @@ mod tests {
     }
 
     /// Every parameter of the device's network and its installed slots, by name.
-    fn state(device: &LmmDevice) -> BTreeMap<String, Vec<f32>> {
+    /// Every parameter's values by name (slots prefixed `slot:`).
+    type State = BTreeMap<String, Vec<f32>>;
+
+    fn state(device: &LmmDevice) -> State {
         let mut out: BTreeMap<String, Vec<f32>> =
             parameters(&device.net).into_iter().map(|(k, v)| (k, v.into_values())).collect();
         for (name, t) in &device.current_params().tensors {
@@ -918,7 +939,7 @@ mod tests {
         out
     }
 
-    fn tune(scope: TuneScope) -> (BTreeMap<String, Vec<f32>>, BTreeMap<String, Vec<f32>>, usize, usize) {
+    fn tune(scope: TuneScope) -> (State, State, usize, usize) {
         let cloud = seed::with_burn_seed(3, || LmmCloud::new(small(), &task(), &init_device())).expect("model");
         let device = cloud.device_copy(&mmpg::modules::inference_device(&init_device()));
         let mut tuner = LmmTuner::new(&device, scope, 1e-2);
@@ -930,7 +951,7 @@ mod tests {
         (state(&device), state(&tuner.snapshot_device()), tuner.trainable_parameters(), total)
     }
 
-    fn changed(before: &BTreeMap<String, Vec<f32>>, after: &BTreeMap<String, Vec<f32>>) -> Vec<String> {
+    fn changed(before: &State, after: &State) -> Vec<String> {
         before.iter().filter(|(k, v)| after.get(*k) != Some(*v)).map(|(k, _)| k.clone()).collect()
     }
 

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::{Int, Tensor, TensorData};
 use mmpg::{
-    Backend, BuildContext, BurnDevice, Factory, HostTensor, Plugin, PluginError, SettingsSpec, StaticPlugin,
-    TextEncoder, TextError, parse_settings,
+    Backend, BuildContext, BurnDevice, Check, Factory, HostTensor, Plugin, PluginError, Settings, SettingsSpec,
+    StaticPlugin, TextEncoder, TextError, parse_settings,
 };
 use serde::{Deserialize, Serialize};
 
@@ -35,6 +35,23 @@ pub struct MiniLmSettings {
 impl Default for MiniLmSettings {
     fn default() -> Self {
         Self { dir: PathBuf::from("data/all-minilm-l6-v2"), max_tokens: 128 }
+    }
+}
+
+impl Settings for MiniLmSettings {
+    fn check(&self, check: &mut Check) {
+        // The model's own position table bounds the tokens it can read; without its
+        // config.json nothing can run, which validate reports here too.
+        let path = self.dir.join("config.json");
+        let positions = match std::fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice::<BertConfig>(&bytes) {
+                Ok(config) => config.max_position_embeddings,
+                Err(e) => return check.fail("dir", format!("{}: {e}", path.display())),
+            },
+            Err(_) => return check.fail("dir", format!("{} is missing: run `{INSTALL}`", path.display())),
+        };
+        // [CLS] and [SEP] take two tokens: at least one must be left for the text.
+        check.within("max_tokens", self.max_tokens, 3..=positions.max(3));
     }
 }
 

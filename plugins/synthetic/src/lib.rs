@@ -9,8 +9,8 @@
 use mmpg::seed::{self, Rng};
 use mmpg::source::{dirichlet, weighted_pick};
 use mmpg::{
-    BuildContext, Clip, DataError, DataSource, DomainSpec, Factory, HostTensor, Plugin, PluginError, SettingsSpec,
-    Split, StaticPlugin, TaskSpec, parse_settings,
+    BuildContext, Check, Clip, DataError, DataSource, DomainSpec, Factory, HostTensor, Plugin, PluginError, Settings,
+    SettingsSpec, Split, StaticPlugin, TaskSpec, parse_settings,
 };
 use rand::Rng as _;
 use rand_distr::{Distribution, Normal};
@@ -58,6 +58,23 @@ pub struct SyntheticSettings {
 impl Default for SyntheticSettings {
     fn default() -> Self {
         Self { frames: 4, size: 16, object_size: 4, phrasings: 3 }
+    }
+}
+
+impl Settings for SyntheticSettings {
+    fn check(&self, check: &mut Check) {
+        check.within("frames", self.frames, 2..=64);
+        check.within("object_size", self.object_size, 3..=64);
+        // Shapes travel one pixel per frame in each direction and must stay inside the frame.
+        let travel = self.object_size.min(64) + 2 * self.frames.clamp(2, 64).saturating_sub(1) + 2;
+        check.within("size", self.size, travel..=256);
+        check.within("phrasings", self.phrasings, 1..=3);
+    }
+
+    fn clip_bytes(&self) -> Option<u64> {
+        // RGB frames as f32, plus question and caption text.
+        let pixels = (self.size as u64).saturating_mul(self.size as u64);
+        Some((self.frames as u64).saturating_mul(3).saturating_mul(pixels).saturating_mul(4).saturating_add(256))
     }
 }
 

@@ -1,0 +1,225 @@
+//! Plugin and deployment settings: serde structs whose every numeric key declares its valid
+//! range. The ranges are checked once, by one mechanism, at `mmpg validate` time (with the key's
+//! file, line and path) and again before a plugin is built, so `run` never receives a value that
+//! `validate` accepted and a plugin would refuse or mangle.
+
+use std::fmt;
+use std::ops::RangeInclusive;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// A settings value that does not fit the plugin's settings struct or its declared ranges.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct SettingsError {
+    /// Key path inside the plugin's settings table (`k`, `layers[2].width`); empty for the table.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// A plugin's (or a deployment section's) settings: every key with its default, and the valid
+/// range of every numeric key.
+///
+/// Required: [`Settings::check`], which declares the ranges by calling [`Check`]'s methods with
+/// each key. Data sources also give [`Settings::clip_bytes`] so `validate` can estimate a
+/// deployment's memory.
+pub trait Settings: Default + Serialize + DeserializeOwned {
+    /// Declares the valid range of every numeric setting, and any rule between settings.
+    fn check(&self, check: &mut Check);
+
+    /// Data sources: bytes one clip occupies in memory (frames as f32 plus its text), for the
+    /// memory estimate of `mmpg validate`; `None` when unknown.
+    fn clip_bytes(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// Collects range violations, each with its key.
+#[derive(Debug, Default)]
+pub struct Check {
+    errors: Vec<SettingsError>,
+}
+
+impl Check {
+    /// An empty check.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records a violation of a rule the other methods do not express.
+    pub fn fail(&mut self, key: &str, message: impl Into<String>) {
+        self.errors.push(SettingsError { path: key.to_string(), message: message.into() });
+    }
+
+    /// An integer (or any ordered value) within `range`, bounds included.
+    pub fn within<T: PartialOrd + fmt::Display>(&mut self, key: &str, value: T, range: RangeInclusive<T>) {
+        if !range.contains(&value) {
+            self.fail(key, format!("expected {}..={}, found {value}", range.start(), range.end()));
+        }
+    }
+
+    /// A finite real within `range`, bounds included (NaN and infinities are always out).
+    pub fn real(&mut self, key: &str, value: f64, range: RangeInclusive<f64>) {
+        if !(value.is_finite() && range.contains(&value)) {
+            self.fail(key, format!("expected a finite number in {}..={}, found {value}", range.start(), range.end()));
+        }
+    }
+
+    /// A finite real in `(0, max]`: learning rates, bounds, temperatures.
+    pub fn positive(&mut self, key: &str, value: f64, max: f64) {
+        if !(value.is_finite() && value > 0.0 && value <= max) {
+            self.fail(key, format!("expected a finite number in (0, {max}], found {value}"));
+        }
+    }
+
+    /// The violations found, in the order they were declared.
+    pub fn into_errors(self) -> Vec<SettingsError> {
+        self.errors
+    }
+}
+
+/// Deserialises a plugin's settings table into its struct and checks its declared ranges,
+/// reporting the key path of the first problem.
+pub fn parse_settings<S: Settings>(table: &toml::Table) -> Result<S, SettingsError> {
+    let settings = deserialise::<S>(table)?;
+    match check_ranges(&settings).into_iter().next() {
+        Some(e) => Err(e),
+        None => Ok(settings),
+    }
+}
+
+/// Every range violation of `settings`.
+pub fn check_ranges<S: Settings>(settings: &S) -> Vec<SettingsError> {
+    let mut check = Check::new();
+    settings.check(&mut check);
+    check.into_errors()
+}
+
+fn deserialise<S: DeserializeOwned>(table: &toml::Table) -> Result<S, SettingsError> {
+    let value = toml::Value::Table(table.clone());
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let message = e.into_inner().message().trim().to_string();
+        SettingsError { path: if path == "." { String::new() } else { path }, message }
+    })
+}
+
+fn defaults_of<S: Settings>() -> toml::Table {
+    toml::Table::try_from(S::default()).unwrap_or_default()
+}
+
+fn check_of<S: Settings>(table: &toml::Table) -> Result<(), Vec<SettingsError>> {
+    let errors = check_ranges(&deserialise::<S>(table).map_err(|e| vec![e])?);
+    if errors.is_empty() { Ok(()) } else { Err(errors) }
+}
+
+fn clip_bytes_of<S: Settings>(table: &toml::Table) -> Option<u64> {
+    deserialise::<S>(table).ok()?.clip_bytes()
+}
+
+/// A plugin's settings type, seen through function pointers so that it can be listed
+/// (`mmpg plugins`) and checked (`mmpg validate`) without building the plugin.
+#[derive(Clone, Copy)]
+pub struct SettingsSpec {
+    /// The default settings as a TOML table: every key the plugin accepts, with its default.
+    pub defaults: fn() -> toml::Table,
+    /// Checks a table without building anything: deserialisation, then every declared range.
+    pub check: fn(&toml::Table) -> Result<(), Vec<SettingsError>>,
+    /// Bytes per clip of a data source with these settings (see [`Settings::clip_bytes`]).
+    pub clip_bytes: fn(&toml::Table) -> Option<u64>,
+}
+
+impl SettingsSpec {
+    /// The spec of a settings struct (which should use `deny_unknown_fields`).
+    pub const fn of<S: Settings>() -> Self {
+        Self { defaults: defaults_of::<S>, check: check_of::<S>, clip_bytes: clip_bytes_of::<S> }
+    }
+}
+
+impl fmt::Debug for SettingsSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries((self.defaults)().iter()).finish()
+    }
+}
+
+/// Settings of a plugin that takes none.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoSettings {}
+
+impl Settings for NoSettings {
+    fn check(&self, _check: &mut Check) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Default, Serialize, serde::Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    struct Knobs {
+        k: u32,
+        rate: f64,
+        name: String,
+    }
+
+    impl Settings for Knobs {
+        fn check(&self, check: &mut Check) {
+            check.within("k", self.k, 1..=8);
+            check.positive("rate", self.rate, 1.0);
+        }
+    }
+
+    #[test]
+    fn settings_errors_name_the_key() {
+        let table: toml::Table = toml::from_str("k = \"eight\"").expect("toml");
+        let err = parse_settings::<Knobs>(&table).expect_err("wrong type");
+        assert_eq!(err.path, "k");
+        assert!(err.message.contains("invalid type"), "{}", err.message);
+        let table: toml::Table = toml::from_str("kk = 1").expect("toml");
+        let err = parse_settings::<Knobs>(&table).expect_err("unknown key");
+        assert!(err.message.contains("unknown field `kk`"), "{}", err.message);
+    }
+
+    #[test]
+    fn every_range_violation_is_listed_with_its_key() {
+        let table: toml::Table = toml::from_str("k = 0\nrate = nan").expect("toml");
+        let errors = (SettingsSpec::of::<Knobs>().check)(&table).expect_err("both out of range");
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["k", "rate"]);
+        assert_eq!(errors[0].message, "expected 1..=8, found 0");
+        assert_eq!(errors[1].message, "expected a finite number in (0, 1], found NaN");
+        // The build path refuses what validate refuses.
+        assert_eq!(parse_settings::<Knobs>(&table).expect_err("refused"), errors[0]);
+    }
+
+    #[test]
+    fn defaults_list_every_key() {
+        let keys: Vec<String> = (SettingsSpec::of::<Knobs>().defaults)().keys().cloned().collect();
+        assert_eq!(keys, ["k", "name", "rate"]);
+    }
+
+    proptest! {
+        #[test]
+        fn a_real_passes_exactly_when_finite_and_in_range(x in prop_oneof![
+            Just(f64::NAN), Just(f64::INFINITY), Just(f64::NEG_INFINITY), -10.0..10.0f64
+        ]) {
+            let mut check = Check::new();
+            check.real("x", x, -1.0..=1.0);
+            check.positive("y", x, 1.0);
+            let errors = check.into_errors();
+            prop_assert_eq!(errors.iter().any(|e| e.path == "x"), !(x.is_finite() && (-1.0..=1.0).contains(&x)));
+            prop_assert_eq!(errors.iter().any(|e| e.path == "y"), !(x.is_finite() && x > 0.0 && x <= 1.0));
+        }
+
+        #[test]
+        fn an_integer_passes_exactly_when_in_range(k in 0usize..20, lo in 0usize..10, len in 0usize..10) {
+            let mut check = Check::new();
+            check.within("k", k, lo..=lo + len);
+            prop_assert_eq!(check.into_errors().is_empty(), (lo..=lo + len).contains(&k));
+        }
+    }
+}
