@@ -169,7 +169,17 @@ fn print_table(report: &RunReport) {
     println!();
     println!(
         "{:<12} {:<22} {:>7} {:>8} {:>7} {:>7} {:>13} {:>8} {:>9} {:>10} {:>9}  note",
-        "device", "shift", "scored", "static", "adapted", "gain", "R@5 s→a", "up B", "down B", "raw win B", "adapt ms"
+        "device",
+        "shift",
+        "scored",
+        "static",
+        "adapted",
+        "gain pt",
+        "R@5 s→a",
+        "up B",
+        "down B",
+        "raw win B",
+        "adapt ms"
     );
     for d in &report.devices {
         let shift = match d.class_mix_alpha {
@@ -223,7 +233,8 @@ fn print_table(report: &RunReport) {
     }
     let c = &report.cloud;
     println!(
-        "cloud: model {} params, generator {} params, {} dynamic params per device, {} source domains; fleet generation {:.1} ms; run {:.1} s",
+        "cloud{}: model {} params, generator {} params, {} dynamic params per device, {} source domains; fleet generation {:.1} ms; run {:.1} s",
+        if c.from_checkpoint { " (loaded from its checkpoint, not trained)" } else { "" },
         c.model_parameters,
         c.generator_parameters,
         c.slot_parameters,

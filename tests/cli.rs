@@ -90,7 +90,15 @@ fn a_backend_that_is_not_compiled_in_is_one_line_and_exit_2() {
         .expect("write");
     let (code, _, stderr) = mmpg(&["run", path.to_str().expect("utf-8 path")]);
     assert_eq!(code, 2);
-    assert_eq!(stderr.trim(), "error: backend `cuda` is not compiled in: rebuild with `--features cuda`");
+    let expected = format!(
+        "{}:2:8: backend.kind: backend `cuda` is not compiled in: rebuild with `--features cuda`",
+        path.display()
+    );
+    assert_eq!(stderr.trim(), format!("error: {expected}"));
+    // validate says so too: it catches what run would reject.
+    let (code, _, stderr) = mmpg(&["validate", path.to_str().expect("utf-8 path")]);
+    assert_eq!(code, 2);
+    assert_eq!(stderr.trim(), expected);
 }
 
 #[test]

@@ -52,20 +52,9 @@ fn write_fixture(dir: &Path, categories_used: &[u32], frames: usize) {
 /// `.npy` bytes of a row-major `rows × cols` array stored as NumPy stores
 /// `np.asfortranarray(a.astype('>f8'))`: big-endian float64, one column after another.
 fn big_endian_f64_fortran_npy(rows: usize, cols: usize, values: &[f32]) -> Vec<u8> {
-    let mut header = format!("{{'descr': '>f8', 'fortran_order': True, 'shape': ({rows}, {cols}), }}");
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend((header.len() as u16).to_le_bytes());
-    out.extend(header.as_bytes());
-    for c in 0..cols {
-        for r in 0..rows {
-            out.extend(f64::from(values[r * cols + c]).to_be_bytes());
-        }
-    }
-    out
+    let data: Vec<u8> =
+        (0..cols).flat_map(|c| (0..rows).flat_map(move |r| f64::from(values[r * cols + c]).to_be_bytes())).collect();
+    mmpg_videoqa::encode_npy_as(">f8", true, &[rows, cols], &data)
 }
 
 fn videoqa_toml(root: &std::path::Display<'_>) -> String {

@@ -624,8 +624,11 @@ pub fn bench(deployment: &Deployment, registry: &Registry, progress: &dyn Progre
     progress.start("bench: draw devices, score static", domains.len() as u64);
     let mut fleet = Vec::with_capacity(domains.len());
     let mut labelled = Vec::with_capacity(domains.len());
-    for (_, domain) in &domains {
-        fleet.push(fleet_device(&composer, data.as_ref(), cloud.model.as_ref(), domain, deployment.fleet.eval_clips)?);
+    for (path, domain) in &domains {
+        fleet.push(
+            fleet_device(&composer, data.as_ref(), cloud.model.as_ref(), domain, deployment.fleet.eval_clips)
+                .map_err(crate::runtime::located_at(deployment, path))?,
+        );
         labelled.push(if max_labels == 0 {
             Vec::new()
         } else {
@@ -731,7 +734,7 @@ pub fn targets(report: &BenchReport) -> Vec<Target> {
     if let Some(fta) = fta16 {
         out.push(Target {
             name: format!("accuracy ≥ {} (shifted devices)", fta.method),
-            measured: format!("{:.1}% vs {:.1}%", 100.0 * cdc.accuracy.mean, 100.0 * fta.accuracy.mean),
+            measured: format!("{}% vs {}%", pct(cdc.accuracy.mean), pct(fta.accuracy.mean)),
             met: cdc.accuracy.mean >= fta.accuracy.mean,
         });
     }
@@ -747,11 +750,7 @@ pub fn targets(report: &BenchReport) -> Vec<Target> {
         let gain = 100.0 * (cdc.accuracy.mean - stat.accuracy.mean);
         out.push(Target {
             name: "accuracy ≥ static + 5 points".into(),
-            measured: format!(
-                "{:.1}% vs {:.1}% ({gain:+.1} points)",
-                100.0 * cdc.accuracy.mean,
-                100.0 * stat.accuracy.mean
-            ),
+            measured: format!("{}% vs {}% ({} points)", pct(cdc.accuracy.mean), pct(stat.accuracy.mean), signed(gain)),
             met: gain >= 5.0,
         });
     }
@@ -769,10 +768,16 @@ pub fn targets(report: &BenchReport) -> Vec<Target> {
         met: down >= 20.0,
     });
     if !report.stream.is_empty() {
-        let worst = report.stream.iter().map(|s| s.adapted_accuracy - s.static_accuracy).fold(f64::INFINITY, f64::min);
+        // Stages without scored clips have no accuracy to compare.
+        let worst = report
+            .stream
+            .iter()
+            .map(|s| s.adapted_accuracy - s.static_accuracy)
+            .filter(|d| d.is_finite())
+            .fold(f64::NAN, f64::min);
         out.push(Target {
             name: "long stream: adapted never below static".into(),
-            measured: format!("worst stage {:+.1} points", 100.0 * worst),
+            measured: format!("worst stage {} points", signed(100.0 * worst)),
             met: worst >= 0.0,
         });
     }
@@ -781,6 +786,11 @@ pub fn targets(report: &BenchReport) -> Vec<Target> {
 
 fn pct(x: f64) -> String {
     if x.is_nan() { "n/a".into() } else { format!("{:.1}", 100.0 * x) }
+}
+
+/// A signed difference in points; "n/a" when there is none.
+fn signed(points: f64) -> String {
+    if points.is_finite() { format!("{points:+.1}") } else { "n/a".into() }
 }
 
 fn spread(s: &Spread) -> String {

@@ -14,7 +14,7 @@ use crate::anchor::Quantisation;
 use crate::data::{DomainSpec, Shift};
 use crate::registry::{PluginKind, Registry, SettingsSpec};
 use crate::seed;
-use crate::settings::{Check, Settings};
+use crate::settings::{Check, Settings, unknown_field};
 
 /// One segment of a key path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -407,7 +407,7 @@ impl Default for BenchConfig {
 /// Largest fleet one deployment may declare; the memory estimate usually bounds it first.
 pub const MAX_DEVICES: usize = 1_000_000;
 /// Largest labelled batch of a training step.
-const MAX_BATCH: usize = 4096;
+const MAX_BATCH: usize = 1024;
 /// Largest learning rate accepted: beyond it every optimiser here diverges.
 const MAX_LEARNING_RATE: f64 = 10.0;
 
@@ -653,16 +653,15 @@ impl Parser<'_> {
         }
     }
 
+    /// A section as its struct, every wrong key reported (see [`crate::settings::deserialise_all`]);
+    /// the struct built from the remaining keys comes back so later checks still run.
     fn section<T: DeserializeOwned>(&mut self, table: &toml::Table, key: &str) -> Option<T> {
         let value = table.get(key)?.clone();
-        match serde_path_to_error::deserialize::<_, T>(value) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                let path = KeyPath::parse(key).join(&e.path().to_string().replace('?', ""));
-                self.fail_deserialize(path, e.into_inner().message().trim().to_string());
-                None
-            }
+        let (section, errors) = crate::settings::deserialise_all::<T>(value);
+        for e in errors {
+            self.fail_deserialize(KeyPath::parse(key).join(&e.path), e.message);
         }
+        section
     }
 
     fn plugin(&mut self, kind: PluginKind, name: &str, name_path: &str, settings: &toml::Table, settings_path: &str) {
@@ -761,11 +760,6 @@ impl Parser<'_> {
     }
 }
 
-fn unknown_field(message: &str) -> Option<String> {
-    let rest = message.strip_prefix("unknown field `")?;
-    Some(rest[..rest.find('`')?].to_string())
-}
-
 impl Deployment {
     /// Reads and checks a deployment file.
     pub fn load(path: &Path, registry: &Registry) -> Result<Self, ConfigErrors> {
@@ -839,11 +833,21 @@ impl Deployment {
             p.plugin(PluginKind::TextEncoder, &t.plugin, "text.plugin", &t.settings, "text.settings");
         }
 
-        if let Err(e) = registry.get(PluginKind::Backend, &backend.kind) {
-            p.fail(KeyPath::parse("backend.kind"), e.to_string());
-        }
-        if let Some(Err(e)) = backend.cloud.as_ref().map(|k| registry.get(PluginKind::Backend, k)) {
-            p.fail(KeyPath::parse("backend.cloud"), e.to_string());
+        // Whether the machine has the device is known only when building it; whether this
+        // binary contains the backend at all is known now.
+        for (key, kind) in [("backend.kind", Some(&backend.kind)), ("backend.cloud", backend.cloud.as_ref())] {
+            let Some(kind) = kind else { continue };
+            match registry.backend(kind) {
+                Err(e) => p.fail(KeyPath::parse(key), e.to_string()),
+                Ok(provider) if !provider.compiled_in() => {
+                    let feature = provider.cargo_feature();
+                    p.fail(
+                        KeyPath::parse(key),
+                        format!("backend `{kind}` is not compiled in: rebuild with `--features {feature}`"),
+                    );
+                }
+                Ok(_) => {}
+            }
         }
         p.plugin(PluginKind::DataSource, &data.plugin, "data.plugin", &data.settings, "data.settings");
         p.plugin(PluginKind::Model, &model.plugin, "model.plugin", &model.settings, "model.settings");
@@ -890,6 +894,18 @@ impl Deployment {
             p.fail(KeyPath::parse("fleet"), "no devices: set `devices`, list `shifts`, or add [[device]] tables");
         }
         p.unique_device_names(&fleet, &devices);
+        // An empty path would write into (or read from) whatever folder the run starts in.
+        let paths = [
+            ("cloud.checkpoint", cloud.checkpoint.as_ref()),
+            ("report.json", report.json.as_ref()),
+            ("bench.out", bench.out.as_ref()),
+            ("text.cache", text.as_ref().and_then(|t| t.cache.as_ref())),
+        ];
+        for (key, path) in paths {
+            if path.is_some_and(|p| p.as_os_str().is_empty()) {
+                p.fail(KeyPath::parse(key), "expected a path, found an empty string");
+            }
+        }
         if p.errors.is_empty() {
             p.memory(&data, &fleet, &devices, &bench);
         }

@@ -113,6 +113,13 @@ impl TrainingLog {
     }
 }
 
+/// Whether a training loss has diverged: it is NaN or infinite, or it has grown to a thousand
+/// times its first value (`first`) — cross-entropy and KL terms do not recover from that, and a
+/// model trained on through it serves garbage with finite numbers.
+pub fn loss_diverged(first: f64, loss: f64) -> bool {
+    !loss.is_finite() || (first.is_finite() && loss > 1e3 * first.abs().max(1.0))
+}
+
 fn mean(values: impl Iterator<Item = f64>) -> f64 {
     let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
     if n == 0 { f64::NAN } else { sum / n as f64 }

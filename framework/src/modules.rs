@@ -76,7 +76,7 @@ pub enum CheckpointError {
         found: Vec<usize>,
     },
     /// A value is NaN or infinite.
-    #[error("parameter `{0}` holds non-finite values")]
+    #[error("parameter `{0}` holds non-finite values or values beyond ±{MAX_PARAMETER:e}")]
     NonFinite(String),
 }
 
@@ -149,7 +149,7 @@ impl ModuleMapper<Backend> for Restore<'_> {
             Some(t) if t.shape() != expected.as_slice() => {
                 Err(CheckpointError::Shape { name, expected, found: t.shape().to_vec() })
             }
-            Some(t) if !t.is_finite() => Err(CheckpointError::NonFinite(name)),
+            Some(t) if !usable(t) => Err(CheckpointError::NonFinite(name)),
             Some(t) => t.to_burn::<D>(self.device).map_err(|e| CheckpointError::Format(e.to_string())),
         };
         match replacement {
@@ -186,14 +186,15 @@ pub fn restore<M: Module<Backend>>(
 /// schema it serves.
 ///
 /// # Errors
-/// [`CheckpointError::NonFinite`] naming the first tensor holding NaN or infinity: a diverged
+/// [`CheckpointError::NonFinite`] naming the first tensor holding NaN, infinity or a value beyond
+/// ±[`MAX_PARAMETER`]: a diverged
 /// model is never persisted (every later run would refuse it).
 pub fn write_checkpoint(
     plugin: &str,
     schema: &crate::SlotSchema,
     tensors: &std::collections::BTreeMap<String, crate::HostTensor>,
 ) -> Result<Vec<u8>, CheckpointError> {
-    if let Some((name, _)) = tensors.iter().find(|(_, t)| !t.is_finite()) {
+    if let Some((name, _)) = tensors.iter().find(|(_, t)| !usable(t)) {
         return Err(CheckpointError::NonFinite(name.clone()));
     }
     let metadata =
@@ -201,10 +202,18 @@ pub fn write_checkpoint(
     Ok(crate::wire::encode_f32_tensors(tensors, metadata))
 }
 
-/// Whether every float parameter of `module` is finite: trained weights are checked before
-/// they are served or saved.
+/// Largest parameter magnitude a checkpoint may hold: trained weights of these models stay
+/// many orders below it, and a model beyond it serves garbage with finite numbers.
+pub const MAX_PARAMETER: f32 = 1e6;
+
+fn usable(t: &crate::HostTensor) -> bool {
+    t.values().iter().all(|v| v.is_finite() && v.abs() <= MAX_PARAMETER)
+}
+
+/// Whether every float parameter of `module` is finite and within ±[`MAX_PARAMETER`]: trained
+/// weights are checked before they are served or saved.
 pub fn all_finite<M: Module<Backend>>(module: &M) -> bool {
-    parameters(module).values().all(crate::HostTensor::is_finite)
+    parameters(module).values().all(usable)
 }
 
 /// Decodes a checkpoint written by [`write_checkpoint`] for the same plugin and schema.

@@ -246,19 +246,8 @@ pub(crate) fn train_cloud(
         PretrainOn::Clean => &sources[..1],
         PretrainOn::Sources => &sources[..],
     };
-    let pretrain = model
-        .pretrain(
-            data,
-            pretrain_domains,
-            &TrainingPlan {
-                steps: training.pretrain_steps,
-                batch: training.pretrain_batch,
-                learning_rate: training.pretrain_learning_rate,
-                seed: seed::derive_str(deployment.seed, "pretrain"),
-            },
-            progress,
-        )
-        .map_err(|e| match e {
+    let pretrain =
+        model.pretrain(data, pretrain_domains, &plan(deployment, "pretrain"), progress).map_err(|e| match e {
             ModelError::Diverged { step, loss } => diverged(deployment, "pretrain", step, loss),
             e => e.into(),
         })?;
@@ -276,16 +265,23 @@ pub(crate) fn train_cloud(
     })
 }
 
+/// The schedule of a cloud training phase (`pretrain` or `generator`) from `[cloud.training]`.
+fn plan(deployment: &Deployment, phase: &str) -> TrainingPlan {
+    let t = &deployment.cloud.training;
+    let (steps, batch, learning_rate) = match phase {
+        "pretrain" => (t.pretrain_steps, t.pretrain_batch, t.pretrain_learning_rate),
+        _ => (t.generator_steps, t.generator_batch, t.generator_learning_rate),
+    };
+    TrainingPlan { steps, batch, learning_rate, seed: seed::derive_str(deployment.seed, phase) }
+}
+
 /// A training that diverged, as an error located at the setting most likely responsible: the
 /// phase's learning rate. Nothing of that training is kept or written.
 fn diverged(deployment: &Deployment, phase: &str, step: usize, loss: f64) -> RunError {
     let key = format!("cloud.training.{phase}_learning_rate");
-    let rate = match phase {
-        "pretrain" => deployment.cloud.training.pretrain_learning_rate,
-        _ => deployment.cloud.training.generator_learning_rate,
-    };
+    let rate = plan(deployment, phase).learning_rate;
     let message = format!(
-        "{phase} training diverged: the loss or the parameters became non-finite (loss {loss}) at step {step}; \
+        "{phase} training diverged: the loss or the parameters exploded (loss {loss}) at step {step}; \
          nothing was saved. \
          Lower `{phase}_learning_rate` (now {rate})"
     );
@@ -301,7 +297,6 @@ pub(crate) fn train_generator(
     progress: &dyn Progress,
 ) -> Result<(Box<dyn ParameterGenerator>, crate::TrainingLog), RunError> {
     let deployment = composer.deployment;
-    let training = &deployment.cloud.training;
     let mut generator = composer.generator(model)?;
     let cloud_reasoner = composer.anchor_reasoner()?;
     let log = generator
@@ -311,12 +306,7 @@ pub(crate) fn train_generator(
             domains: sources,
             reasoner: cloud_reasoner.as_ref(),
             window_clips: deployment.fleet.window_clips,
-            plan: TrainingPlan {
-                steps: training.generator_steps,
-                batch: training.generator_batch,
-                learning_rate: training.generator_learning_rate,
-                seed: seed::derive_str(deployment.seed, "generator"),
-            },
+            plan: plan(deployment, "generator"),
             progress,
         })
         .map_err(|e| match e {
@@ -324,6 +314,14 @@ pub(crate) fn train_generator(
             e => e.into(),
         })?;
     Ok((generator, log))
+}
+
+/// A device whose data cannot be drawn, as an error at the key that defines the device.
+pub(crate) fn located_at<'a>(deployment: &'a Deployment, path: &'a str) -> impl FnOnce(RunError) -> RunError + 'a {
+    move |e| match e {
+        RunError::Data(e) => RunError::Config(ConfigErrors(vec![deployment.error_at(path, e.to_string())])),
+        e => e,
+    }
 }
 
 /// One device's data drawn and its static model scored.
@@ -549,8 +547,11 @@ pub fn run(deployment: &Deployment, registry: &Registry, progress: &dyn Progress
     let fleet_domains = deployment.device_domains();
     progress.start("fleet: static evaluation", fleet_domains.len() as u64);
     let mut fleet = Vec::with_capacity(fleet_domains.len());
-    for (_, domain) in &fleet_domains {
-        fleet.push(fleet_device(&composer, data.as_ref(), cloud.model.as_ref(), domain, deployment.fleet.eval_clips)?);
+    for (path, domain) in &fleet_domains {
+        fleet.push(
+            fleet_device(&composer, data.as_ref(), cloud.model.as_ref(), domain, deployment.fleet.eval_clips)
+                .map_err(located_at(deployment, path))?,
+        );
         progress.step(Some(domain.name.clone()));
     }
     progress.finish();

@@ -98,12 +98,72 @@ pub fn check_ranges<S: Settings>(settings: &S) -> Vec<SettingsError> {
 }
 
 fn deserialise<S: DeserializeOwned>(table: &toml::Table) -> Result<S, SettingsError> {
-    let value = toml::Value::Table(table.clone());
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
+    let (settings, mut errors) = deserialise_all::<S>(toml::Value::Table(table.clone()));
+    match settings {
+        Some(s) if errors.is_empty() => Ok(s),
+        _ => Err(errors.remove(0)),
+    }
+}
+
+/// Most keys one value may have wrong before the rest go unreported.
+const MAX_KEY_ERRORS: usize = 64;
+
+/// Deserialises `value` into `S`; when a key is unknown or does not fit, records the problem,
+/// drops that key and tries again, so that one typo does not hide the problems of the other
+/// keys. Returns the value built from what remained (defaults for the dropped keys), if any,
+/// and every problem, each with its key path (`training.latnet`, `shifts[2].severity`).
+pub fn deserialise_all<S: DeserializeOwned>(mut value: toml::Value) -> (Option<S>, Vec<SettingsError>) {
+    let mut errors = Vec::new();
+    while errors.len() < MAX_KEY_ERRORS {
+        let e = match serde_path_to_error::deserialize::<_, S>(value.clone()) {
+            Ok(settings) => return (Some(settings), errors),
+            Err(e) => e,
+        };
+        let mut segments: Vec<serde_path_to_error::Segment> = e.path().iter().cloned().collect();
+        let path = e.path().to_string().replace('?', "");
         let message = e.into_inner().message().trim().to_string();
-        SettingsError { path: if path == "." { String::new() } else { path }, message }
-    })
+        // Unknown fields are reported at their parent table, or at themselves.
+        if let Some(field) = unknown_field(&message) {
+            let at_field = matches!(segments.last(), Some(serde_path_to_error::Segment::Map { key }) if *key == field);
+            if !at_field {
+                segments.push(serde_path_to_error::Segment::Map { key: field });
+            }
+        }
+        errors.push(SettingsError { path: if path == "." { String::new() } else { path }, message });
+        if !remove_key(&mut value, &segments) {
+            break;
+        }
+    }
+    (None, errors)
+}
+
+/// The field an "unknown field `x`, expected …" message names.
+pub(crate) fn unknown_field(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    Some(rest[..rest.find('`')?].to_string())
+}
+
+/// Removes the table key `path` leads to; false when it cannot (array elements are kept, so
+/// later paths keep their indices).
+fn remove_key(value: &mut toml::Value, path: &[serde_path_to_error::Segment]) -> bool {
+    use serde_path_to_error::Segment;
+    let Some((last, parents)) = path.split_last() else { return false };
+    let mut node = value;
+    for segment in parents {
+        let next = match segment {
+            Segment::Map { key } => node.as_table_mut().and_then(|t| t.get_mut(key)),
+            Segment::Seq { index } => node.as_array_mut().and_then(|a| a.get_mut(*index)),
+            _ => None,
+        };
+        match next {
+            Some(n) => node = n,
+            None => return false,
+        }
+    }
+    match (last, node.as_table_mut()) {
+        (Segment::Map { key }, Some(table)) => table.remove(key).is_some(),
+        _ => false,
+    }
 }
 
 fn defaults_of<S: Settings>() -> toml::Table {
@@ -111,7 +171,10 @@ fn defaults_of<S: Settings>() -> toml::Table {
 }
 
 fn check_of<S: Settings>(table: &toml::Table) -> Result<(), Vec<SettingsError>> {
-    let errors = check_ranges(&deserialise::<S>(table).map_err(|e| vec![e])?);
+    let (settings, mut errors) = deserialise_all::<S>(toml::Value::Table(table.clone()));
+    if let Some(settings) = settings {
+        errors.extend(check_ranges(&settings));
+    }
     if errors.is_empty() { Ok(()) } else { Err(errors) }
 }
 
@@ -194,6 +257,16 @@ mod tests {
         assert_eq!(errors[1].message, "expected a finite number in (0, 1], found NaN");
         // The build path refuses what validate refuses.
         assert_eq!(parse_settings::<Knobs>(&table).expect_err("refused"), errors[0]);
+    }
+
+    #[test]
+    fn a_wrong_key_does_not_hide_the_others() {
+        // A typo, a wrong type and an out-of-range value: all three are reported at once.
+        let table: toml::Table = toml::from_str("kk = 1\nname = 3\nk = 0\nrate = 0.5").expect("toml");
+        let errors = (SettingsSpec::of::<Knobs>().check)(&table).expect_err("three problems");
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["kk", "name", "k"], "{errors:?}");
+        assert!(errors[0].message.starts_with("unknown field `kk`"), "{errors:?}");
     }
 
     #[test]

@@ -97,8 +97,9 @@ impl Default for FdaSettings {
 
 impl Settings for FdaSettings {
     fn check(&self, check: &mut Check) {
-        check.within("latent", self.latent, 1..=1024);
-        check.within("hidden", self.hidden, 1..=4096);
+        // Each slot's basis holds latent × slot values: the latent stays small.
+        check.within("latent", self.latent, 1..=256);
+        check.within("hidden", self.hidden, 1..=1024);
         check.positive("delta_bound", self.delta_bound, 100.0);
         for (slot, bound) in &self.slot_bounds {
             check.positive(&format!("slot_bounds.{slot}"), *bound, 100.0);
@@ -640,7 +641,7 @@ impl ParameterGenerator for Fda {
             let recon = (net.recon.forward(z) - enc.stats).powf_scalar(2.0).mean();
             let loss = task.clone() + kl.clone() * self.settings.beta + recon.clone() * self.settings.lambda;
             let value = f64::from(loss.clone().into_scalar());
-            if !value.is_finite() {
+            if mmpg::loss_diverged(losses.first().copied().unwrap_or(value), value) {
                 return Err(GeneratorError::Diverged { step, loss: value });
             }
             terms.push([f64::from(task.into_scalar()), f64::from(kl.into_scalar()), f64::from(recon.into_scalar())]);

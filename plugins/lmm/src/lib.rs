@@ -76,14 +76,15 @@ impl Default for LmmSettings {
 
 impl Settings for LmmSettings {
     fn check(&self, check: &mut Check) {
-        check.within("conv1_channels", self.conv1_channels, 1..=1024);
-        check.within("conv2_channels", self.conv2_channels, 1..=1024);
-        check.within("feature_dim", self.feature_dim, 1..=8192);
-        check.within("hidden", self.hidden, 1..=8192);
-        check.within("text_buckets", self.text_buckets, 1..=1 << 20);
-        check.within("retrieval_dim", self.retrieval_dim, 1..=4096);
+        // A lightweight model: beyond these the generator's per-slot bases alone outgrow memory.
+        check.within("conv1_channels", self.conv1_channels, 1..=256);
+        check.within("conv2_channels", self.conv2_channels, 1..=256);
+        check.within("feature_dim", self.feature_dim, 1..=1024);
+        check.within("hidden", self.hidden, 1..=1024);
+        check.within("text_buckets", self.text_buckets, 1..=65_536);
+        check.within("retrieval_dim", self.retrieval_dim, 1..=1024);
         check.real("retrieval_weight", self.retrieval_weight, 0.0..=100.0);
-        check.within("reference_clips", self.reference_clips, 1..=100_000);
+        check.within("reference_clips", self.reference_clips, 1..=10_000);
     }
 }
 
@@ -512,7 +513,7 @@ impl CloudModel for LmmCloud {
             let nce = (ce.forward(sim.clone(), diag.clone()) + ce.forward(sim.transpose(), diag)) * 0.5;
             let loss = qa + nce * self.geo.settings.retrieval_weight;
             let value = f64::from(loss.clone().into_scalar());
-            if !value.is_finite() {
+            if mmpg::loss_diverged(losses.first().copied().unwrap_or(value), value) {
                 return Err(ModelError::Diverged { step, loss: value });
             }
             let grads = GradientsParams::from_grads::<DB, LmmNet<DB>>(loss.backward(), &net);

@@ -63,11 +63,11 @@ impl Default for SyntheticSettings {
 
 impl Settings for SyntheticSettings {
     fn check(&self, check: &mut Check) {
-        check.within("frames", self.frames, 2..=64);
-        check.within("object_size", self.object_size, 3..=64);
+        check.within("frames", self.frames, 2..=16);
+        check.within("object_size", self.object_size, 3..=32);
         // Shapes travel one pixel per frame in each direction and must stay inside the frame.
-        let travel = self.object_size.min(64) + 2 * self.frames.clamp(2, 64).saturating_sub(1) + 2;
-        check.within("size", self.size, travel..=256);
+        let travel = self.object_size.min(32) + 2 * self.frames.clamp(2, 16).saturating_sub(1) + 2;
+        check.within("size", self.size, travel..=128);
         check.within("phrasings", self.phrasings, 1..=3);
     }
 

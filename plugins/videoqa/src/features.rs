@@ -225,11 +225,12 @@ fn fortran_to_row_major(shape: &[usize], values: &[f32]) -> Vec<f32> {
 
 /// `.npy` (version 1) bytes of a little-endian f32 array in C order, as NumPy writes it.
 pub fn encode_npy(shape: &[usize], values: &[f32]) -> Vec<u8> {
-    encode_npy_raw("<f4", false, shape, &values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())
+    encode_npy_as("<f4", false, shape, &values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())
 }
 
-/// `.npy` (version 1) bytes of `data` under any header, padded as NumPy pads it.
-fn encode_npy_raw(descr: &str, fortran_order: bool, shape: &[usize], data: &[u8]) -> Vec<u8> {
+/// `.npy` (version 1) bytes of `data` under any header (`descr` such as `>f8`, Fortran or C
+/// order), padded as NumPy pads it; `data` must already be in that layout.
+pub fn encode_npy_as(descr: &str, fortran_order: bool, shape: &[usize], data: &[u8]) -> Vec<u8> {
     let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
     let shape_text = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
     let order = if fortran_order { "True" } else { "False" };
@@ -282,7 +283,7 @@ mod tests {
     const ROWS: [f32; 6] = [0.5, -1.25, 2.0, 3.5, -4.75, 6.0];
 
     fn npy(descr: &str, fortran_order: bool, shape: &[usize], data: &[u8]) -> Vec<u8> {
-        encode_npy_raw(descr, fortran_order, shape, data)
+        encode_npy_as(descr, fortran_order, shape, data)
     }
 
     #[test]

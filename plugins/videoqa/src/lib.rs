@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 mod features;
 
-pub use features::{FeaturesError, encode_npy, parse_npy, parse_safetensors_features};
+pub use features::{FeaturesError, encode_npy, encode_npy_as, parse_npy, parse_safetensors_features};
 
 /// Settings of the `videoqa` data source.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -67,8 +67,13 @@ impl Default for VideoQaSettings {
 
 impl Settings for VideoQaSettings {
     fn check(&self, check: &mut Check) {
-        check.within("frames", self.frames, 1..=1024);
-        check.within("top_answers", self.top_answers, 1..=1_000_000);
+        check.within("frames", self.frames, 1..=256);
+        check.within("top_answers", self.top_answers, 1..=100_000);
+        // The prefix becomes part of a file name inside `features`: it may not leave the folder.
+        let p = &self.video_prefix;
+        if p.contains(['/', '\\', '\0']) || p.contains("..") {
+            check.fail("video_prefix", format!("`{p}` must be a plain file-name prefix (no path separators or `..`)"));
+        }
     }
 }
 
