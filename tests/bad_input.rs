@@ -102,25 +102,33 @@ fn a_fleet_that_cannot_fit_in_memory_is_refused_with_its_estimate() {
     assert!(errs[0].contains("GiB") && errs[0].contains("available"), "{errs:?}");
 }
 
-#[test]
-fn diverged_training_is_a_located_error_and_writes_no_checkpoint() {
+/// Runs a tiny deployment with a checkpoint folder, `steps` pretraining steps and the
+/// pretraining learning rate `rate` (set after parsing, so it may lie beyond the accepted
+/// range); returns the run's located error message and whether anything was saved.
+fn diverging_run(steps: usize, rate: f64) -> (String, bool) {
     let dir = tempfile::tempdir().expect("tempdir");
     let checkpoint = dir.path().join("ckpt");
     let text = format!(
         "{}\n[cloud]\ncheckpoint = \"{}\"\n",
-        common::tiny_deployment(1, 3, 2, r#"{ kind = "blur", severity = 2 }"#),
+        common::tiny_deployment(1, steps, 2, r#"{ kind = "blur", severity = 2 }"#),
         checkpoint.display()
     );
     let registry = common::registry();
     let mut deployment = Deployment::parse(&text, "diverge.toml", &registry).expect("valid");
-    // No accepted learning rate diverges reliably in three steps; a programmatic one does.
-    deployment.cloud.training.pretrain_learning_rate = 1e30;
+    deployment.cloud.training.pretrain_learning_rate = rate;
     let err = runtime::run(&deployment, &registry, &NoProgress).expect_err("diverges");
     let RunError::Config(errors) = &err else { panic!("not a located error: {err}") };
-    let message = errors.to_string();
+    let saved = checkpoint.join("fingerprint").exists() || checkpoint.join("model.safetensors").exists();
+    (errors.to_string(), saved)
+}
+
+#[test]
+fn diverged_training_is_a_located_error_and_writes_no_checkpoint() {
+    // No accepted learning rate diverges reliably in three steps; a programmatic one does.
+    let (message, saved) = diverging_run(3, 1e30);
     assert!(message.contains("cloud.training.pretrain_learning_rate: pretrain training diverged"), "{message}");
     assert!(message.contains("nothing was saved"), "{message}");
-    assert!(!checkpoint.join("fingerprint").exists() && !checkpoint.join("model.safetensors").exists());
+    assert!(!saved);
 }
 
 /// Numeric settings of a tiny valid deployment, each with values across and beyond its range.
@@ -239,22 +247,11 @@ fn a_typo_does_not_hide_the_other_problems_of_its_section() {
 
 #[test]
 fn a_loss_that_explodes_while_finite_is_divergence_too() {
-    // Helper-found: learning rate 10 for 30 steps took the loss to 1e19 and exited 0 with a
-    // model whose retrieval scored 100%, and saved it.
-    let dir = tempfile::tempdir().expect("tempdir");
-    let checkpoint = dir.path().join("ckpt");
-    let text = format!(
-        "{}\n[cloud]\ncheckpoint = \"{}\"\n",
-        common::tiny_deployment(1, 30, 2, r#"{ kind = "blur", severity = 2 }"#)
-            .replace("pretrain_steps = 30", "pretrain_steps = 30\npretrain_learning_rate = 10.0"),
-        checkpoint.display()
-    );
-    let registry = common::registry();
-    let deployment = Deployment::parse(&text, "explode.toml", &registry).expect("valid");
-    let err = runtime::run(&deployment, &registry, &NoProgress).expect_err("diverges");
-    let RunError::Config(errors) = &err else { panic!("not a located error: {err}") };
-    assert!(errors.to_string().contains("pretrain_learning_rate: pretrain training diverged"), "{errors}");
-    assert!(!checkpoint.join("fingerprint").exists());
+    // Helper-found: an accepted learning rate of 10 for 30 steps took the loss to 1e19 and exited
+    // 0 with a model whose retrieval scored 100%, and saved it.
+    let (message, saved) = diverging_run(30, 10.0);
+    assert!(message.contains("pretrain_learning_rate: pretrain training diverged"), "{message}");
+    assert!(!saved);
 }
 
 #[test]
