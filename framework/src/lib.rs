@@ -39,8 +39,8 @@ pub use config::{ConfigError, ConfigErrors, Deployment};
 pub use data::{Clip, DeviceId, DomainSpec, Shift, Split, TaskSpec};
 pub use generator::{GeneratorError, GeneratorTraining, ParameterGenerator};
 pub use model::{
-    CloudModel, DeviceModel, FineTuner, LinearHead, ModelError, RetrievalEmbeddings, SlotTensors, TrainingPlan,
-    TuneScope,
+    CloudModel, DeviceModel, FineTuner, LinearHead, ModelError, RetrievalEmbeddings, SlotGradient, SlotValues,
+    TrainingPlan, TuneScope,
 };
 pub use registry::{
     BuildContext, Factory, GeneratorContext, ModelContext, Plugin, PluginError, PluginKind, Registry, StaticPlugin,

@@ -2,14 +2,12 @@
 
 use std::collections::BTreeMap;
 
-use burn::tensor::Tensor;
-
 use crate::anchor::FeatureStats;
 use crate::data::{Clip, DomainSpec};
 use crate::slots::{GeneratedParams, ParamsError, SlotSchema, ValidatedParams};
 use crate::source::DataSource;
 use crate::tensor::HostTensor;
-use crate::{Backend, BurnDevice, Progress, TrainingLog};
+use crate::{BurnDevice, Progress, TrainingLog};
 
 /// Why a model call failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -184,9 +182,19 @@ pub fn argmax(row: &[f32]) -> usize {
     row.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, v)| if *v > bv { (i, *v) } else { (bi, bv) }).0
 }
 
-/// Slot values as flat Burn tensors, keyed by slot name. Tensors on an autodiff device carry
-/// gradients back to whatever produced them (the parameter generator, when training).
-pub type SlotTensors = BTreeMap<String, Tensor<Backend, 1>>;
+/// Slot values by slot name, each shaped as its [`SlotSpec`](crate::SlotSpec) says.
+pub type SlotValues = BTreeMap<String, HostTensor>;
+
+/// A labelled batch's task loss and its gradient with respect to the slot values: the
+/// vector-Jacobian product `∂loss/∂θ` a [`CloudModel`] offers so that a parameter generator can
+/// train through it without sharing its autodiff graph (see [`CloudModel::task_vjp`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlotGradient {
+    /// Mean QA cross-entropy of the batch, in nats.
+    pub loss: f64,
+    /// `∂loss/∂θ_s` for every slot `s`, shaped as the slot.
+    pub gradients: SlotValues,
+}
 
 /// Schedule of a training phase.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -239,9 +247,22 @@ pub trait CloudModel: Send {
         Err(ModelError::Unsupported { model: "cloud model".into(), capability: "text features" })
     }
 
-    /// Mean QA cross-entropy of labelled `clips` with the given slot values, differentiable
-    /// with respect to `slots` (the static part is frozen).
-    fn task_loss(&self, slots: &SlotTensors, clips: &[Clip]) -> Result<Tensor<Backend, 1>, ModelError>;
+    /// Mean QA cross-entropy of labelled `clips` with the given slot values, and its gradient
+    /// with respect to those values (the static part is frozen): a vector-Jacobian product at
+    /// the output cotangent 1.
+    ///
+    /// A generator producing θ = g_φ(summary) continues backpropagation inside its own graph
+    /// through the surrogate `Σ_s sum(θ_s · stopgrad(∂L/∂θ_s))`, whose gradient with respect to φ
+    /// is the chain rule's `(∂L/∂θ)·(∂θ/∂φ)`. Every slot of [`CloudModel::schema`] must be present
+    /// with the slot's element count; errors are [`ModelError::Input`] (a missing or mis-sized
+    /// slot) and [`ModelError::Training`] (an unlabelled clip).
+    fn task_vjp(&self, slots: &SlotValues, clips: &[Clip]) -> Result<SlotGradient, ModelError>;
+
+    /// The loss of [`CloudModel::task_vjp`] alone. Models may override it with a forward pass
+    /// that builds no graph.
+    fn task_loss(&self, slots: &SlotValues, clips: &[Clip]) -> Result<f64, ModelError> {
+        Ok(self.task_vjp(slots, clips)?.loss)
+    }
 
     /// Number of trainable parameters in the cloud model (static part and θ0).
     fn parameter_count(&self) -> usize;

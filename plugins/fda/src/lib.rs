@@ -25,7 +25,7 @@ use mmpg::seed;
 use mmpg::{
     AnchorSummary, Backend, BurnDevice, Check, Factory, GeneratedParams, GeneratorContext, GeneratorError,
     GeneratorTraining, HostTensor, ParameterGenerator, Plugin, PluginError, Settings, SettingsSpec, SlotSchema,
-    SlotTensors, Split, StaticPlugin, TrainingLog, parse_settings,
+    SlotValues, Split, StaticPlugin, TrainingLog, parse_settings,
 };
 use rand::Rng as _;
 use rand_distr_free::standard_normal;
@@ -467,14 +467,13 @@ impl Fda {
         &self,
         ctx: &GeneratorTraining<'_>,
         net: FdaNet<DB>,
-        base: &[Tensor<DB, 1>],
         reference: &mmpg::FeatureStats,
         clean: &[&mmpg::DomainSpec],
         rng: &mut seed::Rng,
     ) -> Result<FdaNet<DB>, GeneratorError> {
         let (mut xs, mut ys) = (Vec::new(), Vec::new());
-        let static_slots: SlotTensors =
-            self.schema.slots().iter().zip(base).map(|(spec, b)| (spec.name.clone(), b.clone())).collect();
+        let no_delta = vec![None; self.base.len()];
+        let static_slots = self.slot_values(&no_delta, 0)?;
         ctx.progress.start("cloud: fit reset gate", self.settings.reset_episodes as u64);
         for _ in 0..self.settings.reset_episodes {
             let domain = pick_domain(ctx.domains, clean, 0.5, rng);
@@ -483,16 +482,9 @@ impl Fda {
             let anchors = self.check(std::slice::from_ref(&summary))?;
             let pairs: Vec<(Decoded, &AnchorSummary)> = anchors.into_iter().zip([&summary]).collect();
             let deltas = net.deltas(net.encode(&pairs, &self.device).mu, &self.bounds, &self.layouts);
-            let adapted: SlotTensors = self
-                .schema
-                .slots()
-                .iter()
-                .zip(base)
-                .zip(&deltas)
-                .map(|((spec, b), d)| (spec.name.clone(), b.clone() + d.clone().reshape([spec.numel()])))
-                .collect();
-            let with_delta = f64::from(ctx.model.task_loss(&adapted, &clips)?.into_scalar());
-            let without = f64::from(ctx.model.task_loss(&static_slots, &clips)?.into_scalar());
+            let deltas: Vec<Option<HostTensor>> = deltas.into_iter().map(|d| Some(HostTensor::from_burn(d))).collect();
+            let with_delta = ctx.model.task_loss(&self.slot_values(&deltas, 0)?, &clips)?;
+            let without = ctx.model.task_loss(&static_slots, &clips)?;
             xs.push(shift_features(&summary));
             ys.push(with_delta < without);
             ctx.progress.step(None);
@@ -512,8 +504,67 @@ impl Fda {
         Ok(FdaNet { reset: Some(gate), ..net })
     }
 
-    fn base_tensors(&self, device: &BurnDevice) -> Vec<Tensor<DB, 1>> {
-        self.base.iter().map(|t| Tensor::from_data(TensorData::new(t.values().to_vec(), [t.len()]), device)).collect()
+    /// Slot values θ0 + Δ for every slot, Δ taken from row `row` of its `[s, n]` host deltas
+    /// (θ0 alone where a slot's delta is `None`).
+    fn slot_values(&self, deltas: &[Option<HostTensor>], row: usize) -> Result<SlotValues, GeneratorError> {
+        let mut values = SlotValues::new();
+        for ((spec, base), delta) in self.schema.slots().iter().zip(&self.base).zip(deltas) {
+            let n = spec.numel();
+            let theta = match delta {
+                Some(d) => {
+                    let d = d.values().get(row * n..(row + 1) * n).ok_or_else(|| {
+                        GeneratorError::Output(format!("slot `{}`: no delta row {row} of {n} values", spec.name))
+                    })?;
+                    base.values().iter().zip(d).map(|(b, d)| b + d).collect()
+                }
+                None => base.values().to_vec(),
+            };
+            let theta =
+                HostTensor::new(spec.shape.clone(), theta).map_err(|e| GeneratorError::Output(e.to_string()))?;
+            values.insert(spec.name.clone(), theta);
+        }
+        Ok(values)
+    }
+
+    /// The task loss of each episode through the model's vector-Jacobian product, and the
+    /// surrogate `mean_e Σ_s sum(Δ_s[e] · stopgrad(∂L_e/∂θ_s))` whose gradient with respect to
+    /// the generator is the task loss's: θ0 is a constant, so ∂θ/∂φ = ∂Δ/∂φ.
+    fn task_through_vjp(
+        &self,
+        model: &dyn mmpg::CloudModel,
+        deltas: &[Tensor<DB, 2>],
+        batches: &[Vec<mmpg::Clip>],
+        step: usize,
+    ) -> Result<(f64, Tensor<DB, 1>), GeneratorError> {
+        let host: Vec<Option<HostTensor>> = deltas.iter().map(|d| Some(HostTensor::from_burn(d.clone()))).collect();
+        let mut cotangents: Vec<Vec<f32>> = self.schema.slots().iter().map(|s| Vec::with_capacity(s.numel())).collect();
+        let mut loss = 0.0;
+        for (e, clips) in batches.iter().enumerate() {
+            let vjp = model.task_vjp(&self.slot_values(&host, e)?, clips)?;
+            loss += vjp.loss / batches.len() as f64;
+            for (spec, rows) in self.schema.slots().iter().zip(&mut cotangents) {
+                let g = vjp.gradients.get(&spec.name).filter(|g| g.len() == spec.numel()).ok_or_else(|| {
+                    GeneratorError::Output(format!(
+                        "the model's gradient of slot `{}` is missing or mis-sized",
+                        spec.name
+                    ))
+                })?;
+                if !g.is_finite() {
+                    return Err(GeneratorError::Diverged { step, loss: f64::NAN });
+                }
+                rows.extend(g.values().iter().map(|v| v / batches.len() as f32));
+            }
+        }
+        let surrogate = deltas
+            .iter()
+            .zip(cotangents)
+            .map(|(d, g)| {
+                let dims = d.dims();
+                (d.clone() * Tensor::<DB, 2>::from_data(TensorData::new(g, dims), &self.device)).sum()
+            })
+            .reduce(|a, b| a + b)
+            .ok_or_else(|| GeneratorError::Output("the model has no slots".into()))?;
+        Ok((loss, surrogate))
     }
 }
 
@@ -593,7 +644,6 @@ impl ParameterGenerator for Fda {
         let started = Instant::now();
         let mut rng = seed::rng(ctx.plan.seed, self.seed);
         let reference = ctx.model.reference_stats();
-        let base = self.base_tensors(&self.device);
         let mut optim = AdamConfig::new().init::<DB, FdaNet<DB>>();
         let mut net = self.net.clone();
         let (mut losses, mut terms) = (Vec::new(), Vec::new());
@@ -618,33 +668,19 @@ impl ParameterGenerator for Fda {
             );
             let z = enc.mu.clone() + (enc.logvar.clone() * 0.5).exp() * eps;
             let deltas = net.deltas(z.clone(), &self.bounds, &self.layouts);
-            let mut task = Vec::with_capacity(episodes);
-            for (e, clips) in batches.iter().enumerate() {
-                let slots: SlotTensors = self
-                    .schema
-                    .slots()
-                    .iter()
-                    .zip(&base)
-                    .zip(&deltas)
-                    .map(|((spec, b), d)| {
-                        let n = spec.numel();
-                        (spec.name.clone(), b.clone() + d.clone().slice([e..e + 1, 0..n]).reshape([n]))
-                    })
-                    .collect();
-                task.push(ctx.model.task_loss(&slots, clips)?);
-            }
-            let task = Tensor::cat(task, 0).mean();
+            let (task, task_surrogate) = self.task_through_vjp(ctx.model, &deltas, &batches, step)?;
             let kl = ((enc.logvar.clone().exp() + enc.mu.clone().powf_scalar(2.0) - enc.logvar.clone() - 1.0)
                 .sum_dim(1)
                 * 0.5)
                 .mean();
             let recon = (net.recon.forward(z) - enc.stats).powf_scalar(2.0).mean();
-            let loss = task.clone() + kl.clone() * self.settings.beta + recon.clone() * self.settings.lambda;
-            let value = f64::from(loss.clone().into_scalar());
+            let (kl_value, recon_value) = (f64::from(kl.clone().into_scalar()), f64::from(recon.clone().into_scalar()));
+            let value = task + kl_value * self.settings.beta + recon_value * self.settings.lambda;
             if mmpg::loss_diverged(losses.first().copied().unwrap_or(value), value) {
                 return Err(GeneratorError::Diverged { step, loss: value });
             }
-            terms.push([f64::from(task.into_scalar()), f64::from(kl.into_scalar()), f64::from(recon.into_scalar())]);
+            terms.push([task, kl_value, recon_value]);
+            let loss = task_surrogate + kl * self.settings.beta + recon * self.settings.lambda;
             let grads = GradientsParams::from_grads::<DB, FdaNet<DB>>(loss.backward(), &net);
             net = optim.step(ctx.plan.learning_rate, net, grads);
             losses.push(value);
@@ -656,7 +692,7 @@ impl ParameterGenerator for Fda {
             return Err(GeneratorError::Diverged { step: ctx.plan.steps, loss: f64::NAN });
         }
         if self.settings.reset {
-            net = self.fit_reset(ctx, net, &base, &reference, &clean, &mut rng)?;
+            net = self.fit_reset(ctx, net, &reference, &clean, &mut rng)?;
         }
         self.net = net;
         let tail = (terms.len() / 10).max(1);

@@ -28,8 +28,8 @@ use mmpg::seed;
 use mmpg::{
     Backend, BurnDevice, Check, Clip, CloudModel, DataSource, DeviceModel, DomainSpec, Factory, FeatureStats,
     FineTuner, GeneratedParams, HostTensor, LinearHead, ModelContext, ModelError, Plugin, PluginError, Progress,
-    RetrievalEmbeddings, Settings, SettingsSpec, SlotSchema, SlotSpec, SlotTensors, Split, StaticPlugin, TaskSpec,
-    TextSource, TrainingLog, TrainingPlan, TuneScope, ValidatedParams, parse_settings,
+    RetrievalEmbeddings, Settings, SettingsSpec, SlotGradient, SlotSchema, SlotSpec, SlotValues, Split, StaticPlugin,
+    TaskSpec, TextSource, TrainingLog, TrainingPlan, TuneScope, ValidatedParams, parse_settings,
 };
 use rand::Rng as _;
 use serde::{Deserialize, Serialize};
@@ -361,7 +361,10 @@ fn l2_normalise<B: burn::tensor::backend::Backend>(x: Tensor<B, 2>) -> Tensor<B,
     x / norm
 }
 
-fn slots_from_map(map: &SlotTensors) -> Result<Slots<DB>, ModelError> {
+/// Flat slot tensors by slot name.
+type SlotMap = BTreeMap<String, Tensor<DB, 1>>;
+
+fn slots_from_map(map: &SlotMap) -> Result<Slots<DB>, ModelError> {
     let get = |name: &str| map.get(name).cloned().ok_or_else(|| ModelError::Input(format!("slot `{name}` missing")));
     Ok(Slots {
         film: get(FILM)?,
@@ -469,6 +472,45 @@ impl LmmCloud {
     fn valid_net(&self) -> LmmNet<DB> {
         relocate(self.net.clone(), &inference_device(&self.device))
     }
+
+    /// Host slot values as flat tensors on `device`, each checked against its slot's size.
+    fn slot_tensors(&self, slots: &SlotValues, device: &BurnDevice) -> Result<SlotMap, ModelError> {
+        self.schema
+            .slots()
+            .iter()
+            .map(|spec| {
+                let host =
+                    slots.get(&spec.name).ok_or_else(|| ModelError::Input(format!("slot `{}` missing", spec.name)))?;
+                if host.len() != spec.numel() {
+                    return Err(ModelError::Input(format!(
+                        "slot `{}` has {} values, its shape {:?} holds {}",
+                        spec.name,
+                        host.len(),
+                        spec.shape,
+                        spec.numel()
+                    )));
+                }
+                let flat = TensorData::new(host.values().to_vec(), [host.len()]);
+                Ok((spec.name.clone(), Tensor::from_data(flat, device)))
+            })
+            .collect()
+    }
+
+    /// Mean QA cross-entropy of labelled `clips` through `net` with `slots` installed.
+    fn loss_with(
+        &self,
+        net: LmmNet<DB>,
+        slots: &SlotMap,
+        clips: &[Clip],
+        device: &BurnDevice,
+    ) -> Result<Tensor<DB, 1>, ModelError> {
+        let slots = slots_from_map(slots)?;
+        let x = inputs::<DB>(&self.geo, clips, device)?;
+        let targets = x.answers.ok_or_else(|| ModelError::Training("task loss needs labelled clips".into()))?;
+        let v = net.video(net.frame_features(x.frames, slots.film.clone()), self.geo.frames);
+        let q = net.text(x.questions);
+        Ok(CrossEntropyLossConfig::new().init(device).forward(net.logits(v, q, &slots), targets))
+    }
 }
 
 impl CloudModel for LmmCloud {
@@ -573,15 +615,28 @@ impl CloudModel for LmmCloud {
         Ok(HostTensor::from_burn(net.text(x.questions)))
     }
 
-    fn task_loss(&self, slots: &SlotTensors, clips: &[Clip]) -> Result<Tensor<DB, 1>, ModelError> {
-        let slots = slots_from_map(slots)?;
-        let x = inputs::<DB>(&self.geo, clips, &self.device)?;
-        let targets = x.answers.ok_or_else(|| ModelError::Training("task loss needs labelled clips".into()))?;
-        // The static part is frozen here: only the slot values (and what produced them) learn.
-        let net = Module::<DB>::no_grad(self.net.clone());
-        let v = net.video(net.frame_features(x.frames, slots.film.clone()), self.geo.frames);
-        let q = net.text(x.questions);
-        Ok(CrossEntropyLossConfig::new().init(&self.device).forward(net.logits(v, q, &slots), targets))
+    fn task_vjp(&self, slots: &SlotValues, clips: &[Clip]) -> Result<SlotGradient, ModelError> {
+        // Leaves of a graph of their own: the generator's graph never reaches this model.
+        let leaves: SlotMap =
+            self.slot_tensors(slots, &self.device)?.into_iter().map(|(k, t)| (k, t.require_grad())).collect();
+        let loss = self.loss_with(Module::<DB>::no_grad(self.net.clone()), &leaves, clips, &self.device)?;
+        let value = f64::from(loss.clone().into_scalar());
+        let grads = loss.backward();
+        let mut gradients = BTreeMap::new();
+        for spec in self.schema.slots() {
+            let leaf = &leaves[&spec.name];
+            let flat =
+                leaf.grad(&grads).map_or_else(|| vec![0.0; spec.numel()], |g| HostTensor::from_burn(g).into_values());
+            let g = HostTensor::new(spec.shape.clone(), flat).map_err(|e| ModelError::Training(e.to_string()))?;
+            gradients.insert(spec.name.clone(), g);
+        }
+        Ok(SlotGradient { loss: value, gradients })
+    }
+
+    fn task_loss(&self, slots: &SlotValues, clips: &[Clip]) -> Result<f64, ModelError> {
+        let device = inference_device(&self.device);
+        let slots = self.slot_tensors(slots, &device)?;
+        Ok(f64::from(self.loss_with(self.valid_net(), &slots, clips, &device)?.into_scalar()))
     }
 
     fn parameter_count(&self) -> usize {
@@ -1015,5 +1070,65 @@ mod tests {
         for j in 0..served.dim() {
             assert!((served.mean[j] - device.reference.mean[j]).abs() < 1e-3, "mean {j}");
         }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(8))]
+
+        /// The vector-Jacobian product is the loss's derivative: along a random direction v,
+        /// ⟨∂L/∂θ, v⟩ matches the central difference (L(θ + εv) − L(θ − εv)) / 2ε, and the loss
+        /// it reports is the forward-only `task_loss`.
+        #[test]
+        fn task_vjp_matches_central_differences(seed in 0u64..1000) {
+            let cloud = seed::with_burn_seed(seed, || LmmCloud::new(small(), &task(), &init_device())).expect("model");
+            let batch = clips(6, seed);
+            let theta: SlotValues = cloud.base_params().tensors;
+            let mut rng = seed::rng(seed, 1);
+            let direction: SlotValues = theta
+                .iter()
+                .map(|(k, t)| {
+                    let v = (0..t.len()).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+                    (k.clone(), HostTensor::new(t.shape().to_vec(), v).expect("shape"))
+                })
+                .collect();
+            let moved = |eps: f32| -> SlotValues {
+                theta
+                    .iter()
+                    .map(|(k, t)| {
+                        let v = t.values().iter().zip(direction[k].values()).map(|(a, d)| a + eps * d).collect();
+                        (k.clone(), HostTensor::new(t.shape().to_vec(), v).expect("shape"))
+                    })
+                    .collect()
+            };
+            let vjp = cloud.task_vjp(&theta, &batch).expect("vjp");
+            let forward = cloud.task_loss(&theta, &batch).expect("loss");
+            proptest::prop_assert!((vjp.loss - forward).abs() < 1e-5, "{} vs {}", vjp.loss, forward);
+            let analytic: f64 = vjp
+                .gradients
+                .iter()
+                .map(|(k, g)| g.values().iter().zip(direction[k].values()).map(|(a, b)| f64::from(a * b)).sum::<f64>())
+                .sum();
+            let eps = 1e-3;
+            let numeric = (cloud.task_loss(&moved(eps), &batch).expect("+")
+                - cloud.task_loss(&moved(-eps), &batch).expect("-"))
+                / (2.0 * f64::from(eps));
+            proptest::prop_assert!(
+                (analytic - numeric).abs() <= 2e-3 + 0.05 * numeric.abs(),
+                "analytic {analytic} vs numeric {numeric}"
+            );
+        }
+    }
+
+    #[test]
+    fn task_vjp_refuses_missing_and_mis_sized_slots() {
+        let cloud = seed::with_burn_seed(1, || LmmCloud::new(small(), &task(), &init_device())).expect("model");
+        let batch = clips(2, 1);
+        let mut theta: SlotValues = cloud.base_params().tensors;
+        theta.insert(HEAD_B.into(), HostTensor::new(vec![2], vec![0.0, 0.0]).expect("shape"));
+        let err = cloud.task_vjp(&theta, &batch).expect_err("mis-sized");
+        assert!(err.to_string().contains("slot `qa_head.bias` has 2 values"), "{err}");
+        theta.remove(HEAD_B);
+        let err = cloud.task_vjp(&theta, &batch).expect_err("missing");
+        assert_eq!(err.to_string(), "bad input: slot `qa_head.bias` missing");
     }
 }
