@@ -4,13 +4,15 @@
 //! generation. `cargo bench --bench device_path`.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use mmpg::DeviceDescriptor;
 use mmpg::registry::{BuildContext, GeneratorContext};
 use mmpg::wire::Envelope;
 use mmpg::{
-    AnchorReasoner, BurnDevice, CloudModel, DataSource, DeviceId, DomainSpec, FeatureStats, HostTensor, Quantisation,
-    Split, TuneScope,
+    AnchorReasoner, CloudModel, DataSource, DeviceId, DomainSpec, FeatureStats, HostTensor, Quantisation, Split,
+    TuneScope,
 };
 use mmpg_adr::{Adr, AdrSettings, Strategy};
+use mmpg_backends::BurnDevice;
 use mmpg_lmm::{LmmCloud, LmmSettings};
 use mmpg_synthetic::{Synthetic, SyntheticSettings};
 
@@ -38,7 +40,7 @@ fn device_model(c: &mut Criterion) {
     let cpu = BurnDevice::Flex(Default::default());
     let cloud =
         LmmCloud::new(LmmSettings::default(), data.task(), &BurnDevice::autodiff(cpu.clone())).expect("model builds");
-    let mut model = cloud.export(&cpu).expect("export");
+    let mut model = cloud.export(&DeviceDescriptor::cpu()).expect("export");
     let clips = data.clips(&DomainSpec::clean("bench", 1), Split::Test, 16, 0).expect("clips");
     let params = model.current_params();
     let wire = Envelope::params(DeviceId("bench".into()), 1, &params)
@@ -64,7 +66,7 @@ fn device_model(c: &mut Criterion) {
 
     // The cloud: generation for a batch of devices (FDA on the CPU).
     let ctx = GeneratorContext {
-        base: BuildContext { seed: 1, device: BurnDevice::autodiff(cpu.clone()) },
+        base: BuildContext { seed: 1, device: DeviceDescriptor::cpu().training() },
         schema: cloud.schema().clone(),
         base_params: cloud.base_params(),
         feature_dim: cloud.feature_dim(),

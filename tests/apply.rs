@@ -4,9 +4,10 @@ mod common;
 
 use mmpg::wire::{Envelope, MessageKind, encode_f32_tensors};
 use mmpg::{
-    BurnDevice, CloudModel, DataSource, DeviceId, DeviceModel, DomainSpec, HostTensor, ModelError, Quantisation,
-    QuantisedTensor, Split,
+    CloudModel, DataSource, DeviceId, DeviceModel, DomainSpec, HostTensor, ModelError, Quantisation, QuantisedTensor,
+    Split,
 };
+use mmpg_backends::BurnDevice;
 use mmpg_lmm::{LmmCloud, LmmSettings};
 use mmpg_synthetic::{Synthetic, SyntheticSettings};
 use proptest::prelude::*;
@@ -16,7 +17,7 @@ fn device_model() -> (Box<dyn DeviceModel>, Vec<mmpg::Clip>) {
     let cpu = BurnDevice::Flex(Default::default());
     let cloud = LmmCloud::new(LmmSettings::default(), data.task(), &BurnDevice::autodiff(cpu.clone())).expect("model");
     let clips = data.clips(&DomainSpec::clean("probe", 5), Split::Test, 6, 0).expect("clips");
-    (cloud.export(&cpu).expect("export"), clips)
+    (cloud.export(&mmpg::DeviceDescriptor::cpu()).expect("export"), clips)
 }
 
 #[derive(Debug, Clone)]

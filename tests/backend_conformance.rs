@@ -8,13 +8,13 @@
 mod common;
 
 use mmpg::runtime;
-use mmpg::seed::with_burn_seed;
 use mmpg::wire::Envelope;
 use mmpg::{
-    AnchorReasoner, BuildContext, BurnDevice, Clip, CloudModel, DataSource, Deployment, DeviceId, DomainSpec,
+    AnchorReasoner, BuildContext, Clip, CloudModel, DataSource, Deployment, DeviceDescriptor, DeviceId, DomainSpec,
     GeneratorContext, HostTensor, NoProgress, ParameterGenerator, Shift, Split, TrainingPlan,
 };
 use mmpg_adr::{Adr, AdrSettings};
+use mmpg_backends::with_burn_seed;
 use mmpg_fda::{Fda, FdaSettings};
 use mmpg_lmm::{LmmCloud, LmmSettings};
 use mmpg_synthetic::{Synthetic, SyntheticSettings};
@@ -23,14 +23,14 @@ fn backend_kind() -> String {
     std::env::var("MMPG_CONFORMANCE_BACKEND").unwrap_or_else(|_| "cpu".into())
 }
 
-fn target() -> BurnDevice {
+fn target() -> DeviceDescriptor {
     let kind = backend_kind();
     let provider = common::registry().backend(&kind).expect("registered backend");
-    provider.device(0).unwrap_or_else(|e| panic!("backend `{kind}` cannot run here: {e}"))
+    provider.descriptor(0, false).unwrap_or_else(|e| panic!("backend `{kind}` cannot run here: {e}"))
 }
 
-fn cpu() -> BurnDevice {
-    BurnDevice::Flex(Default::default())
+fn cpu() -> DeviceDescriptor {
+    DeviceDescriptor::cpu()
 }
 
 fn data() -> Synthetic {
@@ -42,9 +42,9 @@ fn clips(n: usize) -> Vec<Clip> {
     data().clips(&domain, Split::Test, n, 1).expect("clips")
 }
 
-fn model_on(device: &BurnDevice) -> LmmCloud {
-    with_burn_seed(42, || LmmCloud::new(LmmSettings::default(), data().task(), &BurnDevice::autodiff(device.clone())))
-        .expect("model")
+fn model_on(device: &DeviceDescriptor) -> LmmCloud {
+    let device = mmpg_backends::device(&device.training()).expect("usable device");
+    with_burn_seed(42, || LmmCloud::new(LmmSettings::default(), data().task(), &device)).expect("model")
 }
 
 fn max_abs_diff(a: &HostTensor, b: &HostTensor) -> f32 {
@@ -68,9 +68,9 @@ fn lmm_forward_matches_cpu() {
 #[test]
 fn fda_generation_matches_cpu() {
     let cloud = model_on(&cpu());
-    let generator_on = |device: &BurnDevice| {
+    let generator_on = |device: &DeviceDescriptor| {
         let ctx = GeneratorContext {
-            base: BuildContext { seed: 5, device: BurnDevice::autodiff(device.clone()) },
+            base: BuildContext { seed: 5, device: device.training() },
             schema: cloud.schema().clone(),
             base_params: cloud.base_params(),
             feature_dim: cloud.feature_dim(),
@@ -110,7 +110,7 @@ fn apply_is_bit_exact_on_the_backend() {
 fn training_steps_give_the_same_loss_curve() {
     let plan = TrainingPlan { steps: 5, batch: 16, learning_rate: 3e-3, seed: 3 };
     let domains = [DomainSpec::clean("train", 2)];
-    let curve = |device: &BurnDevice| {
+    let curve = |device: &DeviceDescriptor| {
         let mut m = model_on(device);
         m.pretrain(&data(), &domains, &plan, &NoProgress).expect("trains").losses
     };

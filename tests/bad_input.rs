@@ -258,8 +258,8 @@ fn a_loss_that_explodes_while_finite_is_divergence_too() {
 fn checkpoints_never_hold_exploded_weights() {
     let schema = mmpg::SlotSchema::new(vec![mmpg::SlotSpec::f32("w", vec![2])]).expect("schema");
     let tensors = |v: f32| [("w".to_string(), mmpg::HostTensor::new(vec![2], vec![0.5, v]).expect("2"))].into();
-    assert!(mmpg::modules::write_checkpoint("lmm", &schema, &tensors(1.0)).is_ok());
-    let err = mmpg::modules::write_checkpoint("lmm", &schema, &tensors(3e38)).expect_err("refused");
+    assert!(mmpg_backends::modules::write_checkpoint("lmm", &schema, &tensors(1.0)).is_ok());
+    let err = mmpg_backends::modules::write_checkpoint("lmm", &schema, &tensors(3e38)).expect_err("refused");
     assert!(err.to_string().contains("parameter `w`"), "{err}");
 }
 

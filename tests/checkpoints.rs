@@ -4,7 +4,8 @@
 mod common;
 
 use mmpg::runtime::{self, RunError};
-use mmpg::{BurnDevice, CloudModel, DataSource, Deployment, NoProgress};
+use mmpg::{CloudModel, DataSource, Deployment, NoProgress};
+use mmpg_backends::BurnDevice;
 use mmpg_lmm::{LmmCloud, LmmSettings};
 use mmpg_synthetic::{Synthetic, SyntheticSettings};
 use proptest::prelude::*;

@@ -5,7 +5,8 @@ mod common;
 
 use std::path::PathBuf;
 
-use mmpg::{BurnDevice, TextEncoder};
+use mmpg::TextEncoder;
+use mmpg_backends::BurnDevice;
 use mmpg_minilm::{MiniLm, MiniLmSettings};
 
 fn encoder(dir: &str) -> MiniLm {

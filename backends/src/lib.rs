@@ -1,8 +1,89 @@
-//! Backend providers for mmpg: one per Burn backend family, chosen at run time by
+//! Burn for mmpg plugins. The framework speaks plain data; a plugin computing with Burn uses
+//! this crate to turn the [`DeviceDescriptor`] it is given into a Burn device ([`device`]), to
+//! move [`HostTensor`]s in and out of Burn ([`HostTensorBurn`]), to seed Burn's initialisers
+//! ([`with_burn_seed`]) and to handle modules and checkpoints ([`modules`]).
+//!
+//! It also registers one backend provider per Burn backend family, chosen at run time by
 //! `[backend] kind = "…"`. A family that this binary was built without still registers, so
 //! asking for it gives a clear error naming the cargo feature instead of "unknown backend".
 
-use mmpg::{BackendError, BackendProvider, BurnDevice, Plugin, StaticPlugin};
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+
+use burn::tensor::{Tensor, TensorData};
+use mmpg::{BackendError, BackendProvider, DeviceDescriptor, HostTensor, Plugin, RankMismatch, StaticPlugin};
+
+pub mod modules;
+
+/// Re-exported so plugin crates use the exact Burn these helpers were built with.
+pub use burn;
+
+/// The Burn backend every plugin computes with: Burn's run-time dispatch over the backends
+/// compiled in. Autodiff is a property of the device ([`BurnDevice::autodiff`]).
+pub type Backend = burn::Dispatch;
+
+/// A device of [`Backend`].
+pub type BurnDevice = burn::DispatchDevice;
+
+/// The Burn device a descriptor names, built by its family (checked once per process with a
+/// real computation), with automatic differentiation when the descriptor asks for it.
+///
+/// # Errors
+/// [`BackendError::Unavailable`] for an unknown kind or an unusable device,
+/// [`BackendError::NotCompiledIn`] for a family this build lacks.
+pub fn device(descriptor: &DeviceDescriptor) -> Result<BurnDevice, BackendError> {
+    let family = FAMILIES.iter().find(|f| f.kind == descriptor.kind).ok_or_else(|| BackendError::Unavailable {
+        kind: descriptor.kind.clone(),
+        reason: format!("no such backend; known: {}", FAMILIES.iter().map(|f| f.kind).collect::<Vec<_>>().join(", ")),
+    })?;
+    let device = family.burn_device(descriptor.index)?;
+    Ok(if descriptor.autodiff { BurnDevice::autodiff(device) } else { device })
+}
+
+/// Moving [`HostTensor`]s into and out of Burn.
+pub trait HostTensorBurn: Sized {
+    /// The values on `device` as a tensor of rank `D`.
+    ///
+    /// # Errors
+    /// [`RankMismatch`] when the tensor's rank is not `D`.
+    fn to_burn<const D: usize>(&self, device: &BurnDevice) -> Result<Tensor<Backend, D>, RankMismatch>;
+
+    /// A Burn tensor read back to the host.
+    fn from_burn<const D: usize>(tensor: Tensor<Backend, D>) -> Self;
+}
+
+impl HostTensorBurn for HostTensor {
+    fn to_burn<const D: usize>(&self, device: &BurnDevice) -> Result<Tensor<Backend, D>, RankMismatch> {
+        if self.shape().len() != D {
+            return Err(RankMismatch { expected: D, shape: self.shape().to_vec() });
+        }
+        let data = TensorData::new(self.values().to_vec(), self.shape().to_vec());
+        Ok(Tensor::from_data(data, device))
+    }
+
+    fn from_burn<const D: usize>(tensor: Tensor<Backend, D>) -> Self {
+        let shape = tensor.dims().to_vec();
+        let data = tensor.into_data().convert::<f32>();
+        let values = data.into_vec::<f32>().expect("`convert::<f32>` guarantees the element type");
+        HostTensor::new(shape, values).expect("a Burn tensor's values fill its dims")
+    }
+}
+
+static BURN_RNG: Mutex<()> = Mutex::new(());
+
+/// Runs `build` with Burn's CPU random generator (see [`modules::init_device`]) seeded to
+/// `seed`, holding a process-wide lock.
+///
+/// Burn's initialisers draw from one generator per process; seeding it right before each
+/// plugin is built, under a lock, makes every initialisation a function of the deployment seed
+/// even when several runs share a process (as tests do). Burn draws lazily, so `build` must
+/// materialise its parameters ([`modules::materialise`]) before returning.
+pub fn with_burn_seed<T>(seed: u64, build: impl FnOnce() -> T) -> T {
+    use burn::tensor::backend::Backend as _;
+    let _guard = BURN_RNG.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    Backend::seed(&modules::init_device(), seed);
+    build()
+}
 
 /// Builds the device with a given index, or says why it cannot be had.
 type MakeDevice = fn(usize) -> Result<BurnDevice, BackendError>;
@@ -16,6 +97,16 @@ pub struct Family {
     feature: &'static str,
     summary: &'static str,
     make: Option<MakeDevice>,
+}
+
+impl Family {
+    /// The family's device `index`, without automatic differentiation.
+    fn burn_device(&self, index: usize) -> Result<BurnDevice, BackendError> {
+        match self.make {
+            Some(make) => make(index),
+            None => Err(BackendError::NotCompiledIn { kind: self.kind.into(), feature: self.feature.into() }),
+        }
+    }
 }
 
 impl BackendProvider for Family {
@@ -35,13 +126,13 @@ impl BackendProvider for Family {
         self.summary
     }
 
-    fn make_device(&self, index: usize) -> Result<BurnDevice, BackendError> {
-        match self.make {
-            Some(make) => make(index),
-            None => Err(BackendError::NotCompiledIn { kind: self.kind.into(), feature: self.feature.into() }),
-        }
+    fn describe(&self, index: usize) -> Result<String, BackendError> {
+        self.burn_device(index).map(|d| format!("{d:?}"))
     }
 }
+
+/// Every family, in the order `mmpg plugins` lists them.
+const FAMILIES: [&Family; 4] = [&CPU, &WGPU, &CUDA, &TCH];
 
 /// Burn's pure-Rust CPU backend (`flex`), multi-threaded, no system dependencies.
 pub static CPU: Family = Family {
@@ -158,8 +249,22 @@ fn tch_device(index: usize) -> Result<BurnDevice, BackendError> {
 /// "unavailable" error instead of ending the process.
 #[cfg_attr(not(any(feature = "cuda", feature = "wgpu", feature = "tch")), allow(dead_code))]
 fn smoke_test(kind: &str, device: &BurnDevice) -> Result<(), BackendError> {
-    use burn::tensor::Tensor;
-    use std::sync::{Arc, Mutex};
+    // Every plugin builds its device from a descriptor; one check per device is enough.
+    static PASSED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+    let key = format!("{device:?}");
+    if PASSED.lock().is_ok_and(|passed| passed.contains(&key)) {
+        return Ok(());
+    }
+    first_computation(kind, device)?;
+    if let Ok(mut passed) = PASSED.lock() {
+        passed.insert(key);
+    }
+    Ok(())
+}
+
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu", feature = "tch")), allow(dead_code))]
+fn first_computation(kind: &str, device: &BurnDevice) -> Result<(), BackendError> {
+    use std::sync::Arc;
     let messages: Arc<Mutex<Vec<String>>> = Arc::default();
     let previous = std::panic::take_hook();
     let sink = Arc::clone(&messages);
@@ -169,7 +274,7 @@ fn smoke_test(kind: &str, device: &BurnDevice) -> Result<(), BackendError> {
         }
     }));
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        Tensor::<mmpg::Backend, 1>::ones([4], device).sum().into_scalar()
+        Tensor::<Backend, 1>::ones([4], device).sum().into_scalar()
     }));
     std::panic::set_hook(previous);
     let unavailable = |reason: String| BackendError::Unavailable { kind: kind.into(), reason };
@@ -212,13 +317,40 @@ mod tests {
     #[cfg(not(feature = "cuda"))]
     #[test]
     fn missing_backends_name_their_feature() {
-        let err = CUDA.device(0).expect_err("not compiled in");
+        let err = CUDA.probe(0).expect_err("not compiled in");
         assert_eq!(err.to_string(), "backend `cuda` is not compiled in: rebuild with `--features cuda`");
     }
 
     #[test]
     fn cpu_has_exactly_one_device() {
-        assert!(CPU.device(0).is_ok());
-        assert!(matches!(CPU.device(1), Err(BackendError::Unavailable { .. })));
+        assert!(CPU.probe(0).is_ok());
+        assert!(matches!(CPU.probe(1), Err(BackendError::Unavailable { .. })));
+    }
+
+    #[test]
+    fn descriptors_become_devices_or_say_why_not() {
+        let cpu = DeviceDescriptor::cpu();
+        assert!(matches!(device(&cpu), Ok(BurnDevice::Flex(_))));
+        assert!(matches!(device(&cpu.training()), Ok(BurnDevice::Autodiff(_))));
+        let unknown = DeviceDescriptor { kind: "tpu".into(), ..cpu };
+        let err = device(&unknown).expect_err("unknown kind");
+        assert_eq!(
+            err.to_string(),
+            "backend `tpu` is not available on this machine: no such backend; known: cpu, wgpu, cuda, tch"
+        );
+    }
+
+    #[test]
+    fn a_wrong_rank_is_reported_as_such() {
+        let t = HostTensor::new(vec![3, 4], vec![0.0; 12]).expect("fits");
+        let err = t.to_burn::<1>(&BurnDevice::Flex(Default::default())).expect_err("rank 2, not 1");
+        assert_eq!(err.to_string(), "expected a rank-1 tensor, found shape [3, 4]");
+    }
+
+    #[test]
+    fn host_tensors_round_trip_through_burn() {
+        let t = HostTensor::new(vec![2, 3], (0..6).map(|i| i as f32 * 0.5).collect()).expect("fits");
+        let back = HostTensor::from_burn(t.to_burn::<2>(&BurnDevice::Flex(Default::default())).expect("rank 2"));
+        assert_eq!(back, t);
     }
 }

@@ -1,6 +1,9 @@
-//! Backend providers: build the Burn device that `[backend]` names, or say clearly why not.
+//! Backends as plain data: which device a plugin should compute on ([`DeviceDescriptor`]), and
+//! the providers that say whether a backend family is compiled in and usable here. The framework
+//! never holds a device; a plugin turns the descriptor into its own (Burn plugins:
+//! `mmpg_backends::device`), so the boundary carries no backend type.
 
-use crate::BurnDevice;
+use serde::{Deserialize, Serialize};
 
 /// Why a backend cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -23,9 +26,45 @@ pub enum BackendError {
     },
 }
 
+/// The device a plugin computes on: a backend kind, a device index within it, and whether the
+/// plugin trains there (automatic differentiation).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DeviceDescriptor {
+    /// Backend kind as in `[backend] kind = "…"`: `cpu`, `wgpu`, `cuda`, `tch`.
+    pub kind: String,
+    /// Device index within the kind (`[backend] device`).
+    pub index: usize,
+    /// Whether gradients are recorded there (the cloud's training device).
+    pub autodiff: bool,
+}
+
+impl DeviceDescriptor {
+    /// The CPU device, without automatic differentiation.
+    pub fn cpu() -> Self {
+        Self { kind: "cpu".into(), index: 0, autodiff: false }
+    }
+
+    /// The same device with automatic differentiation.
+    pub fn training(&self) -> Self {
+        Self { autodiff: true, ..self.clone() }
+    }
+
+    /// The same device without automatic differentiation.
+    pub fn inference(&self) -> Self {
+        Self { autodiff: false, ..self.clone() }
+    }
+}
+
+impl std::fmt::Display for DeviceDescriptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.kind, self.index)?;
+        if self.autodiff { f.write_str(" (autodiff)") } else { Ok(()) }
+    }
+}
+
 /// One backend family (CPU, wgpu, CUDA, LibTorch). Required: the kind, its cargo feature,
-/// whether it is compiled in, and device construction; probing and training devices are
-/// provided.
+/// whether it is compiled in, and a description of a usable device; probing and descriptors
+/// are provided.
 pub trait BackendProvider: Send + Sync {
     /// Kind as written in `[backend] kind = "…"`.
     fn kind(&self) -> &'static str;
@@ -39,24 +78,34 @@ pub trait BackendProvider: Send + Sync {
     /// One line on what the backend is.
     fn summary(&self) -> &'static str;
 
-    /// Builds the device with the given index. Called only when compiled in.
-    fn make_device(&self, index: usize) -> Result<BurnDevice, BackendError>;
+    /// Checks that the device with this index works here (a real computation on it) and
+    /// describes it. Called only when compiled in.
+    fn describe(&self, index: usize) -> Result<String, BackendError>;
 
-    /// Checks that the device can be used here and describes it.
+    /// The device's description, or why it cannot be had (not compiled in, or unusable).
     fn probe(&self, index: usize) -> Result<String, BackendError> {
-        self.device(index).map(|d| format!("{d:?}"))
-    }
-
-    /// The inference device, or why it cannot be had.
-    fn device(&self, index: usize) -> Result<BurnDevice, BackendError> {
         if !self.compiled_in() {
             return Err(BackendError::NotCompiledIn { kind: self.kind().into(), feature: self.cargo_feature().into() });
         }
-        self.make_device(index)
+        self.describe(index)
     }
 
-    /// The same device with automatic differentiation, for cloud-side training.
-    fn training_device(&self, index: usize) -> Result<BurnDevice, BackendError> {
-        Ok(BurnDevice::autodiff(self.device(index)?))
+    /// A descriptor of a device that [`BackendProvider::probe`] found usable.
+    fn descriptor(&self, index: usize, autodiff: bool) -> Result<DeviceDescriptor, BackendError> {
+        self.probe(index)?;
+        Ok(DeviceDescriptor { kind: self.kind().into(), index, autodiff })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptors_print_kind_index_and_training() {
+        let cpu = DeviceDescriptor::cpu();
+        assert_eq!(cpu.to_string(), "cpu:0");
+        assert_eq!(cpu.training().to_string(), "cpu:0 (autodiff)");
+        assert_eq!(cpu.training().inference(), cpu);
     }
 }

@@ -568,7 +568,7 @@ fn backend_table(
     progress.start("bench: backends", kinds.len() as u64);
     let mut out = Vec::with_capacity(kinds.len());
     for provider in kinds {
-        let row = match provider.device(deployment.backend.device) {
+        let row = match provider.probe(deployment.backend.device) {
             Err(e) => BackendTiming {
                 backend: provider.kind().to_string(),
                 unavailable: Some(e.to_string()),
@@ -699,7 +699,7 @@ pub fn bench(deployment: &Deployment, registry: &Registry, progress: &dyn Progre
     let mut report = BenchReport {
         deployment: deployment.file().to_string(),
         seed: deployment.seed,
-        backend: format!("devices {:?}, cloud {:?}", harness.composer.device, harness.composer.training_device),
+        backend: format!("devices {}, cloud {}", harness.composer.device, harness.composer.training_device),
         plugins: plugin_choices(deployment),
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         cloud: report_cloud,

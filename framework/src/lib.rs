@@ -7,19 +7,23 @@
 //! - The cloud trains a [`CloudModel`] and a [`ParameterGenerator`] on labelled source domains
 //!   from a [`DataSource`], then turns each device's [`AnchorSummary`] into [`GeneratedParams`].
 //! - A [`Transport`] carries versioned envelopes between them and counts every byte.
-//! - A [`BackendProvider`] builds the Burn device that `[backend]` names.
+//! - A [`BackendProvider`] says whether the backend `[backend]` names is usable here; plugins
+//!   receive a [`DeviceDescriptor`] (plain data) and build their own device from it.
+//!
+//! This crate does not depend on Burn: what crosses the plugin boundary is plain data
+//! ([`HostTensor`], bytes, TOML text). Burn plugins share `mmpg-backends`.
 
 pub mod adapt;
 pub mod anchor;
 pub mod backend;
 pub mod bench;
+pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod generator;
 pub mod memory;
 pub mod metrics;
 pub mod model;
-pub mod modules;
 pub mod registry;
 pub mod report;
 pub mod runtime;
@@ -34,7 +38,7 @@ pub mod wire;
 
 pub use adapt::{AdaptError, AdaptInput, AdaptOutcome, DeviceAdapter};
 pub use anchor::{AnchorError, AnchorReasoner, AnchorSummary, FeatureStats, Quantisation, QuantisedTensor};
-pub use backend::{BackendError, BackendProvider};
+pub use backend::{BackendError, BackendProvider, DeviceDescriptor};
 pub use config::{ConfigError, ConfigErrors, Deployment};
 pub use data::{Clip, DeviceId, DomainSpec, Shift, Split, TaskSpec};
 pub use generator::{GeneratorError, GeneratorTraining, ParameterGenerator};
@@ -52,17 +56,8 @@ pub use tensor::{HostTensor, RankMismatch};
 pub use text::{TextEncoder, TextError, TextSource};
 pub use transport::{Direction, InProcess, Traffic, Transport, TransportError};
 
-/// Re-exported so plugin crates use the exact Burn the framework was built with.
-pub use burn;
 /// Re-exported for `inventory::submit!` in plugin crates.
 pub use inventory;
-
-/// The Burn backend every plugin computes with: Burn's run-time dispatch over the backends
-/// compiled in. Autodiff is a property of the device ([`BurnDevice::autodiff`]).
-pub type Backend = burn::Dispatch;
-
-/// A device of [`Backend`].
-pub type BurnDevice = burn::DispatchDevice;
 
 /// Receives progress of long phases (training, the fleet). The binary draws progress bars;
 /// libraries and tests pass [`NoProgress`].

@@ -3,11 +3,12 @@
 use std::collections::BTreeMap;
 
 use crate::anchor::FeatureStats;
+use crate::backend::{BackendError, DeviceDescriptor};
 use crate::data::{Clip, DomainSpec};
 use crate::slots::{GeneratedParams, ParamsError, SlotSchema, ValidatedParams};
 use crate::source::DataSource;
 use crate::tensor::HostTensor;
-use crate::{BurnDevice, Progress, TrainingLog};
+use crate::{Progress, TrainingLog};
 
 /// Why a model call failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -32,6 +33,9 @@ pub enum ModelError {
         /// The loss value seen (NaN when the parameters diverged after a finite loss).
         loss: f64,
     },
+    /// The device it was asked to run on cannot be used.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
     /// The model does not offer this capability.
     #[error("`{model}` does not support {capability}")]
     Unsupported {
@@ -267,8 +271,9 @@ pub trait CloudModel: Send {
     /// Number of trainable parameters in the cloud model (static part and θ0).
     fn parameter_count(&self) -> usize;
 
-    /// A device-side copy of the trained model on `device`, with θ0 installed.
-    fn export(&self, device: &BurnDevice) -> Result<Box<dyn DeviceModel>, ModelError>;
+    /// A device-side copy of the trained model on `device` (an inference device), with θ0
+    /// installed.
+    fn export(&self, device: &DeviceDescriptor) -> Result<Box<dyn DeviceModel>, ModelError>;
 
     /// Serialises the trained model.
     fn save(&self) -> Result<Vec<u8>, ModelError> {

@@ -7,10 +7,9 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::BurnDevice;
 use crate::adapt::DeviceAdapter;
 use crate::anchor::AnchorReasoner;
-use crate::backend::{BackendError, BackendProvider};
+use crate::backend::{BackendError, BackendProvider, DeviceDescriptor};
 use crate::data::TaskSpec;
 use crate::generator::ParameterGenerator;
 use crate::model::CloudModel;
@@ -79,8 +78,9 @@ pub enum PluginError {
 pub struct BuildContext {
     /// Deployment seed, already derived for this plugin.
     pub seed: u64,
-    /// Device the plugin computes on (an autodiff device for cloud-side training).
-    pub device: BurnDevice,
+    /// Device the plugin computes on (an autodiff device for cloud-side training), as plain
+    /// data: the plugin builds its own backend's device from it.
+    pub device: DeviceDescriptor,
 }
 
 /// What a model factory receives.

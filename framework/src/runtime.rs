@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use crate::anchor::AnchorReasoner;
 use crate::backend::BackendError;
+use crate::backend::DeviceDescriptor;
 use crate::config::{ConfigErrors, Deployment, PluginChoice, PretrainOn};
 use crate::data::{Clip, DeviceId, DomainSpec, Split};
 use crate::generator::{GeneratorError, GeneratorTraining, ParameterGenerator};
@@ -16,7 +17,7 @@ use crate::report::{CloudReport, DeviceReport, FleetSummary, RunReport};
 use crate::source::{DataError, DataSource};
 use crate::transport::{Direction, Transport, TransportError};
 use crate::wire::Envelope;
-use crate::{BurnDevice, Progress, seed};
+use crate::{Progress, seed};
 
 /// Why a run stopped.
 #[derive(Debug, thiserror::Error)]
@@ -102,23 +103,23 @@ pub struct Composer<'a> {
     /// Where plugins come from.
     pub registry: &'a Registry,
     /// The devices' inference device (`[backend] kind`).
-    pub device: BurnDevice,
+    pub device: DeviceDescriptor,
     /// The cloud's training device (`[backend] cloud`, autodiff).
-    pub training_device: BurnDevice,
+    pub training_device: DeviceDescriptor,
 }
 
 impl<'a> Composer<'a> {
     /// Resolves the backend of the deployment.
     pub fn new(deployment: &'a Deployment, registry: &'a Registry) -> Result<Self, RunError> {
         let backend = &deployment.backend;
-        let device = registry.backend(&backend.kind)?.device(backend.device)?;
+        let device = registry.backend(&backend.kind)?.descriptor(backend.device, false)?;
         let cloud_kind = backend.cloud.as_deref().unwrap_or(&backend.kind);
         let cloud_index = backend.cloud_device.unwrap_or(backend.device);
-        let training_device = registry.backend(cloud_kind)?.training_device(cloud_index)?;
+        let training_device = registry.backend(cloud_kind)?.descriptor(cloud_index, true)?;
         Ok(Self { deployment, registry, device, training_device })
     }
 
-    fn context(&self, purpose: &str, device: &BurnDevice) -> BuildContext {
+    fn context(&self, purpose: &str, device: &DeviceDescriptor) -> BuildContext {
         BuildContext { seed: seed::derive_str(self.deployment.seed, purpose), device: device.clone() }
     }
 
@@ -148,8 +149,7 @@ impl<'a> Composer<'a> {
             task: data.task().clone(),
             text: self.text_source()?,
         };
-        seed::with_burn_seed(ctx.base.seed, || (factory.build)(&choice.settings, &ctx))
-            .map_err(plugin_error(PluginKind::Model, &choice.plugin))
+        (factory.build)(&choice.settings, &ctx).map_err(plugin_error(PluginKind::Model, &choice.plugin))
     }
 
     /// The deployment's text encoder (`[text]`), built once per call.
@@ -183,8 +183,7 @@ impl<'a> Composer<'a> {
             feature_dim: model.feature_dim(),
             text_dim: model.text_dim(),
         };
-        seed::with_burn_seed(ctx.base.seed, || (factory.build)(&cloud.settings, &ctx))
-            .map_err(plugin_error(PluginKind::Generator, &cloud.generator))
+        (factory.build)(&cloud.settings, &ctx).map_err(plugin_error(PluginKind::Generator, &cloud.generator))
     }
 
     /// The transport.
@@ -570,7 +569,7 @@ pub fn run(deployment: &Deployment, registry: &Registry, progress: &dyn Progress
     Ok(RunReport {
         deployment: deployment.file().to_string(),
         seed: deployment.seed,
-        backend: format!("devices {:?}, cloud {:?}", composer.device, composer.training_device),
+        backend: format!("devices {}, cloud {}", composer.device, composer.training_device),
         plugins: plugin_choices(deployment),
         cloud: cloud_report(&cloud, generation_ms),
         fleet: FleetSummary::of(&devices),

@@ -23,19 +23,3 @@ pub fn derive_str(seed: u64, label: &str) -> u64 {
 pub fn rng(seed: u64, stream: u64) -> Rng {
     Rng::seed_from_u64(derive(seed, stream))
 }
-
-static BURN_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// Runs `build` with Burn's CPU random generator (see [`crate::modules::init_device`]) seeded
-/// to `seed`, holding a process-wide lock.
-///
-/// Burn's initialisers draw from one generator per process; seeding it right before each
-/// plugin is built, under a lock, makes every initialisation a function of the deployment seed
-/// even when several runs share a process (as tests do). Burn draws lazily, so `build` must
-/// materialise its parameters ([`crate::modules::materialise`]) before returning.
-pub fn with_burn_seed<T>(seed: u64, build: impl FnOnce() -> T) -> T {
-    use burn::tensor::backend::Backend as _;
-    let _guard = BURN_RNG.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    crate::Backend::seed(&crate::modules::init_device(), seed);
-    build()
-}

@@ -1,9 +1,6 @@
 //! Backend-agnostic tensors: what crosses the plugin boundary and the wire.
 
-use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
-
-use crate::Backend;
 
 /// A dense f32 tensor as shape + row-major values. Plugins convert to Burn tensors on their
 /// configured device inside; between plugins (and across a dynamic-library boundary) only this
@@ -94,37 +91,5 @@ impl HostTensor {
             [_, cols] if *cols > 0 => Some(self.values.chunks_exact(*cols)),
             _ => None,
         }
-    }
-
-    /// Moves the values onto a Burn device as a tensor of rank `D`.
-    pub fn to_burn<const D: usize>(
-        &self,
-        device: &burn::tensor::Device<Backend>,
-    ) -> Result<Tensor<Backend, D>, RankMismatch> {
-        if self.shape.len() != D {
-            return Err(RankMismatch { expected: D, shape: self.shape.clone() });
-        }
-        let data = TensorData::new(self.values.clone(), self.shape.clone());
-        Ok(Tensor::from_data(data, device))
-    }
-
-    /// Reads a Burn tensor back to the host.
-    pub fn from_burn<const D: usize>(tensor: Tensor<Backend, D>) -> Self {
-        let shape = tensor.dims().to_vec();
-        let data = tensor.into_data().convert::<f32>();
-        let values = data.into_vec::<f32>().expect("`convert::<f32>` guarantees the element type");
-        Self { shape, values }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_wrong_rank_is_reported_as_such() {
-        let t = HostTensor::new(vec![3, 4], vec![0.0; 12]).expect("fits");
-        let err = t.to_burn::<1>(&crate::BurnDevice::Flex(Default::default())).expect_err("rank 2, not 1");
-        assert_eq!(err.to_string(), "expected a rank-1 tensor, found shape [3, 4]");
     }
 }

@@ -17,16 +17,17 @@ use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::activation::{relu, tanh};
 use burn::tensor::{Tensor, TensorData};
-use mmpg::modules::{
+use mmpg::seed;
+use mmpg::{
+    AnchorSummary, Check, Factory, GeneratedParams, GeneratorContext, GeneratorError, GeneratorTraining, HostTensor,
+    ParameterGenerator, Plugin, PluginError, Settings, SettingsSpec, SlotSchema, SlotValues, Split, StaticPlugin,
+    TrainingLog, parse_settings,
+};
+use mmpg_backends::modules::{
     CheckpointError, all_finite, inference_device, init_device, materialise, parameters, read_checkpoint, relocate,
     restore, write_checkpoint,
 };
-use mmpg::seed;
-use mmpg::{
-    AnchorSummary, Backend, BurnDevice, Check, Factory, GeneratedParams, GeneratorContext, GeneratorError,
-    GeneratorTraining, HostTensor, ParameterGenerator, Plugin, PluginError, Settings, SettingsSpec, SlotSchema,
-    SlotValues, Split, StaticPlugin, TrainingLog, parse_settings,
-};
+use mmpg_backends::{Backend, BurnDevice, HostTensorBurn as _};
 use rand::Rng as _;
 use rand_distr_free::standard_normal;
 use serde::{Deserialize, Serialize};
@@ -393,6 +394,7 @@ impl Fda {
                 LinearConfig::new(SHIFT_FEATURES, 1).with_initializer(burn::nn::Initializer::Zeros).init(device)
             }),
         };
+        let device = mmpg_backends::device(&ctx.base.device)?;
         Ok(Self {
             settings,
             schema: ctx.schema.clone(),
@@ -401,8 +403,8 @@ impl Fda {
             layouts,
             feature_dim: d,
             text_dim: ctx.text_dim,
-            net: relocate(materialise(net), &ctx.base.device),
-            device: ctx.base.device.clone(),
+            net: relocate(materialise(net), &device),
+            device,
             seed: ctx.base.seed,
         })
     }
@@ -716,7 +718,8 @@ impl ParameterGenerator for Fda {
 }
 
 fn build(settings: &toml::Table, ctx: &GeneratorContext) -> Result<Box<dyn ParameterGenerator>, PluginError> {
-    Ok(Box::new(Fda::new(parse_settings(settings)?, ctx)?))
+    let settings = parse_settings(settings)?;
+    Ok(Box::new(mmpg_backends::with_burn_seed(ctx.base.seed, || Fda::new(settings, ctx))?))
 }
 
 inventory::submit! {

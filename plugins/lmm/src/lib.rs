@@ -20,17 +20,18 @@ use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::activation::relu;
 use burn::tensor::module::avg_pool2d;
 use burn::tensor::{Int, Tensor, TensorData};
-use mmpg::modules::{
-    all_finite, inference_device, init_device, materialise, parameters, read_checkpoint, relocate, restore,
-    write_checkpoint,
-};
 use mmpg::seed;
 use mmpg::{
-    Backend, BurnDevice, Check, Clip, CloudModel, DataSource, DeviceModel, DomainSpec, Factory, FeatureStats,
-    FineTuner, GeneratedParams, HostTensor, LinearHead, ModelContext, ModelError, Plugin, PluginError, Progress,
+    Check, Clip, CloudModel, DataSource, DeviceDescriptor, DeviceModel, DomainSpec, Factory, FeatureStats, FineTuner,
+    GeneratedParams, HostTensor, LinearHead, ModelContext, ModelError, Plugin, PluginError, Progress,
     RetrievalEmbeddings, Settings, SettingsSpec, SlotGradient, SlotSchema, SlotSpec, SlotValues, Split, StaticPlugin,
     TaskSpec, TextSource, TrainingLog, TrainingPlan, TuneScope, ValidatedParams, parse_settings,
 };
+use mmpg_backends::modules::{
+    all_finite, inference_device, init_device, materialise, parameters, read_checkpoint, relocate, restore,
+    write_checkpoint,
+};
+use mmpg_backends::{Backend, BurnDevice, HostTensorBurn as _};
 use rand::Rng as _;
 use serde::{Deserialize, Serialize};
 
@@ -674,8 +675,8 @@ impl CloudModel for LmmCloud {
         Ok(())
     }
 
-    fn export(&self, device: &BurnDevice) -> Result<Box<dyn DeviceModel>, ModelError> {
-        Ok(Box::new(self.device_copy(device)))
+    fn export(&self, device: &DeviceDescriptor) -> Result<Box<dyn DeviceModel>, ModelError> {
+        Ok(Box::new(self.device_copy(&mmpg_backends::device(&device.inference())?)))
     }
 }
 
@@ -935,8 +936,11 @@ impl LmmTuner {
 
 fn build(settings: &toml::Table, ctx: &ModelContext) -> Result<Box<dyn CloudModel>, PluginError> {
     let settings: LmmSettings = parse_settings(settings)?;
-    let model = LmmCloud::with_text(settings, &ctx.task, ctx.text.clone(), &ctx.base.device)
-        .map_err(|e| PluginError::Build(e.to_string()))?;
+    let device = mmpg_backends::device(&ctx.base.device)?;
+    let model = mmpg_backends::with_burn_seed(ctx.base.seed, || {
+        LmmCloud::with_text(settings, &ctx.task, ctx.text.clone(), &device)
+    })
+    .map_err(|e| PluginError::Build(e.to_string()))?;
     Ok(Box::new(model))
 }
 
@@ -952,7 +956,7 @@ inventory::submit! {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mmpg::modules::init_device;
+    use mmpg_backends::modules::init_device;
 
     fn task() -> TaskSpec {
         TaskSpec { answers: (0..5).map(|i| format!("a{i}")).collect(), frames_per_clip: 2, frame_shape: [3, 8, 8] }
@@ -996,8 +1000,9 @@ mod tests {
     }
 
     fn tune(scope: TuneScope) -> (State, State, usize, usize) {
-        let cloud = seed::with_burn_seed(3, || LmmCloud::new(small(), &task(), &init_device())).expect("model");
-        let device = cloud.device_copy(&mmpg::modules::inference_device(&init_device()));
+        let cloud =
+            mmpg_backends::with_burn_seed(3, || LmmCloud::new(small(), &task(), &init_device())).expect("model");
+        let device = cloud.device_copy(&mmpg_backends::modules::inference_device(&init_device()));
         let mut tuner = LmmTuner::new(&device, scope, 1e-2);
         let batch = clips(6, 1);
         for _ in 0..3 {
@@ -1037,8 +1042,9 @@ mod tests {
     #[test]
     fn pre_extracted_features_run_through_a_film_modulated_linear_encoder() {
         let features_task = TaskSpec { frame_shape: [12, 1, 1], ..task() };
-        let cloud = seed::with_burn_seed(5, || LmmCloud::new(small(), &features_task, &init_device())).expect("model");
-        let device = cloud.device_copy(&mmpg::modules::inference_device(&init_device()));
+        let cloud =
+            mmpg_backends::with_burn_seed(5, || LmmCloud::new(small(), &features_task, &init_device())).expect("model");
+        let device = cloud.device_copy(&mmpg_backends::modules::inference_device(&init_device()));
         let mut rng = seed::rng(6, 0);
         let clips: Vec<Clip> = (0..4)
             .map(|i| Clip {
@@ -1061,8 +1067,9 @@ mod tests {
 
     #[test]
     fn recalibration_matches_the_reference_moments_on_the_window() {
-        let cloud = seed::with_burn_seed(4, || LmmCloud::new(small(), &task(), &init_device())).expect("model");
-        let mut device = cloud.device_copy(&mmpg::modules::inference_device(&init_device()));
+        let cloud =
+            mmpg_backends::with_burn_seed(4, || LmmCloud::new(small(), &task(), &init_device())).expect("model");
+        let mut device = cloud.device_copy(&mmpg_backends::modules::inference_device(&init_device()));
         let window = clips(8, 2);
         assert_eq!(device.recalibrate_statistics(&window).expect("recalibrate"), 16);
         let x = inputs::<DB>(&device.geo, &window, &device.device).expect("inputs");
@@ -1080,7 +1087,7 @@ mod tests {
         /// it reports is the forward-only `task_loss`.
         #[test]
         fn task_vjp_matches_central_differences(seed in 0u64..1000) {
-            let cloud = seed::with_burn_seed(seed, || LmmCloud::new(small(), &task(), &init_device())).expect("model");
+            let cloud = mmpg_backends::with_burn_seed(seed, || LmmCloud::new(small(), &task(), &init_device())).expect("model");
             let batch = clips(6, seed);
             let theta: SlotValues = cloud.base_params().tensors;
             let mut rng = seed::rng(seed, 1);
@@ -1121,7 +1128,8 @@ mod tests {
 
     #[test]
     fn task_vjp_refuses_missing_and_mis_sized_slots() {
-        let cloud = seed::with_burn_seed(1, || LmmCloud::new(small(), &task(), &init_device())).expect("model");
+        let cloud =
+            mmpg_backends::with_burn_seed(1, || LmmCloud::new(small(), &task(), &init_device())).expect("model");
         let batch = clips(2, 1);
         let mut theta: SlotValues = cloud.base_params().tensors;
         theta.insert(HEAD_B.into(), HostTensor::new(vec![2], vec![0.0, 0.0]).expect("shape"));

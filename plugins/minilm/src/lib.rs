@@ -12,9 +12,10 @@ use std::path::{Path, PathBuf};
 use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::{Int, Tensor, TensorData};
 use mmpg::{
-    Backend, BuildContext, BurnDevice, Check, Factory, HostTensor, Plugin, PluginError, Settings, SettingsSpec,
-    StaticPlugin, TextEncoder, TextError, parse_settings,
+    BuildContext, Check, Factory, HostTensor, Plugin, PluginError, Settings, SettingsSpec, StaticPlugin, TextEncoder,
+    TextError, parse_settings,
 };
+use mmpg_backends::{Backend, BurnDevice, HostTensorBurn as _};
 use serde::{Deserialize, Serialize};
 
 type DB = Backend;
@@ -364,7 +365,7 @@ impl TextEncoder for MiniLm {
 
 fn build(settings: &toml::Table, ctx: &BuildContext) -> Result<Box<dyn TextEncoder>, PluginError> {
     let settings: MiniLmSettings = parse_settings(settings)?;
-    let device = mmpg::modules::inference_device(&ctx.device);
+    let device = mmpg_backends::device(&ctx.device.inference())?;
     Ok(Box::new(MiniLm::new(&settings, &device).map_err(|e| PluginError::Build(e.to_string()))?))
 }
 

@@ -1,9 +1,14 @@
-//! Helpers for Burn modules that plugins share.
+//! Helpers for Burn modules that plugins share: devices for initialisation and inference,
+//! moving modules between devices, and reading and restoring their parameters by path.
+//! Checkpoint encoding itself is backend-free ([`mmpg::checkpoint`], re-exported here).
 
 use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::Tensor;
 
-use crate::{Backend, BurnDevice};
+use mmpg::HostTensor;
+pub use mmpg::checkpoint::{CheckpointError, MAX_PARAMETER, read_checkpoint, write_checkpoint};
+
+use crate::{Backend, BurnDevice, HostTensorBurn as _};
 
 /// The device without automatic differentiation: where inference copies live.
 pub fn inference_device(device: &BurnDevice) -> BurnDevice {
@@ -50,34 +55,10 @@ impl ModuleMapper<Backend> for Materialise {}
 /// Forces every lazily initialised parameter of `module` to draw its values now.
 ///
 /// Burn initialises parameters on first use; a plugin built inside
-/// [`crate::seed::with_burn_seed`] calls this so the draws happen while the seeded generator
+/// [`crate::with_burn_seed`] calls this so the draws happen while the seeded generator
 /// is held, not later at a time that depends on other threads.
 pub fn materialise<M: Module<Backend>>(module: M) -> M {
     module.map(&mut Materialise)
-}
-
-/// Why a checkpoint could not be read into a module.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum CheckpointError {
-    /// Not valid safetensors, or a tensor is not F32.
-    #[error("{0}")]
-    Format(String),
-    /// A parameter of the module is absent from the checkpoint.
-    #[error("parameter `{0}` is missing")]
-    Missing(String),
-    /// A parameter has another shape than the module's.
-    #[error("parameter `{name}` has shape {found:?}, the model expects {expected:?}")]
-    Shape {
-        /// Parameter path.
-        name: String,
-        /// Module's shape.
-        expected: Vec<usize>,
-        /// Checkpoint's shape.
-        found: Vec<usize>,
-    },
-    /// A value is NaN or infinite.
-    #[error("parameter `{0}` holds non-finite values or values beyond ±{MAX_PARAMETER:e}")]
-    NonFinite(String),
 }
 
 /// Tracks the dotted path of the parameter being visited.
@@ -100,7 +81,7 @@ impl PathStack {
 
 struct Collect {
     path: PathStack,
-    tensors: std::collections::BTreeMap<String, crate::HostTensor>,
+    tensors: std::collections::BTreeMap<String, HostTensor>,
 }
 
 impl burn::module::ModuleVisitor<Backend> for Collect {
@@ -113,12 +94,12 @@ impl burn::module::ModuleVisitor<Backend> for Collect {
     }
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<Backend, D>>) {
-        self.tensors.insert(self.path.join(), crate::HostTensor::from_burn(param.val()));
+        self.tensors.insert(self.path.join(), HostTensor::from_burn(param.val()));
     }
 }
 
 /// Every float parameter of `module`, keyed by its dotted path (`conv1.weight`).
-pub fn parameters<M: Module<Backend>>(module: &M) -> std::collections::BTreeMap<String, crate::HostTensor> {
+pub fn parameters<M: Module<Backend>>(module: &M) -> std::collections::BTreeMap<String, HostTensor> {
     let mut collect = Collect { path: PathStack::default(), tensors: Default::default() };
     module.visit(&mut collect);
     collect.tensors
@@ -126,7 +107,7 @@ pub fn parameters<M: Module<Backend>>(module: &M) -> std::collections::BTreeMap<
 
 struct Restore<'a> {
     path: PathStack,
-    values: &'a std::collections::BTreeMap<String, crate::HostTensor>,
+    values: &'a std::collections::BTreeMap<String, HostTensor>,
     device: &'a BurnDevice,
     error: Option<CheckpointError>,
 }
@@ -149,7 +130,7 @@ impl ModuleMapper<Backend> for Restore<'_> {
             Some(t) if t.shape() != expected.as_slice() => {
                 Err(CheckpointError::Shape { name, expected, found: t.shape().to_vec() })
             }
-            Some(t) if !usable(t) => Err(CheckpointError::NonFinite(name)),
+            Some(t) if !mmpg::checkpoint::usable(t) => Err(CheckpointError::NonFinite(name)),
             Some(t) => t.to_burn::<D>(self.device).map_err(|e| CheckpointError::Format(e.to_string())),
         };
         match replacement {
@@ -171,7 +152,7 @@ impl ModuleMapper<Backend> for Restore<'_> {
 /// nothing half-loaded escapes (callers pass a clone and keep their module).
 pub fn restore<M: Module<Backend>>(
     module: M,
-    values: &std::collections::BTreeMap<String, crate::HostTensor>,
+    values: &std::collections::BTreeMap<String, HostTensor>,
     device: &BurnDevice,
 ) -> Result<M, CheckpointError> {
     let mut restore = Restore { path: PathStack::default(), values, device, error: None };
@@ -182,53 +163,8 @@ pub fn restore<M: Module<Backend>>(
     }
 }
 
-/// Encodes a plugin's parameters as a checkpoint stamped with the plugin's name and the slot
-/// schema it serves.
-///
-/// # Errors
-/// [`CheckpointError::NonFinite`] naming the first tensor holding NaN, infinity or a value beyond
-/// ±[`MAX_PARAMETER`]: a diverged
-/// model is never persisted (every later run would refuse it).
-pub fn write_checkpoint(
-    plugin: &str,
-    schema: &crate::SlotSchema,
-    tensors: &std::collections::BTreeMap<String, crate::HostTensor>,
-) -> Result<Vec<u8>, CheckpointError> {
-    if let Some((name, _)) = tensors.iter().find(|(_, t)| !usable(t)) {
-        return Err(CheckpointError::NonFinite(name.clone()));
-    }
-    let metadata =
-        [("mmpg.plugin".to_string(), plugin.to_string()), ("mmpg.schema".to_string(), schema.hash().to_string())];
-    Ok(crate::wire::encode_f32_tensors(tensors, metadata))
-}
-
-/// Largest parameter magnitude a checkpoint may hold: trained weights of these models stay
-/// many orders below it, and a model beyond it serves garbage with finite numbers.
-pub const MAX_PARAMETER: f32 = 1e6;
-
-fn usable(t: &crate::HostTensor) -> bool {
-    t.values().iter().all(|v| v.is_finite() && v.abs() <= MAX_PARAMETER)
-}
-
 /// Whether every float parameter of `module` is finite and within ±[`MAX_PARAMETER`]: trained
 /// weights are checked before they are served or saved.
 pub fn all_finite<M: Module<Backend>>(module: &M) -> bool {
-    parameters(module).values().all(usable)
-}
-
-/// Decodes a checkpoint written by [`write_checkpoint`] for the same plugin and schema.
-pub fn read_checkpoint(
-    plugin: &str,
-    schema: &crate::SlotSchema,
-    bytes: &[u8],
-) -> Result<std::collections::BTreeMap<String, crate::HostTensor>, CheckpointError> {
-    let format = |e: crate::wire::WireError| CheckpointError::Format(e.to_string());
-    let meta = crate::wire::read_metadata(bytes).map_err(format)?;
-    if meta.get("mmpg.plugin").map(String::as_str) != Some(plugin) {
-        return Err(CheckpointError::Format(format!("not a checkpoint of `{plugin}`")));
-    }
-    if meta.get("mmpg.schema") != Some(&schema.hash().to_string()) {
-        return Err(CheckpointError::Format(format!("written for another slot schema than {}", schema.hash())));
-    }
-    crate::wire::decode_f32_tensors(bytes).map_err(format)
+    parameters(module).values().all(mmpg::checkpoint::usable)
 }
