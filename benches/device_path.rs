@@ -60,7 +60,8 @@ fn device_model(c: &mut Criterion) {
 
     // One FTA step on 16 labelled clips: FTA's device time is epochs × steps × this.
     for scope in [TuneScope::Slots, TuneScope::All] {
-        let mut tuner = model.fine_tuner(scope, 1e-3).expect("the LMM fine-tunes");
+        let mut tuner =
+            model.as_fine_tunable().expect("the LMM fine-tunes").fine_tuner(scope, 1e-3).expect("the LMM fine-tunes");
         c.bench_function(&format!("fta_step_16_clips_{scope}"), |b| b.iter(|| tuner.step(&clips).expect("step")));
     }
 

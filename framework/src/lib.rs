@@ -43,8 +43,8 @@ pub use config::{ConfigError, ConfigErrors, Deployment};
 pub use data::{Clip, DeviceId, DomainSpec, Shift, Split, TaskSpec};
 pub use generator::{GeneratorError, GeneratorTraining, ParameterGenerator};
 pub use model::{
-    CloudModel, DeviceModel, FineTuner, LinearHead, ModelError, RetrievalEmbeddings, SlotGradient, SlotValues,
-    TrainingPlan, TuneScope,
+    CloudModel, DeviceModel, FineTunable, FineTuner, LinearHead, LinearQaHead, ModelError, RetrievalEmbeddings,
+    SlotGradient, SlotValues, StatisticsRecalibration, TrainingPlan, TuneScope,
 };
 pub use registry::{
     BuildContext, Factory, GeneratorContext, ModelContext, Plugin, PluginError, PluginKind, Registry, StaticPlugin,

@@ -46,6 +46,13 @@ pub enum ModelError {
     },
 }
 
+impl ModelError {
+    /// `model` does not offer `capability`.
+    pub fn unsupported(model: &str, capability: &'static str) -> Self {
+        Self::Unsupported { model: model.into(), capability }
+    }
+}
+
 /// Video and text embeddings in the joint retrieval space, row-aligned with the input clips.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RetrievalEmbeddings {
@@ -91,27 +98,20 @@ pub trait DeviceModel: Send {
         "device model"
     }
 
-    /// Starts on-device backprop from the current state, training what `scope` names — the
-    /// capability the FTA baseline needs and the method avoids.
-    fn fine_tuner(&self, _scope: TuneScope, _learning_rate: f64) -> Result<Box<dyn FineTuner>, ModelError> {
-        Err(ModelError::Unsupported { model: self.name().into(), capability: "on-device fine-tuning" })
+    /// On-device fine-tuning with labels, when the model offers it (what the FTA baseline
+    /// needs and the method avoids).
+    fn as_fine_tunable(&self) -> Option<&dyn FineTunable> {
+        None
     }
 
-    /// Re-estimates the model's normalisation statistics on unlabelled target clips (AdaBN-style,
-    /// no gradient); returns how many statistics were replaced.
-    fn recalibrate_statistics(&mut self, _unlabelled: &[Clip]) -> Result<usize, ModelError> {
-        Err(ModelError::Unsupported { model: self.name().into(), capability: "statistics recalibration" })
+    /// Re-estimation of normalisation statistics on unlabelled clips, when offered.
+    fn as_recalibration(&mut self) -> Option<&mut dyn StatisticsRecalibration> {
+        None
     }
 
-    /// The linear QA head as slots, for classifier-adjustment methods (T3A): the logits are
-    /// `qa_representations(clips) · weight + bias`.
-    fn qa_head(&self) -> Result<LinearHead, ModelError> {
-        Err(ModelError::Unsupported { model: self.name().into(), capability: "a linear QA head" })
-    }
-
-    /// The representations `[n, h]` the QA head reads.
-    fn qa_representations(&self, _clips: &[Clip]) -> Result<HostTensor, ModelError> {
-        Err(ModelError::Unsupported { model: self.name().into(), capability: "a linear QA head" })
+    /// A linear QA head over readable representations, when offered (T3A).
+    fn as_linear_head(&self) -> Option<&dyn LinearQaHead> {
+        None
     }
 
     /// Validates parameters from a peer against the schema and installs them; on any error the
@@ -170,6 +170,34 @@ pub trait FineTuner: Send {
 
     /// A servable copy of the model as it is now.
     fn snapshot(&self) -> Result<Box<dyn DeviceModel>, ModelError>;
+}
+
+/// A model that can start on-device backprop (see [`DeviceModel::as_fine_tunable`]).
+pub trait FineTunable {
+    /// Starts on-device training from the current state, training what `scope` names with
+    /// Adam at `learning_rate`.
+    ///
+    /// # Errors
+    /// [`ModelError::Training`] for a learning rate that is not positive and finite.
+    fn fine_tuner(&self, scope: TuneScope, learning_rate: f64) -> Result<Box<dyn FineTuner>, ModelError>;
+}
+
+/// A model whose normalisation statistics can be re-estimated on unlabelled target clips
+/// (AdaBN-style, no gradient; see [`DeviceModel::as_recalibration`]).
+pub trait StatisticsRecalibration {
+    /// Re-estimates the statistics on `unlabelled`; returns how many values were replaced.
+    fn recalibrate_statistics(&mut self, unlabelled: &[Clip]) -> Result<usize, ModelError>;
+}
+
+/// A model whose QA logits are a linear head over representations it can return, the head's
+/// weights being slots (see [`DeviceModel::as_linear_head`]): logits =
+/// `qa_representations(clips) · weight + bias`.
+pub trait LinearQaHead {
+    /// The head's slot names.
+    fn qa_head(&self) -> LinearHead;
+
+    /// The representations `[n, h]` the head reads.
+    fn qa_representations(&self, clips: &[Clip]) -> Result<HostTensor, ModelError>;
 }
 
 /// The slot names of a linear head `logits = x · weight + bias`.

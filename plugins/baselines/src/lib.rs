@@ -12,7 +12,7 @@
 use mmpg::seed;
 use mmpg::{
     AdaptError, AdaptInput, AdaptOutcome, BuildContext, Check, Clip, DeviceAdapter, DeviceModel, Factory, HostTensor,
-    Plugin, PluginError, Settings, SettingsSpec, StaticPlugin, TuneScope, parse_settings,
+    ModelError, Plugin, PluginError, Settings, SettingsSpec, StaticPlugin, TuneScope, parse_settings,
 };
 use rand::seq::SliceRandom as _;
 use serde::{Deserialize, Serialize};
@@ -143,7 +143,10 @@ impl DeviceAdapter for Fta {
         let held_out: Vec<Clip> = order[..held].iter().map(|i| input.labelled[*i].clone()).collect();
         let mut train: Vec<Clip> = order[held..].iter().map(|i| input.labelled[*i].clone()).collect();
 
-        let mut tuner = model.fine_tuner(s.scope, s.learning_rate)?;
+        let mut tuner = model
+            .as_fine_tunable()
+            .ok_or_else(|| ModelError::unsupported(model.name(), "on-device fine-tuning"))?
+            .fine_tuner(s.scope, s.learning_rate)?;
         // Epoch 0 is the model as it came: early stopping can keep it.
         let mut best = None;
         let mut best_loss =
@@ -196,7 +199,11 @@ impl DeviceAdapter for FeatureStats {
     }
 
     fn adapt(&self, model: &mut Box<dyn DeviceModel>, input: &AdaptInput<'_>) -> Result<AdaptOutcome, AdaptError> {
-        let replaced = model.recalibrate_statistics(input.window)?;
+        let name = model.name().to_string();
+        let replaced = model
+            .as_recalibration()
+            .ok_or_else(|| ModelError::unsupported(&name, "statistics recalibration"))?
+            .recalibrate_statistics(input.window)?;
         Ok(AdaptOutcome { changed_parameters: replaced, ..AdaptOutcome::default() })
     }
 }
@@ -291,12 +298,12 @@ impl DeviceAdapter for T3a {
     }
 
     fn adapt(&self, model: &mut Box<dyn DeviceModel>, input: &AdaptInput<'_>) -> Result<AdaptOutcome, AdaptError> {
-        let head = model.qa_head()?;
+        let linear = model.as_linear_head().ok_or_else(|| ModelError::unsupported(model.name(), "a linear QA head"))?;
+        let (head, z) = (linear.qa_head(), linear.qa_representations(input.window)?);
         let mut params = model.current_params();
         let missing = |slot: &str| AdaptError::Input(format!("T3A: the model has no slot `{slot}`"));
         let w = params.tensors.get(&head.weight_slot).ok_or_else(|| missing(&head.weight_slot))?.clone();
         let b = params.tensors.get(&head.bias_slot).ok_or_else(|| missing(&head.bias_slot))?.clone();
-        let z = model.qa_representations(input.window)?;
         let weight = self.prototypes(&z, &w, &b)?;
         let changed = weight.len() + b.len();
         let shape_error = |_| AdaptError::Input("T3A: head shape".into());

@@ -22,10 +22,11 @@ use burn::tensor::module::avg_pool2d;
 use burn::tensor::{Int, Tensor, TensorData};
 use mmpg::seed;
 use mmpg::{
-    Check, Clip, CloudModel, DataSource, DeviceDescriptor, DeviceModel, DomainSpec, Factory, FeatureStats, FineTuner,
-    GeneratedParams, HostTensor, LinearHead, ModelContext, ModelError, Plugin, PluginError, Progress,
-    RetrievalEmbeddings, Settings, SettingsSpec, SlotGradient, SlotSchema, SlotSpec, SlotValues, Split, StaticPlugin,
-    TaskSpec, TextSource, TrainingLog, TrainingPlan, TuneScope, ValidatedParams, parse_settings,
+    Check, Clip, CloudModel, DataSource, DeviceDescriptor, DeviceModel, DomainSpec, Factory, FeatureStats, FineTunable,
+    FineTuner, GeneratedParams, HostTensor, LinearHead, LinearQaHead, ModelContext, ModelError, Plugin, PluginError,
+    Progress, RetrievalEmbeddings, Settings, SettingsSpec, SlotGradient, SlotSchema, SlotSpec, SlotValues, Split,
+    StaticPlugin, StatisticsRecalibration, TaskSpec, TextSource, TrainingLog, TrainingPlan, TuneScope, ValidatedParams,
+    parse_settings,
 };
 use mmpg_backends::modules::{
     all_finite, inference_device, init_device, materialise, parameters, read_checkpoint, relocate, restore,
@@ -750,13 +751,44 @@ impl DeviceModel for LmmDevice {
         self.current.clone()
     }
 
+    fn as_fine_tunable(&self) -> Option<&dyn FineTunable> {
+        Some(self)
+    }
+
+    fn as_recalibration(&mut self) -> Option<&mut dyn StatisticsRecalibration> {
+        Some(self)
+    }
+
+    fn as_linear_head(&self) -> Option<&dyn LinearQaHead> {
+        Some(self)
+    }
+
+    fn install(&mut self, params: &ValidatedParams) -> Result<(), ModelError> {
+        // Build every tensor first; only then replace, so a failure changes nothing.
+        let mut built = BTreeMap::new();
+        for spec in self.schema.slots() {
+            let host =
+                params.slot(&spec.name).ok_or_else(|| ModelError::Input(format!("slot `{}` missing", spec.name)))?;
+            // Slots run flat through the forward pass, which reshapes them.
+            let flat = TensorData::new(host.values().to_vec(), [host.len()]);
+            built.insert(spec.name.clone(), Tensor::<DB, 1>::from_data(flat, &self.device));
+        }
+        self.slots = slots_from_map(&built)?;
+        self.current = params.params().clone();
+        Ok(())
+    }
+}
+
+impl FineTunable for LmmDevice {
     fn fine_tuner(&self, scope: TuneScope, learning_rate: f64) -> Result<Box<dyn FineTuner>, ModelError> {
         if !(learning_rate.is_finite() && learning_rate > 0.0) {
             return Err(ModelError::Training(format!("learning rate must be positive, found {learning_rate}")));
         }
         Ok(Box::new(LmmTuner::new(self, scope, learning_rate)))
     }
+}
 
+impl StatisticsRecalibration for LmmDevice {
     fn recalibrate_statistics(&mut self, unlabelled: &[Clip]) -> Result<usize, ModelError> {
         let x = inputs::<DB>(&self.geo, unlabelled, &self.device)?;
         let features = HostTensor::from_burn(self.net.frame_features(x.frames, self.slots.film.clone()));
@@ -778,29 +810,16 @@ impl DeviceModel for LmmDevice {
         self.alignment = Some((tensor(scale), tensor(shift)));
         Ok(2 * d)
     }
+}
 
-    fn qa_head(&self) -> Result<LinearHead, ModelError> {
-        Ok(LinearHead { weight_slot: HEAD_W.into(), bias_slot: HEAD_B.into() })
+impl LinearQaHead for LmmDevice {
+    fn qa_head(&self) -> LinearHead {
+        LinearHead { weight_slot: HEAD_W.into(), bias_slot: HEAD_B.into() }
     }
 
     fn qa_representations(&self, clips: &[Clip]) -> Result<HostTensor, ModelError> {
         let (v, q) = self.video_and_question(inputs::<DB>(&self.geo, clips, &self.device)?);
         Ok(HostTensor::from_burn(self.net.hidden(v, q, &self.slots)))
-    }
-
-    fn install(&mut self, params: &ValidatedParams) -> Result<(), ModelError> {
-        // Build every tensor first; only then replace, so a failure changes nothing.
-        let mut built = BTreeMap::new();
-        for spec in self.schema.slots() {
-            let host =
-                params.slot(&spec.name).ok_or_else(|| ModelError::Input(format!("slot `{}` missing", spec.name)))?;
-            // Slots run flat through the forward pass, which reshapes them.
-            let flat = TensorData::new(host.values().to_vec(), [host.len()]);
-            built.insert(spec.name.clone(), Tensor::<DB, 1>::from_data(flat, &self.device));
-        }
-        self.slots = slots_from_map(&built)?;
-        self.current = params.params().clone();
-        Ok(())
     }
 }
 
@@ -1080,11 +1099,11 @@ mod tests {
     }
 
     proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(8))]
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(16))]
 
         /// The vector-Jacobian product is the loss's derivative: along a random direction v,
-        /// ⟨∂L/∂θ, v⟩ matches the central difference (L(θ + εv) − L(θ − εv)) / 2ε, and the loss
-        /// it reports is the forward-only `task_loss`.
+        /// ⟨∂L/∂θ, v⟩ matches the central difference (L(θ + εv) − L(θ − εv)) / 2ε wherever the
+        /// loss is smooth around θ, and the loss it reports is the forward-only `task_loss`.
         #[test]
         fn task_vjp_matches_central_differences(seed in 0u64..1000) {
             let cloud = mmpg_backends::with_burn_seed(seed, || LmmCloud::new(small(), &task(), &init_device())).expect("model");
@@ -1115,12 +1134,17 @@ mod tests {
                 .iter()
                 .map(|(k, g)| g.values().iter().zip(direction[k].values()).map(|(a, b)| f64::from(a * b)).sum::<f64>())
                 .sum();
-            let eps = 1e-3;
-            let numeric = (cloud.task_loss(&moved(eps), &batch).expect("+")
-                - cloud.task_loss(&moved(-eps), &batch).expect("-"))
-                / (2.0 * f64::from(eps));
+            let numeric = |eps: f32| {
+                (cloud.task_loss(&moved(eps), &batch).expect("+") - cloud.task_loss(&moved(-eps), &batch).expect("-"))
+                    / (2.0 * f64::from(eps))
+            };
+            let (wide, narrow) = (numeric(4e-4), numeric(2e-4));
+            // ReLU and max pooling have kinks: where one lies within a step of θ, the two central
+            // differences disagree and no derivative exists there to check.
+            proptest::prop_assume!((wide - narrow).abs() <= 1e-3 + 0.02 * narrow.abs());
+            let numeric = narrow;
             proptest::prop_assert!(
-                (analytic - numeric).abs() <= 2e-3 + 0.05 * numeric.abs(),
+                (analytic - numeric).abs() <= 3e-3 + 0.05 * numeric.abs(),
                 "analytic {analytic} vs numeric {numeric}"
             );
         }
