@@ -129,7 +129,7 @@ fn bench(path: &Path, out_override: Option<PathBuf>, registry: &Registry) -> any
     });
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let progress = Bars::default();
-    let report = mmpg::bench::bench(&deployment, registry, &progress)?;
+    let report = mmpg_bench::bench(&deployment, registry, &progress)?;
     let markdown = report.markdown();
     let md_path = out.join("report.md");
     std::fs::write(&md_path, &markdown).with_context(|| format!("writing {}", md_path.display()))?;

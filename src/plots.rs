@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use mmpg::bench::{BenchReport, Family};
+use mmpg_bench::{BenchReport, Family};
 use plotters::prelude::*;
 use plotters::style::{FontStyle, register_font};
 
@@ -151,7 +151,7 @@ fn labels_plot(report: &BenchReport, path: &Path) -> PlotResult {
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
         chart.draw_series(points.iter().map(|p| Circle::new(*p, 4, c.filled())))?;
     }
-    for (name, c) in [(mmpg::bench::CDC, colour(0)), ("static", colour(7))] {
+    for (name, c) in [(mmpg_bench::CDC, colour(0)), ("static", colour(7))] {
         if let Some(m) = report.methods.iter().find(|m| m.method == name) {
             let y = 100.0 * m.accuracy.mean;
             chart

@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use mmpg::bench::{BenchReport, CDC, Family};
+use mmpg_bench::{BenchReport, CDC, Family};
 
 const TINY_BENCH: &str = r#"
 seed = 3

@@ -16,7 +16,6 @@
 pub mod adapt;
 pub mod anchor;
 pub mod backend;
-pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

@@ -59,13 +59,13 @@ pub struct DeviceReport {
 }
 
 /// JSON has no NaN: serde_json writes it as `null`; read it back as NaN.
-pub(crate) fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+pub fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
     Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// Mean of the finite values (NaN when there are none): a device without scored clips has no
 /// accuracy and does not count as 0.
-pub(crate) fn finite_mean(values: impl Iterator<Item = f64>) -> f64 {
+pub fn finite_mean(values: impl Iterator<Item = f64>) -> f64 {
     let (sum, n) = values.filter(|v| v.is_finite()).fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
     if n == 0 { f64::NAN } else { sum / n as f64 }
 }

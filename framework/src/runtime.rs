@@ -68,20 +68,39 @@ fn plugin_error(kind: PluginKind, choice: &str) -> impl FnOnce(PluginError) -> R
 }
 
 /// A device of the simulated fleet: its data, its model and (as it goes) its report.
-pub(crate) struct FleetDevice {
-    pub(crate) id: DeviceId,
-    pub(crate) domain: DomainSpec,
-    pub(crate) model: Box<dyn DeviceModel>,
-    pub(crate) reasoner: Box<dyn AnchorReasoner>,
-    pub(crate) eval: Vec<Clip>,
-    pub(crate) window: Vec<Clip>,
-    pub(crate) report: DeviceReport,
+pub struct FleetDevice {
+    /// Its id.
+    pub id: DeviceId,
+    /// The domain its data comes from.
+    pub domain: DomainSpec,
+    /// The model it serves.
+    pub model: Box<dyn DeviceModel>,
+    /// Its anchor reasoner.
+    pub reasoner: Box<dyn AnchorReasoner>,
+    /// Labelled clips it is scored on (labels never reach the device's adaptation).
+    pub eval: Vec<Clip>,
+    /// Its unlabelled window, what the summary describes.
+    pub window: Vec<Clip>,
+    /// Its row of the report.
+    pub report: DeviceReport,
+}
+
+impl std::fmt::Debug for FleetDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetDevice")
+            .field("id", &self.id)
+            .field("domain", &self.domain)
+            .field("model", &self.model.name())
+            .field("eval", &self.eval.len())
+            .field("window", &self.window.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl FleetDevice {
     /// The same device and data with a fresh copy of the cloud's model and a fresh reasoner:
     /// every method of a bench starts from the same state.
-    pub(crate) fn fresh(&self, model: &dyn CloudModel, composer: &Composer<'_>) -> Result<Self, RunError> {
+    pub fn fresh(&self, model: &dyn CloudModel, composer: &Composer<'_>) -> Result<Self, RunError> {
         Ok(Self {
             id: self.id.clone(),
             domain: self.domain.clone(),
@@ -196,17 +215,33 @@ impl<'a> Composer<'a> {
 }
 
 /// The cloud after training or loading a checkpoint.
-pub(crate) struct TrainedCloud {
-    pub(crate) model: Box<dyn CloudModel>,
-    pub(crate) generator: Box<dyn ParameterGenerator>,
-    pub(crate) sources: Vec<DomainSpec>,
-    pub(crate) pretrain: Option<crate::TrainingLog>,
-    pub(crate) generator_log: Option<crate::TrainingLog>,
-    pub(crate) from_checkpoint: bool,
+pub struct TrainedCloud {
+    /// The pretrained model.
+    pub model: Box<dyn CloudModel>,
+    /// The trained generator.
+    pub generator: Box<dyn ParameterGenerator>,
+    /// The source domains it trained on.
+    pub sources: Vec<DomainSpec>,
+    /// The model's training log (`None` when loaded from a checkpoint).
+    pub pretrain: Option<crate::TrainingLog>,
+    /// The generator's training log (`None` when loaded from a checkpoint).
+    pub generator_log: Option<crate::TrainingLog>,
+    /// Whether both came from a checkpoint.
+    pub from_checkpoint: bool,
+}
+
+impl std::fmt::Debug for TrainedCloud {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrainedCloud")
+            .field("generator", &self.generator.name())
+            .field("sources", &self.sources.len())
+            .field("from_checkpoint", &self.from_checkpoint)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Source domains of a deployment: disjoint from every held-out device's (and stream stage's) shifts.
-pub(crate) fn source_domains(deployment: &Deployment, data: &dyn DataSource) -> Vec<DomainSpec> {
+pub fn source_domains(deployment: &Deployment, data: &dyn DataSource) -> Vec<DomainSpec> {
     let mut held_out: Vec<DomainSpec> = deployment.device_domains().into_iter().map(|(_, d)| d).collect();
     held_out.extend(deployment.stream_domains());
     let training = &deployment.cloud.training;
@@ -215,7 +250,7 @@ pub(crate) fn source_domains(deployment: &Deployment, data: &dyn DataSource) -> 
 
 /// Cloud: loads a checkpoint of this very training, or trains the device model and then the
 /// generator on episodes through the same ADR (and writes the checkpoint).
-pub(crate) fn train_cloud(
+pub fn train_cloud(
     composer: &Composer<'_>,
     data: &dyn DataSource,
     progress: &dyn Progress,
@@ -288,7 +323,7 @@ fn diverged(deployment: &Deployment, phase: &str, step: usize, loss: f64) -> Run
 }
 
 /// Builds and trains the deployment's generator for a trained `model`.
-pub(crate) fn train_generator(
+pub fn train_generator(
     composer: &Composer<'_>,
     model: &dyn CloudModel,
     data: &dyn DataSource,
@@ -316,7 +351,7 @@ pub(crate) fn train_generator(
 }
 
 /// A device whose data cannot be drawn, as an error at the key that defines the device.
-pub(crate) fn located_at<'a>(deployment: &'a Deployment, path: &'a str) -> impl FnOnce(RunError) -> RunError + 'a {
+pub fn located_at<'a>(deployment: &'a Deployment, path: &'a str) -> impl FnOnce(RunError) -> RunError + 'a {
     move |e| match e {
         RunError::Data(e) => RunError::Config(ConfigErrors(vec![deployment.error_at(path, e.to_string())])),
         e => e,
@@ -324,7 +359,7 @@ pub(crate) fn located_at<'a>(deployment: &'a Deployment, path: &'a str) -> impl 
 }
 
 /// One device's data drawn and its static model scored.
-pub(crate) fn fleet_device(
+pub fn fleet_device(
     composer: &Composer<'_>,
     data: &dyn DataSource,
     model: &dyn CloudModel,
@@ -375,7 +410,7 @@ pub(crate) fn fleet_device(
 /// The cloud-device round for a fleet: every device summarises its window, the cloud
 /// generates for all of them in one batch, every device validates, applies and is scored.
 /// Returns the batched generation's wall time in ms; bytes are read from `transport`.
-pub(crate) fn adapt_fleet(
+pub fn adapt_fleet(
     fleet: &mut [FleetDevice],
     generator: &dyn ParameterGenerator,
     reference: &crate::FeatureStats,
@@ -579,7 +614,7 @@ pub fn run(deployment: &Deployment, registry: &Registry, progress: &dyn Progress
 }
 
 /// `kind = name` of every plugin a deployment composes.
-pub(crate) fn plugin_choices(deployment: &Deployment) -> Vec<(String, String)> {
+pub fn plugin_choices(deployment: &Deployment) -> Vec<(String, String)> {
     [
         ("backend", deployment.backend.kind.as_str()),
         ("data source", deployment.data.plugin.as_str()),
@@ -593,7 +628,8 @@ pub(crate) fn plugin_choices(deployment: &Deployment) -> Vec<(String, String)> {
     .collect()
 }
 
-pub(crate) fn cloud_report(cloud: &TrainedCloud, generation_ms: f64) -> CloudReport {
+/// The cloud's part of a report: its sizes, training logs and generation time per fleet.
+pub fn cloud_report(cloud: &TrainedCloud, generation_ms: f64) -> CloudReport {
     CloudReport {
         model_parameters: cloud.model.parameter_count(),
         generator_parameters: cloud.generator.parameter_count(),
@@ -606,11 +642,14 @@ pub(crate) fn cloud_report(cloud: &TrainedCloud, generation_ms: f64) -> CloudRep
     }
 }
 
-pub(crate) const MODEL_FILE: &str = "model.safetensors";
-pub(crate) const GENERATOR_FILE: &str = "generator.safetensors";
+/// The model's file in a checkpoint folder.
+pub const MODEL_FILE: &str = "model.safetensors";
+/// The generator's file in a checkpoint folder.
+pub const GENERATOR_FILE: &str = "generator.safetensors";
 const FINGERPRINT_FILE: &str = "fingerprint";
 
-pub(crate) fn checkpoint_error(dir: &str, file: &str, error: impl std::fmt::Display) -> RunError {
+/// A checkpoint problem located at `dir/file`.
+pub fn checkpoint_error(dir: &str, file: &str, error: impl std::fmt::Display) -> RunError {
     RunError::Checkpoint { path: format!("{dir}/{file}"), message: error.to_string() }
 }
 
@@ -619,15 +658,17 @@ type CheckpointBytes = (Vec<u8>, Vec<u8>);
 
 /// A folder holding the cloud's trained model and generator, and the fingerprint of the
 /// training that produced them.
-pub(crate) struct CheckpointDir<'a>(pub(crate) &'a std::path::Path);
+#[derive(Debug, Clone, Copy)]
+pub struct CheckpointDir<'a>(pub &'a std::path::Path);
 
 impl CheckpointDir<'_> {
-    pub(crate) fn display(&self) -> String {
+    /// The folder, for messages.
+    pub fn display(&self) -> String {
         self.0.display().to_string()
     }
 
     /// Both checkpoints, if the folder holds a checkpoint of the training with `fingerprint`.
-    pub(crate) fn read(&self, fingerprint: &str) -> Result<Option<CheckpointBytes>, RunError> {
+    pub fn read(&self, fingerprint: &str) -> Result<Option<CheckpointBytes>, RunError> {
         match std::fs::read_to_string(self.0.join(FINGERPRINT_FILE)) {
             Ok(found) if found.trim() == fingerprint => {}
             _ => return Ok(None),
@@ -637,7 +678,8 @@ impl CheckpointDir<'_> {
         Ok(Some((read(MODEL_FILE)?, read(GENERATOR_FILE)?)))
     }
 
-    pub(crate) fn write(&self, fingerprint: &str, model: &[u8], generator: &[u8]) -> Result<(), RunError> {
+    /// Writes both checkpoints and, last, the fingerprint.
+    pub fn write(&self, fingerprint: &str, model: &[u8], generator: &[u8]) -> Result<(), RunError> {
         let dir = self.display();
         std::fs::create_dir_all(self.0).map_err(|e| checkpoint_error(&dir, "", e))?;
         // The fingerprint goes last: a folder interrupted mid-write is never taken as valid.
@@ -652,7 +694,7 @@ impl CheckpointDir<'_> {
 }
 
 /// Text → video retrieval on `clips`, for models that embed (an optional capability).
-pub(crate) fn score_retrieval(model: &dyn DeviceModel, clips: &[Clip]) -> Option<RetrievalMetrics> {
+pub fn score_retrieval(model: &dyn DeviceModel, clips: &[Clip]) -> Option<RetrievalMetrics> {
     let embeddings = model.retrieval_embeddings(clips).ok()?;
     let captions: Vec<&str> = clips.iter().map(|c| c.caption.as_str()).collect();
     metrics::retrieval(&embeddings, &captions)

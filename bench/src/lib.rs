@@ -10,19 +10,19 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::adapt::{AdaptInput, DeviceAdapter};
-use crate::config::{Deployment, Variant};
-use crate::data::{Clip, DomainSpec, Split};
-use crate::generator::ParameterGenerator;
-use crate::metrics::RetrievalMetrics;
-use crate::registry::{BuildContext, PluginKind, Registry};
-use crate::report::{CloudReport, DeviceReport};
-use crate::runtime::{
+use mmpg::adapt::{AdaptInput, DeviceAdapter};
+use mmpg::config::{Deployment, Variant};
+use mmpg::data::{Clip, DomainSpec, Split};
+use mmpg::generator::ParameterGenerator;
+use mmpg::metrics::RetrievalMetrics;
+use mmpg::registry::{BuildContext, PluginKind, Registry};
+use mmpg::report::{CloudReport, DeviceReport};
+use mmpg::runtime::{
     CheckpointDir, Composer, FleetDevice, RunError, TrainedCloud, adapt_fleet, checkpoint_error, cloud_report,
     fleet_device, plugin_choices, score_retrieval, train_cloud, train_generator,
 };
-use crate::source::DataSource;
-use crate::{Progress, seed};
+use mmpg::source::DataSource;
+use mmpg::{Progress, seed};
 
 /// Mean and spread of a figure over devices (NaN, written as JSON `null`, over no devices).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -38,7 +38,7 @@ pub struct Spread {
     pub p90: f64,
 }
 
-use crate::report::{finite_mean, null_as_nan};
+use mmpg::report::{finite_mean, null_as_nan};
 
 impl Spread {
     /// Over the finite `values` (a device without scored clips has no accuracy); NaN
@@ -328,7 +328,7 @@ impl Harness<'_> {
                 seed: seed::derive_str(device.domain.seed, &name),
             };
             let t0 = Instant::now();
-            let (outcome, peak) = crate::memory::peak_during(|| adapter.adapt(&mut device.model, &input));
+            let (outcome, peak) = mmpg::memory::peak_during(|| adapter.adapt(&mut device.model, &input));
             device.report.adaptation_ms = t0.elapsed().as_secs_f64() * 1e3;
             device.report.adaptation_peak_bytes = peak;
             match outcome {
@@ -381,7 +381,7 @@ impl Harness<'_> {
         {
             let mut generator = composer.generator(self.cloud.model.as_ref())?;
             let dir = folder.display().to_string();
-            generator.load(&bytes).map_err(|e| checkpoint_error(&dir, crate::runtime::GENERATOR_FILE, e))?;
+            generator.load(&bytes).map_err(|e| checkpoint_error(&dir, mmpg::runtime::GENERATOR_FILE, e))?;
             return Ok(Some(generator));
         }
         let (generator, _) =
@@ -445,7 +445,7 @@ impl Harness<'_> {
         &self,
         fleet: &mut [FleetDevice],
         repeats: usize,
-    ) -> Result<(GenerationStats, Vec<crate::AnchorSummary>), RunError> {
+    ) -> Result<(GenerationStats, Vec<mmpg::AnchorSummary>), RunError> {
         let reference = self.cloud.model.reference_stats();
         let mut summaries = Vec::with_capacity(fleet.len());
         // A device whose window cannot be summarised is reported in its CDC row; timing uses
@@ -453,7 +453,7 @@ impl Harness<'_> {
         for device in fleet.iter() {
             let Ok(features) = device.model.frame_features(&device.window) else { continue };
             let seed = seed::derive(device.domain.seed, 0xADE + 1);
-            if let Ok(summary) = crate::runtime::summarise_window(
+            if let Ok(summary) = mmpg::runtime::summarise_window(
                 device.model.as_ref(),
                 device.reasoner.as_ref(),
                 &device.window,
@@ -503,7 +503,7 @@ fn time_backend(
     registry: &Registry,
     kind: &str,
     clips: &[Clip],
-    summaries: &[crate::AnchorSummary],
+    summaries: &[mmpg::AnchorSummary],
 ) -> Result<BackendTiming, RunError> {
     let mut on_backend = deployment.clone();
     on_backend.backend.kind = kind.to_string();
@@ -513,15 +513,15 @@ fn time_backend(
     let mut model = composer.cloud_model(data.as_ref())?;
     let training = &deployment.cloud.training;
     let domains = [DomainSpec::clean("timing", 1)];
-    let plan = |steps| crate::TrainingPlan {
+    let plan = |steps| mmpg::TrainingPlan {
         steps,
         batch: training.pretrain_batch,
         learning_rate: training.pretrain_learning_rate,
         seed: 1,
     };
     // One warm-up step: backends that compile kernels on first use pay for it here.
-    model.pretrain(data.as_ref(), &domains, &plan(1), &crate::NoProgress)?;
-    let log = model.pretrain(data.as_ref(), &domains, &plan(3), &crate::NoProgress)?;
+    model.pretrain(data.as_ref(), &domains, &plan(1), &mmpg::NoProgress)?;
+    let log = model.pretrain(data.as_ref(), &domains, &plan(3), &mmpg::NoProgress)?;
     let device_model = model.export(&composer.device)?;
     device_model.answer_logits(clips)?;
     let forward: Vec<f64> = (0..10)
@@ -552,15 +552,15 @@ fn backend_table(
     deployment: &Deployment,
     registry: &Registry,
     clips: &[Clip],
-    summaries: &[crate::AnchorSummary],
+    summaries: &[mmpg::AnchorSummary],
     progress: &dyn Progress,
 ) -> Result<Vec<BackendTiming>, RunError> {
-    let kinds: Vec<&'static dyn crate::BackendProvider> = match &deployment.bench.backends {
+    let kinds: Vec<&'static dyn mmpg::BackendProvider> = match &deployment.bench.backends {
         Some(named) => named.iter().map(|kind| registry.backend(kind)).collect::<Result<_, _>>()?,
         None => registry
             .plugins()
             .filter_map(|p| match p {
-                crate::Plugin::Backend(provider) => Some(*provider),
+                mmpg::Plugin::Backend(provider) => Some(*provider),
                 _ => None,
             })
             .collect(),
@@ -627,7 +627,7 @@ pub fn bench(deployment: &Deployment, registry: &Registry, progress: &dyn Progre
     for (path, domain) in &domains {
         fleet.push(
             fleet_device(&composer, data.as_ref(), cloud.model.as_ref(), domain, deployment.fleet.eval_clips)
-                .map_err(crate::runtime::located_at(deployment, path))?,
+                .map_err(mmpg::runtime::located_at(deployment, path))?,
         );
         labelled.push(if max_labels == 0 {
             Vec::new()
