@@ -36,6 +36,10 @@ use mmpg_videoqa as _;
     about = "Cloud-device multi-modal parameter generation: backprop-free on-device adaptation"
 )]
 struct Cli {
+    /// Load a plugin library (a cdylib built with `mmpg::export_plugins!`) before anything
+    /// else; repeatable. Deployments pin theirs with `[[plugins]] path, sha256` instead.
+    #[arg(long = "plugin", value_name = "LIBRARY", global = true)]
+    plugins: Vec<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -64,8 +68,12 @@ enum Command {
         /// Deployment TOML file.
         deployment: PathBuf,
     },
-    /// List the registered plugins by kind, with their settings and defaults.
-    Plugins,
+    /// List the registered plugins by kind, with their settings, defaults and origin (built in,
+    /// or the library's path and sha256); with a deployment, its `[[plugins]]` libraries too.
+    Plugins {
+        /// Deployment TOML file whose `[[plugins]]` to load.
+        deployment: Option<PathBuf>,
+    },
 }
 
 /// Exit code of a usage or configuration problem.
@@ -73,19 +81,31 @@ const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let registry = match Registry::with_static_plugins() {
+    let mut registry = match Registry::with_static_plugins() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::FAILURE;
         }
     };
+    for path in &cli.plugins {
+        if let Err(e) = registry.load_library(path, None) {
+            eprintln!("error: --plugin: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    }
     match cli.command {
-        Command::Plugins => {
+        Command::Plugins { deployment } => {
+            if let Some(path) = deployment
+                && let Err(errors) = open(&path, &mut registry)
+            {
+                eprintln!("{errors}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
             print_plugins(&registry);
             ExitCode::SUCCESS
         }
-        Command::Validate { deployment } => match Deployment::load(&deployment, &registry) {
+        Command::Validate { deployment } => match open(&deployment, &mut registry) {
             Ok(d) => {
                 println!("{}: ok ({} devices)", deployment.display(), d.device_domains().len());
                 ExitCode::SUCCESS
@@ -95,9 +115,22 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::Run { deployment, report } => exit_code(run(&deployment, report, &registry)),
-        Command::Bench { deployment, out } => exit_code(bench(&deployment, out, &registry)),
+        Command::Run { deployment, report } => exit_code(run(&deployment, report, &mut registry)),
+        Command::Bench { deployment, out } => exit_code(bench(&deployment, out, &mut registry)),
     }
+}
+
+/// Opens a deployment (loading its `[[plugins]]`) and warns about every unpinned library.
+fn open(path: &Path, registry: &mut Registry) -> Result<Deployment, mmpg::ConfigErrors> {
+    let deployment = Deployment::open(path, registry)?;
+    for library in registry.libraries().filter(|l| !l.pinned) {
+        eprintln!(
+            "warning: plugin library {} is not pinned; pin it with `sha256 = \"{}\"` in its [[plugins]] entry",
+            library.path.display(),
+            library.sha256
+        );
+    }
+    Ok(deployment)
 }
 
 /// Exit code 2 for problems with the deployment or the machine, 1 for failures while running.
@@ -121,8 +154,8 @@ fn create_parent(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bench(path: &Path, out_override: Option<PathBuf>, registry: &Registry) -> anyhow::Result<()> {
-    let deployment = Deployment::load(path, registry).map_err(RunError::Config)?;
+fn bench(path: &Path, out_override: Option<PathBuf>, registry: &mut Registry) -> anyhow::Result<()> {
+    let deployment = open(path, registry).map_err(RunError::Config)?;
     let out = out_override.or_else(|| deployment.bench.out.clone()).unwrap_or_else(|| {
         PathBuf::from("reports")
             .join(format!("{}-bench", path.file_stem().and_then(|s| s.to_str()).unwrap_or("deployment")))
@@ -150,8 +183,8 @@ fn bench(path: &Path, out_override: Option<PathBuf>, registry: &Registry) -> any
     Ok(())
 }
 
-fn run(path: &Path, report_override: Option<PathBuf>, registry: &Registry) -> anyhow::Result<()> {
-    let deployment = Deployment::load(path, registry).map_err(RunError::Config)?;
+fn run(path: &Path, report_override: Option<PathBuf>, registry: &mut Registry) -> anyhow::Result<()> {
+    let deployment = open(path, registry).map_err(RunError::Config)?;
     let progress = Bars::default();
     let report = runtime::run(&deployment, registry, &progress)?;
     print_table(&report);
@@ -262,8 +295,21 @@ fn print_plugins(registry: &Registry) {
             println!("{}:", plugin.kind());
         }
         println!("  {:<12} {}", plugin.name(), plugin.summary());
+        match registry.origin(plugin.kind(), plugin.name()) {
+            None => println!("  {:<12}   origin: built in", ""),
+            Some(library) => {
+                let pin = if library.pinned { "pinned" } else { "not pinned" };
+                println!("  {:<12}   origin: {} (sha256 {}, {pin})", "", library.path.display(), library.sha256);
+                let backends =
+                    if library.backends.is_empty() { "none (host only)".into() } else { library.backends.join(", ") };
+                println!(
+                    "  {:<12}   built against mmpg {}, {}, backends {backends}",
+                    "", library.mmpg_version, library.target
+                );
+            }
+        }
         if let Some(settings) = plugin.settings() {
-            for (key, value) in (settings.defaults)() {
+            for (key, value) in settings.defaults() {
                 println!("  {:<12}   {key} = {value}", "");
             }
         }

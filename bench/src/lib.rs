@@ -610,7 +610,7 @@ pub fn bench(deployment: &Deployment, registry: &Registry, progress: &dyn Progre
             let factory = registry.adapter(&b.plugin)?;
             let ctx =
                 BuildContext { seed: seed::derive_str(deployment.seed, "adapter"), device: composer.device.clone() };
-            let adapter = (factory.build)(&b.settings, &ctx).map_err(|error| RunError::Plugin {
+            let adapter = factory.build(&b.settings, &ctx).map_err(|error| RunError::Plugin {
                 kind: PluginKind::Adapter,
                 name: b.plugin.clone(),
                 error,

@@ -114,7 +114,7 @@ impl From<QuantisedTensor> for QuantisedParts {
 }
 
 /// Why a tensor cannot be quantised, or quantised parts do not form a tensor.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize)]
 pub enum QuantError {
     /// Byte count disagrees with shape and encoding.
     #[error("{quantisation:?} payload of shape {shape:?} needs {expected} bytes, found {found}")]
@@ -416,7 +416,7 @@ impl AnchorSummary {
 }
 
 /// Why a window could not be summarised or a summary could not be read.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize)]
 pub enum AnchorError {
     /// Features are not `[n, d]` with the expected d.
     #[error("expected features of shape [n, {expected_dim}], found {found:?}")]
@@ -458,6 +458,10 @@ pub enum AnchorError {
     /// Shape arithmetic failed.
     #[error(transparent)]
     Shape(#[from] ShapeMismatch),
+    /// A plugin library's anchor reasoner failed at the boundary (it panicked, or its answer
+    /// did not decode); the message names the plugin and its library.
+    #[error("{0}")]
+    Plugin(String),
 }
 
 /// The device-side reasoner that picks anchor frames. Implementors choose which rows of a

@@ -12,7 +12,7 @@ use toml_edit::{Item, Table, TableLike, Value};
 
 use crate::anchor::Quantisation;
 use crate::data::{DomainSpec, Shift};
-use crate::registry::{PluginKind, Registry, SettingsSpec};
+use crate::registry::{PluginKind, Registry};
 use crate::seed;
 use crate::settings::{Check, Settings, unknown_field};
 
@@ -311,6 +311,18 @@ pub struct TextChoice {
     pub cache: Option<PathBuf>,
 }
 
+/// `[[plugins]]`: a plugin library the deployment loads before resolving plugin names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginLibraryConfig {
+    /// The library file (`.so`, `.dylib`, `.dll`), relative to the deployment file's folder.
+    pub path: PathBuf,
+    /// Its sha256 (64 hex digits), checked before the library is opened. Unpinned libraries
+    /// load with a warning naming the hash to pin.
+    #[serde(default)]
+    pub sha256: Option<String>,
+}
+
 /// A baseline row of `mmpg bench`: an adapter plugin and its settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -512,6 +524,10 @@ pub struct Deployment {
     pub bench: BenchConfig,
     /// The text encoder, if any.
     pub text: Option<TextChoice>,
+    /// Plugin libraries it loads, as written.
+    pub plugins: Vec<PluginLibraryConfig>,
+    /// `kind name sha256` of each plugin it uses that came from a library (for the fingerprint).
+    library_plugins: Vec<String>,
     source: Source,
 }
 
@@ -537,6 +553,18 @@ impl Source {
         };
         ConfigError { file: self.file.clone(), line, column, path, message: message.into() }
     }
+}
+
+fn read_deployment(path: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.display().to_string(),
+            line: None,
+            column: None,
+            path: KeyPath::default(),
+            message: format!("cannot read: {e}"),
+        }])
+    })
 }
 
 fn d_text(doc: Option<&toml_edit::Document<String>>) -> &str {
@@ -623,14 +651,29 @@ fn locate(doc: &toml_edit::Document<String>, path: &KeyPath, anchor: Anchor) -> 
     best
 }
 
-const SECTIONS: &[&str] =
-    &["seed", "backend", "data", "model", "anchor", "cloud", "fleet", "device", "transport", "report", "bench", "text"];
+const SECTIONS: &[&str] = &[
+    "seed",
+    "plugins",
+    "backend",
+    "data",
+    "model",
+    "anchor",
+    "cloud",
+    "fleet",
+    "device",
+    "transport",
+    "report",
+    "bench",
+    "text",
+];
 
 /// Collects errors while parsing.
 struct Parser<'r> {
     source: Source,
     errors: Vec<ConfigError>,
     registry: &'r Registry,
+    /// `backend.kind`, which plugins from libraries must have been compiled for.
+    backend: String,
 }
 
 impl Parser<'_> {
@@ -668,13 +711,50 @@ impl Parser<'_> {
         match self.registry.get(kind, name) {
             Err(e) => self.fail(KeyPath::parse(name_path), e.to_string()),
             Ok(plugin) => {
-                if let Some(SettingsSpec { check, .. }) = plugin.settings()
-                    && let Err(errors) = check(settings)
+                if let Some(library) = self.registry.origin(kind, name)
+                    && !library.supports_backend(&self.backend)
+                {
+                    let message = format!(
+                        "{kind} `{name}` comes from {}, built with backends {}; this deployment computes on `{}`: rebuild the library with its `{}` feature",
+                        library.path.display(),
+                        library.backends.join(", "),
+                        self.backend,
+                        self.backend,
+                    );
+                    self.fail(KeyPath::parse(name_path), message);
+                }
+                if let Some(spec) = plugin.settings()
+                    && let Err(errors) = spec.check(settings)
                 {
                     for e in errors {
                         self.fail_deserialize(KeyPath::parse(settings_path).join(&e.path), e.message);
                     }
                 }
+            }
+        }
+    }
+
+    /// `[[plugins]]`: each pin well-formed, each library loaded (by [`Deployment::open`]).
+    fn libraries(&mut self, plugins: &[PluginLibraryConfig], base: &Path) {
+        for (i, library) in plugins.iter().enumerate() {
+            if library.path.as_os_str().is_empty() {
+                self.fail(KeyPath::parse(&format!("plugins[{i}].path")), "expected a path, found an empty string");
+                continue;
+            }
+            if let Some(pin) = &library.sha256
+                && crate::abi::loader_pin(pin).is_none()
+            {
+                let message = format!("expected the library's sha256 as 64 hexadecimal characters, found `{pin}`");
+                self.fail(KeyPath::parse(&format!("plugins[{i}].sha256")), message);
+                continue;
+            }
+            let resolved = base.join(&library.path);
+            if !self.registry.libraries().any(|l| l.path == resolved) {
+                let message = format!(
+                    "{} is not loaded: `mmpg` loads [[plugins]] itself; a program parsing deployments calls Deployment::open",
+                    resolved.display()
+                );
+                self.fail(KeyPath::parse(&format!("plugins[{i}].path")), message);
             }
         }
     }
@@ -710,7 +790,7 @@ impl Parser<'_> {
     /// Refuses a deployment whose devices' clips alone would not fit in this machine's memory.
     fn memory(&mut self, data: &PluginChoice, fleet: &FleetConfig, devices: &[DeviceDomain], bench: &BenchConfig) {
         let Ok(plugin) = self.registry.get(PluginKind::DataSource, &data.plugin) else { return };
-        let Some(clip_bytes) = plugin.settings().and_then(|s| (s.clip_bytes)(&data.settings)) else { return };
+        let Some(clip_bytes) = plugin.settings().and_then(|s| s.clip_bytes(&data.settings)) else { return };
         let Some(available) = available_memory() else { return };
         let count = fleet.devices.unwrap_or(fleet.shifts.len()) + devices.len();
         let pool = bench.baselines.iter().filter_map(|b| b.settings.get("labels")?.as_integer()).max().unwrap_or(0);
@@ -762,18 +842,61 @@ impl Parser<'_> {
 
 impl Deployment {
     /// Reads and checks a deployment file.
+    ///
+    /// Plugin libraries named in `[[plugins]]` must already be in `registry`; [`Deployment::open`]
+    /// loads them.
     pub fn load(path: &Path, registry: &Registry) -> Result<Self, ConfigErrors> {
+        let text = read_deployment(path)?;
+        Self::parse(&text, &path.display().to_string(), registry)
+    }
+
+    /// Reads a deployment, loads the plugin libraries its `[[plugins]]` name into `registry`
+    /// (paths relative to the deployment's folder; pins checked before opening), then checks
+    /// it against the registry. What `mmpg validate`, `run` and `bench` call.
+    ///
+    /// # Errors
+    /// Every problem found, library load errors located at their `[[plugins]]` entry.
+    pub fn open(path: &Path, registry: &mut Registry) -> Result<Self, ConfigErrors> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![ConfigError {
-                file: file.clone(),
-                line: None,
-                column: None,
-                path: KeyPath::default(),
-                message: format!("cannot read: {e}"),
-            }])
-        })?;
-        Self::parse(&text, &file, registry)
+        let text = read_deployment(path)?;
+        let mut errors = Vec::new();
+        let declared = toml::from_str::<toml::Table>(&text)
+            .ok()
+            .and_then(|t| t.get("plugins").cloned())
+            .and_then(|v| v.try_into::<Vec<PluginLibraryConfig>>().ok())
+            .unwrap_or_default();
+        if !declared.is_empty() {
+            let source = Source { file: file.clone(), document: toml_edit::Document::parse(text.clone()).ok() };
+            let base = Path::new(&file).parent().unwrap_or(Path::new("")).to_path_buf();
+            for (i, library) in declared.iter().enumerate() {
+                let resolved = base.join(&library.path);
+                let bad_pin = library.sha256.as_deref().is_some_and(|p| crate::abi::loader_pin(p).is_none());
+                if library.path.as_os_str().is_empty() || bad_pin || registry.libraries().any(|l| l.path == resolved) {
+                    continue;
+                }
+                if let Err(e) = registry.load_library(&resolved, library.sha256.as_deref()) {
+                    let key = if matches!(e, crate::LoadError::HashMismatch { .. }) { "sha256" } else { "path" };
+                    errors.push(source.error(KeyPath::parse(&format!("plugins[{i}].{key}")), e.to_string()));
+                }
+            }
+        }
+        match Self::parse(&text, &file, registry) {
+            Ok(deployment) if errors.is_empty() => Ok(deployment),
+            Ok(_) => Err(ConfigErrors(errors)),
+            Err(ConfigErrors(more)) => {
+                // A library that did not load leaves its plugin names unknown: say why once.
+                if !errors.is_empty() {
+                    errors.extend(
+                        more.into_iter()
+                            .filter(|e| !e.message.starts_with("no ") || !e.message.contains("plugin named")),
+                    );
+                } else {
+                    errors = more;
+                }
+                errors.sort_by_key(|e| (e.line.unwrap_or(usize::MAX), e.column));
+                Err(ConfigErrors(errors))
+            }
+        }
     }
 
     /// Parses and checks deployment text; `file` names it in errors.
@@ -803,15 +926,22 @@ impl Deployment {
                 message: e.message().to_string(),
             }])
         })?;
-        let mut p =
-            Parser { source: Source { file: file.into(), document: Some(document) }, errors: Vec::new(), registry };
+        let mut p = Parser {
+            source: Source { file: file.into(), document: Some(document) },
+            errors: Vec::new(),
+            registry,
+            backend: String::new(),
+        };
 
         for key in table.keys().filter(|k| !SECTIONS.contains(&k.as_str())) {
             let message = format!("unknown field `{key}`; expected one of: {}", SECTIONS.join(", "));
             p.fail_deserialize(KeyPath::default(), message);
         }
         let seed = p.section::<u64>(&table, "seed").unwrap_or(0);
+        let plugins = p.section::<Vec<PluginLibraryConfig>>(&table, "plugins").unwrap_or_default();
+        p.libraries(&plugins, Path::new(file).parent().unwrap_or(Path::new("")));
         let backend = p.section::<BackendConfig>(&table, "backend").unwrap_or_default();
+        p.backend = backend.kind.clone();
         let mut choice = |key: &str, default: &str| {
             let section = p.section::<PluginSection>(&table, key);
             let (plugin, settings) = section.map_or((None, toml::Table::new()), |s| (s.plugin, s.settings));
@@ -913,6 +1043,17 @@ impl Deployment {
             p.errors.sort_by_key(|e| (e.line.unwrap_or(usize::MAX), e.column));
             return Err(ConfigErrors(p.errors));
         }
+        let mut used = vec![
+            (PluginKind::DataSource, data.plugin.as_str()),
+            (PluginKind::Model, &model.plugin),
+            (PluginKind::AnchorReasoner, &anchor.plugin),
+            (PluginKind::Generator, &cloud.generator),
+        ];
+        used.extend(text.as_ref().map(|t| (PluginKind::TextEncoder, t.plugin.as_str())));
+        let library_plugins = used
+            .into_iter()
+            .filter_map(|(kind, name)| registry.origin(kind, name).map(|l| format!("{kind} {name} {}", l.sha256)))
+            .collect();
         Ok(Self {
             seed,
             backend,
@@ -926,6 +1067,8 @@ impl Deployment {
             report,
             bench,
             text,
+            plugins,
+            library_plugins,
             source: p.source,
         })
     }
@@ -958,6 +1101,10 @@ impl Deployment {
         if !self.bench.stream.is_empty() {
             let stream: Vec<String> = self.stream_domains().iter().map(DomainSpec::shift_label).collect();
             canonical["held_out_stream"] = serde_json::json!(stream);
+        }
+        // A rebuilt plugin library may train differently under the same settings.
+        if !self.library_plugins.is_empty() {
+            canonical["plugin_libraries"] = serde_json::json!(self.library_plugins);
         }
         let digest = Sha256::digest(canonical.to_string().as_bytes());
         digest.iter().take(12).map(|b| format!("{b:02x}")).collect()

@@ -13,6 +13,7 @@
 //! This crate does not depend on Burn: what crosses the plugin boundary is plain data
 //! ([`HostTensor`], bytes, TOML text). Burn plugins share `mmpg-backends`.
 
+pub mod abi;
 pub mod adapt;
 pub mod anchor;
 pub mod backend;
@@ -35,6 +36,7 @@ pub mod text;
 pub mod transport;
 pub mod wire;
 
+pub use abi::{LoadError, LoadedLibrary};
 pub use adapt::{AdaptError, AdaptInput, AdaptOutcome, DeviceAdapter};
 pub use anchor::{AnchorError, AnchorReasoner, AnchorSummary, FeatureStats, Quantisation, QuantisedTensor};
 pub use backend::{BackendError, BackendProvider, DeviceDescriptor};
@@ -46,9 +48,10 @@ pub use model::{
     SlotGradient, SlotValues, StatisticsRecalibration, TrainingPlan, TuneScope,
 };
 pub use registry::{
-    BuildContext, Factory, GeneratorContext, ModelContext, Plugin, PluginError, PluginKind, Registry, StaticPlugin,
+    Build, BuildContext, Factory, GeneratorContext, ModelContext, Plugin, PluginError, PluginKind, Registry,
+    StaticPlugin,
 };
-pub use settings::{Check, NoSettings, Settings, SettingsError, SettingsSpec, parse_settings};
+pub use settings::{Check, NoSettings, Settings, SettingsError, SettingsOracle, SettingsSpec, parse_settings};
 pub use slots::{DType, GeneratedParams, ParamsError, SchemaHash, SlotSchema, SlotSpec, ValidatedParams};
 pub use source::{DataError, DataSource};
 pub use tensor::{HostTensor, RankMismatch};
@@ -148,7 +151,7 @@ pub(crate) const fn in_process_factory() -> Factory<dyn Transport, BuildContext>
         name: "in-process",
         summary: "in-memory queues for simulation; encodes, counts and decodes every byte",
         settings: SettingsSpec::of::<InProcessSettings>(),
-        build: build_in_process,
+        build: Build::Static(build_in_process),
     }
 }
 

@@ -4,9 +4,11 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::Serialize;
 
+use crate::abi::LoadedLibrary;
 use crate::adapt::DeviceAdapter;
 use crate::anchor::AnchorReasoner;
 use crate::backend::{BackendError, BackendProvider, DeviceDescriptor};
@@ -20,7 +22,7 @@ use crate::text::TextEncoder;
 use crate::transport::Transport;
 
 /// The kinds of plugin a deployment composes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum PluginKind {
     /// Compute backend.
@@ -109,6 +111,35 @@ pub struct GeneratorContext {
     pub text_dim: Option<usize>,
 }
 
+/// A factory function: settings table and context in, a plugin out.
+pub type BuildFn<T, C> = fn(&toml::Table, &C) -> Result<Box<T>, PluginError>;
+
+/// A factory that carries state (a loaded library's handle).
+pub type DynamicBuild<T, C> = Arc<dyn Fn(&toml::Table, &C) -> Result<Box<T>, PluginError> + Send + Sync>;
+
+/// How a factory builds: a function linked into this binary, or a call into a loaded library.
+pub enum Build<T: ?Sized, C> {
+    /// A statically linked plugin's function.
+    Static(BuildFn<T, C>),
+    /// A loaded plugin library's factory, behind the C ABI (see [`crate::abi`]).
+    Dynamic(DynamicBuild<T, C>),
+}
+
+impl<T: ?Sized, C> fmt::Debug for Build<T, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if matches!(self, Build::Static(_)) { "Build::Static" } else { "Build::Dynamic" })
+    }
+}
+
+impl<T: ?Sized, C> Clone for Build<T, C> {
+    fn clone(&self) -> Self {
+        match self {
+            Build::Static(f) => Build::Static(*f),
+            Build::Dynamic(f) => Build::Dynamic(f.clone()),
+        }
+    }
+}
+
 /// A named factory of plugins of type `T`, built with context `C`.
 pub struct Factory<T: ?Sized, C> {
     /// Name used in TOML.
@@ -117,19 +148,32 @@ pub struct Factory<T: ?Sized, C> {
     pub summary: &'static str,
     /// Its settings.
     pub settings: SettingsSpec,
-    /// Builds one from validated-on-the-way settings.
-    pub build: fn(&toml::Table, &C) -> Result<Box<T>, PluginError>,
+    /// How it builds one from validated-on-the-way settings.
+    pub build: Build<T, C>,
+}
+
+impl<T: ?Sized, C> Factory<T, C> {
+    /// Builds one plugin from its settings table.
+    ///
+    /// # Errors
+    /// Whatever the factory refuses: settings, backend, data, or a loaded library's failure.
+    pub fn build(&self, settings: &toml::Table, ctx: &C) -> Result<Box<T>, PluginError> {
+        match &self.build {
+            Build::Static(f) => f(settings, ctx),
+            Build::Dynamic(f) => f(settings, ctx),
+        }
+    }
 }
 
 impl<T: ?Sized, C> Clone for Factory<T, C> {
     fn clone(&self) -> Self {
-        Self { name: self.name, summary: self.summary, settings: self.settings, build: self.build }
+        Self { name: self.name, summary: self.summary, settings: self.settings.clone(), build: self.build.clone() }
     }
 }
 
 impl<T: ?Sized, C> fmt::Debug for Factory<T, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Factory").field("name", &self.name).field("settings", &self.settings).finish()
+        f.debug_struct("Factory").field("name", &self.name).field("build", &self.build).finish_non_exhaustive()
     }
 }
 
@@ -207,13 +251,13 @@ impl Plugin {
     pub fn settings(&self) -> Option<SettingsSpec> {
         match self {
             Plugin::Backend(_) => None,
-            Plugin::DataSource(f) => Some(f.settings),
-            Plugin::Model(f) => Some(f.settings),
-            Plugin::AnchorReasoner(f) => Some(f.settings),
-            Plugin::Generator(f) => Some(f.settings),
-            Plugin::Transport(f) => Some(f.settings),
-            Plugin::Adapter(f) => Some(f.settings),
-            Plugin::TextEncoder(f) => Some(f.settings),
+            Plugin::DataSource(f) => Some(f.settings.clone()),
+            Plugin::Model(f) => Some(f.settings.clone()),
+            Plugin::AnchorReasoner(f) => Some(f.settings.clone()),
+            Plugin::Generator(f) => Some(f.settings.clone()),
+            Plugin::Transport(f) => Some(f.settings.clone()),
+            Plugin::Adapter(f) => Some(f.settings.clone()),
+            Plugin::TextEncoder(f) => Some(f.settings.clone()),
         }
     }
 }
@@ -229,12 +273,16 @@ inventory::collect!(StaticPlugin);
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegistryError {
     /// Two plugins of one kind share a name.
-    #[error("{kind} `{name}` is registered twice")]
+    #[error("{kind} `{name}` is registered twice: {existing}, and {incoming}")]
     Duplicate {
         /// Kind.
         kind: PluginKind,
         /// Name.
         name: String,
+        /// Where the registered one came from (`built in`, `from <path>`).
+        existing: String,
+        /// Where the second came from.
+        incoming: String,
     },
     /// No plugin of that kind has that name.
     #[error("no {kind} plugin named `{name}`; registered: {available}")]
@@ -252,6 +300,12 @@ pub enum RegistryError {
 #[derive(Debug, Default, Clone)]
 pub struct Registry {
     plugins: BTreeMap<(PluginKind, &'static str), Plugin>,
+    /// Plugins that came from a loaded library; the others are built in.
+    origins: BTreeMap<(PluginKind, &'static str), Arc<LoadedLibrary>>,
+}
+
+fn origin_text(library: Option<&LoadedLibrary>) -> String {
+    library.map_or_else(|| "built in".to_string(), |l| format!("from {}", l.path.display()))
 }
 
 impl Registry {
@@ -269,14 +323,68 @@ impl Registry {
         Ok(registry)
     }
 
-    /// Adds a plugin; a second plugin of the same kind and name is an error.
+    /// Adds a built-in plugin; a second plugin of the same kind and name is an error.
     pub fn register(&mut self, plugin: Plugin) -> Result<(), RegistryError> {
+        self.check_free(&plugin, None)?;
+        self.plugins.insert((plugin.kind(), plugin.name()), plugin);
+        Ok(())
+    }
+
+    fn check_free(&self, plugin: &Plugin, incoming: Option<&LoadedLibrary>) -> Result<(), RegistryError> {
         let key = (plugin.kind(), plugin.name());
         if self.plugins.contains_key(&key) {
-            return Err(RegistryError::Duplicate { kind: key.0, name: key.1.into() });
+            return Err(RegistryError::Duplicate {
+                kind: key.0,
+                name: key.1.into(),
+                existing: origin_text(self.origin(key.0, key.1)),
+                incoming: origin_text(incoming),
+            });
         }
-        self.plugins.insert(key, plugin);
         Ok(())
+    }
+
+    /// Adds the plugins of a loaded library: all of them, or none if one clashes.
+    pub(crate) fn register_library(
+        &mut self,
+        plugins: Vec<Plugin>,
+        library: Arc<LoadedLibrary>,
+    ) -> Result<(), RegistryError> {
+        let mut names = std::collections::BTreeSet::new();
+        for plugin in &plugins {
+            self.check_free(plugin, Some(&library))?;
+            if !names.insert((plugin.kind(), plugin.name())) {
+                return Err(RegistryError::Duplicate {
+                    kind: plugin.kind(),
+                    name: plugin.name().into(),
+                    existing: origin_text(Some(&library)),
+                    incoming: "again from the same library".into(),
+                });
+            }
+        }
+        for plugin in plugins {
+            let key = (plugin.kind(), plugin.name());
+            self.origins.insert(key, library.clone());
+            self.plugins.insert(key, plugin);
+        }
+        Ok(())
+    }
+
+    /// The libraries loaded into this registry, each once.
+    pub fn libraries(&self) -> impl Iterator<Item = &LoadedLibrary> {
+        let mut seen = std::collections::BTreeSet::new();
+        self.origins.values().filter(move |l| seen.insert(l.path.clone())).map(|l| l.as_ref())
+    }
+
+    /// The library a plugin came from; `None` for a built-in plugin (or an unknown one).
+    pub fn origin(&self, kind: PluginKind, name: &str) -> Option<&LoadedLibrary> {
+        self.origins.iter().find(|((k, n), _)| *k == kind && *n == name).map(|(_, l)| l.as_ref())
+    }
+
+    /// Removes a plugin, e.g. to load another build of it from a library.
+    pub fn remove(&mut self, kind: PluginKind, name: &str) -> Option<Plugin> {
+        let key = *self.plugins.keys().find(|(k, n)| *k == kind && *n == name)?;
+        self.origins.remove(&key);
+        self.plugins.remove(&key)
     }
 
     /// Every plugin, ordered by kind then name.

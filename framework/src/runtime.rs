@@ -146,7 +146,8 @@ impl<'a> Composer<'a> {
     pub fn data_source(&self) -> Result<Box<dyn DataSource>, RunError> {
         let choice = &self.deployment.data;
         let factory = self.registry.data_source(&choice.plugin)?;
-        let data = (factory.build)(&choice.settings, &self.context("data", &self.device))
+        let data = factory
+            .build(&choice.settings, &self.context("data", &self.device))
             .map_err(plugin_error(PluginKind::DataSource, &choice.plugin))?;
         let mut errors = Vec::new();
         for (path, domain) in self.deployment.device_domains() {
@@ -168,14 +169,15 @@ impl<'a> Composer<'a> {
             task: data.task().clone(),
             text: self.text_source()?,
         };
-        (factory.build)(&choice.settings, &ctx).map_err(plugin_error(PluginKind::Model, &choice.plugin))
+        factory.build(&choice.settings, &ctx).map_err(plugin_error(PluginKind::Model, &choice.plugin))
     }
 
     /// The deployment's text encoder (`[text]`), built once per call.
     pub fn text_source(&self) -> Result<Option<std::sync::Arc<crate::TextSource>>, RunError> {
         let Some(choice) = &self.deployment.text else { return Ok(None) };
         let factory = self.registry.text_encoder(&choice.plugin)?;
-        let encoder = (factory.build)(&choice.settings, &self.context("text", &self.device))
+        let encoder = factory
+            .build(&choice.settings, &self.context("text", &self.device))
             .map_err(plugin_error(PluginKind::TextEncoder, &choice.plugin))?;
         // Plugin name and settings key the cache: embeddings at one truncation are never served
         // for another.
@@ -187,7 +189,8 @@ impl<'a> Composer<'a> {
     pub fn anchor_reasoner(&self) -> Result<Box<dyn AnchorReasoner>, RunError> {
         let choice = &self.deployment.anchor;
         let factory = self.registry.anchor_reasoner(&choice.plugin)?;
-        (factory.build)(&choice.settings, &self.context("anchor", &self.device))
+        factory
+            .build(&choice.settings, &self.context("anchor", &self.device))
             .map_err(plugin_error(PluginKind::AnchorReasoner, &choice.plugin))
     }
 
@@ -202,14 +205,15 @@ impl<'a> Composer<'a> {
             feature_dim: model.feature_dim(),
             text_dim: model.text_dim(),
         };
-        (factory.build)(&cloud.settings, &ctx).map_err(plugin_error(PluginKind::Generator, &cloud.generator))
+        factory.build(&cloud.settings, &ctx).map_err(plugin_error(PluginKind::Generator, &cloud.generator))
     }
 
     /// The transport.
     pub fn transport(&self) -> Result<Box<dyn Transport>, RunError> {
         let PluginChoice { plugin, settings } = &self.deployment.transport;
         let factory = self.registry.transport(plugin)?;
-        (factory.build)(settings, &self.context("transport", &self.device))
+        factory
+            .build(settings, &self.context("transport", &self.device))
             .map_err(plugin_error(PluginKind::Transport, plugin))
     }
 }

@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 /// A settings value that does not fit the plugin's settings struct or its declared ranges.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Deserialize, Serialize)]
 #[error("{path}: {message}")]
 pub struct SettingsError {
     /// Key path inside the plugin's settings table (`k`, `layers[2].width`); empty for the table.
@@ -182,28 +182,74 @@ fn clip_bytes_of<S: Settings>(table: &toml::Table) -> Option<u64> {
     deserialise::<S>(table).ok()?.clip_bytes()
 }
 
-/// A plugin's settings type, seen through function pointers so that it can be listed
-/// (`mmpg plugins`) and checked (`mmpg validate`) without building the plugin.
-#[derive(Clone, Copy)]
-pub struct SettingsSpec {
-    /// The default settings as a TOML table: every key the plugin accepts, with its default.
-    pub defaults: fn() -> toml::Table,
-    /// Checks a table without building anything: deserialisation, then every declared range.
-    pub check: fn(&toml::Table) -> Result<(), Vec<SettingsError>>,
-    /// Bytes per clip of a data source with these settings (see [`Settings::clip_bytes`]).
-    pub clip_bytes: fn(&toml::Table) -> Option<u64>,
+/// A plugin's settings type, seen from outside so that it can be listed (`mmpg plugins`) and
+/// checked (`mmpg validate`) without building the plugin: through function pointers for a
+/// statically linked plugin, through its library for a loaded one.
+#[derive(Clone)]
+pub struct SettingsSpec(SpecKind);
+
+#[derive(Clone)]
+enum SpecKind {
+    Static {
+        defaults: fn() -> toml::Table,
+        check: fn(&toml::Table) -> Result<(), Vec<SettingsError>>,
+        clip_bytes: fn(&toml::Table) -> Option<u64>,
+    },
+    Dynamic(std::sync::Arc<dyn SettingsOracle>),
+}
+
+/// What a [`SettingsSpec`] answers, for settings whose type lives elsewhere (a plugin library).
+pub trait SettingsOracle: Send + Sync {
+    /// The default settings: every key the plugin accepts, with its default.
+    fn defaults(&self) -> toml::Table;
+    /// Checks a table without building anything.
+    fn check(&self, table: &toml::Table) -> Result<(), Vec<SettingsError>>;
+    /// Bytes per clip of a data source with these settings.
+    fn clip_bytes(&self, table: &toml::Table) -> Option<u64>;
 }
 
 impl SettingsSpec {
     /// The spec of a settings struct (which should use `deny_unknown_fields`).
     pub const fn of<S: Settings>() -> Self {
-        Self { defaults: defaults_of::<S>, check: check_of::<S>, clip_bytes: clip_bytes_of::<S> }
+        Self(SpecKind::Static { defaults: defaults_of::<S>, check: check_of::<S>, clip_bytes: clip_bytes_of::<S> })
+    }
+
+    /// The spec of settings answered by `oracle` (e.g. a loaded library).
+    pub fn dynamic(oracle: std::sync::Arc<dyn SettingsOracle>) -> Self {
+        Self(SpecKind::Dynamic(oracle))
+    }
+
+    /// The default settings as a TOML table: every key the plugin accepts, with its default.
+    pub fn defaults(&self) -> toml::Table {
+        match &self.0 {
+            SpecKind::Static { defaults, .. } => defaults(),
+            SpecKind::Dynamic(oracle) => oracle.defaults(),
+        }
+    }
+
+    /// Checks a table without building anything: deserialisation, then every declared range.
+    ///
+    /// # Errors
+    /// Every problem found, each with its key path inside the table.
+    pub fn check(&self, table: &toml::Table) -> Result<(), Vec<SettingsError>> {
+        match &self.0 {
+            SpecKind::Static { check, .. } => check(table),
+            SpecKind::Dynamic(oracle) => oracle.check(table),
+        }
+    }
+
+    /// Bytes per clip of a data source with these settings (see [`Settings::clip_bytes`]).
+    pub fn clip_bytes(&self, table: &toml::Table) -> Option<u64> {
+        match &self.0 {
+            SpecKind::Static { clip_bytes, .. } => clip_bytes(table),
+            SpecKind::Dynamic(oracle) => oracle.clip_bytes(table),
+        }
     }
 }
 
 impl fmt::Debug for SettingsSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_map().entries((self.defaults)().iter()).finish()
+        f.debug_map().entries(self.defaults().iter()).finish()
     }
 }
 
@@ -250,7 +296,7 @@ mod tests {
     #[test]
     fn every_range_violation_is_listed_with_its_key() {
         let table: toml::Table = toml::from_str("k = 0\nrate = nan").expect("toml");
-        let errors = (SettingsSpec::of::<Knobs>().check)(&table).expect_err("both out of range");
+        let errors = SettingsSpec::of::<Knobs>().check(&table).expect_err("both out of range");
         let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(paths, ["k", "rate"]);
         assert_eq!(errors[0].message, "expected 1..=8, found 0");
@@ -263,7 +309,7 @@ mod tests {
     fn a_wrong_key_does_not_hide_the_others() {
         // A typo, a wrong type and an out-of-range value: all three are reported at once.
         let table: toml::Table = toml::from_str("kk = 1\nname = 3\nk = 0\nrate = 0.5").expect("toml");
-        let errors = (SettingsSpec::of::<Knobs>().check)(&table).expect_err("three problems");
+        let errors = SettingsSpec::of::<Knobs>().check(&table).expect_err("three problems");
         let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(paths, ["kk", "name", "k"], "{errors:?}");
         assert!(errors[0].message.starts_with("unknown field `kk`"), "{errors:?}");
@@ -271,7 +317,7 @@ mod tests {
 
     #[test]
     fn defaults_list_every_key() {
-        let keys: Vec<String> = (SettingsSpec::of::<Knobs>().defaults)().keys().cloned().collect();
+        let keys: Vec<String> = SettingsSpec::of::<Knobs>().defaults().keys().cloned().collect();
         assert_eq!(keys, ["k", "name", "rate"]);
     }
 

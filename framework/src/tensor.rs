@@ -6,13 +6,30 @@ use serde::{Deserialize, Serialize};
 /// configured device inside; between plugins (and across a dynamic-library boundary) only this
 /// plain data travels.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "TensorParts")]
 pub struct HostTensor {
     shape: Vec<usize>,
     values: Vec<f32>,
 }
 
+/// A tensor as decoded, before its shape is checked against its values.
+#[derive(Deserialize)]
+#[serde(rename = "HostTensor")]
+struct TensorParts {
+    shape: Vec<usize>,
+    values: Vec<f32>,
+}
+
+impl TryFrom<TensorParts> for HostTensor {
+    type Error = ShapeMismatch;
+
+    fn try_from(parts: TensorParts) -> Result<Self, ShapeMismatch> {
+        Self::new(parts.shape, parts.values)
+    }
+}
+
 /// The shape and the number of values disagree.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 #[error("shape {shape:?} holds {expected} values, found {found}")]
 pub struct ShapeMismatch {
     /// The requested shape.

@@ -4,8 +4,8 @@
 
 use mmpg::seed;
 use mmpg::{
-    AnchorError, AnchorReasoner, BuildContext, Check, Factory, HostTensor, Plugin, PluginError, Quantisation, Settings,
-    SettingsSpec, StaticPlugin, parse_settings,
+    AnchorError, AnchorReasoner, Build, BuildContext, Check, Factory, HostTensor, Plugin, PluginError, Quantisation,
+    Settings, SettingsSpec, StaticPlugin, parse_settings,
 };
 use rand::seq::index::sample;
 use serde::{Deserialize, Serialize};
@@ -207,14 +207,16 @@ fn build(settings: &toml::Table, _ctx: &BuildContext) -> Result<Box<dyn AnchorRe
     Ok(Box::new(Adr::new(parse_settings(settings)?)?))
 }
 
-inventory::submit! {
-    StaticPlugin(Plugin::AnchorReasoner(Factory {
-        name: "adr",
-        summary: "AnchorFrame Distribution Reasoner: k-center greedy (or k-means++, random, all) anchors, standardised, quantised",
-        settings: SettingsSpec::of::<AdrSettings>(),
-        build,
-    }))
-}
+/// The `adr` factory: linked statically through inventory, and exported as a plugin library
+/// by `plugins/adr/cdylib`.
+pub const ADR: Factory<dyn AnchorReasoner, BuildContext> = Factory {
+    name: "adr",
+    summary: "AnchorFrame Distribution Reasoner: k-center greedy (or k-means++, random, all) anchors, standardised, quantised",
+    settings: SettingsSpec::of::<AdrSettings>(),
+    build: Build::Static(build),
+};
+
+inventory::submit! { StaticPlugin(Plugin::AnchorReasoner(ADR)) }
 
 #[cfg(test)]
 mod tests {

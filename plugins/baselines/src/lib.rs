@@ -11,8 +11,8 @@
 
 use mmpg::seed;
 use mmpg::{
-    AdaptError, AdaptInput, AdaptOutcome, BuildContext, Check, Clip, DeviceAdapter, DeviceModel, Factory, HostTensor,
-    ModelError, Plugin, PluginError, Settings, SettingsSpec, StaticPlugin, TuneScope, parse_settings,
+    AdaptError, AdaptInput, AdaptOutcome, Build, BuildContext, Check, Clip, DeviceAdapter, DeviceModel, Factory,
+    HostTensor, ModelError, Plugin, PluginError, Settings, SettingsSpec, StaticPlugin, TuneScope, parse_settings,
 };
 use rand::seq::SliceRandom as _;
 use serde::{Deserialize, Serialize};
@@ -339,7 +339,7 @@ inventory::submit! {
         name: "static",
         summary: "no adaptation: the model as the cloud exported it",
         settings: SettingsSpec::of::<NoSettings>(),
-        build: build_static,
+        build: Build::Static(build_static),
     }))
 }
 
@@ -348,7 +348,7 @@ inventory::submit! {
         name: "fta",
         summary: "on-device fine-tuning with L labels (slots or all parameters), early-stopped on held-out labels",
         settings: SettingsSpec::of::<FtaSettings>(),
-        build: build_fta,
+        build: Build::Static(build_fta),
     }))
 }
 
@@ -357,7 +357,7 @@ inventory::submit! {
         name: "feature-stats",
         summary: "backprop-free recalibration of normalisation statistics on the unlabelled window (AdaBN-style)",
         settings: SettingsSpec::of::<NoSettings>(),
-        build: build_feature_stats,
+        build: Build::Static(build_feature_stats),
     }))
 }
 
@@ -366,7 +366,7 @@ inventory::submit! {
         name: "t3a",
         summary: "T3A: backprop-free classifier adjustment from pseudo-labelled window prototypes",
         settings: SettingsSpec::of::<T3aSettings>(),
-        build: build_t3a,
+        build: Build::Static(build_t3a),
     }))
 }
 

@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use mmpg::seed::{self, Rng};
 use mmpg::source::{dirichlet, weighted_pick};
 use mmpg::{
-    BuildContext, Check, Clip, DataError, DataSource, DomainSpec, Factory, HostTensor, Plugin, PluginError, Settings,
-    SettingsSpec, Split, StaticPlugin, TaskSpec, parse_settings,
+    Build, BuildContext, Check, Clip, DataError, DataSource, DomainSpec, Factory, HostTensor, Plugin, PluginError,
+    Settings, SettingsSpec, Split, StaticPlugin, TaskSpec, parse_settings,
 };
 use rand::Rng as _;
 use serde::{Deserialize, Serialize};
@@ -431,7 +431,7 @@ inventory::submit! {
         name: "fashion",
         summary: "clips of real Fashion-MNIST photos with label questions, under the CIFAR-10-C corruption suite",
         settings: SettingsSpec::of::<FashionSettings>(),
-        build,
+        build: Build::Static(build),
     }))
 }
 

@@ -19,9 +19,9 @@ use burn::tensor::activation::{relu, tanh};
 use burn::tensor::{Tensor, TensorData};
 use mmpg::seed;
 use mmpg::{
-    AnchorSummary, Check, Factory, GeneratedParams, GeneratorContext, GeneratorError, GeneratorTraining, HostTensor,
-    ParameterGenerator, Plugin, PluginError, Settings, SettingsSpec, SlotSchema, SlotValues, Split, StaticPlugin,
-    TrainingLog, parse_settings,
+    AnchorSummary, Build, Check, Factory, GeneratedParams, GeneratorContext, GeneratorError, GeneratorTraining,
+    HostTensor, ParameterGenerator, Plugin, PluginError, Settings, SettingsSpec, SlotSchema, SlotValues, Split,
+    StaticPlugin, TrainingLog, parse_settings,
 };
 use mmpg_backends::modules::{
     CheckpointError, all_finite, inference_device, init_device, materialise, parameters, read_checkpoint, relocate,
@@ -727,7 +727,7 @@ inventory::submit! {
         name: "fda",
         summary: "Fast Domain Adaptor: variational set encoder → z → bounded per-slot decoder θ0 + Δ(z)",
         settings: SettingsSpec::of::<FdaSettings>(),
-        build,
+        build: Build::Static(build),
     }))
 }
 

@@ -22,11 +22,11 @@ use burn::tensor::module::avg_pool2d;
 use burn::tensor::{Int, Tensor, TensorData};
 use mmpg::seed;
 use mmpg::{
-    Check, Clip, CloudModel, DataSource, DeviceDescriptor, DeviceModel, DomainSpec, Factory, FeatureStats, FineTunable,
-    FineTuner, GeneratedParams, HostTensor, LinearHead, LinearQaHead, ModelContext, ModelError, Plugin, PluginError,
-    Progress, RetrievalEmbeddings, Settings, SettingsSpec, SlotGradient, SlotSchema, SlotSpec, SlotValues, Split,
-    StaticPlugin, StatisticsRecalibration, TaskSpec, TextSource, TrainingLog, TrainingPlan, TuneScope, ValidatedParams,
-    parse_settings,
+    Build, Check, Clip, CloudModel, DataSource, DeviceDescriptor, DeviceModel, DomainSpec, Factory, FeatureStats,
+    FineTunable, FineTuner, GeneratedParams, HostTensor, LinearHead, LinearQaHead, ModelContext, ModelError, Plugin,
+    PluginError, Progress, RetrievalEmbeddings, Settings, SettingsSpec, SlotGradient, SlotSchema, SlotSpec, SlotValues,
+    Split, StaticPlugin, StatisticsRecalibration, TaskSpec, TextSource, TrainingLog, TrainingPlan, TuneScope,
+    ValidatedParams, parse_settings,
 };
 use mmpg_backends::modules::{
     all_finite, inference_device, init_device, materialise, parameters, read_checkpoint, relocate, restore,
@@ -968,7 +968,7 @@ inventory::submit! {
         name: "lmm",
         summary: "lightweight multi-modal model: conv frame encoder + temporal pooling + text bag, fusion and QA head as dynamic slots",
         settings: SettingsSpec::of::<LmmSettings>(),
-        build,
+        build: Build::Static(build),
     }))
 }
 

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::{Int, Tensor, TensorData};
 use mmpg::{
-    BuildContext, Check, Factory, HostTensor, Plugin, PluginError, Settings, SettingsSpec, StaticPlugin, TextEncoder,
-    TextError, parse_settings,
+    Build, BuildContext, Check, Factory, HostTensor, Plugin, PluginError, Settings, SettingsSpec, StaticPlugin,
+    TextEncoder, TextError, parse_settings,
 };
 use mmpg_backends::{Backend, BurnDevice, HostTensorBurn as _};
 use serde::{Deserialize, Serialize};
@@ -374,6 +374,6 @@ inventory::submit! {
         name: "minilm",
         summary: "frozen BERT sentence encoder (all-MiniLM-L6-v2 by default): WordPiece, mean pooling, L2-normalised",
         settings: SettingsSpec::of::<MiniLmSettings>(),
-        build,
+        build: Build::Static(build),
     }))
 }

@@ -9,8 +9,8 @@
 use mmpg::seed::{self, Rng};
 use mmpg::source::{dirichlet, weighted_pick};
 use mmpg::{
-    BuildContext, Check, Clip, DataError, DataSource, DomainSpec, Factory, HostTensor, Plugin, PluginError, Settings,
-    SettingsSpec, Split, StaticPlugin, TaskSpec, parse_settings,
+    Build, BuildContext, Check, Clip, DataError, DataSource, DomainSpec, Factory, HostTensor, Plugin, PluginError,
+    Settings, SettingsSpec, Split, StaticPlugin, TaskSpec, parse_settings,
 };
 use rand::Rng as _;
 use rand_distr::{Distribution, Normal};
@@ -293,7 +293,7 @@ inventory::submit! {
         name: "synthetic",
         summary: "procedural video-QA clips (shapes, colours, counts, motion) with per-device shifts; no download",
         settings: SettingsSpec::of::<SyntheticSettings>(),
-        build,
+        build: Build::Static(build),
     }))
 }
 

@@ -21,8 +21,8 @@ use std::sync::{Arc, Mutex};
 
 use mmpg::seed;
 use mmpg::{
-    BuildContext, Check, Clip, DataError, DataSource, DomainSpec, Factory, HostTensor, Plugin, PluginError, Settings,
-    SettingsSpec, Split, StaticPlugin, TaskSpec, parse_settings,
+    Build, BuildContext, Check, Clip, DataError, DataSource, DomainSpec, Factory, HostTensor, Plugin, PluginError,
+    Settings, SettingsSpec, Split, StaticPlugin, TaskSpec, parse_settings,
 };
 use rand::Rng as _;
 use serde::{Deserialize, Serialize};
@@ -375,7 +375,7 @@ inventory::submit! {
         name: "videoqa",
         summary: "MSRVTT-QA / MSVD-QA annotations with pre-extracted [T, d] frame features; devices by video category",
         settings: SettingsSpec::of::<VideoQaSettings>(),
-        build,
+        build: Build::Static(build),
     }))
 }
 
