@@ -62,22 +62,35 @@ fn observed(report: &mmpg::report::RunReport) -> Observed {
 }
 
 #[test]
-fn adr_loaded_from_its_library_runs_exactly_as_linked_statically() {
+fn adr_fda_and_lmm_loaded_from_their_libraries_run_exactly_as_linked_statically() {
     let text = common::tiny_deployment(11, 40, 16, SHIFTS);
     let linked = common::registry();
     let deployment = Deployment::parse(&text, "static.toml", &linked).expect("valid");
     let baseline = runtime::run(&deployment, &linked, &NoProgress).expect("static run");
 
     let mut loaded = registry_without_adr();
-    let library = loaded.load_library(&adr_library(), None).expect("adr library loads");
-    assert_eq!(library.plugins, [(PluginKind::AnchorReasoner, "adr".to_string())]);
-    assert!(library.backends.is_empty(), "adr computes on the host: {:?}", library.backends);
-    assert_eq!(loaded.origin(PluginKind::AnchorReasoner, "adr").map(|l| &l.sha256), Some(&library.sha256));
+    loaded.remove(PluginKind::Generator, "fda").expect("fda is built in");
+    loaded.remove(PluginKind::Model, "lmm").expect("lmm is built in");
+    let adr = loaded.load_library(&adr_library(), None).expect("adr library loads");
+    assert_eq!(adr.plugins, [(PluginKind::AnchorReasoner, "adr".to_string())]);
+    assert!(adr.backends.is_empty(), "adr computes on the host: {:?}", adr.backends);
+    let fda = loaded.load_library(&library("mmpg_fda_plugin"), None).expect("fda library loads");
+    assert!(fda.backends.contains(&"cpu".to_string()), "{:?}", fda.backends);
+    loaded.load_library(&library("mmpg_lmm_plugin"), None).expect("lmm library loads");
+    for (kind, name) in
+        [(PluginKind::AnchorReasoner, "adr"), (PluginKind::Generator, "fda"), (PluginKind::Model, "lmm")]
+    {
+        assert!(loaded.origin(kind, name).is_some(), "{kind} {name} comes from its library");
+    }
     let deployment_loaded = Deployment::parse(&text, "loaded.toml", &loaded).expect("valid");
-    let from_library = runtime::run(&deployment_loaded, &loaded, &NoProgress).expect("loaded run");
+    let from_libraries = runtime::run(&deployment_loaded, &loaded, &NoProgress).expect("loaded run");
 
-    assert_eq!(observed(&baseline), observed(&from_library));
-    assert_eq!(baseline.fleet.adapted_accuracy, from_library.fleet.adapted_accuracy);
+    assert_eq!(observed(&baseline), observed(&from_libraries));
+    assert_eq!(baseline.fleet.adapted_accuracy, from_libraries.fleet.adapted_accuracy);
+    let retrieval = |r: &mmpg::report::RunReport| -> Vec<_> {
+        r.devices.iter().map(|d| (d.static_retrieval, d.adapted_retrieval)).collect()
+    };
+    assert_eq!(retrieval(&baseline), retrieval(&from_libraries));
     // A rebuilt library may train differently: checkpoints of the two are not interchangeable.
     assert_ne!(deployment.training_fingerprint(), deployment_loaded.training_fingerprint());
 }
@@ -238,6 +251,13 @@ fn duplicate_names_in_one_library_and_a_panicking_entry_point_are_refused() {
     let (code, stderr) = mmpg_with_fixture("entry-panics", &["--plugin", lib, "plugins"]);
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("its entry point failed while building its plugin list (it panicked)"), "{stderr}");
+    let (code, stderr) = mmpg_with_fixture("data-source", &["--plugin", lib, "plugins"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("data source `empty` from "), "{stderr}");
+    assert!(
+        stderr.contains("cannot be loaded: plugin ABI 1 carries anchor reasoners, models and generators"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -294,4 +314,57 @@ fn the_out_of_tree_herding_plugin_adapts_a_fleet() {
         assert!(device.error.is_none(), "{}: {:?}", device.device, device.error);
         assert_eq!(device.anchors, 5);
     }
+}
+
+/// The baselines reach the model's capabilities (fine-tuning, statistics recalibration, its
+/// linear head) through the boundary too: `mmpg bench` with `lmm` from its library matches the
+/// linked one row by row.
+#[test]
+fn bench_baselines_use_a_loaded_models_capabilities_as_a_linked_ones() {
+    let text = r#"
+seed = 3
+[cloud.training]
+pretrain_steps = 30
+generator_steps = 8
+source_domains = 6
+[fleet]
+window_clips = 8
+eval_clips = 32
+shifts = [{ kind = "contrast", severity = 5 }, { kind = "clean" }]
+[bench]
+k_sweep = []
+generation_repeats = 2
+backends = []
+[[bench.baselines]]
+plugin = "static"
+[[bench.baselines]]
+plugin = "fta"
+settings = { labels = 4, max_epochs = 2 }
+[[bench.baselines]]
+plugin = "fta"
+name = "FTA all"
+settings = { labels = 4, max_epochs = 2, scope = "all" }
+[[bench.baselines]]
+plugin = "feature-stats"
+[[bench.baselines]]
+plugin = "t3a"
+"#;
+    let rows = |registry: &Registry| {
+        let deployment = Deployment::parse(text, "bench.toml", registry).expect("valid");
+        let report = mmpg_bench::bench(&deployment, registry, &NoProgress).expect("bench runs");
+        report
+            .methods
+            .iter()
+            .map(|m| {
+                assert_eq!(m.failures, 0, "{} failed on a device", m.method);
+                (m.method.clone(), m.accuracy_all_devices, m.bytes_up, m.bytes_down, m.device_trainable_parameters)
+            })
+            .collect::<Vec<_>>()
+    };
+    let linked = rows(&common::registry());
+    let mut loaded = common::registry();
+    loaded.remove(PluginKind::Model, "lmm").expect("lmm is built in");
+    loaded.load_library(&library("mmpg_lmm_plugin"), None).expect("lmm library loads");
+    assert_eq!(linked, rows(&loaded));
+    assert!(linked.len() >= 5, "{linked:?}");
 }

@@ -25,6 +25,22 @@ pub type Backend = burn::Dispatch;
 /// A device of [`Backend`].
 pub type BurnDevice = burn::DispatchDevice;
 
+/// The backend families compiled into this build (what a plugin library built with this crate
+/// declares in `mmpg::export_plugins!(backends = …)`).
+pub fn compiled() -> Vec<&'static str> {
+    let mut kinds = vec!["cpu"];
+    if cfg!(feature = "wgpu") {
+        kinds.push("wgpu");
+    }
+    if cfg!(feature = "cuda") {
+        kinds.push("cuda");
+    }
+    if cfg!(feature = "tch") {
+        kinds.push("tch");
+    }
+    kinds
+}
+
 /// The Burn device a descriptor names, built by its family (checked once per process with a
 /// real computation), with automatic differentiation when the descriptor asks for it.
 ///

@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Why a backend cannot be used.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum BackendError {
     /// The family exists but this binary was built without it.
     #[error("backend `{kind}` is not compiled in: rebuild with `--features {feature}`")]

@@ -8,7 +8,7 @@ use crate::tensor::HostTensor;
 
 /// One multi-modal sample: a short video, a question about it, a caption, and (on labelled
 /// data only) the index of the answer in the task's answer vocabulary.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Clip {
     /// Frames as `[T, C, H, W]`, values in `[0, 1]`.
     pub frames: HostTensor,

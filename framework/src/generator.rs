@@ -8,7 +8,7 @@ use crate::source::{DataError, DataSource};
 use crate::{Progress, TrainingLog};
 
 /// Why generation or training failed.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum GeneratorError {
     /// A summary from a device is malformed or has the wrong dimension.
     #[error("summary rejected: {0}")]
@@ -41,13 +41,17 @@ pub enum GeneratorError {
         /// The loss value seen (NaN when the parameters diverged after a finite loss).
         loss: f64,
     },
+    /// A plugin library's generator failed at the boundary (it panicked, or its answer did
+    /// not decode); the message names the plugin and its library.
+    #[error("{0}")]
+    Plugin(String),
     /// The generator does not offer this capability.
     #[error("`{generator}` does not support {capability}")]
     Unsupported {
         /// Generator name.
         generator: String,
         /// What was asked.
-        capability: &'static str,
+        capability: std::borrow::Cow<'static, str>,
     },
 }
 
@@ -92,7 +96,7 @@ pub trait ParameterGenerator: Send {
 
     /// Trains on source domains.
     fn train(&mut self, _ctx: &GeneratorTraining<'_>) -> Result<TrainingLog, GeneratorError> {
-        Err(GeneratorError::Unsupported { generator: self.name().into(), capability: "training" })
+        Err(GeneratorError::Unsupported { generator: self.name().into(), capability: "training".into() })
     }
 
     /// Trainable parameters on the cloud side.
@@ -107,12 +111,12 @@ pub trait ParameterGenerator: Send {
 
     /// Serialises the trained generator.
     fn save(&self) -> Result<Vec<u8>, GeneratorError> {
-        Err(GeneratorError::Unsupported { generator: self.name().into(), capability: "checkpoints" })
+        Err(GeneratorError::Unsupported { generator: self.name().into(), capability: "checkpoints".into() })
     }
 
     /// Restores a generator written by [`ParameterGenerator::save`].
     fn load(&mut self, _bytes: &[u8]) -> Result<(), GeneratorError> {
-        Err(GeneratorError::Unsupported { generator: self.name().into(), capability: "checkpoints" })
+        Err(GeneratorError::Unsupported { generator: self.name().into(), capability: "checkpoints".into() })
     }
 
     /// Parameters for one summary.

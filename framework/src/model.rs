@@ -11,7 +11,7 @@ use crate::tensor::HostTensor;
 use crate::{Progress, TrainingLog};
 
 /// Why a model call failed.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum ModelError {
     /// Input clips disagree with the model's expected frame shape.
     #[error("bad input: {0}")]
@@ -36,25 +36,29 @@ pub enum ModelError {
     /// The device it was asked to run on cannot be used.
     #[error(transparent)]
     Backend(#[from] BackendError),
+    /// A plugin library's model failed at the boundary (it panicked, or its answer did not
+    /// decode); the message names the plugin and its library.
+    #[error("{0}")]
+    Plugin(String),
     /// The model does not offer this capability.
     #[error("`{model}` does not support {capability}")]
     Unsupported {
         /// Model name.
         model: String,
         /// What was asked.
-        capability: &'static str,
+        capability: std::borrow::Cow<'static, str>,
     },
 }
 
 impl ModelError {
     /// `model` does not offer `capability`.
     pub fn unsupported(model: &str, capability: &'static str) -> Self {
-        Self::Unsupported { model: model.into(), capability }
+        Self::Unsupported { model: model.into(), capability: capability.into() }
     }
 }
 
 /// Video and text embeddings in the joint retrieval space, row-aligned with the input clips.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RetrievalEmbeddings {
     /// `[n, e]` L2-normalised video embeddings.
     pub video: HostTensor,
@@ -85,12 +89,12 @@ pub trait DeviceModel: Send {
 
     /// Question embeddings `[n, e]` of `clips` (what text-side anchors summarise).
     fn text_features(&self, _clips: &[Clip]) -> Result<HostTensor, ModelError> {
-        Err(ModelError::Unsupported { model: self.name().into(), capability: "text features" })
+        Err(ModelError::Unsupported { model: self.name().into(), capability: "text features".into() })
     }
 
     /// Joint-space embeddings for retrieval.
     fn retrieval_embeddings(&self, _clips: &[Clip]) -> Result<RetrievalEmbeddings, ModelError> {
-        Err(ModelError::Unsupported { model: self.name().into(), capability: "retrieval" })
+        Err(ModelError::Unsupported { model: self.name().into(), capability: "retrieval".into() })
     }
 
     /// A display name.
@@ -201,7 +205,7 @@ pub trait LinearQaHead {
 }
 
 /// The slot names of a linear head `logits = x · weight + bias`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LinearHead {
     /// `[h, classes]` weight slot.
     pub weight_slot: String,
@@ -220,7 +224,7 @@ pub type SlotValues = BTreeMap<String, HostTensor>;
 /// A labelled batch's task loss and its gradient with respect to the slot values: the
 /// vector-Jacobian product `∂loss/∂θ` a [`CloudModel`] offers so that a parameter generator can
 /// train through it without sharing its autodiff graph (see [`CloudModel::task_vjp`]).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SlotGradient {
     /// Mean QA cross-entropy of the batch, in nats.
     pub loss: f64,
@@ -242,8 +246,9 @@ pub struct TrainingPlan {
 }
 
 /// The model as the cloud holds it: trainable on labelled source domains, differentiable with
-/// respect to its dynamic slots, and exportable to devices.
-pub trait CloudModel: Send {
+/// respect to its dynamic slots, and exportable to devices. `Sync` because a generator trains
+/// through it from wherever it runs, including inside a plugin library.
+pub trait CloudModel: Send + Sync {
     /// The dynamic slots.
     fn schema(&self) -> &SlotSchema;
 
@@ -276,7 +281,7 @@ pub trait CloudModel: Send {
 
     /// Question embeddings `[n, e]` as a device computes them.
     fn text_features(&self, _clips: &[Clip]) -> Result<HostTensor, ModelError> {
-        Err(ModelError::Unsupported { model: "cloud model".into(), capability: "text features" })
+        Err(ModelError::Unsupported { model: "cloud model".into(), capability: "text features".into() })
     }
 
     /// Mean QA cross-entropy of labelled `clips` with the given slot values, and its gradient
@@ -305,11 +310,11 @@ pub trait CloudModel: Send {
 
     /// Serialises the trained model.
     fn save(&self) -> Result<Vec<u8>, ModelError> {
-        Err(ModelError::Unsupported { model: "cloud model".into(), capability: "checkpoints" })
+        Err(ModelError::Unsupported { model: "cloud model".into(), capability: "checkpoints".into() })
     }
 
     /// Restores a model written by [`CloudModel::save`]; bytes are validated, never trusted.
     fn load(&mut self, _bytes: &[u8]) -> Result<(), ModelError> {
-        Err(ModelError::Unsupported { model: "cloud model".into(), capability: "checkpoints" })
+        Err(ModelError::Unsupported { model: "cloud model".into(), capability: "checkpoints".into() })
     }
 }

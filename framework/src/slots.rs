@@ -199,7 +199,7 @@ impl ValidatedParams {
 }
 
 /// Why parameters were refused. The device keeps its previous parameters on every one of these.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize)]
 pub enum ParamsError {
     /// Generated for another model layout.
     #[error("parameters are for schema {found}, this model has schema {expected}")]

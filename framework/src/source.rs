@@ -4,7 +4,7 @@ use crate::data::{Clip, DomainSpec, Shift, Split, TaskSpec};
 use crate::seed;
 
 /// Why data could not be produced.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum DataError {
     /// A shift kind this source does not implement.
     #[error("unknown shift kind `{kind}`; this data source supports: {supported}")]

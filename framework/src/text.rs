@@ -6,7 +6,7 @@ use std::path::Path;
 use crate::tensor::HostTensor;
 
 /// Why texts could not be embedded.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum TextError {
     /// The model files are missing or malformed.
     #[error("{0}")]

@@ -34,12 +34,15 @@ pub struct RawSink {
     write: unsafe extern "C" fn(ctx: *mut c_void, bytes: *const u8, len: usize),
 }
 
-/// A call into an object: `(ctx, method, input, input_len, sink, new_object) -> status`.
+/// A call into an object: `(ctx, method, input, input_len, args, n_args, sink, new_object) ->
+/// status`. The callee owns the `n_args` objects at `args` from the call on (it drops each).
 pub type CallFn = unsafe extern "C" fn(
     ctx: *mut c_void,
     method: u32,
     input: *const u8,
     input_len: usize,
+    args: *mut RawObject,
+    n_args: usize,
     sink: *mut RawSink,
     new_object: *mut RawObject,
 ) -> u32;
@@ -119,8 +122,10 @@ pub fn export(
     exported.as_ref().map_or(std::ptr::null(), |e| &e.0 as *const RawLibrary)
 }
 
-/// Turns a served object into its raw form; the host owns it until it calls `drop`.
-fn object_from(served: Box<dyn Serve>) -> RawObject {
+/// Turns a served object into its raw form; whoever receives it owns it until it calls `drop`.
+/// Both sides serve objects: the library its plugins, the host what it passes into a call
+/// (a data source, progress, the model a generator trains through).
+pub fn object_from(served: Box<dyn Serve>) -> RawObject {
     let ctx = Box::into_raw(Box::new(served)).cast::<c_void>();
     RawObject { ctx, call: Some(call_served), drop: Some(drop_served) }
 }
@@ -130,19 +135,27 @@ unsafe extern "C" fn call_served(
     method: u32,
     input: *const u8,
     input_len: usize,
+    args: *mut RawObject,
+    n_args: usize,
     sink: *mut RawSink,
     new_object: *mut RawObject,
 ) -> u32 {
+    // Take ownership of the arguments first, so they are released whatever happens next.
+    let args: Vec<Remote> = (0..n_args)
+        // SAFETY: the caller passes `n_args` objects at `args` and hands their ownership over;
+        // each is read exactly once, and the caller does not release them.
+        .map(|i| Remote(unsafe { std::ptr::read(args.add(i)) }))
+        .collect();
     let outcome = catch_unwind(AssertUnwindSafe(|| {
-        // SAFETY: `ctx` came from `object_from` and the host calls it only before `drop`.
+        // SAFETY: `ctx` came from `object_from` and is called only before `drop`.
         let served: &dyn Serve = unsafe { &**ctx.cast::<Box<dyn Serve>>() };
         let input: &[u8] = if input_len == 0 || input.is_null() {
             &[]
         } else {
-            // SAFETY: the host passes `input_len` readable bytes that outlive this call.
+            // SAFETY: the caller passes `input_len` readable bytes that outlive this call.
             unsafe { std::slice::from_raw_parts(input, input_len) }
         };
-        served.serve(method, input)
+        served.serve(method, input, args)
     }))
     .unwrap_or_else(|payload| Outcome::panicked(&*payload));
     let (status, bytes, object) = outcome.into_parts();
@@ -197,20 +210,92 @@ unsafe extern "C" fn sink_write(ctx: *mut c_void, bytes: *const u8, len: usize) 
 }
 
 impl Remote {
-    /// Calls a method with input bytes.
-    pub fn call(&self, method: u32, input: &[u8]) -> Answer {
+    /// Calls a method with input bytes, handing over `args` (objects this side serves, made with
+    /// [`object_from`] or [`lend`]).
+    pub fn call(&self, method: u32, input: &[u8], args: Vec<RawObject>) -> Answer {
         let mut bytes: Vec<u8> = Vec::new();
         let mut sink = RawSink { ctx: (&raw mut bytes).cast::<c_void>(), write: sink_write };
         let mut object = RawObject::NONE;
         let Some(call) = self.0.call else {
+            drop(args.into_iter().map(Remote).collect::<Vec<_>>());
             return Answer { status: super::status::UNKNOWN_METHOD, bytes, object: None };
         };
-        // SAFETY: `self.0` is a live object of its library (libraries are never unloaded and
-        // `Remote` drops it once); the input, sink and out-slot outlive the call.
-        let status = unsafe { call(self.0.ctx, method, input.as_ptr(), input.len(), &raw mut sink, &raw mut object) };
+        // The callee takes ownership of every argument: forget them here, never release twice.
+        let mut args = std::mem::ManuallyDrop::new(args);
+        // SAFETY: `self.0` is a live object (libraries are never unloaded and `Remote` drops it
+        // once); the input, arguments, sink and out-slot outlive the call.
+        let status = unsafe {
+            call(
+                self.0.ctx,
+                method,
+                input.as_ptr(),
+                input.len(),
+                args.as_mut_ptr(),
+                args.len(),
+                &raw mut sink,
+                &raw mut object,
+            )
+        };
+        // SAFETY: the vector's buffer is ours; its elements were moved out by the callee.
+        unsafe { args.set_len(0) };
+        drop(std::mem::ManuallyDrop::into_inner(args));
         let object = object.call.is_some().then_some(Remote(object));
         Answer { status, bytes, object }
     }
+}
+
+/// A borrowed object lent into one call: usable until the lender revokes it (when the call
+/// returns), after which every call answers an error instead of touching freed memory.
+struct Lent {
+    slot: std::sync::RwLock<Option<&'static dyn Serve>>,
+}
+
+impl Serve for std::sync::Arc<Lent> {
+    fn serve(&self, method: u32, input: &[u8], args: Vec<Remote>) -> Outcome {
+        let slot = self.slot.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match *slot {
+            Some(served) => served.serve(method, input, args),
+            None => Outcome::revoked(),
+        }
+    }
+}
+
+/// Revokes a lent object when dropped.
+#[derive(Debug)]
+struct Lease(std::sync::Arc<Lent>);
+
+impl std::fmt::Debug for Lent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Lent")
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        // The write lock waits for calls in flight, so none outlives the borrow.
+        *self.0.slot.write().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
+}
+
+/// Lends borrowed objects into `f`'s calls: each crosses the boundary as an argument although
+/// it borrows local data, and is revoked when `f` returns (or unwinds).
+pub fn with_lent<'a, R>(lent: &[&'a (dyn Serve + 'a)], f: impl FnOnce(Vec<RawObject>) -> R) -> R {
+    let mut leases = Vec::with_capacity(lent.len());
+    let mut raw = Vec::with_capacity(lent.len());
+    for served in lent {
+        // SAFETY: the `'static` reference is reachable only through `slot`, and the `Lease`
+        // below clears `slot` under the write lock before this function returns or unwinds
+        // (leases are locals here, never handed out, so they cannot be forgotten); every use
+        // holds the read lock and checks the slot first. So no use outlives `'a`.
+        let extended: &'static dyn Serve =
+            unsafe { std::mem::transmute::<&'a (dyn Serve + 'a), &'static dyn Serve>(*served) };
+        let cell = std::sync::Arc::new(Lent { slot: std::sync::RwLock::new(Some(extended)) });
+        raw.push(object_from(Box::new(cell.clone())));
+        leases.push(Lease(cell));
+    }
+    let result = f(raw);
+    drop(leases);
+    result
 }
 
 impl Drop for Remote {
@@ -271,9 +356,10 @@ pub fn open(path: &Path, expected_abi: u32) -> Result<Opened, OpenFailure> {
     if raw.is_null() {
         return Err(OpenFailure::EntryFailed);
     }
-    // SAFETY: `raw` points to a `RawLibrary` of some ABI version; `abi` is its first field in
-    // every version, so reading it is valid whatever the rest of the layout.
-    let abi = unsafe { (*raw).abi };
+    // SAFETY: `raw` points to a descriptor of some ABI version; `abi`, a `u32`, is its first
+    // field in every version, so reading those four bytes is valid whatever the rest of the
+    // layout (and its alignment: another version's descriptor may be less aligned than ours).
+    let abi = unsafe { raw.cast::<u32>().read_unaligned() };
     if abi != expected_abi {
         return Ok(Opened { abi, fields: None });
     }
@@ -297,4 +383,59 @@ pub fn open(path: &Path, expected_abi: u32) -> Result<Opened, OpenFailure> {
         }
     };
     Ok(Opened { abi, fields: Some(fields) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::abi::status;
+
+    /// Answers its input back, or panics on method 9.
+    struct Echo;
+
+    impl Serve for Echo {
+        fn serve(&self, method: u32, input: &[u8], args: Vec<Remote>) -> Outcome {
+            match method {
+                9 => panic!("echo was asked to panic"),
+                // Calls its first argument's method 1 and answers what it said.
+                2 => match args.first() {
+                    Some(inner) => Outcome::value(inner.call(1, input, Vec::new()).bytes),
+                    None => Outcome::missing_argument("an object"),
+                },
+                _ => Outcome::value(input.to_vec()),
+            }
+        }
+    }
+
+    fn echo() -> Remote {
+        Remote(object_from(Box::new(Echo)))
+    }
+
+    #[test]
+    fn a_call_answers_through_the_sink_and_a_panic_becomes_a_status() {
+        let remote = echo();
+        let answer = remote.call(1, b"hello", Vec::new());
+        assert_eq!(answer.status, status::OK);
+        assert_eq!(crate::abi::decode::<Vec<u8>>(&answer.bytes).expect("decodes"), b"hello");
+        let answer = remote.call(9, b"", Vec::new());
+        assert_eq!(answer.status, status::PANIC);
+        assert_eq!(String::from_utf8_lossy(&answer.bytes), "echo was asked to panic");
+        // The object survives its panic.
+        assert_eq!(remote.call(1, b"again", Vec::new()).status, status::OK);
+    }
+
+    #[test]
+    fn arguments_are_handed_over_and_lent_objects_are_revoked_when_the_call_returns() {
+        let remote = echo();
+        let local = Echo;
+        let answer = with_lent(&[&local], |args| remote.call(2, b"via the loan", args));
+        assert_eq!(answer.status, status::OK);
+        // A callee that keeps a lent object finds it revoked afterwards, not dangling.
+        let kept = with_lent(&[&local], |mut args| args.pop().map(Remote).expect("one argument"));
+        let answer = kept.call(1, b"too late", Vec::new());
+        assert_eq!(answer.status, status::REVOKED);
+        // Given (not lent) objects belong to the callee and stay usable.
+        let answer = remote.call(2, b"given", vec![object_from(Box::new(Echo))]);
+        assert_eq!(answer.status, status::OK);
+    }
 }

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::ffi::{self, OpenFailure};
-use super::proxy::{self, LibraryLink};
+use super::library::{self, LibraryLink};
 use super::{ABI_VERSION, MMPG_VERSION, target};
 use crate::registry::{PluginKind, Registry, RegistryError};
 
@@ -189,12 +189,12 @@ impl Registry {
         if fields.target != target() {
             return Err(LoadError::Target { path: path_buf, found: fields.target, expected: target() });
         }
-        let link = Arc::new(LibraryLink { root: fields.root, path: path_buf.clone() });
+        let link = Arc::new(LibraryLink::new(fields.root, path_buf.clone()));
         let plugins_error = |message| LoadError::Plugins { path: path_buf.clone(), message };
         let infos = link.list().map_err(plugins_error)?;
         let plugins = infos
             .into_iter()
-            .map(|info| proxy::plugin(&link, info))
+            .map(|info| library::plugin(&link, info))
             .collect::<Result<Vec<_>, _>>()
             .map_err(plugins_error)?;
         let library = LoadedLibrary {

@@ -14,22 +14,28 @@
 //! checked before the library is opened, every descriptor field checked against the host) and
 //! `[[plugins]]` in a deployment (see [`crate::config`]).
 //!
-//! What this ABI carries: anchor reasoners. Other kinds are refused at load time with a
-//! message saying so.
+//! What this ABI carries: anchor reasoners, models (with the device models and fine-tuners they
+//! make) and parameter generators; during a call, the host lends what the call borrows (the data
+//! source, progress, the model a generator trains through) and gives what a plugin keeps (the
+//! text encoder). Other kinds are refused at load time with a message saying so.
 
 pub mod ffi;
+mod generator;
+mod host;
+mod library;
 mod loader;
+mod model;
 mod proxy;
+mod reasoner;
 pub mod serve;
 
 pub(crate) use loader::parse_pin as loader_pin;
 pub use loader::{LoadError, LoadedLibrary, sha256_hex};
 
+use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 
-use crate::backend::DeviceDescriptor;
-use crate::registry::{Plugin, PluginKind};
+use crate::registry::Plugin;
 
 /// The plugin ABI this mmpg speaks. Bumped whenever anything that crosses the boundary
 /// changes: the descriptor, a method number, or the encoding of any argument or result.
@@ -67,6 +73,8 @@ pub(crate) mod status {
     pub const BAD_INPUT: u32 = 4;
     /// The result did not encode; the answer says why.
     pub const BAD_OUTPUT: u32 = 5;
+    /// A lent object was used after the call that lent it returned.
+    pub const REVOKED: u32 = 6;
 
     /// A failed call's status and text, in words.
     pub fn describe(status: u32, bytes: &[u8]) -> String {
@@ -76,60 +84,10 @@ pub(crate) mod status {
             UNKNOWN_METHOD => format!("does not implement the method called ({text}): was it built for another ABI?"),
             BAD_INPUT => format!("could not decode its input: {text}"),
             BAD_OUTPUT => format!("could not encode its result: {text}"),
+            REVOKED => format!("used an object after its loan ended: {text}"),
             other => format!("answered unknown status {other}"),
         }
     }
-}
-
-/// Method numbers. The root object's and each plugin kind's are separate spaces.
-pub(crate) mod method {
-    /// Root: the factories, `Vec<FactoryInfo>`.
-    pub const LIST: u32 = 1;
-    /// Root: `SettingsRequest` → `Result<(), Vec<SettingsError>>`.
-    pub const CHECK: u32 = 2;
-    /// Root: `SettingsRequest` → `Option<u64>`.
-    pub const CLIP_BYTES: u32 = 3;
-    /// Root: `BuildRequest` → a new object.
-    pub const BUILD: u32 = 4;
-
-    /// Anchor reasoner: `(HostTensor, u64)` → `Vec<usize>`.
-    pub const SELECT: u32 = 1;
-    /// Anchor reasoner: `()` → `Quantisation`.
-    pub const QUANTISATION: u32 = 2;
-    /// Anchor reasoner: `(HostTensor, FeatureStats, usize, u64)` → `AnchorSummary`.
-    pub const SUMMARISE: u32 = 3;
-    /// Anchor reasoner: `()` → `usize`.
-    pub const TEXT_ANCHOR_COUNT: u32 = 4;
-    /// Anchor reasoner: `(HostTensor, u64)` → `Option<QuantisedTensor>`.
-    pub const SUMMARISE_TEXT: u32 = 5;
-}
-
-/// One factory a library exports.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct FactoryInfo {
-    kind: PluginKind,
-    name: String,
-    summary: String,
-    /// Default settings as TOML text.
-    defaults: String,
-}
-
-/// Settings of one of a library's plugins, as TOML text.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct SettingsRequest {
-    kind: PluginKind,
-    name: String,
-    settings: String,
-}
-
-/// Build one of a library's plugins.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct BuildRequest {
-    kind: PluginKind,
-    name: String,
-    settings: String,
-    seed: u64,
-    device: DeviceDescriptor,
 }
 
 fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, String> {
@@ -145,7 +103,7 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
 /// compute on the host only).
 pub fn export(backends: &[&str], plugins: fn() -> Vec<Plugin>) -> *const ffi::RawLibrary {
     ffi::export(ABI_VERSION, MMPG_VERSION.into(), target(), backends.join(","), || {
-        Box::new(serve::Library::new(plugins()))
+        Box::new(library::Library::new(plugins()))
     })
 }
 
@@ -177,4 +135,36 @@ macro_rules! export_plugins {
     ($($plugin:expr),+ $(,)?) => {
         $crate::export_plugins!(backends = [] as [&str; 0]; $($plugin),+);
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::HostTensor;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn tensors_cross_unchanged(shape in prop::collection::vec(0usize..5, 0..4), seed in any::<u32>()) {
+            let n: usize = shape.iter().product();
+            let values: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37 + seed as f32).sin()).collect();
+            let tensor = HostTensor::new(shape, values).expect("fits");
+            let bytes = encode(&tensor).expect("encodes");
+            prop_assert_eq!(decode::<HostTensor>(&bytes).expect("decodes"), tensor);
+        }
+
+        #[test]
+        fn no_bytes_decode_into_a_tensor_whose_shape_and_values_disagree(bytes in prop::collection::vec(any::<u8>(), 0..64)) {
+            if let Ok(tensor) = decode::<HostTensor>(&bytes) {
+                prop_assert_eq!(tensor.shape().iter().product::<usize>(), tensor.len());
+            }
+        }
+    }
+
+    #[test]
+    fn the_target_names_arch_os_and_env() {
+        let target = target();
+        assert_eq!(target.split('-').count(), 3, "{target}");
+        assert!(target.starts_with(std::env::consts::ARCH));
+    }
 }

@@ -1,25 +1,21 @@
-//! The plugin side of the boundary: a library's plugins served to the host. Each plugin object
-//! becomes a [`Serve`] that decodes a method's input, calls the ordinary Rust trait, and
-//! encodes its result — so a plugin author writes normal Rust and calls
-//! [`crate::export_plugins`].
+//! Serving objects across the boundary: [`Serve`], what a call answers ([`Outcome`]), and the
+//! helpers every served trait uses to decode a method's input and encode its result. Both sides
+//! serve: a library its plugins, the host what it passes into a call.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{BuildRequest, FactoryInfo, SettingsRequest, decode, encode, method, status};
-use crate::anchor::AnchorReasoner;
-use crate::registry::{BuildContext, Plugin, PluginKind};
-use crate::tensor::HostTensor;
-use crate::{FeatureStats, SettingsError};
+use super::ffi::Remote;
+use super::{decode, encode, status};
 
-/// An object served across the boundary: one method call at a time per caller, any number of
-/// callers at once (hence `Sync`).
+/// An object served across the boundary. Calls may come from any thread (hence `Sync`);
+/// objects that need exclusive access hold a mutex.
 pub trait Serve: Send + Sync {
-    /// Answers one call.
-    fn serve(&self, method: u32, input: &[u8]) -> Outcome;
+    /// Answers one call; `args` are objects the caller handed over for it.
+    fn serve(&self, method: u32, input: &[u8], args: Vec<Remote>) -> Outcome;
 }
 
-/// What a call answers.
+/// What a call answers: a status, bytes, and optionally a new object.
 pub struct Outcome {
     status: u32,
     bytes: Vec<u8>,
@@ -34,7 +30,7 @@ impl std::fmt::Debug for Outcome {
 
 impl Outcome {
     /// A result: `Ok` encodes the value, `Err` the method's typed error.
-    fn of<T: Serialize, E: Serialize>(result: Result<T, E>) -> Self {
+    pub(crate) fn of<T: Serialize, E: Serialize>(result: Result<T, E>) -> Self {
         let (status, bytes) = match result {
             Ok(value) => (status::OK, encode(&value)),
             Err(error) => (status::ERROR, encode(&error)),
@@ -45,13 +41,36 @@ impl Outcome {
         }
     }
 
-    /// A new object.
-    fn object(object: Box<dyn Serve>) -> Self {
-        Self { status: status::OK, bytes: Vec::new(), object: Some(object) }
+    /// A value of a method that cannot fail.
+    pub(crate) fn value<T: Serialize>(value: T) -> Self {
+        Self::of::<T, ()>(Ok(value))
+    }
+
+    /// A new object, or the method's typed error.
+    pub(crate) fn object<E: Serialize>(result: Result<Box<dyn Serve>, E>) -> Self {
+        match result {
+            Ok(object) => Self { status: status::OK, bytes: Vec::new(), object: Some(object) },
+            Err(error) => Self::of::<(), E>(Err(error)),
+        }
     }
 
     fn failure(status: u32, message: String) -> Self {
         Self { status, bytes: message.into_bytes(), object: None }
+    }
+
+    /// The method number is not one of this object's.
+    pub(crate) fn unknown(method: u32) -> Self {
+        Self::failure(status::UNKNOWN_METHOD, format!("no method {method}"))
+    }
+
+    /// The method needs an argument object that was not passed.
+    pub(crate) fn missing_argument(what: &str) -> Self {
+        Self::failure(status::BAD_INPUT, format!("missing argument: {what}"))
+    }
+
+    /// A lent object used after the call that lent it returned.
+    pub(crate) fn revoked() -> Self {
+        Self::failure(status::REVOKED, "the object was lent for one call, which has returned".into())
     }
 
     /// A panic caught at the boundary.
@@ -70,110 +89,23 @@ impl Outcome {
 }
 
 /// Decodes a method's input and answers with `f`'s result.
-fn with<I: DeserializeOwned, T: Serialize, E: Serialize>(input: &[u8], f: impl FnOnce(I) -> Result<T, E>) -> Outcome {
+pub(crate) fn with<I: DeserializeOwned, T: Serialize, E: Serialize>(
+    input: &[u8],
+    f: impl FnOnce(I) -> Result<T, E>,
+) -> Outcome {
     match decode::<I>(input) {
         Ok(input) => Outcome::of(f(input)),
         Err(message) => Outcome::failure(status::BAD_INPUT, message),
     }
 }
 
-fn unknown(method: u32) -> Outcome {
-    Outcome::failure(status::UNKNOWN_METHOD, format!("no method {method}"))
-}
-
-/// The library itself: lists its factories, checks settings, builds plugins.
-pub(super) struct Library {
-    plugins: Vec<Plugin>,
-}
-
-impl Library {
-    pub(super) fn new(plugins: Vec<Plugin>) -> Self {
-        Self { plugins }
-    }
-
-    fn find(&self, kind: PluginKind, name: &str) -> Result<&Plugin, String> {
-        self.plugins
-            .iter()
-            .find(|p| p.kind() == kind && p.name() == name)
-            .ok_or_else(|| format!("this library has no {kind} plugin named `{name}`"))
-    }
-
-    fn settings(&self, request: &SettingsRequest) -> Result<(crate::SettingsSpec, toml::Table), String> {
-        let plugin = self.find(request.kind, &request.name)?;
-        let spec = plugin.settings().ok_or_else(|| format!("{} `{}` takes no settings", request.kind, request.name))?;
-        let table: toml::Table = toml::from_str(&request.settings).map_err(|e| format!("settings TOML: {e}"))?;
-        Ok((spec, table))
-    }
-
-    fn build(&self, request: BuildRequest) -> Outcome {
-        let plugin = match self.find(request.kind, &request.name) {
-            Ok(p) => p,
-            Err(message) => return Outcome::of::<(), String>(Err(message)),
-        };
-        let table: toml::Table = match toml::from_str(&request.settings) {
-            Ok(t) => t,
-            Err(e) => return Outcome::of::<(), String>(Err(format!("settings TOML: {e}"))),
-        };
-        let ctx = BuildContext { seed: request.seed, device: request.device };
-        match plugin {
-            Plugin::AnchorReasoner(factory) => match factory.build(&table, &ctx) {
-                Ok(reasoner) => Outcome::object(Box::new(ServedReasoner(reasoner))),
-                Err(e) => Outcome::of::<(), String>(Err(e.to_string())),
-            },
-            other => Outcome::of::<(), String>(Err(format!("{} plugins cannot be served by this ABI", other.kind()))),
-        }
-    }
-}
-
-impl Serve for Library {
-    fn serve(&self, method: u32, input: &[u8]) -> Outcome {
-        match method {
-            method::LIST => Outcome::of::<_, String>(Ok(self
-                .plugins
-                .iter()
-                .map(|p| FactoryInfo {
-                    kind: p.kind(),
-                    name: p.name().into(),
-                    summary: p.summary().into(),
-                    defaults: p.settings().map(|s| s.defaults().to_string()).unwrap_or_default(),
-                })
-                .collect::<Vec<_>>())),
-            method::CHECK => with(input, |r: SettingsRequest| {
-                let (spec, table) = self.settings(&r)?;
-                Ok::<Result<(), Vec<SettingsError>>, String>(spec.check(&table))
-            }),
-            method::CLIP_BYTES => with(input, |r: SettingsRequest| {
-                let (spec, table) = self.settings(&r)?;
-                Ok::<_, String>(spec.clip_bytes(&table))
-            }),
-            method::BUILD => match decode::<BuildRequest>(input) {
-                Ok(request) => self.build(request),
-                Err(message) => Outcome::failure(status::BAD_INPUT, message),
-            },
-            other => unknown(other),
-        }
-    }
-}
-
-/// An anchor reasoner, served.
-struct ServedReasoner(Box<dyn AnchorReasoner>);
-
-impl Serve for ServedReasoner {
-    fn serve(&self, method: u32, input: &[u8]) -> Outcome {
-        let r = &self.0;
-        match method {
-            method::SELECT => with(input, |(features, seed): (HostTensor, u64)| r.select(&features, seed)),
-            method::QUANTISATION => Outcome::of::<_, String>(Ok(r.quantisation())),
-            method::SUMMARISE => {
-                with(input, |(features, reference, clips, seed): (HostTensor, FeatureStats, usize, u64)| {
-                    r.summarise(&features, &reference, clips, seed)
-                })
-            }
-            method::TEXT_ANCHOR_COUNT => Outcome::of::<_, String>(Ok(r.text_anchor_count())),
-            method::SUMMARISE_TEXT => {
-                with(input, |(features, seed): (HostTensor, u64)| r.summarise_text(&features, seed))
-            }
-            other => unknown(other),
-        }
+/// Decodes a method's input and answers with the object `f` makes.
+pub(crate) fn with_object<I: DeserializeOwned, E: Serialize>(
+    input: &[u8],
+    f: impl FnOnce(I) -> Result<Box<dyn Serve>, E>,
+) -> Outcome {
+    match decode::<I>(input) {
+        Ok(input) => Outcome::object(f(input)),
+        Err(message) => Outcome::failure(status::BAD_INPUT, message),
     }
 }

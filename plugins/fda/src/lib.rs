@@ -722,14 +722,16 @@ fn build(settings: &toml::Table, ctx: &GeneratorContext) -> Result<Box<dyn Param
     Ok(Box::new(mmpg_backends::with_burn_seed(ctx.base.seed, || Fda::new(settings, ctx))?))
 }
 
-inventory::submit! {
-    StaticPlugin(Plugin::Generator(Factory {
-        name: "fda",
-        summary: "Fast Domain Adaptor: variational set encoder → z → bounded per-slot decoder θ0 + Δ(z)",
-        settings: SettingsSpec::of::<FdaSettings>(),
-        build: Build::Static(build),
-    }))
-}
+/// The `fda` factory: linked statically through inventory, and exported as a plugin
+/// library by `plugins/fda/cdylib`.
+pub const FDA: Factory<dyn ParameterGenerator, GeneratorContext> = Factory {
+    name: "fda",
+    summary: "Fast Domain Adaptor: variational set encoder → z → bounded per-slot decoder θ0 + Δ(z)",
+    settings: SettingsSpec::of::<FdaSettings>(),
+    build: Build::Static(build),
+};
+
+inventory::submit! { StaticPlugin(Plugin::Generator(FDA)) }
 
 #[cfg(test)]
 mod tests {

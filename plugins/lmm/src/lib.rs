@@ -963,14 +963,16 @@ fn build(settings: &toml::Table, ctx: &ModelContext) -> Result<Box<dyn CloudMode
     Ok(Box::new(model))
 }
 
-inventory::submit! {
-    StaticPlugin(Plugin::Model(Factory {
-        name: "lmm",
-        summary: "lightweight multi-modal model: conv frame encoder + temporal pooling + text bag, fusion and QA head as dynamic slots",
-        settings: SettingsSpec::of::<LmmSettings>(),
-        build: Build::Static(build),
-    }))
-}
+/// The `lmm` factory: linked statically through inventory, and exported as a plugin
+/// library by `plugins/lmm/cdylib`.
+pub const LMM: Factory<dyn CloudModel, ModelContext> = Factory {
+    name: "lmm",
+    summary: "lightweight multi-modal model: conv frame encoder + temporal pooling + text bag, fusion and QA head as dynamic slots",
+    settings: SettingsSpec::of::<LmmSettings>(),
+    build: Build::Static(build),
+};
+
+inventory::submit! { StaticPlugin(Plugin::Model(LMM)) }
 
 #[cfg(test)]
 mod tests {

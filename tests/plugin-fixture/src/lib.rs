@@ -5,13 +5,14 @@
 //! - `abi`: a descriptor of another plugin ABI (only its first field, as any ABI guarantees);
 //! - `duplicate`: two plugins of one kind and name;
 //! - `entry-panics`: its plugin list panics while the entry point builds it;
-//! - `cuda-only`: the default plugins, declared as compiled for the `cuda` backend only.
+//! - `cuda-only`: the default plugins, declared as compiled for the `cuda` backend only;
+//! - `data-source`: a data source, a kind this plugin ABI does not carry.
 
 use mmpg::abi::ffi::RawLibrary;
 use mmpg::registry::BuildFn;
 use mmpg::{
-    AnchorError, AnchorReasoner, Build, BuildContext, Factory, HostTensor, NoSettings, Plugin, PluginError,
-    Quantisation, SettingsSpec,
+    AnchorError, AnchorReasoner, Build, BuildContext, Clip, DataError, DataSource, DomainSpec, Factory, HostTensor,
+    NoSettings, Plugin, PluginError, Quantisation, SettingsSpec, Split, TaskSpec,
 };
 
 struct SelectPanics;
@@ -46,6 +47,27 @@ const fn reasoner(
     }
 }
 
+/// A data source with no clips: only its kind matters here.
+struct Empty(TaskSpec);
+
+impl DataSource for Empty {
+    fn task(&self) -> &TaskSpec {
+        &self.0
+    }
+
+    fn shift_kinds(&self) -> &[&'static str] {
+        &[]
+    }
+
+    fn clips(&self, _: &DomainSpec, _: Split, _: usize, _: u64) -> Result<Vec<Clip>, DataError> {
+        Ok(Vec::new())
+    }
+}
+
+fn build_empty(_: &toml::Table, _: &BuildContext) -> Result<Box<dyn DataSource>, PluginError> {
+    Ok(Box::new(Empty(TaskSpec { answers: Vec::new(), frames_per_clip: 1, frame_shape: [1, 1, 1] })))
+}
+
 fn plugins() -> Vec<Plugin> {
     // Its panics are expected: keep them out of the test log (this hook is the library's own std).
     std::panic::set_hook(Box::new(|_| {}));
@@ -55,6 +77,12 @@ fn plugins() -> Vec<Plugin> {
             Plugin::AnchorReasoner(reasoner("twin", build_select_panics)),
         ],
         Ok("entry-panics") => panic!("fixture: the plugin list panics"),
+        Ok("data-source") => vec![Plugin::DataSource(Factory {
+            name: "empty",
+            summary: "no clips (tests/plugin-fixture)",
+            settings: SettingsSpec::of::<NoSettings>(),
+            build: Build::Static(build_empty),
+        })],
         _ => vec![
             Plugin::AnchorReasoner(reasoner("fixture-panics", build_panics)),
             Plugin::AnchorReasoner(reasoner("fixture-select-panics", build_select_panics)),
