@@ -18,13 +18,36 @@ fn features(n: usize, d: usize) -> HostTensor {
     HostTensor::new(vec![n, d], values).expect("fits")
 }
 
-/// `target/release/libmmpg_adr_plugin.so`, next to this bench's `deps/`.
-fn library() -> PathBuf {
+/// `target/release/lib<name>.so`, next to this bench's `deps/`.
+fn library_named(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("bench binary path");
     let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<bench>");
-    let path = dir.join(format!("{}mmpg_adr_plugin{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX));
-    assert!(path.exists(), "{} is missing: run `cargo build --release -p mmpg-adr-plugin` first", path.display());
+    let path = dir.join(format!("{}{name}{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX));
+    let package = name.trim_start_matches("mmpg_").replace('_', "-");
+    assert!(path.exists(), "{} is missing: run `cargo build --release -p mmpg-{package}` first", path.display());
     path
+}
+
+fn library() -> PathBuf {
+    library_named("mmpg_adr_plugin")
+}
+
+/// The first load of each shipped library in this process (sha256, dlopen with its
+/// relocations, listing): printed once, as criterion cannot repeat a first load.
+fn first_loads() {
+    for name in ["mmpg_fda_plugin", "mmpg_lmm_plugin"] {
+        let path = library_named(name);
+        let started = Instant::now();
+        let loaded = Registry::new().load_library(&path, None).expect("loads");
+        let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        println!(
+            "first load of {} ({:.1} MB, {} plugin): {:.2} ms",
+            path.display(),
+            bytes as f64 / 1e6,
+            loaded.plugins.len(),
+            started.elapsed().as_secs_f64() * 1e3
+        );
+    }
 }
 
 fn reasoners() -> (Box<dyn AnchorReasoner>, Box<dyn AnchorReasoner>) {
@@ -64,6 +87,7 @@ fn per_call(c: &mut Criterion) {
 }
 
 fn loading(c: &mut Criterion) {
+    first_loads();
     let path = library();
     c.bench_function("load_library_again", |b| {
         b.iter(|| {

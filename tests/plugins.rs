@@ -368,3 +368,16 @@ plugin = "t3a"
     assert_eq!(linked, rows(&loaded));
     assert!(linked.len() >= 5, "{linked:?}");
 }
+
+#[test]
+fn only_regular_files_are_read_as_libraries() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let err = common::registry().load_library(dir.path(), None).expect_err("a folder");
+    assert!(err.to_string().contains("not a regular file"), "{err}");
+    // A FIFO would block a plain read forever.
+    let fifo = dir.path().join("libfifo.so");
+    if Command::new("mkfifo").arg(&fifo).status().is_ok_and(|s| s.success()) {
+        let err = common::registry().load_library(&fifo, None).expect_err("a fifo");
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+    }
+}

@@ -159,6 +159,13 @@ impl Registry {
     pub fn load_library(&mut self, path: &Path, pin: Option<&str>) -> Result<LoadedLibrary, LoadError> {
         let path_buf = path.to_path_buf();
         let pinned = pin.map(|p| parse_pin(p).ok_or_else(|| LoadError::BadPin { pin: p.into() })).transpose()?;
+        // A FIFO or device would block or never end: only regular files (through symlinks) load.
+        if let Ok(meta) = std::fs::metadata(path)
+            && !meta.is_file()
+        {
+            let message = "not a regular file (a library is a file built by cargo)".to_string();
+            return Err(LoadError::Read { path: path_buf, message });
+        }
         let bytes = std::fs::read(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => LoadError::Missing { path: path_buf.clone() },
             _ => LoadError::Read { path: path_buf.clone(), message: e.to_string() },
