@@ -97,7 +97,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Plugins { deployment } => {
             if let Some(path) = deployment
-                && let Err(errors) = open(&path, &mut registry)
+                && let Err(errors) = Deployment::load_plugins(&path, &mut registry)
             {
                 eprintln!("{errors}");
                 return ExitCode::from(EXIT_CONFIG);
@@ -125,8 +125,9 @@ fn open(path: &Path, registry: &mut Registry) -> Result<Deployment, mmpg::Config
     let deployment = Deployment::open(path, registry)?;
     for library in registry.libraries().filter(|l| !l.pinned) {
         eprintln!(
-            "warning: plugin library {} is not pinned; pin it with `sha256 = \"{}\"` in its [[plugins]] entry",
+            "warning: plugin library {} is not pinned (sha256 {}): pin it in a [[plugins]] entry with `sha256 = \"{}\"`",
             library.path.display(),
+            library.sha256,
             library.sha256
         );
     }

@@ -253,7 +253,7 @@ fn duplicate_names_in_one_library_and_a_panicking_entry_point_are_refused() {
     assert!(stderr.contains("its entry point failed while building its plugin list (it panicked)"), "{stderr}");
     let (code, stderr) = mmpg_with_fixture("data-source", &["--plugin", lib, "plugins"]);
     assert_eq!(code, Some(2), "{stderr}");
-    assert!(stderr.contains("data source `empty` from "), "{stderr}");
+    assert!(stderr.contains(": data source `empty` cannot be loaded"), "{stderr}");
     assert!(
         stderr.contains("cannot be loaded: plugin ABI 1 carries anchor reasoners, models and generators"),
         "{stderr}"
@@ -268,7 +268,7 @@ fn validate_checks_libraries_warns_when_unpinned_and_checks_their_backends() {
     let (code, stderr) = mmpg_with_fixture("", &["validate", path]);
     assert_eq!(code, Some(0), "{stderr}");
     let hash = mmpg::abi::sha256_hex(&std::fs::read(fixture()).expect("read"));
-    assert!(stderr.contains(&format!("is not pinned; pin it with `sha256 = \"{hash}\"`")), "{stderr}");
+    assert!(stderr.contains(&format!("is not pinned (sha256 {hash}): pin it in a [[plugins]] entry")), "{stderr}");
 
     let (code, stderr) = mmpg_with_fixture("cuda-only", &["validate", path]);
     assert_eq!(code, Some(2), "{stderr}");
@@ -380,4 +380,68 @@ fn only_regular_files_are_read_as_libraries() {
         let err = common::registry().load_library(&fifo, None).expect_err("a fifo");
         assert!(err.to_string().contains("not a regular file"), "{err}");
     }
+}
+
+/// A copy of `source` with `edit` applied to its bytes.
+fn edited_copy(dir: &Path, name: &str, source: &Path, edit: impl FnOnce(&mut Vec<u8>)) -> PathBuf {
+    let mut bytes = std::fs::read(source).expect("read library");
+    edit(&mut bytes);
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).expect("write copy");
+    path
+}
+
+#[test]
+fn a_truncated_or_foreign_library_is_refused_before_it_is_mapped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Mapping a segment past the end of the file would kill the process (SIGBUS).
+    let truncated = edited_copy(dir.path(), "libtruncated.so", &fixture(), |b| b.truncate(b.len() / 2));
+    let err = registry_without_adr().load_library(&truncated, None).expect_err("truncated");
+    assert!(matches!(err, LoadError::Open { .. }), "{err:?}");
+    let message = err.to_string();
+    assert!(message.contains("truncated or corrupted?") || message.contains("truncated: a segment needs"), "{message}");
+    // e_machine (bytes 18..20) of another architecture: refused by name, not "no such file".
+    let foreign = edited_copy(dir.path(), "libforeign.so", &fixture(), |b| {
+        let machine: u16 = if std::env::consts::ARCH == "aarch64" { 0x3e } else { 0xb7 };
+        b[18..20].copy_from_slice(&machine.to_le_bytes());
+    });
+    let err = registry_without_adr().load_library(&foreign, None).expect_err("foreign");
+    assert!(matches!(err, LoadError::Target { .. }), "{err:?}");
+    assert!(err.to_string().contains("was built for "), "{err}");
+    // Not ELF at all: refused from its first bytes.
+    let text = write(dir.path(), "libnotelf.so", "#!/bin/sh\necho hello\n");
+    let err = registry_without_adr().load_library(&text, None).expect_err("not ELF");
+    assert!(err.to_string().contains("not an ELF shared library"), "{err}");
+}
+
+#[test]
+fn loading_a_library_again_is_idempotent_but_its_pin_still_has_to_match() {
+    let mut registry = common::registry();
+    let first = registry.load_library(&fixture(), None).expect("loads");
+    let again = registry.load_library(&fixture(), Some(&first.sha256)).expect("the same file again");
+    assert_eq!(again.sha256, first.sha256);
+    assert!(registry.libraries().all(|l| l.pinned), "a later pin marks it pinned");
+    let wrong = "f".repeat(64);
+    let err = registry.load_library(&fixture(), Some(&wrong)).expect_err("a pin that does not match");
+    assert!(matches!(err, LoadError::HashMismatch { .. }), "{err:?}");
+    // Another library loads beside it with its own plugins.
+    let mut both = registry_without_adr();
+    both.load_library(&fixture(), None).expect("fixture");
+    both.load_library(&adr_library(), None).expect("adr");
+    assert!(both.origin(PluginKind::AnchorReasoner, "adr").is_some_and(|l| l.path == adr_library()));
+    assert!(both.origin(PluginKind::AnchorReasoner, "fixture-panics").is_some_and(|l| l.path == fixture()));
+}
+
+#[test]
+fn one_bad_plugins_entry_is_reported_alone_and_the_others_still_load() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut text = with_plugins(&fixture(), None, "fixture-select-panics");
+    text.push_str("\n[[plugins]]\npath = 3\n");
+    let path = write(dir.path(), "second-bad.toml", &text);
+    let mut registry = common::registry();
+    let errors = Deployment::open(&path, &mut registry).expect_err("entry 1 is malformed").to_string();
+    assert!(errors.contains("plugins[1].path"), "{errors}");
+    assert!(!errors.contains("anchor.plugin"), "the first entry loaded its plugin: {errors}");
+    assert!(!errors.contains("is not loaded"), "{errors}");
+    assert!(registry.origin(PluginKind::AnchorReasoner, "fixture-select-panics").is_some());
 }

@@ -12,7 +12,7 @@ use toml_edit::{Item, Table, TableLike, Value};
 
 use crate::anchor::Quantisation;
 use crate::data::{DomainSpec, Shift};
-use crate::registry::{PluginKind, Registry};
+use crate::registry::{PluginKind, Registry, RegistryError};
 use crate::seed;
 use crate::settings::{Check, Settings, unknown_field};
 
@@ -555,6 +555,44 @@ impl Source {
     }
 }
 
+/// What loading a deployment's `[[plugins]]` did.
+struct LoadedLibraries {
+    errors: Vec<ConfigError>,
+    all_loaded: bool,
+}
+
+/// Loads each well-formed `[[plugins]]` entry (paths relative to the deployment's folder); an
+/// entry that is malformed is skipped here and reported by parsing.
+fn load_libraries(text: &str, file: &str, registry: &mut Registry) -> LoadedLibraries {
+    let mut out = LoadedLibraries { errors: Vec::new(), all_loaded: true };
+    let Some(entries) = toml::from_str::<toml::Table>(text).ok().and_then(|t| t.get("plugins").cloned()) else {
+        return out;
+    };
+    let Some(entries) = entries.as_array() else {
+        out.all_loaded = false;
+        return out;
+    };
+    let source = Source { file: file.into(), document: toml_edit::Document::parse(text.to_string()).ok() };
+    let base = Path::new(file).parent().unwrap_or(Path::new("")).to_path_buf();
+    for (i, entry) in entries.iter().enumerate() {
+        let Ok(library) = entry.clone().try_into::<PluginLibraryConfig>() else {
+            out.all_loaded = false;
+            continue;
+        };
+        let bad_pin = library.sha256.as_deref().is_some_and(|p| crate::abi::loader_pin(p).is_none());
+        if library.path.as_os_str().is_empty() || bad_pin {
+            out.all_loaded = false;
+            continue;
+        }
+        if let Err(e) = registry.load_library(&base.join(&library.path), library.sha256.as_deref()) {
+            out.all_loaded = false;
+            let key = if matches!(e, crate::LoadError::HashMismatch { .. }) { "sha256" } else { "path" };
+            out.errors.push(source.error(KeyPath::parse(&format!("plugins[{i}].{key}")), e.to_string()));
+        }
+    }
+    out
+}
+
 fn read_deployment(path: &Path) -> Result<String, ConfigErrors> {
     std::fs::read_to_string(path).map_err(|e| {
         ConfigErrors(vec![ConfigError {
@@ -674,6 +712,8 @@ struct Parser<'r> {
     registry: &'r Registry,
     /// `backend.kind`, which plugins from libraries must have been compiled for.
     backend: String,
+    /// See [`Deployment::parse_checked`].
+    libraries: Option<bool>,
 }
 
 impl Parser<'_> {
@@ -709,6 +749,8 @@ impl Parser<'_> {
 
     fn plugin(&mut self, kind: PluginKind, name: &str, name_path: &str, settings: &toml::Table, settings_path: &str) {
         match self.registry.get(kind, name) {
+            // Its library did not load, which is reported at its [[plugins]] entry.
+            Err(RegistryError::NotFound { .. }) if self.libraries == Some(false) => {}
             Err(e) => self.fail(KeyPath::parse(name_path), e.to_string()),
             Ok(plugin) => {
                 if let Some(library) = self.registry.origin(kind, name)
@@ -749,7 +791,7 @@ impl Parser<'_> {
                 continue;
             }
             let resolved = base.join(&library.path);
-            if !self.registry.libraries().any(|l| l.path == resolved) {
+            if self.libraries.is_none() && !self.registry.libraries().any(|l| l.path == resolved) {
                 let message = format!(
                     "{} is not loaded: `mmpg` loads [[plugins]] itself; a program parsing deployments calls Deployment::open",
                     resolved.display()
@@ -859,48 +901,45 @@ impl Deployment {
     pub fn open(path: &Path, registry: &mut Registry) -> Result<Self, ConfigErrors> {
         let file = path.display().to_string();
         let text = read_deployment(path)?;
-        let mut errors = Vec::new();
-        let declared = toml::from_str::<toml::Table>(&text)
-            .ok()
-            .and_then(|t| t.get("plugins").cloned())
-            .and_then(|v| v.try_into::<Vec<PluginLibraryConfig>>().ok())
-            .unwrap_or_default();
-        if !declared.is_empty() {
-            let source = Source { file: file.clone(), document: toml_edit::Document::parse(text.clone()).ok() };
-            let base = Path::new(&file).parent().unwrap_or(Path::new("")).to_path_buf();
-            for (i, library) in declared.iter().enumerate() {
-                let resolved = base.join(&library.path);
-                let bad_pin = library.sha256.as_deref().is_some_and(|p| crate::abi::loader_pin(p).is_none());
-                if library.path.as_os_str().is_empty() || bad_pin || registry.libraries().any(|l| l.path == resolved) {
-                    continue;
-                }
-                if let Err(e) = registry.load_library(&resolved, library.sha256.as_deref()) {
-                    let key = if matches!(e, crate::LoadError::HashMismatch { .. }) { "sha256" } else { "path" };
-                    errors.push(source.error(KeyPath::parse(&format!("plugins[{i}].{key}")), e.to_string()));
-                }
-            }
-        }
-        match Self::parse(&text, &file, registry) {
-            Ok(deployment) if errors.is_empty() => Ok(deployment),
-            Ok(_) => Err(ConfigErrors(errors)),
-            Err(ConfigErrors(more)) => {
-                // A library that did not load leaves its plugin names unknown: say why once.
-                if !errors.is_empty() {
-                    errors.extend(
-                        more.into_iter()
-                            .filter(|e| !e.message.starts_with("no ") || !e.message.contains("plugin named")),
-                    );
-                } else {
-                    errors = more;
-                }
+        let libraries = load_libraries(&text, &file, registry);
+        let outcome = Self::parse_checked(&text, &file, registry, Some(libraries.all_loaded));
+        match (outcome, libraries.errors) {
+            (Ok(deployment), errors) if errors.is_empty() => Ok(deployment),
+            (Ok(_), errors) => Err(ConfigErrors(errors)),
+            (Err(ConfigErrors(more)), mut errors) => {
+                errors.extend(more);
                 errors.sort_by_key(|e| (e.line.unwrap_or(usize::MAX), e.column));
                 Err(ConfigErrors(errors))
             }
         }
     }
 
-    /// Parses and checks deployment text; `file` names it in errors.
+    /// Loads only the plugin libraries a deployment's `[[plugins]]` name (what `mmpg plugins
+    /// <deployment>` lists), without checking the rest of it.
+    ///
+    /// # Errors
+    /// The entries that did not load, located.
+    pub fn load_plugins(path: &Path, registry: &mut Registry) -> Result<(), ConfigErrors> {
+        let text = read_deployment(path)?;
+        let libraries = load_libraries(&text, &path.display().to_string(), registry);
+        if libraries.errors.is_empty() { Ok(()) } else { Err(ConfigErrors(libraries.errors)) }
+    }
+
+    /// Parses and checks deployment text; `file` names it in errors. Libraries its
+    /// `[[plugins]]` name must already be in `registry` ([`Deployment::open`] loads them).
     pub fn parse(text: &str, file: &str, registry: &Registry) -> Result<Self, ConfigErrors> {
+        Self::parse_checked(text, file, registry, None)
+    }
+
+    /// `libraries`: `None` when the caller loaded them (each must be in `registry`), else
+    /// whether [`load_libraries`] loaded every entry (its errors are reported there; a plugin
+    /// name that a failed library would have provided is then not reported again).
+    fn parse_checked(
+        text: &str,
+        file: &str,
+        registry: &Registry,
+        libraries: Option<bool>,
+    ) -> Result<Self, ConfigErrors> {
         let document = match toml_edit::Document::parse(text.to_string()) {
             Ok(d) => d,
             Err(e) => {
@@ -931,6 +970,7 @@ impl Deployment {
             errors: Vec::new(),
             registry,
             backend: String::new(),
+            libraries,
         };
 
         for key in table.keys().filter(|k| !SECTIONS.contains(&k.as_str())) {

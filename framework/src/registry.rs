@@ -375,6 +375,13 @@ impl Registry {
         self.origins.values().filter(move |l| seen.insert(l.path.clone())).map(|l| l.as_ref())
     }
 
+    /// Records that a deployment pinned an already loaded library (by the path it was loaded from).
+    pub(crate) fn mark_pinned(&mut self, path: &std::path::Path) {
+        for library in self.origins.values_mut().filter(|l| l.path == path) {
+            Arc::make_mut(library).pinned = true;
+        }
+    }
+
     /// The library a plugin came from; `None` for a built-in plugin (or an unknown one).
     pub fn origin(&self, kind: PluginKind, name: &str) -> Option<&LoadedLibrary> {
         self.origins.iter().find(|((k, n), _)| *k == kind && *n == name).map(|(_, l)| l.as_ref())

@@ -199,12 +199,9 @@ impl LibraryLink {
             device: base.device.clone(),
             extra,
         };
-        let label = self.label(kind, name);
-        let remote = self
-            .root
-            .call_object::<_, String>(method::BUILD, &request, args)
-            .map_err(|m| PluginError::Build(format!("{label}: {m}")))?;
-        Ok(Proxy::new(remote, label))
+        // The root's errors already name the library; the caller names the plugin.
+        let remote = self.root.call_object::<_, String>(method::BUILD, &request, args).map_err(PluginError::Build)?;
+        Ok(Proxy::new(remote, self.label(kind, name)))
     }
 }
 
@@ -294,8 +291,7 @@ pub(super) fn plugin(link: &Arc<LibraryLink>, info: FactoryInfo) -> Result<Plugi
             Ok(Plugin::Generator(Factory { name, summary, settings, build }))
         }
         other => Err(format!(
-            "{} cannot be loaded: plugin ABI {} carries anchor reasoners, models and generators; link a {other} plugin statically",
-            link.label(other, name),
+            "{other} `{name}` cannot be loaded: plugin ABI {} carries anchor reasoners, models and generators; link a {other} plugin statically",
             super::ABI_VERSION
         )),
     }

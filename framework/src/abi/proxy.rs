@@ -56,7 +56,7 @@ impl BoundaryError for TextError {
     }
 }
 
-/// A methods' unit error: calls that cannot fail on the other side (only at the boundary).
+/// The unit error of methods that cannot fail on the other side (only at the boundary).
 impl BoundaryError for () {
     fn boundary(_message: String) -> Self {}
 }
@@ -81,6 +81,22 @@ impl Proxy {
         E::boundary(format!("{}: {message}", self.label))
     }
 
+    /// Calls `method`; an answer of any status but OK becomes the error `E`.
+    fn answer<I: Serialize + ?Sized, E: BoundaryError>(
+        &self,
+        method: u32,
+        input: &I,
+        args: Vec<RawObject>,
+    ) -> Result<super::ffi::Answer, E> {
+        let input = encode(input).map_err(|m| self.fail::<E>(m))?;
+        let answer = self.remote.call(method, &input, args);
+        match answer.status {
+            status::OK => Ok(answer),
+            status::ERROR => Err(decode::<E>(&answer.bytes).unwrap_or_else(|m| self.fail(m))),
+            other => Err(self.fail(status::describe(other, &answer.bytes))),
+        }
+    }
+
     /// Calls `method` with `input` and argument objects; decodes `T` or the error `E`.
     pub(crate) fn call_with<I: Serialize + ?Sized, T: DeserializeOwned, E: BoundaryError>(
         &self,
@@ -88,13 +104,8 @@ impl Proxy {
         input: &I,
         args: Vec<RawObject>,
     ) -> Result<T, E> {
-        let input = encode(input).map_err(|m| self.fail::<E>(m))?;
-        let answer = self.remote.call(method, &input, args);
-        match answer.status {
-            status::OK => decode(&answer.bytes).map_err(|m| self.fail(m)),
-            status::ERROR => Err(decode::<E>(&answer.bytes).unwrap_or_else(|m| self.fail(m))),
-            other => Err(self.fail(status::describe(other, &answer.bytes))),
-        }
+        let answer = self.answer::<I, E>(method, input, args)?;
+        decode(&answer.bytes).map_err(|m| self.fail(m))
     }
 
     /// Calls `method` with `input`; decodes `T` or the error `E`.
@@ -113,14 +124,8 @@ impl Proxy {
         input: &I,
         args: Vec<RawObject>,
     ) -> Result<Remote, E> {
-        let input = encode(input).map_err(|m| self.fail::<E>(m))?;
-        let answer = self.remote.call(method, &input, args);
-        match (answer.status, answer.object) {
-            (status::OK, Some(object)) => Ok(object),
-            (status::OK, None) => Err(self.fail("answered without an object".into())),
-            (status::ERROR, _) => Err(decode::<E>(&answer.bytes).unwrap_or_else(|m| self.fail(m))),
-            (other, _) => Err(self.fail(status::describe(other, &answer.bytes))),
-        }
+        let answer = self.answer::<I, E>(method, input, args)?;
+        answer.object.ok_or_else(|| self.fail("answered without an object".into()))
     }
 }
 
