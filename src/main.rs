@@ -199,10 +199,19 @@ fn run(path: &Path, report_override: Option<PathBuf>, registry: &mut Registry) -
     Ok(())
 }
 
+fn shift_label(d: &mmpg::report::DeviceReport) -> String {
+    match d.class_mix_alpha {
+        Some(a) => format!("{} α={a}", d.shift),
+        None => d.shift.clone(),
+    }
+}
+
 fn print_table(report: &RunReport) {
+    // Wide enough for the longest shift (e.g. `brightness@3+contrast@3`), never narrower than 22.
+    let w = report.devices.iter().map(|d| shift_label(d).chars().count()).max().unwrap_or(0).max(22);
     println!();
     println!(
-        "{:<12} {:<22} {:>7} {:>8} {:>7} {:>7} {:>13} {:>8} {:>9} {:>10} {:>9}  note",
+        "{:<12} {:<w$} {:>7} {:>8} {:>7} {:>7} {:>13} {:>8} {:>9} {:>10} {:>9}  note",
         "device",
         "shift",
         "scored",
@@ -216,16 +225,13 @@ fn print_table(report: &RunReport) {
         "adapt ms"
     );
     for d in &report.devices {
-        let shift = match d.class_mix_alpha {
-            Some(a) => format!("{} α={a}", d.shift),
-            None => d.shift.clone(),
-        };
+        let shift = shift_label(d);
         let r5 = match (d.static_retrieval, d.adapted_retrieval) {
             (Some(s), Some(a)) => format!("{:.0}%→{:.0}%", 100.0 * s.r5, 100.0 * a.r5),
             _ => "-".into(),
         };
         println!(
-            "{:<12} {:<22} {:>7} {:>7} {:>8} {:>7}  {:>12} {:>8} {:>9} {:>10} {:>9.2}  {}",
+            "{:<12} {:<w$} {:>7} {:>7} {:>8} {:>7}  {:>12} {:>8} {:>9} {:>10} {:>9.2}  {}",
             d.device,
             shift,
             d.scored_clips,

@@ -24,7 +24,7 @@ fn validate_reports_every_error_with_line_and_key_path_and_exits_2() {
     );
     assert_eq!(
         lines[2],
-        "tests/fixtures/three-errors.toml:12:13: cloud.generator: no generator plugin named `fdx`; registered: fda"
+        "tests/fixtures/three-errors.toml:12:13: cloud.generator: no generator plugin named `fdx`; registered: fda (a plugin from a library needs its [[plugins]] entry or --plugin)"
     );
     assert!(!stderr.contains("panicked"));
 }

@@ -61,6 +61,10 @@ pub use transport::{Direction, InProcess, Traffic, Transport, TransportError};
 /// Re-exported for `inventory::submit!` in plugin crates.
 pub use inventory;
 
+/// Re-exported: factories take settings as a `toml::Table` of this exact version (a plugin crate
+/// with another `toml` would not compile against them).
+pub use toml;
+
 /// Receives progress of long phases (training, the fleet). The binary draws progress bars;
 /// libraries and tests pass [`NoProgress`].
 pub trait Progress: Sync {

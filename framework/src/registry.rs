@@ -285,7 +285,9 @@ pub enum RegistryError {
         incoming: String,
     },
     /// No plugin of that kind has that name.
-    #[error("no {kind} plugin named `{name}`; registered: {available}")]
+    #[error(
+        "no {kind} plugin named `{name}`; registered: {available} (a plugin from a library needs its [[plugins]] entry or --plugin)"
+    )]
     NotFound {
         /// Kind.
         kind: PluginKind,
@@ -453,6 +455,9 @@ mod tests {
         let err = registry.register(Plugin::Transport(crate::in_process_factory())).expect_err("dup");
         assert!(matches!(err, RegistryError::Duplicate { .. }));
         let err = registry.transport("mqtt").expect_err("absent");
-        assert_eq!(err.to_string(), "no transport plugin named `mqtt`; registered: in-process");
+        assert_eq!(
+            err.to_string(),
+            "no transport plugin named `mqtt`; registered: in-process (a plugin from a library needs its [[plugins]] entry or --plugin)"
+        );
     }
 }

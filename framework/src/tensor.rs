@@ -59,7 +59,9 @@ pub fn f32s_from_le_bytes(bytes: &[u8]) -> Vec<f32> {
 impl HostTensor {
     /// Builds a tensor, checking that `values` fills `shape` exactly.
     pub fn new(shape: Vec<usize>, values: Vec<f32>) -> Result<Self, ShapeMismatch> {
-        let expected = shape.iter().product::<usize>();
+        // Shapes come from peers and libraries: a product that overflows is no shape at all
+        // (wrapping could even make it equal the number of values).
+        let expected = shape.iter().try_fold(1usize, |n, d| n.checked_mul(*d)).unwrap_or(usize::MAX);
         if expected != values.len() {
             return Err(ShapeMismatch { shape, expected, found: values.len() });
         }
