@@ -1,7 +1,7 @@
 //! Plugin libraries loaded at run time: the shipped `adr` loaded from its cdylib runs exactly
 //! as when linked statically; the out-of-tree `herding` example loads from a deployment; and
-//! every refusal of the loader says what is wrong. Libraries are the workspace's cdylibs,
-//! which `cargo test --workspace` builds next to this test's binary.
+//! every refusal of the loader says what is wrong. Libraries are the workspace's cdylibs, which
+//! `cargo build --workspace` (run by scripts/test) builds next to this test's binary.
 
 mod common;
 
@@ -22,7 +22,7 @@ fn target_dir() -> PathBuf {
 /// A workspace cdylib by library name.
 fn library(name: &str) -> PathBuf {
     let path = target_dir().join(format!("{}{name}{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX));
-    assert!(path.exists(), "{} is missing: `cargo test --workspace` builds it", path.display());
+    assert!(path.exists(), "{} is missing: `cargo build --workspace` builds it (scripts/test does)", path.display());
     path
 }
 
