@@ -791,7 +791,7 @@ impl Parser<'_> {
                 continue;
             }
             let resolved = base.join(&library.path);
-            if self.libraries.is_none() && !self.registry.libraries().any(|l| l.path == resolved) {
+            if self.libraries.is_none() && self.registry.library_at(&resolved).is_none() {
                 let message = format!(
                     "{} is not loaded: `mmpg` loads [[plugins]] itself; a program parsing deployments calls Deployment::open",
                     resolved.display()

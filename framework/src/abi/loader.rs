@@ -250,6 +250,11 @@ fn opened_path(file: &std::fs::File) -> Option<PathBuf> {
 }
 
 impl Registry {
+    /// The library loaded from this file, by whatever path it was named then.
+    pub fn library_at(&self, path: &Path) -> Option<&LoadedLibrary> {
+        self.libraries().find(|l| same_file(&l.path, path))
+    }
+
     /// Loads a plugin library and registers its plugins.
     ///
     /// With `pin`, the file's sha256 must equal it, checked *before* the library is opened
@@ -264,7 +269,7 @@ impl Registry {
         let pinned = pin.map(|p| parse_pin(p).ok_or_else(|| LoadError::BadPin { pin: p.into() })).transpose()?;
         // The same file again (by this path or another): loading is idempotent, and a pin
         // still has to match what was loaded.
-        let already = self.libraries().find(|l| same_file(&l.path, path)).cloned();
+        let already = self.library_at(path).cloned();
         if let Some(loaded) = already {
             if let Some(pinned) = &pinned
                 && *pinned != loaded.sha256
