@@ -12,6 +12,10 @@ use mmpg::report::RunReport;
 use mmpg::runtime::{self, RunError};
 use mmpg::{Deployment, Progress, Registry};
 
+mod cloud;
+mod device;
+mod fleet;
+mod load;
 mod plots;
 
 // Counts heap bytes so `mmpg bench` can report each device adaptation's peak memory.
@@ -24,6 +28,7 @@ use mmpg_backends as _;
 use mmpg_baselines as _;
 use mmpg_fashion as _;
 use mmpg_fda as _;
+use mmpg_http as _;
 use mmpg_lmm as _;
 use mmpg_minilm as _;
 use mmpg_synthetic as _;
@@ -68,11 +73,95 @@ enum Command {
         /// Deployment TOML file.
         deployment: PathBuf,
     },
+    /// Write the device bundle of a deployment's trained cloud (training or loading it first):
+    /// the device model's weights, reference statistics, slot schema and a manifest.
+    Export {
+        /// Deployment TOML file.
+        deployment: PathBuf,
+        /// Folder to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// The cloud as a service.
+    Cloud {
+        #[command(subcommand)]
+        command: CloudCommand,
+    },
+    /// One device as its own process: serve its clips, adapt through the cloud every
+    /// `adapt_every` clips, keep its last good parameters.
+    Device {
+        /// The device's name (`[[device]] name`, or `device-NN` for `[fleet]` devices).
+        #[arg(long)]
+        id: String,
+        /// Deployment TOML file.
+        deployment: PathBuf,
+        /// The cloud's URL (default: `[serve] url`, or `http(s)://<[serve] listen>`).
+        #[arg(long)]
+        cloud: Option<String>,
+        /// Adaptations to make before exiting; 0 serves until SIGTERM.
+        #[arg(long, default_value_t = 0)]
+        rounds: u64,
+        /// State folder (default: `[fleet] state`/<id>).
+        #[arg(long)]
+        state: Option<PathBuf>,
+    },
+    /// Start the cloud and every device of a deployment as processes on loopback (or devices
+    /// only, against `--cloud`); print the same table and JSON report as `mmpg run`.
+    Fleet {
+        /// Deployment TOML file.
+        deployment: PathBuf,
+        /// Devices only, against the cloud at this URL.
+        #[arg(long)]
+        cloud: Option<String>,
+        /// Adaptations per device.
+        #[arg(long, default_value_t = 1)]
+        rounds: u64,
+        /// JSON report path (default: reports/<deployment>-fleet.json).
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Longest the fleet may take, in seconds.
+        #[arg(long, default_value_t = 1800)]
+        deadline: u64,
+    },
+    /// Load a serving cloud: N concurrent devices, each sending real summaries as fast as
+    /// replies come; report throughput, latency percentiles, errors and batch sizes.
+    Load {
+        /// Deployment TOML file (its devices' windows give the summaries).
+        deployment: PathBuf,
+        /// The cloud's URL (default: `[serve] url`).
+        #[arg(long)]
+        cloud: Option<String>,
+        /// Concurrent devices (one keep-alive connection each).
+        #[arg(long, default_value_t = 100)]
+        devices: usize,
+        /// Duration of the load, in seconds.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Also write one summary envelope here (for external load tools such as wrk).
+        #[arg(long)]
+        save_envelope: Option<PathBuf>,
+        /// JSON report path.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
     /// List the registered plugins by kind, with their settings, defaults and origin (built in,
     /// or the library's path and sha256); with a deployment, its `[[plugins]]` libraries too.
     Plugins {
         /// Deployment TOML file whose `[[plugins]]` to load.
         deployment: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CloudCommand {
+    /// Train the cloud (or load its checkpoint), then serve HTTP(S) until SIGTERM:
+    /// `POST /v1/adapt`, `GET /v1/hello`, `GET /v1/bundle`, `/healthz`, `/readyz`, `/metrics`.
+    Serve {
+        /// Deployment TOML file.
+        deployment: PathBuf,
+        /// Overrides `[serve] listen` (port 0: any free port; the URL is printed).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
     },
 }
 
@@ -117,11 +206,27 @@ fn main() -> ExitCode {
         },
         Command::Run { deployment, report } => exit_code(run(&deployment, report, &mut registry)),
         Command::Bench { deployment, out } => exit_code(bench(&deployment, out, &mut registry)),
+        Command::Export { deployment, out } => exit_code(export(&deployment, &out, &mut registry)),
+        Command::Cloud { command: CloudCommand::Serve { deployment, listen } } => {
+            exit_code(cloud::serve(&deployment, listen, &mut registry, &Bars::default()))
+        }
+        Command::Device { id, deployment, cloud, rounds, state } => {
+            exit_code(device::run(&deployment, &device::DeviceOptions { id, cloud, rounds, state }, &mut registry))
+        }
+        Command::Fleet { deployment, cloud, rounds, report, deadline } => {
+            let options =
+                fleet::FleetOptions { cloud, rounds, report, deadline: std::time::Duration::from_secs(deadline) };
+            exit_code(fleet::run(&deployment, &options, &cli.plugins, &mut registry))
+        }
+        Command::Load { deployment, cloud, devices, seconds, save_envelope, report } => {
+            let options = load::LoadOptions { cloud, devices, seconds, save_envelope, report };
+            exit_code(load::run(&deployment, &options, &mut registry))
+        }
     }
 }
 
 /// Opens a deployment (loading its `[[plugins]]`) and warns about every unpinned library.
-fn open(path: &Path, registry: &mut Registry) -> Result<Deployment, mmpg::ConfigErrors> {
+pub(crate) fn open(path: &Path, registry: &mut Registry) -> Result<Deployment, mmpg::ConfigErrors> {
     let deployment = Deployment::open(path, registry)?;
     for library in registry.libraries().filter(|l| !l.pinned) {
         eprintln!(
@@ -148,7 +253,26 @@ fn exit_code(result: anyhow::Result<()>) -> ExitCode {
     if config_problem { ExitCode::from(EXIT_CONFIG) } else { ExitCode::FAILURE }
 }
 
-fn create_parent(path: &Path) -> anyhow::Result<()> {
+fn export(path: &Path, out: &Path, registry: &mut Registry) -> anyhow::Result<()> {
+    let deployment = open(path, registry).map_err(RunError::Config)?;
+    let composer = runtime::Composer::new(&deployment, registry)?;
+    let data = composer.data_source()?;
+    let cloud = runtime::train_cloud(&composer, data.as_ref(), &Bars::default())?;
+    let bundle = mmpg::deploy::export_bundle(&composer, &cloud)?;
+    bundle.write(out)?;
+    println!(
+        "bundle: {} (slot schema {}, training {})",
+        out.display(),
+        bundle.manifest.schema_hash,
+        bundle.manifest.training
+    );
+    for (name, hash) in &bundle.manifest.files {
+        println!("  {name:<24} sha256 {hash}");
+    }
+    Ok(())
+}
+
+pub(crate) fn create_parent(path: &Path) -> anyhow::Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -206,7 +330,7 @@ fn shift_label(d: &mmpg::report::DeviceReport) -> String {
     }
 }
 
-fn print_table(report: &RunReport) {
+pub(crate) fn print_table(report: &RunReport) {
     // Wide enough for the longest shift (e.g. `brightness@3+contrast@3`), never narrower than 22.
     let w = report.devices.iter().map(|d| shift_label(d).chars().count()).max().unwrap_or(0).max(22);
     println!();
@@ -272,14 +396,19 @@ fn print_table(report: &RunReport) {
         );
     }
     let c = &report.cloud;
+    // A fleet of processes has no one generation time: the cloud's /metrics has its histogram.
+    let generation = if c.generation_ms.is_finite() {
+        format!("fleet generation {:.1} ms", c.generation_ms)
+    } else {
+        "generation per request in the cloud's /metrics".into()
+    };
     println!(
-        "cloud{}: model {} params, generator {} params, {} dynamic params per device, {} source domains; fleet generation {:.1} ms; run {:.1} s",
+        "cloud{}: model {} params, generator {} params, {} dynamic params per device, {} source domains; {generation}; run {:.1} s",
         if c.from_checkpoint { " (loaded from its checkpoint, not trained)" } else { "" },
         c.model_parameters,
         c.generator_parameters,
         c.slot_parameters,
         c.source_domains,
-        c.generation_ms,
         report.seconds
     );
 }

@@ -305,9 +305,8 @@ impl Harness<'_> {
     ) -> Result<Vec<DeviceReport>, RunError> {
         let mut fleet = self.fresh_fleet(composer)?;
         let mut transport = composer.transport()?;
-        let reference = self.cloud.model.reference_stats();
         let download = composer.deployment.cloud.download;
-        adapt_fleet(&mut fleet, generator, &reference, transport.as_mut(), download, 1, progress)?;
+        adapt_fleet(&mut fleet, generator, transport.as_mut(), download, progress)?;
         Ok(fleet.into_iter().map(|d| d.report).collect())
     }
 
@@ -328,7 +327,7 @@ impl Harness<'_> {
                 seed: seed::derive_str(device.domain.seed, &name),
             };
             let t0 = Instant::now();
-            let (outcome, peak) = mmpg::memory::peak_during(|| adapter.adapt(&mut device.model, &input));
+            let (outcome, peak) = mmpg::memory::peak_during(|| adapter.adapt(&mut device.node.model, &input));
             device.report.adaptation_ms = t0.elapsed().as_secs_f64() * 1e3;
             device.report.adaptation_peak_bytes = peak;
             match outcome {
@@ -342,13 +341,13 @@ impl Harness<'_> {
                         }
                     }
                     detail_n += 1;
-                    device.report.adapted_accuracy = device.model.accuracy(&device.eval)?;
-                    device.report.adapted_retrieval = score_retrieval(device.model.as_ref(), &device.eval);
+                    device.report.adapted_accuracy = device.node.model.accuracy(&device.eval)?;
+                    device.report.adapted_retrieval = score_retrieval(device.node.model.as_ref(), &device.eval);
                 }
                 // The device keeps its previous model; it is scored with the static figures.
                 Err(e) => device.report.error = Some(e.to_string()),
             }
-            progress.step(Some(device.id.to_string()));
+            progress.step(Some(device.node.id.to_string()));
         }
         progress.finish();
         let detail = detail_sum.into_iter().map(|(k, v)| (k, v / detail_n.max(1) as f64)).collect();
@@ -398,10 +397,9 @@ impl Harness<'_> {
         let stages = deployment.stream_domains();
         let mut out = Vec::with_capacity(stages.len());
         let mut transport = self.composer.transport()?;
-        let reference = self.cloud.model.reference_stats();
         // One device, one model: each stage's parameters replace the previous stage's.
         let mut device: Option<FleetDevice> = None;
-        for (round, stage) in stages.iter().enumerate() {
+        for stage in &stages {
             let drawn = fleet_device(
                 &self.composer,
                 self.data.as_ref(),
@@ -423,10 +421,8 @@ impl Harness<'_> {
             adapt_fleet(
                 std::slice::from_mut(&mut current),
                 self.cloud.generator.as_ref(),
-                &reference,
                 transport.as_mut(),
                 deployment.cloud.download,
-                round as u64 + 1,
                 progress,
             )?;
             out.push(StreamStage {
@@ -446,22 +442,13 @@ impl Harness<'_> {
         fleet: &mut [FleetDevice],
         repeats: usize,
     ) -> Result<(GenerationStats, Vec<mmpg::AnchorSummary>), RunError> {
-        let reference = self.cloud.model.reference_stats();
         let mut summaries = Vec::with_capacity(fleet.len());
         // A device whose window cannot be summarised is reported in its CDC row; timing uses
         // the others.
         for device in fleet.iter() {
-            let Ok(features) = device.model.frame_features(&device.window) else { continue };
             let seed = seed::derive(device.domain.seed, 0xADE + 1);
-            if let Ok(summary) = mmpg::runtime::summarise_window(
-                device.model.as_ref(),
-                device.reasoner.as_ref(),
-                &device.window,
-                &features,
-                &reference,
-                seed,
-            ) {
-                summaries.push(summary);
+            if let Ok(summarised) = device.node.summarise(&device.window, seed) {
+                summaries.push(summarised.summary);
             }
         }
         let generator = self.cloud.generator.as_ref();

@@ -280,12 +280,85 @@ pub struct FleetConfig {
     pub window_clips: usize,
     /// Labelled held-out clips per device for evaluation.
     pub eval_clips: usize,
+    /// A device process (`mmpg device`) adapts after every this many clips it serves; defaults
+    /// to `window_clips`.
+    pub adapt_every: Option<usize>,
+    /// How long a device process waits for the cloud's reply, in ms.
+    pub request_timeout_ms: u64,
+    /// Where device processes keep their state (bundle, last good parameters, log), one
+    /// folder per device (relative to the working directory).
+    pub state: PathBuf,
 }
 
 impl Default for FleetConfig {
     fn default() -> Self {
-        Self { devices: None, shifts: Vec::new(), window_clips: 16, eval_clips: 256 }
+        Self {
+            devices: None,
+            shifts: Vec::new(),
+            window_clips: 16,
+            eval_clips: 256,
+            adapt_every: None,
+            request_timeout_ms: 10_000,
+            state: PathBuf::from("state"),
+        }
     }
+}
+
+/// `[serve]`: the cloud as a service (`mmpg cloud serve`) and where devices reach it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServeConfig {
+    /// Address the cloud listens on.
+    pub listen: std::net::SocketAddr,
+    /// URL devices reach the cloud at; defaults to `http://<listen>` (`https://` with `tls`).
+    pub url: Option<String>,
+    /// Most summaries generated in one call.
+    pub max_batch: usize,
+    /// Longest a request waits for others to join its batch, in ms.
+    pub max_wait_ms: u64,
+    /// Largest request body accepted, in bytes.
+    pub body_limit: usize,
+    /// Longest the server spends on one request (reading, queueing, generating), in ms.
+    pub request_timeout_ms: u64,
+    /// Serve HTTPS with this certificate chain and key (PEM files, relative to the working
+    /// directory); devices trust `ca` (the certificate itself when absent).
+    pub tls: Option<TlsConfig>,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 7878)),
+            url: None,
+            max_batch: 64,
+            max_wait_ms: 2,
+            body_limit: 1 << 20,
+            request_timeout_ms: 10_000,
+            tls: None,
+        }
+    }
+}
+
+impl ServeConfig {
+    /// The URL devices use.
+    pub fn device_url(&self) -> String {
+        self.url.clone().unwrap_or_else(|| {
+            let scheme = if self.tls.is_some() { "https" } else { "http" };
+            format!("{scheme}://{}", self.listen)
+        })
+    }
+}
+
+/// `[serve.tls]`: the server's certificate and key, and the CA devices trust.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// PEM CA certificate devices verify the server with; the leaf itself when absent.
+    pub ca: Option<PathBuf>,
 }
 
 /// `[report]`: where results go.
@@ -520,6 +593,8 @@ pub struct Deployment {
     pub transport: PluginChoice,
     /// Reporting.
     pub report: ReportConfig,
+    /// The cloud service and its address.
+    pub serve: ServeConfig,
     /// What `mmpg bench` compares.
     pub bench: BenchConfig,
     /// The text encoder, if any.
@@ -701,6 +776,7 @@ const SECTIONS: &[&str] = &[
     "device",
     "transport",
     "report",
+    "serve",
     "bench",
     "text",
 ];
@@ -859,6 +935,36 @@ impl Parser<'_> {
         }
     }
 
+    /// `[serve]` and the device-process keys of `[fleet]`: limits that keep a service usable,
+    /// a URL devices can reach, TLS files that exist.
+    fn service(&mut self, serve: &ServeConfig, fleet: &FleetConfig) {
+        let mut check = Check::new();
+        check.within("serve.max_batch", serve.max_batch, 1..=4096);
+        check.within("serve.max_wait_ms", serve.max_wait_ms, 0..=10_000);
+        check.within("serve.body_limit", serve.body_limit, 1024..=crate::wire::MAX_PAYLOAD);
+        check.within("serve.request_timeout_ms", serve.request_timeout_ms, 1..=600_000);
+        check.within("fleet.request_timeout_ms", fleet.request_timeout_ms, 1..=600_000);
+        if let Some(every) = fleet.adapt_every {
+            check.within("fleet.adapt_every", every, 1..=1_000_000);
+        }
+        for e in check.into_errors() {
+            self.fail(KeyPath::parse(&e.path), e.message);
+        }
+        if let Some(url) = &serve.url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            self.fail(KeyPath::parse("serve.url"), format!("expected an http:// or https:// URL, found `{url}`"));
+        }
+        if let Some(tls) = &serve.tls {
+            for (key, path) in [("cert", Some(&tls.cert)), ("key", Some(&tls.key)), ("ca", tls.ca.as_ref())] {
+                let Some(path) = path else { continue };
+                if let Err(e) = std::fs::metadata(path) {
+                    self.fail(KeyPath::parse(&format!("serve.tls.{key}")), format!("{}: {e}", path.display()));
+                }
+            }
+        }
+    }
+
     fn domain(&mut self, domain: &DeviceDomain, path: &KeyPath) {
         if let Some(name) = domain.name.as_ref().filter(|n| n.is_empty() || n.len() > crate::wire::MAX_DEVICE_ID) {
             let limit = crate::wire::MAX_DEVICE_ID;
@@ -997,6 +1103,7 @@ impl Deployment {
         let fleet = fleet_parsed.unwrap_or_default();
         let devices = p.section::<Vec<DeviceDomain>>(&table, "device").unwrap_or_default();
         let report = p.section::<ReportConfig>(&table, "report").unwrap_or_default();
+        let serve = p.section::<ServeConfig>(&table, "serve").unwrap_or_default();
         let bench = p.section::<BenchConfig>(&table, "bench").unwrap_or_default();
         let text = p.section::<TextChoice>(&table, "text");
         if let Some(t) = &text {
@@ -1064,12 +1171,14 @@ impl Deployment {
             p.fail(KeyPath::parse("fleet"), "no devices: set `devices`, list `shifts`, or add [[device]] tables");
         }
         p.unique_device_names(&fleet, &devices);
+        p.service(&serve, &fleet);
         // An empty path would write into (or read from) whatever folder the run starts in.
         let paths = [
             ("cloud.checkpoint", cloud.checkpoint.as_ref()),
             ("report.json", report.json.as_ref()),
             ("bench.out", bench.out.as_ref()),
             ("text.cache", text.as_ref().and_then(|t| t.cache.as_ref())),
+            ("fleet.state", Some(&fleet.state)),
         ];
         for (key, path) in paths {
             if path.is_some_and(|p| p.as_os_str().is_empty()) {
@@ -1105,6 +1214,7 @@ impl Deployment {
             devices,
             transport,
             report,
+            serve,
             bench,
             text,
             plugins,

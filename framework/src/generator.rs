@@ -86,8 +86,9 @@ impl std::fmt::Debug for GeneratorTraining<'_> {
 }
 
 /// The cloud's Fast Domain Adaptor role: anchor summaries in, slot values out, many devices at
-/// once. Only `generate_batch` and `schema` are required.
-pub trait ParameterGenerator: Send {
+/// once. Only `generate_batch` and `schema` are required. `Sync`: a serving cloud answers
+/// concurrent requests from one trained copy.
+pub trait ParameterGenerator: Send + Sync {
     /// The slot schema the generator produces values for.
     fn schema(&self) -> &SlotSchema;
 

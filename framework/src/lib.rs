@@ -6,7 +6,8 @@
 //! - A device runs a [`DeviceModel`] and an [`AnchorReasoner`]; it never computes a gradient.
 //! - The cloud trains a [`CloudModel`] and a [`ParameterGenerator`] on labelled source domains
 //!   from a [`DataSource`], then turns each device's [`AnchorSummary`] into [`GeneratedParams`].
-//! - A [`Transport`] carries versioned envelopes between them and counts every byte.
+//! - A [`CloudNode`] and each [`DeviceNode`] own their state and share only envelopes, which a
+//!   [`Transport`]'s two ends carry: a [`DeviceLink`] per device, a [`CloudEndpoint`] for the cloud.
 //! - A [`BackendProvider`] says whether the backend `[backend]` names is usable here; plugins
 //!   receive a [`DeviceDescriptor`] (plain data) and build their own device from it.
 //!
@@ -17,13 +18,16 @@ pub mod abi;
 pub mod adapt;
 pub mod anchor;
 pub mod backend;
+pub mod bundle;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod deploy;
 pub mod generator;
 pub mod memory;
 pub mod metrics;
 pub mod model;
+pub mod node;
 pub mod registry;
 pub mod report;
 pub mod runtime;
@@ -47,6 +51,7 @@ pub use model::{
     CloudModel, DeviceModel, FineTunable, FineTuner, LinearHead, LinearQaHead, ModelError, RetrievalEmbeddings,
     SlotGradient, SlotValues, StatisticsRecalibration, TrainingPlan, TuneScope,
 };
+pub use node::{BatchPolicy, CloudNode, DeviceNode, Outcome, Refusal};
 pub use registry::{
     Build, BuildContext, Factory, GeneratorContext, ModelContext, Plugin, PluginError, PluginKind, Registry,
     StaticPlugin,
@@ -56,7 +61,7 @@ pub use slots::{DType, GeneratedParams, ParamsError, SchemaHash, SlotSchema, Slo
 pub use source::{DataError, DataSource};
 pub use tensor::{HostTensor, RankMismatch};
 pub use text::{TextEncoder, TextError, TextSource};
-pub use transport::{Direction, InProcess, Traffic, Transport, TransportError};
+pub use transport::{CloudEndpoint, DeviceLink, InProcess, Metered, Peer, Request, Traffic, Transport, TransportError};
 
 /// Re-exported for `inventory::submit!` in plugin crates.
 pub use inventory;

@@ -12,11 +12,11 @@ use crate::data::{Clip, DeviceId, DomainSpec, Split};
 use crate::generator::{GeneratorError, GeneratorTraining, ParameterGenerator};
 use crate::metrics::{self, RetrievalMetrics};
 use crate::model::{CloudModel, DeviceModel, ModelError, TrainingPlan};
+use crate::node::{BatchPolicy, CloudNode, DeviceNode, Refusal};
 use crate::registry::{BuildContext, GeneratorContext, ModelContext, PluginError, PluginKind, Registry, RegistryError};
 use crate::report::{CloudReport, DeviceReport, FleetSummary, RunReport};
 use crate::source::{DataError, DataSource};
-use crate::transport::{Direction, Transport, TransportError};
-use crate::wire::Envelope;
+use crate::transport::{DeviceLink, Metered, Transport, TransportError};
 use crate::{Progress, seed};
 
 /// Why a run stopped.
@@ -53,6 +53,9 @@ pub enum RunError {
     /// The transport failed.
     #[error("transport: {0}")]
     Transport(#[from] TransportError),
+    /// A device bundle was refused or does not fit this deployment.
+    #[error("bundle: {0}")]
+    Bundle(String),
     /// A checkpoint could not be read or written.
     #[error("checkpoint {path}: {message}")]
     Checkpoint {
@@ -67,16 +70,12 @@ fn plugin_error(kind: PluginKind, choice: &str) -> impl FnOnce(PluginError) -> R
     move |error| RunError::Plugin { kind, name: choice.to_string(), error }
 }
 
-/// A device of the simulated fleet: its data, its model and (as it goes) its report.
+/// A device of the simulated fleet: its node, its data and (as it goes) its report.
 pub struct FleetDevice {
-    /// Its id.
-    pub id: DeviceId,
+    /// The device itself: id, model, anchor reasoner, request state.
+    pub node: DeviceNode,
     /// The domain its data comes from.
     pub domain: DomainSpec,
-    /// The model it serves.
-    pub model: Box<dyn DeviceModel>,
-    /// Its anchor reasoner.
-    pub reasoner: Box<dyn AnchorReasoner>,
     /// Labelled clips it is scored on (labels never reach the device's adaptation).
     pub eval: Vec<Clip>,
     /// Its unlabelled window, what the summary describes.
@@ -88,9 +87,8 @@ pub struct FleetDevice {
 impl std::fmt::Debug for FleetDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FleetDevice")
-            .field("id", &self.id)
+            .field("node", &self.node)
             .field("domain", &self.domain)
-            .field("model", &self.model.name())
             .field("eval", &self.eval.len())
             .field("window", &self.window.len())
             .finish_non_exhaustive()
@@ -102,10 +100,13 @@ impl FleetDevice {
     /// every method of a bench starts from the same state.
     pub fn fresh(&self, model: &dyn CloudModel, composer: &Composer<'_>) -> Result<Self, RunError> {
         Ok(Self {
-            id: self.id.clone(),
+            node: DeviceNode::new(
+                self.node.id.clone(),
+                model.export(&composer.device)?,
+                composer.anchor_reasoner()?,
+                self.node.reference().clone(),
+            ),
             domain: self.domain.clone(),
-            model: model.export(&composer.device)?,
-            reasoner: composer.anchor_reasoner()?,
             eval: self.eval.clone(),
             window: self.window.clone(),
             report: self.report.clone(),
@@ -371,174 +372,174 @@ pub fn fleet_device(
     eval_clips: usize,
 ) -> Result<FleetDevice, RunError> {
     let device_model = model.export(&composer.device)?;
+    let drawn = draw_device(composer, data, domain, device_model.as_ref(), eval_clips)?;
+    Ok(FleetDevice {
+        node: DeviceNode::new(
+            DeviceId(domain.name.clone()),
+            device_model,
+            composer.anchor_reasoner()?,
+            model.reference_stats(),
+        ),
+        domain: domain.clone(),
+        eval: drawn.eval,
+        window: drawn.window,
+        report: drawn.report,
+    })
+}
+
+/// A device's first unlabelled window, its labelled held-out clips, and its report row with the
+/// static model scored on them.
+#[derive(Debug, Clone)]
+pub struct DrawnDevice {
+    /// `[fleet] window_clips` clips of its stream, answers stripped.
+    pub window: Vec<Clip>,
+    /// `eval_clips` labelled held-out clips.
+    pub eval: Vec<Clip>,
+    /// Its row, static accuracy and retrieval filled in (adapted = static until it adapts).
+    pub report: DeviceReport,
+}
+
+/// Draws `domain`'s window and held-out clips and scores `model` (the static model) on them.
+pub fn draw_device(
+    composer: &Composer<'_>,
+    data: &dyn DataSource,
+    domain: &DomainSpec,
+    model: &dyn DeviceModel,
+    eval_clips: usize,
+) -> Result<DrawnDevice, RunError> {
     let window: Vec<Clip> = data
         .clips(domain, Split::Stream, composer.deployment.fleet.window_clips, domain.seed)?
         .iter()
         .map(Clip::unlabelled)
         .collect();
     let eval = data.clips(domain, Split::Test, eval_clips, domain.seed)?;
-    let static_accuracy = device_model.accuracy(&eval)?;
-    let static_retrieval = score_retrieval(device_model.as_ref(), &eval);
+    let static_accuracy = model.accuracy(&eval)?;
+    let static_retrieval = score_retrieval(model, &eval);
     let raw_window_bytes = (window.len() * data.task().raw_clip_bytes()) as u64;
-    Ok(FleetDevice {
-        id: DeviceId(domain.name.clone()),
-        report: DeviceReport {
-            device: domain.name.clone(),
-            shift: domain.shift_label(),
-            severity: domain.max_severity(),
-            class_mix_alpha: domain.class_mix_alpha,
-            shifted: data.is_shifted(domain),
-            static_accuracy,
-            adapted_accuracy: static_accuracy,
-            scored_clips: eval.iter().filter(|c| c.answer.is_some()).count(),
-            static_retrieval,
-            adapted_retrieval: static_retrieval,
-            bytes_up: 0,
-            bytes_down: 0,
-            raw_window_bytes,
-            anchors: 0,
-            adaptation_ms: 0.0,
-            feature_ms: 0.0,
-            adaptation_peak_bytes: None,
-            error: None,
-            warning: None,
-        },
-        domain: domain.clone(),
-        model: device_model,
-        reasoner: composer.anchor_reasoner()?,
-        eval,
-        window,
-    })
+    let report = DeviceReport {
+        device: domain.name.clone(),
+        shift: domain.shift_label(),
+        severity: domain.max_severity(),
+        class_mix_alpha: domain.class_mix_alpha,
+        shifted: data.is_shifted(domain),
+        static_accuracy,
+        adapted_accuracy: static_accuracy,
+        scored_clips: eval.iter().filter(|c| c.answer.is_some()).count(),
+        static_retrieval,
+        adapted_retrieval: static_retrieval,
+        bytes_up: 0,
+        bytes_down: 0,
+        raw_window_bytes,
+        anchors: 0,
+        adaptation_ms: 0.0,
+        feature_ms: 0.0,
+        adaptation_peak_bytes: None,
+        error: None,
+        warning: None,
+    };
+    Ok(DrawnDevice { window, eval, report })
 }
 
-/// The cloud-device round for a fleet: every device summarises its window, the cloud
-/// generates for all of them in one batch, every device validates, applies and is scored.
-/// Returns the batched generation's wall time in ms; bytes are read from `transport`.
+/// How long a device of a simulated fleet waits for the cloud's reply. Generous: in one
+/// process nothing is lost, so only a stuck generator would reach it.
+const IN_PROCESS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The cloud-device round for a fleet, with the cloud and every device as separate nodes over
+/// `transport`: every device summarises its window and sends a request, the cloud answers the
+/// requests (micro-batched: what arrives together is generated in one call), every device
+/// validates and installs its reply and is scored. Returns the cloud's generation wall time in
+/// ms; bytes are what each device's link carried.
 pub fn adapt_fleet(
     fleet: &mut [FleetDevice],
     generator: &dyn ParameterGenerator,
-    reference: &crate::FeatureStats,
     transport: &mut dyn Transport,
     download: crate::Quantisation,
-    round: u64,
     progress: &dyn Progress,
 ) -> Result<f64, RunError> {
-    let schema = generator.schema().clone();
-    // Devices → cloud: one summary each.
+    let cloud = CloudNode::new(generator, download);
+    let mut endpoint = transport.endpoint()?;
+    // Devices: summarise, each measured alone.
+    let mut requests = Vec::with_capacity(fleet.len());
     for device in fleet.iter_mut() {
         let t0 = Instant::now();
-        let (summary, peak) = crate::memory::peak_during(|| {
-            let features = device.model.frame_features(&device.window);
-            device.report.feature_ms = t0.elapsed().as_secs_f64() * 1e3;
-            let seed = seed::derive(device.domain.seed, 0xADE + round);
-            features.map_err(|e| e.to_string()).and_then(|features| {
-                summarise_window(
-                    device.model.as_ref(),
-                    device.reasoner.as_ref(),
-                    &device.window,
-                    &features,
-                    reference,
-                    seed,
-                )
-                .map_err(|e| e.to_string())
-            })
-        });
+        let seed = seed::derive(device.domain.seed, 0xADE + device.node.sequence() + 1);
+        let (summary, peak) = crate::memory::peak_during(|| device.node.summarise(&device.window, seed));
         device.report.adaptation_ms += t0.elapsed().as_secs_f64() * 1e3;
         device.report.adaptation_peak_bytes = peak;
-        match summary {
-            Ok(summary) => {
-                device.report.anchors = summary.anchor_count();
-                device.report.warning = summary.saturation().map(|s| s.to_string());
-                // A message that cannot be encoded, or that the transport refuses (e.g. over its
-                // size limit), is this device's failure.
-                let sent = Envelope::summary(device.id.clone(), round, schema.hash(), &summary)
-                    .map_err(TransportError::from)
-                    .and_then(|envelope| transport.send(Direction::Up, &envelope));
-                if let Err(e) = sent {
-                    device.report.error = Some(format!("upload: {e}"));
-                }
+        let request = match summary {
+            Ok(s) => {
+                device.report.feature_ms = s.feature_ms;
+                device.report.anchors = s.summary.anchor_count();
+                device.report.warning = s.summary.saturation().map(|s| s.to_string());
+                device.node.request(&s.summary).map_err(|e| format!("upload: {e}"))
             }
-            Err(e) => device.report.error = Some(format!("summarise: {e}")),
+            Err(e) => Err(format!("summarise: {e}")),
+        };
+        if let Err(e) = &request {
+            device.report.error = Some(e.clone());
         }
+        requests.push(request.ok());
     }
+    let mut links = fleet
+        .iter()
+        .map(|d| transport.link(&d.node.id).map(Metered::new))
+        .collect::<Result<Vec<_>, TransportError>>()?;
 
-    // Cloud: decode every uplink, generate for the whole fleet in one batch, reply.
-    let mut requests = Vec::new();
-    while let Some(envelope) = transport.recv(Direction::Up, None)? {
-        match envelope.to_summary() {
-            Ok(summary) if envelope.schema_hash == schema.hash() => requests.push((envelope, summary)),
-            Ok(_) => mark_error(fleet, &envelope.device, "summary for another model schema".into()),
-            Err(e) => mark_error(fleet, &envelope.device, format!("summary rejected: {e}")),
-        }
-    }
-    let summaries: Vec<_> = requests.iter().map(|(_, s)| s.clone()).collect();
-    let t0 = Instant::now();
-    let generated = generate_each(generator, &summaries);
-    let generation_ms = t0.elapsed().as_secs_f64() * 1e3;
-    for ((request, _), params) in requests.iter().zip(generated) {
-        let sent = params.map_err(|e| format!("generation: {e}")).and_then(|params| {
-            let envelope = Envelope::params_encoded(request.device.clone(), request.sequence, &params, download)
-                .map_err(|e| format!("download: {e}"))?;
-            transport.send(Direction::Down, &envelope).map_err(|e| format!("download: {e}"))
-        });
-        if let Err(message) = sent {
-            mark_error(fleet, &request.device, message);
-        }
-    }
+    // Network: every device's exchange at once; the cloud answers from its own thread.
+    let policy = BatchPolicy { max_batch: requests.iter().flatten().count().max(1), max_wait: IN_PROCESS_TIMEOUT };
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (replies, served) = std::thread::scope(|s| {
+        let worker = s.spawn(|| cloud.serve(endpoint.as_mut(), &policy, &stop, &crate::node::NoObserver));
+        let exchanges: Vec<_> = links
+            .iter_mut()
+            .zip(&requests)
+            .map(|(link, request)| {
+                request.as_ref().map(|envelope| s.spawn(move || link.request(envelope, IN_PROCESS_TIMEOUT)))
+            })
+            .collect();
+        let replies: Vec<_> = exchanges
+            .into_iter()
+            .map(|h| h.map(|h| h.join().unwrap_or_else(|_| Err(TransportError::Closed("device link panicked".into())))))
+            .collect();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let served = worker.join().unwrap_or_else(|_| Err(TransportError::Closed("the cloud panicked".into())));
+        (replies, served)
+    });
+    let generation_ms = served?.generation_ms;
 
-    // Devices: validate and apply (a refusal keeps the previous parameters), evaluate.
+    // Devices: validate and install (a refusal keeps the previous parameters), evaluate.
     progress.start("fleet: adapt and evaluate", fleet.len() as u64);
-    for device in fleet.iter_mut() {
-        if let Some(envelope) = transport.recv(Direction::Down, Some(&device.id))? {
-            let t0 = Instant::now();
-            let (applied, peak) = crate::memory::peak_during(|| {
-                envelope
-                    .to_params()
-                    .map_err(|e| e.to_string())
-                    .and_then(|p| device.model.apply(p).map_err(|e| e.to_string()))
-            });
-            device.report.adaptation_ms += t0.elapsed().as_secs_f64() * 1e3;
-            device.report.adaptation_peak_bytes = device.report.adaptation_peak_bytes.max(peak);
-            match applied {
-                Ok(()) => match device.model.accuracy(&device.eval) {
-                    Ok(accuracy) => {
-                        device.report.adapted_accuracy = accuracy;
-                        device.report.adapted_retrieval = score_retrieval(device.model.as_ref(), &device.eval);
-                    }
-                    Err(e) => device.report.error = Some(format!("evaluate: {e}")),
-                },
-                Err(e) => device.report.error = Some(format!("apply: {e}")),
-            }
+    for ((device, reply), link) in fleet.iter_mut().zip(replies).zip(&links) {
+        device.report.bytes_up = link.traffic().bytes_up;
+        device.report.bytes_down = link.traffic().bytes_down;
+        let Some(reply) = reply else {
+            progress.step(Some(device.node.id.to_string()));
+            continue;
+        };
+        let t0 = Instant::now();
+        let (installed, peak) = crate::memory::peak_during(|| match reply {
+            Ok(envelope) => device.node.accept(&envelope).map_err(|e| match e {
+                Refusal::Cloud(reason) => reason,
+                e => format!("apply: {e}"),
+            }),
+            Err(e) => Err(format!("exchange: {e}")),
+        });
+        device.report.adaptation_ms += t0.elapsed().as_secs_f64() * 1e3;
+        device.report.adaptation_peak_bytes = device.report.adaptation_peak_bytes.max(peak);
+        match installed {
+            Ok(_) => match device.node.model.accuracy(&device.eval) {
+                Ok(accuracy) => {
+                    device.report.adapted_accuracy = accuracy;
+                    device.report.adapted_retrieval = score_retrieval(device.node.model.as_ref(), &device.eval);
+                }
+                Err(e) => device.report.error = Some(format!("evaluate: {e}")),
+            },
+            Err(e) => device.report.error = Some(e),
         }
-        progress.step(Some(device.id.to_string()));
+        progress.step(Some(device.node.id.to_string()));
     }
     progress.finish();
-    let traffic = transport.traffic();
-    for device in fleet.iter_mut() {
-        if let Some(t) = traffic.get(&device.id) {
-            device.report.bytes_up = t.bytes_up;
-            device.report.bytes_down = t.bytes_down;
-        }
-    }
     Ok(generation_ms)
-}
-
-/// Parameters for every summary, one result each: the batch when it succeeds, and otherwise
-/// each summary alone, so that one device's bad summary fails only that device.
-fn generate_each(
-    generator: &dyn ParameterGenerator,
-    summaries: &[crate::AnchorSummary],
-) -> Vec<Result<crate::GeneratedParams, GeneratorError>> {
-    match generator.generate_batch(summaries) {
-        Ok(all) if all.len() == summaries.len() => all.into_iter().map(Ok).collect(),
-        _ => summaries
-            .iter()
-            .map(|s| {
-                let mut one = generator.generate_batch(std::slice::from_ref(s))?;
-                one.pop().ok_or_else(|| GeneratorError::Output("no parameters for a summary".into()))
-            })
-            .collect(),
-    }
 }
 
 /// Why a window could not be summarised.
@@ -594,16 +595,8 @@ pub fn run(deployment: &Deployment, registry: &Registry, progress: &dyn Progress
     }
     progress.finish();
 
-    let reference = cloud.model.reference_stats();
-    let generation_ms = adapt_fleet(
-        &mut fleet,
-        cloud.generator.as_ref(),
-        &reference,
-        transport.as_mut(),
-        deployment.cloud.download,
-        1,
-        progress,
-    )?;
+    let generation_ms =
+        adapt_fleet(&mut fleet, cloud.generator.as_ref(), transport.as_mut(), deployment.cloud.download, progress)?;
     let devices: Vec<DeviceReport> = fleet.into_iter().map(|d| d.report).collect();
     Ok(RunReport {
         deployment: deployment.file().to_string(),
@@ -702,59 +695,4 @@ pub fn score_retrieval(model: &dyn DeviceModel, clips: &[Clip]) -> Option<Retrie
     let embeddings = model.retrieval_embeddings(clips).ok()?;
     let captions: Vec<&str> = clips.iter().map(|c| c.caption.as_str()).collect();
     metrics::retrieval(&embeddings, &captions)
-}
-
-fn mark_error(fleet: &mut [FleetDevice], id: &DeviceId, message: String) {
-    if let Some(device) = fleet.iter_mut().find(|d| &d.id == id) {
-        device.report.error = Some(message);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::{AnchorSummary, GeneratedParams, HostTensor, Quantisation, QuantisedTensor, SlotSchema, SlotSpec};
-
-    /// Fails any batch holding a summary of 13 clips, like a generator meeting one device's
-    /// malformed summary.
-    struct Picky(SlotSchema);
-
-    impl ParameterGenerator for Picky {
-        fn schema(&self) -> &SlotSchema {
-            &self.0
-        }
-
-        fn generate_batch(&self, summaries: &[AnchorSummary]) -> Result<Vec<GeneratedParams>, GeneratorError> {
-            if summaries.iter().any(|s| s.clips == 13) {
-                return Err(GeneratorError::Dimension { expected: 1, found: 13 });
-            }
-            let one = |s: &AnchorSummary| GeneratedParams {
-                schema_hash: self.0.hash(),
-                tensors: [("w".to_string(), HostTensor::new(vec![1], vec![s.clips as f32]).expect("1 value"))].into(),
-            };
-            Ok(summaries.iter().map(one).collect())
-        }
-    }
-
-    fn summary(clips: u32) -> AnchorSummary {
-        let anchors = HostTensor::new(vec![1, 1], vec![0.5]).expect("fits");
-        AnchorSummary {
-            anchors: QuantisedTensor::quantise(&anchors, Quantisation::F32).expect("finite"),
-            mean: vec![0.0],
-            var: vec![1.0],
-            frames: clips,
-            clips,
-            text_anchors: None,
-        }
-    }
-
-    #[test]
-    fn one_bad_summary_fails_only_its_own_device() {
-        let generator = Picky(SlotSchema::new(vec![SlotSpec::f32("w", vec![1])]).expect("schema"));
-        let results = generate_each(&generator, &[summary(2), summary(13), summary(4)]);
-        assert_eq!(results.len(), 3);
-        let value = |r: &Result<GeneratedParams, GeneratorError>| r.as_ref().ok().map(|p| p.tensors["w"].values()[0]);
-        assert_eq!((value(&results[0]), value(&results[2])), (Some(2.0), Some(4.0)));
-        assert!(matches!(results[1], Err(GeneratorError::Dimension { found: 13, .. })));
-    }
 }

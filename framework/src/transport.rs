@@ -1,21 +1,19 @@
-//! Device ↔ cloud transports with byte accounting. The in-process transport simulates a
-//! network inside one process; real protocols implement the same trait in plugins.
+//! The two ends a cloud-device exchange needs, in the shape of a client/server protocol: a
+//! device's [`DeviceLink`] sends one request and waits for its reply; the cloud's
+//! [`CloudEndpoint`] receives requests from many devices and replies to each. A [`Transport`]
+//! (a plugin) makes both ends; [`Metered`] counts the bytes of any link.
+//!
+//! The in-process transport carries bytes over channels inside one process (`mmpg run`,
+//! `mmpg bench`); HTTP(S) (`mmpg cloud serve`, `mmpg device`) implements the same ends.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::data::DeviceId;
 use crate::wire::{Envelope, WireError};
-
-/// Which way a message travels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum Direction {
-    /// Device → cloud.
-    Up,
-    /// Cloud → device.
-    Down,
-}
 
 /// Why a transport call failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -31,9 +29,48 @@ pub enum TransportError {
         /// Limit.
         limit: usize,
     },
+    /// No reply within the timeout.
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    /// The peer could not be reached (connection refused, reset, DNS, TLS handshake).
+    #[error("cannot reach the cloud: {0}")]
+    Unreachable(String),
+    /// The peer answered with a failure status (HTTP 4xx/5xx); `status` is the protocol's code.
+    #[error("the cloud answered {status}: {message}")]
+    Status {
+        /// Protocol status code (e.g. HTTP 503).
+        status: u16,
+        /// The body or reason phrase.
+        message: String,
+    },
     /// The peer or link is gone.
     #[error("link closed: {0}")]
     Closed(String),
+}
+
+impl TransportError {
+    /// A short name of the failure's kind, for counters and logs (`timeout`, `unreachable`,
+    /// `status-503`, …).
+    pub fn kind(&self) -> String {
+        match self {
+            TransportError::Wire(_) => "malformed".into(),
+            TransportError::TooLarge { .. } => "too-large".into(),
+            TransportError::Timeout(_) => "timeout".into(),
+            TransportError::Unreachable(_) => "unreachable".into(),
+            TransportError::Status { status, .. } => format!("status-{status}"),
+            TransportError::Closed(_) => "closed".into(),
+        }
+    }
+
+    /// Whether trying again later may succeed (the network or the cloud's load), as opposed to a
+    /// request the cloud will refuse however often it is sent.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            TransportError::Timeout(_) | TransportError::Unreachable(_) | TransportError::Closed(_) => true,
+            TransportError::Status { status, .. } => *status >= 500 || *status == 429 || *status == 408,
+            TransportError::Wire(_) | TransportError::TooLarge { .. } => false,
+        }
+    }
 }
 
 /// Bytes and messages moved per device and direction.
@@ -49,47 +86,118 @@ pub struct Traffic {
     pub messages_down: u64,
 }
 
-/// Moves encoded envelopes between devices and the cloud. Required: raw byte send/receive and
-/// the traffic ledger; envelope encoding and decoding are provided.
-pub trait Transport: Send {
-    /// Sends bytes. `device` is the sender (up) or the recipient (down).
-    fn send_bytes(&mut self, direction: Direction, device: &DeviceId, bytes: Vec<u8>) -> Result<(), TransportError>;
+/// A device's end: one request out, its reply back. Required: the byte exchange; envelope
+/// encoding and decoding are provided.
+pub trait DeviceLink: Send {
+    /// Sends `request` and waits at most `timeout` for the reply's bytes.
+    ///
+    /// # Errors
+    /// [`TransportError::Timeout`] when no reply came in time; the others as the link meets them.
+    fn exchange(&mut self, request: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, TransportError>;
 
-    /// Next message for the cloud from any device (up) or for `device` (down); `None` if none
-    /// is waiting.
-    fn recv_bytes(
-        &mut self,
-        direction: Direction,
-        device: Option<&DeviceId>,
-    ) -> Result<Option<Vec<u8>>, TransportError>;
-
-    /// Traffic per device so far.
-    fn traffic(&self) -> BTreeMap<DeviceId, Traffic>;
-
-    /// Encodes and sends an envelope; returns its size on the wire.
-    fn send(&mut self, direction: Direction, envelope: &Envelope) -> Result<usize, TransportError> {
-        let bytes = envelope.encode()?;
-        let size = bytes.len();
-        self.send_bytes(direction, &envelope.device, bytes)?;
-        Ok(size)
-    }
-
-    /// Receives and decodes an envelope.
-    fn recv(&mut self, direction: Direction, device: Option<&DeviceId>) -> Result<Option<Envelope>, TransportError> {
-        match self.recv_bytes(direction, device)? {
-            Some(bytes) => Ok(Some(Envelope::decode(&bytes)?)),
-            None => Ok(None),
-        }
+    /// Encodes `envelope`, exchanges it and decodes the reply (which the caller still validates:
+    /// it comes from the network).
+    fn request(&mut self, envelope: &Envelope, timeout: Duration) -> Result<Envelope, TransportError> {
+        let reply = self.exchange(envelope.encode()?, timeout)?;
+        Ok(Envelope::decode(&reply)?)
     }
 }
 
-/// Queues in memory. For simulation and tests: nothing leaves the process, but every byte is
-/// encoded, counted and decoded exactly as a network transport would.
+/// Who sent a request, as far as the transport can tell.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Peer {
+    /// The device identity the transport authenticated (a link bound to one device, a client
+    /// certificate), if any; the cloud refuses an envelope claiming another.
+    pub identity: Option<DeviceId>,
+    /// The address, for logs (`in-process`, `127.0.0.1:53122`).
+    pub address: String,
+}
+
+/// A request waiting at the cloud for its reply.
+#[derive(Debug)]
+pub struct Request {
+    /// What the endpoint needs to route the reply back.
+    pub ticket: u64,
+    /// The sender.
+    pub peer: Peer,
+    /// The request's bytes, untrusted.
+    pub bytes: Vec<u8>,
+}
+
+/// The cloud's end: requests from many devices, one reply each.
+pub trait CloudEndpoint: Send {
+    /// The next request from any device, waiting at most `timeout`; `None` when none came.
+    ///
+    /// # Errors
+    /// [`TransportError::Closed`] once no request can arrive any more.
+    fn next_request(&mut self, timeout: Duration) -> Result<Option<Request>, TransportError>;
+
+    /// Sends the reply to the request with `ticket`. A device that has gone is not an error of
+    /// the cloud's: such replies are dropped.
+    fn reply(&mut self, ticket: u64, bytes: Vec<u8>) -> Result<(), TransportError>;
+}
+
+/// Makes the two ends of one protocol: the plugin kind `[transport]` chooses.
+pub trait Transport: Send {
+    /// The cloud's end. Links made after it reach it.
+    fn endpoint(&mut self) -> Result<Box<dyn CloudEndpoint>, TransportError>;
+
+    /// The end of the device `device`.
+    fn link(&mut self, device: &DeviceId) -> Result<Box<dyn DeviceLink>, TransportError>;
+}
+
+/// Counts what crosses any link: wraps it, and is a link itself.
+#[derive(Debug)]
+pub struct Metered<L> {
+    inner: L,
+    traffic: Traffic,
+}
+
+impl<L: DeviceLink> Metered<L> {
+    /// Counts `inner`'s traffic from now on.
+    pub fn new(inner: L) -> Self {
+        Self { inner, traffic: Traffic::default() }
+    }
+
+    /// What has crossed so far: every request sent, every reply received (including error
+    /// replies; requests that failed to send are not counted).
+    pub fn traffic(&self) -> &Traffic {
+        &self.traffic
+    }
+}
+
+impl<L: DeviceLink> DeviceLink for Metered<L> {
+    fn exchange(&mut self, request: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, TransportError> {
+        let size = request.len() as u64;
+        let result = self.inner.exchange(request, timeout);
+        // A timed-out request still left the device.
+        if !matches!(result, Err(TransportError::TooLarge { .. } | TransportError::Unreachable(_))) {
+            self.traffic.bytes_up += size;
+            self.traffic.messages_up += 1;
+        }
+        if let Ok(reply) = &result {
+            self.traffic.bytes_down += reply.len() as u64;
+            self.traffic.messages_down += 1;
+        }
+        result
+    }
+}
+
+impl DeviceLink for Box<dyn DeviceLink> {
+    fn exchange(&mut self, request: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, TransportError> {
+        (**self).exchange(request, timeout)
+    }
+}
+
+/// What crosses the in-process channel: the request and where its reply goes.
+type Delivery = (Request, Sender<Result<Vec<u8>, TransportError>>);
+
+/// Channels inside one process. For simulation and tests: nothing leaves the process, but every
+/// byte is encoded, counted and decoded exactly as over a network, and cloud and devices share
+/// nothing else.
 #[derive(Debug, Default)]
 pub struct InProcess {
-    up: VecDeque<Vec<u8>>,
-    down: BTreeMap<DeviceId, VecDeque<Vec<u8>>>,
-    traffic: BTreeMap<DeviceId, Traffic>,
+    hub: Option<SyncSender<Delivery>>,
     max_message: Option<usize>,
 }
 
@@ -101,46 +209,96 @@ impl InProcess {
 
     /// A transport that refuses messages above `limit` bytes, like a broker would.
     pub fn with_limit(limit: usize) -> Self {
-        Self { max_message: Some(limit), ..Self::default() }
+        Self { hub: None, max_message: Some(limit) }
     }
 }
 
+/// Requests waiting in the in-process channel before senders block.
+const IN_PROCESS_QUEUE: usize = 4096;
+
 impl Transport for InProcess {
-    fn send_bytes(&mut self, direction: Direction, device: &DeviceId, bytes: Vec<u8>) -> Result<(), TransportError> {
-        if let Some(limit) = self.max_message.filter(|l| bytes.len() > *l) {
-            return Err(TransportError::TooLarge { size: bytes.len(), limit });
-        }
-        let ledger = self.traffic.entry(device.clone()).or_default();
-        let size = bytes.len() as u64;
-        match direction {
-            Direction::Up => {
-                ledger.bytes_up += size;
-                ledger.messages_up += 1;
-                self.up.push_back(bytes);
-            }
-            Direction::Down => {
-                ledger.bytes_down += size;
-                ledger.messages_down += 1;
-                self.down.entry(device.clone()).or_default().push_back(bytes);
-            }
-        }
-        Ok(())
+    fn endpoint(&mut self) -> Result<Box<dyn CloudEndpoint>, TransportError> {
+        let (tx, rx) = mpsc::sync_channel(IN_PROCESS_QUEUE);
+        self.hub = Some(tx);
+        Ok(Box::new(InProcessEndpoint {
+            requests: Arc::new(Mutex::new(rx)),
+            waiting: Default::default(),
+            next_ticket: 0,
+            max_message: self.max_message,
+        }))
     }
 
-    fn recv_bytes(
-        &mut self,
-        direction: Direction,
-        device: Option<&DeviceId>,
-    ) -> Result<Option<Vec<u8>>, TransportError> {
-        Ok(match (direction, device) {
-            (Direction::Up, _) => self.up.pop_front(),
-            (Direction::Down, Some(id)) => self.down.get_mut(id).and_then(VecDeque::pop_front),
-            (Direction::Down, None) => None,
-        })
+    fn link(&mut self, device: &DeviceId) -> Result<Box<dyn DeviceLink>, TransportError> {
+        let hub = self.hub.clone().ok_or_else(|| TransportError::Closed("no cloud endpoint yet".into()))?;
+        Ok(Box::new(InProcessLink { device: device.clone(), hub, max_message: self.max_message }))
+    }
+}
+
+fn check_size(size: usize, limit: Option<usize>) -> Result<(), TransportError> {
+    match limit {
+        Some(limit) if size > limit => Err(TransportError::TooLarge { size, limit }),
+        _ => Ok(()),
+    }
+}
+
+#[derive(Debug)]
+struct InProcessLink {
+    device: DeviceId,
+    hub: SyncSender<Delivery>,
+    max_message: Option<usize>,
+}
+
+impl DeviceLink for InProcessLink {
+    fn exchange(&mut self, request: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, TransportError> {
+        check_size(request.len(), self.max_message)?;
+        let (reply_tx, reply_rx) = mpsc::channel();
+        let peer = Peer { identity: Some(self.device.clone()), address: "in-process".into() };
+        self.hub
+            .send((Request { ticket: 0, peer, bytes: request }, reply_tx))
+            .map_err(|_| TransportError::Closed("the cloud endpoint is gone".into()))?;
+        match reply_rx.recv_timeout(timeout) {
+            Ok(reply) => reply,
+            Err(RecvTimeoutError::Timeout) => Err(TransportError::Timeout(timeout)),
+            Err(RecvTimeoutError::Disconnected) => {
+                Err(TransportError::Closed("the cloud dropped the request unanswered".into()))
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct InProcessEndpoint {
+    requests: Arc<Mutex<Receiver<Delivery>>>,
+    waiting: std::collections::HashMap<u64, Sender<Result<Vec<u8>, TransportError>>>,
+    next_ticket: u64,
+    max_message: Option<usize>,
+}
+
+impl CloudEndpoint for InProcessEndpoint {
+    fn next_request(&mut self, timeout: Duration) -> Result<Option<Request>, TransportError> {
+        let received = {
+            let rx = self.requests.lock().map_err(|_| TransportError::Closed("endpoint poisoned".into()))?;
+            rx.recv_timeout(timeout)
+        };
+        match received {
+            Ok((mut request, reply)) => {
+                self.next_ticket += 1;
+                request.ticket = self.next_ticket;
+                self.waiting.insert(request.ticket, reply);
+                Ok(Some(request))
+            }
+            Err(RecvTimeoutError::Timeout) => Ok(None),
+            Err(RecvTimeoutError::Disconnected) => Err(TransportError::Closed("every device link is gone".into())),
+        }
     }
 
-    fn traffic(&self) -> BTreeMap<DeviceId, Traffic> {
-        self.traffic.clone()
+    fn reply(&mut self, ticket: u64, bytes: Vec<u8>) -> Result<(), TransportError> {
+        let Some(reply) = self.waiting.remove(&ticket) else { return Ok(()) };
+        // Over the limit, the device learns why instead of waiting for its timeout.
+        let message = check_size(bytes.len(), self.max_message).map(|()| bytes);
+        let refused = message.as_ref().err().cloned();
+        let _ = reply.send(message);
+        refused.map_or(Ok(()), Err)
     }
 }
 
@@ -160,30 +318,70 @@ mod tests {
         }
     }
 
+    /// Answers every request by echoing it, on its own thread, until the links are gone.
+    fn echo(mut endpoint: Box<dyn CloudEndpoint>) -> std::thread::JoinHandle<Vec<Peer>> {
+        std::thread::spawn(move || {
+            let mut peers = Vec::new();
+            while let Ok(next) = endpoint.next_request(Duration::from_secs(5)) {
+                let Some(request) = next else { break };
+                peers.push(request.peer.clone());
+                let _ = endpoint.reply(request.ticket, request.bytes);
+            }
+            peers
+        })
+    }
+
     #[test]
-    fn in_process_counts_every_byte_per_device_and_direction() {
+    fn in_process_links_reach_the_endpoint_and_are_metered() {
         let mut t = InProcess::new();
+        let cloud = echo(t.endpoint().expect("endpoint"));
         let a = envelope("a");
-        let size = t.send(Direction::Up, &a).expect("sent");
-        t.send(Direction::Down, &a).expect("sent");
-        assert_eq!(t.recv(Direction::Up, None).expect("ok"), Some(a.clone()));
-        assert_eq!(t.recv(Direction::Down, Some(&DeviceId("b".into()))).expect("ok"), None);
-        assert_eq!(t.recv(Direction::Down, Some(&a.device)).expect("ok"), Some(a.clone()));
-        let traffic = &t.traffic()[&a.device];
-        assert_eq!((traffic.bytes_up, traffic.bytes_down), (size as u64, size as u64));
+        let mut link = Metered::new(t.link(&a.device).expect("link"));
+        let reply = link.request(&a, Duration::from_secs(5)).expect("reply");
+        assert_eq!(reply, a);
+        let size = a.encode().expect("encodes").len() as u64;
+        assert_eq!((link.traffic().bytes_up, link.traffic().bytes_down), (size, size));
+        drop((link, t));
+        let peers = cloud.join().expect("echo thread");
+        assert_eq!(peers, vec![Peer { identity: Some(a.device), address: "in-process".into() }]);
     }
 
     #[test]
     fn messages_over_the_limit_are_refused_and_not_counted() {
         let mut t = InProcess::with_limit(8);
-        assert!(matches!(t.send(Direction::Up, &envelope("a")), Err(TransportError::TooLarge { .. })));
-        assert!(t.traffic().is_empty());
+        let _endpoint = t.endpoint().expect("endpoint");
+        let mut link = Metered::new(t.link(&DeviceId("a".into())).expect("link"));
+        let sent = link.request(&envelope("a"), Duration::from_secs(1));
+        assert!(matches!(sent, Err(TransportError::TooLarge { .. })));
+        assert_eq!(link.traffic(), &Traffic::default());
     }
 
     #[test]
-    fn garbage_bytes_are_a_wire_error() {
+    fn an_unanswered_request_times_out() {
         let mut t = InProcess::new();
-        t.send_bytes(Direction::Up, &DeviceId("x".into()), vec![1, 2, 3]).expect("raw send");
-        assert!(matches!(t.recv(Direction::Up, None), Err(TransportError::Wire(_))));
+        let _endpoint = t.endpoint().expect("endpoint");
+        let mut link = t.link(&DeviceId("a".into())).expect("link");
+        let sent = link.exchange(vec![1, 2, 3], Duration::from_millis(20));
+        assert!(matches!(sent, Err(TransportError::Timeout(_))));
+        assert!(sent.expect_err("timed out").is_transient());
+    }
+
+    #[test]
+    fn garbage_replies_are_a_wire_error() {
+        let mut t = InProcess::new();
+        let mut endpoint = t.endpoint().expect("endpoint");
+        let cloud = std::thread::spawn(move || {
+            if let Ok(Some(r)) = endpoint.next_request(Duration::from_secs(5)) {
+                let _ = endpoint.reply(r.ticket, vec![1, 2, 3]);
+            }
+        });
+        let mut link = t.link(&DeviceId("x".into())).expect("link");
+        assert!(matches!(link.request(&envelope("x"), Duration::from_secs(5)), Err(TransportError::Wire(_))));
+        cloud.join().expect("cloud thread");
+    }
+
+    #[test]
+    fn a_link_without_an_endpoint_is_closed() {
+        assert!(matches!(InProcess::new().link(&DeviceId("a".into())), Err(TransportError::Closed(_))));
     }
 }

@@ -28,7 +28,13 @@ pub enum MessageKind {
     Summary = 1,
     /// Cloud → device: generated slot values.
     Params = 2,
+    /// Cloud → device: the request was refused; the payload is the reason (UTF-8, at most
+    /// [`MAX_ERROR`] bytes). The device keeps its parameters.
+    Error = 3,
 }
+
+/// Longest reason an error reply carries, in bytes.
+pub const MAX_ERROR: usize = 4096;
 
 /// A message: header plus safetensors payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,6 +107,7 @@ impl MessageKind {
         match self {
             MessageKind::Summary => 1,
             MessageKind::Params => 2,
+            MessageKind::Error => 3,
         }
     }
 }
@@ -168,6 +175,7 @@ impl Envelope {
         let kind = match r.take(1, "kind")?[0] {
             1 => MessageKind::Summary,
             2 => MessageKind::Params,
+            3 => MessageKind::Error,
             other => return Err(WireError::Kind(other)),
         };
         let schema_hash = SchemaHash(r.u64("schema hash")?);
@@ -223,6 +231,26 @@ impl Envelope {
         Self::new(MessageKind::Params, params.schema_hash, device, sequence, encode_params_as(params, encoding)?)
     }
 
+    /// An error reply to `request`: the reason, cut to [`MAX_ERROR`] bytes at a character boundary.
+    pub fn error(device: DeviceId, sequence: u64, schema_hash: SchemaHash, reason: &str) -> Self {
+        let mut end = reason.len().min(MAX_ERROR);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        // Both lengths are within the limits: the id came from a decoded envelope or is cut here.
+        let device = if device.0.len() > MAX_DEVICE_ID { DeviceId(String::new()) } else { device };
+        Self { kind: MessageKind::Error, schema_hash, device, sequence, payload: reason.as_bytes()[..end].to_vec() }
+    }
+
+    /// The reason an error reply carries.
+    pub fn to_error(&self) -> Result<String, WireError> {
+        self.expect(MessageKind::Error)?;
+        if self.payload.len() > MAX_ERROR {
+            return Err(WireError::Content(format!("error reason of {} bytes", self.payload.len())));
+        }
+        String::from_utf8(self.payload.clone()).map_err(|_| WireError::Content("error reason is not UTF-8".into()))
+    }
+
     /// The summary this envelope carries.
     pub fn to_summary(&self) -> Result<AnchorSummary, WireError> {
         self.expect(MessageKind::Summary)?;
@@ -240,6 +268,20 @@ impl Envelope {
             return Err(WireError::UnexpectedKind { expected, found: self.kind });
         }
         Ok(())
+    }
+}
+
+/// The kind of an encoded envelope from its header alone, without decoding the rest (for a
+/// transport choosing a status code); `None` for bytes that are not an envelope of this version.
+pub fn peek_kind(bytes: &[u8]) -> Option<MessageKind> {
+    match bytes {
+        [m0, m1, m2, m3, WIRE_VERSION, kind, ..] if [*m0, *m1, *m2, *m3] == *MAGIC => match kind {
+            1 => Some(MessageKind::Summary),
+            2 => Some(MessageKind::Params),
+            3 => Some(MessageKind::Error),
+            _ => None,
+        },
+        _ => None,
     }
 }
 

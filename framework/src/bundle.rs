@@ -1,0 +1,337 @@
+//! A device bundle: what a device needs to start, and nothing of the cloud's training state.
+//!
+//! A folder (or the same files fetched over HTTP) holding
+//! - `model.safetensors`: the trained device model (static weights, base slot values θ0),
+//!   as its model plugin saves it;
+//! - `reference.safetensors`: the source feature statistics summaries are standardised with;
+//! - `schema.json`: the slot schema the cloud generates for;
+//! - `manifest.json`: format and mmpg versions, the model and anchor plugins with their
+//!   settings, the schema hash, the training fingerprint and the sha256 of every other file.
+//!
+//! Every byte is checked on the way in: a file whose hash differs from the manifest's is refused
+//! with its name, and so is a manifest naming any other file.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::anchor::FeatureStats;
+use crate::slots::{SchemaHash, SlotSchema};
+use crate::tensor::HostTensor;
+
+/// Bundle format this build writes and reads.
+pub const BUNDLE_FORMAT: u32 = 1;
+/// The manifest's file name.
+pub const MANIFEST: &str = "manifest.json";
+/// The device model's weights.
+pub const MODEL: &str = "model.safetensors";
+/// The reference statistics.
+pub const REFERENCE: &str = "reference.safetensors";
+/// The slot schema.
+pub const SCHEMA: &str = "schema.json";
+/// Every file a manifest lists, in order. No other name is accepted.
+pub const FILES: [&str; 3] = [MODEL, REFERENCE, SCHEMA];
+/// Largest manifest accepted, in bytes.
+pub const MAX_MANIFEST: usize = 1 << 20;
+
+/// Why a bundle was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    /// A file could not be read or written.
+    #[error("{path}: {error}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        error: std::io::Error,
+    },
+    /// The manifest is not a valid manifest.
+    #[error("{MANIFEST}: {0}")]
+    Manifest(String),
+    /// Another bundle format.
+    #[error("{MANIFEST}: bundle format {0} is not supported (this build reads {BUNDLE_FORMAT})")]
+    Format(u32),
+    /// A file's bytes are not those the manifest lists.
+    #[error("{file}: sha256 {found} does not match the manifest's {expected}")]
+    Hash {
+        /// The file.
+        file: String,
+        /// The manifest's hash.
+        expected: String,
+        /// The file's.
+        found: String,
+    },
+    /// A file the manifest requires is absent, or the manifest does not list one.
+    #[error("{0}: missing from the bundle")]
+    Missing(String),
+    /// The manifest lists a file this format does not have.
+    #[error("{MANIFEST}: unexpected file `{0}`")]
+    Unexpected(String),
+    /// A file's content is not what its name says.
+    #[error("{file}: {message}")]
+    Content {
+        /// The file.
+        file: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// A plugin and its settings, as the bundle records them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PluginEntry {
+    /// Registered name.
+    pub plugin: String,
+    /// Its settings, as given in the deployment.
+    pub settings: toml::Table,
+}
+
+/// What a bundle holds and how to check it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// [`BUNDLE_FORMAT`] of the writer.
+    pub format: u32,
+    /// mmpg version of the writer.
+    pub mmpg_version: String,
+    /// Wire version the cloud speaks.
+    pub wire_version: u8,
+    /// The model plugin that reads `model.safetensors`.
+    pub model: PluginEntry,
+    /// The anchor reasoner devices run.
+    pub anchor: PluginEntry,
+    /// Hash of the slot schema (hex).
+    pub schema_hash: String,
+    /// Fingerprint of the cloud training that produced the model.
+    pub training: String,
+    /// sha256 (hex) of every file.
+    pub files: BTreeMap<String, String>,
+}
+
+/// A verified bundle, in memory.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// `model.safetensors`.
+    pub model: Vec<u8>,
+    /// The reference statistics.
+    pub reference: FeatureStats,
+    /// The slot schema.
+    pub schema: SlotSchema,
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn content(file: &str, message: impl std::fmt::Display) -> BundleError {
+    BundleError::Content { file: file.into(), message: message.to_string() }
+}
+
+impl Bundle {
+    /// A bundle of a trained model: its checkpoint bytes, reference statistics and schema.
+    pub fn new(
+        model: Vec<u8>,
+        reference: FeatureStats,
+        schema: SlotSchema,
+        plugins: (PluginEntry, PluginEntry),
+        training: String,
+    ) -> Self {
+        let manifest = Manifest {
+            format: BUNDLE_FORMAT,
+            mmpg_version: crate::abi::MMPG_VERSION.into(),
+            wire_version: crate::wire::WIRE_VERSION,
+            model: plugins.0,
+            anchor: plugins.1,
+            schema_hash: schema.hash().to_string(),
+            training,
+            files: BTreeMap::new(),
+        };
+        let mut bundle = Self { manifest, model, reference, schema };
+        bundle.manifest.files =
+            bundle.files().iter().map(|(name, bytes)| (name.to_string(), sha256_hex(bytes))).collect();
+        bundle
+    }
+
+    /// The files other than the manifest, by name.
+    pub fn files(&self) -> Vec<(&'static str, Vec<u8>)> {
+        let d = self.reference.mean.len();
+        let stats: BTreeMap<String, HostTensor> = [("mean", &self.reference.mean), ("std", &self.reference.std)]
+            .into_iter()
+            .filter_map(|(name, v)| HostTensor::new(vec![d], v.clone()).ok().map(|t| (name.to_string(), t)))
+            .collect();
+        let schema = serde_json::to_vec_pretty(&self.schema).unwrap_or_default();
+        vec![(MODEL, self.model.clone()), (REFERENCE, crate::wire::encode_f32_tensors(&stats, [])), (SCHEMA, schema)]
+    }
+
+    /// The manifest's bytes (pretty JSON).
+    pub fn manifest_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(&self.manifest).unwrap_or_default()
+    }
+
+    /// The schema hash the manifest states.
+    pub fn schema_hash(&self) -> SchemaHash {
+        self.schema.hash()
+    }
+
+    /// Writes the bundle into `dir` (created if absent): every file, then the manifest last, so
+    /// that an interrupted write never looks complete.
+    ///
+    /// # Errors
+    /// [`BundleError::Io`] naming the file.
+    pub fn write(&self, dir: &Path) -> Result<(), BundleError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |error| BundleError::Io { path, error }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let manifest = dir.join(MANIFEST);
+        let _ = std::fs::remove_file(&manifest);
+        for (name, bytes) in self.files() {
+            let path = dir.join(name);
+            std::fs::write(&path, bytes).map_err(io(&path))?;
+        }
+        std::fs::write(&manifest, self.manifest_bytes()).map_err(io(&manifest))
+    }
+
+    /// Reads and verifies the bundle in `dir`.
+    ///
+    /// # Errors
+    /// As [`Bundle::verify`], and [`BundleError::Io`] for a file that cannot be read.
+    pub fn open(dir: &Path) -> Result<Self, BundleError> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read(&path).map_err(|error| match error.kind() {
+                std::io::ErrorKind::NotFound => BundleError::Missing(path.display().to_string()),
+                _ => BundleError::Io { path, error },
+            })
+        };
+        let manifest = Self::parse_manifest(&read(MANIFEST)?)?;
+        let files = manifest.files.keys().map(|name| Ok((name.clone(), read(name)?))).collect::<Result<_, _>>()?;
+        Self::verify(manifest, files)
+    }
+
+    /// Parses a manifest from untrusted bytes and checks its format and file list.
+    ///
+    /// # Errors
+    /// [`BundleError::Manifest`], [`BundleError::Format`], [`BundleError::Unexpected`],
+    /// [`BundleError::Missing`].
+    pub fn parse_manifest(bytes: &[u8]) -> Result<Manifest, BundleError> {
+        if bytes.len() > MAX_MANIFEST {
+            return Err(BundleError::Manifest(format!("{} bytes, over the {MAX_MANIFEST}-byte limit", bytes.len())));
+        }
+        // The format is read first, so that a newer manifest is refused for its version and not
+        // for a field this build does not know.
+        #[derive(Deserialize)]
+        struct Version {
+            format: u32,
+        }
+        let version: Version = serde_json::from_slice(bytes).map_err(|e| BundleError::Manifest(e.to_string()))?;
+        if version.format != BUNDLE_FORMAT {
+            return Err(BundleError::Format(version.format));
+        }
+        let manifest: Manifest = serde_json::from_slice(bytes).map_err(|e| BundleError::Manifest(e.to_string()))?;
+        if let Some(name) = manifest.files.keys().find(|n| !FILES.contains(&n.as_str())) {
+            return Err(BundleError::Unexpected(name.clone()));
+        }
+        if let Some(name) = FILES.iter().find(|n| !manifest.files.contains_key(**n)) {
+            return Err(BundleError::Missing((*name).into()));
+        }
+        Ok(manifest)
+    }
+
+    /// Checks `files` (by name) against `manifest` and decodes them.
+    ///
+    /// # Errors
+    /// [`BundleError::Hash`] naming the first file whose bytes differ, [`BundleError::Missing`],
+    /// [`BundleError::Content`] for a file that does not decode or a schema whose hash is not
+    /// the manifest's.
+    pub fn verify(manifest: Manifest, mut files: BTreeMap<String, Vec<u8>>) -> Result<Self, BundleError> {
+        for name in FILES {
+            let bytes = files.get(name).ok_or_else(|| BundleError::Missing(name.into()))?;
+            let expected = manifest.files.get(name).ok_or_else(|| BundleError::Missing(name.into()))?;
+            let found = sha256_hex(bytes);
+            if &found != expected {
+                return Err(BundleError::Hash { file: name.into(), expected: expected.clone(), found });
+            }
+        }
+        let mut take = |name: &str| files.remove(name).unwrap_or_default();
+        let schema: SlotSchema = serde_json::from_slice(&take(SCHEMA)).map_err(|e| content(SCHEMA, e))?;
+        if schema.hash().to_string() != manifest.schema_hash {
+            return Err(content(
+                SCHEMA,
+                format!("hash {} is not the manifest's {}", schema.hash(), manifest.schema_hash),
+            ));
+        }
+        let mut stats = crate::wire::decode_f32_tensors(&take(REFERENCE)).map_err(|e| content(REFERENCE, e))?;
+        let mut stat = |name: &str| {
+            let t = stats.remove(name).ok_or_else(|| content(REFERENCE, format!("`{name}` is missing")))?;
+            if t.shape().len() != 1 || !t.is_finite() {
+                return Err(content(REFERENCE, format!("`{name}` is not a finite vector")));
+            }
+            Ok(t.values().to_vec())
+        };
+        let reference = FeatureStats { mean: stat("mean")?, std: stat("std")? };
+        if reference.mean.len() != reference.std.len() || reference.std.iter().any(|s| *s <= 0.0) {
+            return Err(content(REFERENCE, "mean and std differ in length, or a std is not positive"));
+        }
+        Ok(Self { model: take(MODEL), manifest, reference, schema })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SlotSpec;
+
+    fn bundle() -> Bundle {
+        let schema = SlotSchema::new(vec![SlotSpec::f32("w", vec![2])]).expect("schema");
+        let entry = |p: &str| PluginEntry { plugin: p.into(), settings: toml::Table::new() };
+        Bundle::new(
+            vec![1, 2, 3],
+            FeatureStats { mean: vec![0.0, 1.0], std: vec![1.0, 2.0] },
+            schema,
+            (entry("lmm"), entry("adr")),
+            "abc".into(),
+        )
+    }
+
+    #[test]
+    fn a_written_bundle_opens_as_it_was() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let original = bundle();
+        original.write(dir.path()).expect("written");
+        let opened = Bundle::open(dir.path()).expect("opens");
+        assert_eq!(opened.manifest, original.manifest);
+        assert_eq!(
+            (opened.model, opened.reference, opened.schema),
+            (original.model, original.reference, original.schema)
+        );
+    }
+
+    #[test]
+    fn a_changed_file_is_refused_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        bundle().write(dir.path()).expect("written");
+        std::fs::write(dir.path().join(MODEL), [1, 2, 4]).expect("tampered");
+        let err = Bundle::open(dir.path()).expect_err("refused");
+        assert!(matches!(&err, BundleError::Hash { file, .. } if file == MODEL), "{err}");
+        assert!(err.to_string().starts_with("model.safetensors: sha256"));
+    }
+
+    #[test]
+    fn manifests_naming_other_files_or_formats_are_refused() {
+        let mut manifest = bundle().manifest;
+        manifest.files.insert("../../etc/passwd".into(), "00".into());
+        let bytes = serde_json::to_vec(&manifest).expect("json");
+        assert!(matches!(Bundle::parse_manifest(&bytes), Err(BundleError::Unexpected(_))));
+        let mut manifest = bundle().manifest;
+        manifest.format = 99;
+        let bytes = serde_json::to_vec(&manifest).expect("json");
+        assert!(matches!(Bundle::parse_manifest(&bytes), Err(BundleError::Format(99))));
+        assert!(matches!(Bundle::parse_manifest(b"{"), Err(BundleError::Manifest(_))));
+    }
+}

@@ -1,0 +1,543 @@
+//! The two roles of a deployment, each the sole owner of its state. They share nothing but
+//! envelopes, so the same code runs in one process (`mmpg run`) and as separate programs over a
+//! network (`mmpg cloud serve`, `mmpg device`).
+//!
+//! - A [`CloudNode`] holds the trained generator and turns summary envelopes into params (or
+//!   error) envelopes, one reply per request, micro-batching what arrives together.
+//! - A [`DeviceNode`] holds its model, its anchor reasoner and its last good parameters; it
+//!   turns a window into a request and a reply into validated, installed parameters.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::anchor::{AnchorReasoner, AnchorSummary, FeatureStats, Quantisation};
+use crate::data::{Clip, DeviceId};
+use crate::generator::{GeneratorError, ParameterGenerator};
+use crate::model::{DeviceModel, ModelError};
+use crate::runtime::{SummaryError, summarise_window};
+use crate::slots::{GeneratedParams, SchemaHash};
+use crate::transport::{CloudEndpoint, Peer, TransportError};
+use crate::wire::{Envelope, MessageKind, WireError};
+
+/// How the cloud groups concurrent requests into one generation call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchPolicy {
+    /// Most summaries in one call.
+    pub max_batch: usize,
+    /// Longest a request waits for others to join its batch.
+    pub max_wait: Duration,
+}
+
+impl Default for BatchPolicy {
+    fn default() -> Self {
+        Self { max_batch: 64, max_wait: Duration::from_millis(2) }
+    }
+}
+
+/// What became of one request at the cloud.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// Parameters were generated and sent.
+    Adapted,
+    /// The bytes are not a summary envelope.
+    Malformed,
+    /// The summary is for another model's slot schema.
+    WrongSchema,
+    /// The envelope names a device other than the one the transport authenticated.
+    Impersonation,
+    /// The generator refused the summary (or its parameters could not be encoded).
+    Refused,
+}
+
+impl Outcome {
+    /// Every outcome, in a fixed order (for counters).
+    pub const ALL: [Outcome; 5] =
+        [Outcome::Adapted, Outcome::Malformed, Outcome::WrongSchema, Outcome::Impersonation, Outcome::Refused];
+
+    /// Its name in metrics and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Adapted => "adapted",
+            Outcome::Malformed => "malformed",
+            Outcome::WrongSchema => "wrong_schema",
+            Outcome::Impersonation => "impersonation",
+            Outcome::Refused => "refused",
+        }
+    }
+}
+
+/// One reply of the cloud.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// The encoded envelope (params, or an error reply).
+    pub bytes: Vec<u8>,
+    /// What became of the request.
+    pub outcome: Outcome,
+}
+
+/// Receives what the cloud's serving loop does, for metrics. Every method has a no-op default.
+pub trait ServeObserver: Sync {
+    /// One generation call over `size` summaries took `elapsed`.
+    fn batch(&self, _size: usize, _elapsed: Duration) {}
+    /// A request ended with `outcome`, `waited` after it arrived.
+    fn request(&self, _outcome: Outcome, _waited: Duration) {}
+}
+
+/// Observes nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoObserver;
+
+impl ServeObserver for NoObserver {}
+
+/// What a serving loop did.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ServeTotals {
+    /// Requests answered.
+    pub requests: u64,
+    /// Generation calls made.
+    pub batches: u64,
+    /// Wall time inside generation calls, in ms.
+    pub generation_ms: f64,
+}
+
+/// The cloud's role: a trained generator turning summaries into parameters.
+pub struct CloudNode<'a> {
+    generator: &'a dyn ParameterGenerator,
+    download: Quantisation,
+}
+
+impl std::fmt::Debug for CloudNode<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CloudNode")
+            .field("generator", &self.generator.name())
+            .field("download", &self.download)
+            .finish()
+    }
+}
+
+/// The decoded part of a request that passed the cloud's checks.
+struct Accepted {
+    device: DeviceId,
+    sequence: u64,
+    summary: AnchorSummary,
+}
+
+impl<'a> CloudNode<'a> {
+    /// A cloud serving `generator`'s parameters, encoded as `download` says.
+    pub fn new(generator: &'a dyn ParameterGenerator, download: Quantisation) -> Self {
+        Self { generator, download }
+    }
+
+    /// The schema hash devices must send.
+    pub fn schema_hash(&self) -> SchemaHash {
+        self.generator.schema().hash()
+    }
+
+    /// Checks one request: a summary envelope, for this schema, from the device it claims to be.
+    fn check(&self, peer: &Peer, bytes: &[u8]) -> Result<Accepted, Reply> {
+        let schema = self.schema_hash();
+        let refuse = |envelope: Option<&Envelope>, outcome, reason: String| {
+            let (device, sequence) = envelope.map_or((DeviceId(String::new()), 0), |e| (e.device.clone(), e.sequence));
+            let bytes = Envelope::error(device, sequence, schema, &reason).encode().unwrap_or_default();
+            Reply { bytes, outcome }
+        };
+        let envelope = Envelope::decode(bytes).map_err(|e| refuse(None, Outcome::Malformed, e.to_string()))?;
+        let e = Some(&envelope);
+        if let Some(identity) = &peer.identity
+            && identity != &envelope.device
+        {
+            let reason = format!("device `{identity}` sent a summary as `{}`", envelope.device);
+            return Err(refuse(e, Outcome::Impersonation, reason));
+        }
+        if envelope.kind != MessageKind::Summary {
+            return Err(refuse(e, Outcome::Malformed, format!("expected a summary, found {:?}", envelope.kind)));
+        }
+        if envelope.schema_hash != schema {
+            let reason = format!("summary for slot schema {}, this cloud serves {schema}", envelope.schema_hash);
+            return Err(refuse(e, Outcome::WrongSchema, reason));
+        }
+        let summary =
+            envelope.to_summary().map_err(|err| refuse(e, Outcome::Malformed, format!("summary rejected: {err}")))?;
+        Ok(Accepted { device: envelope.device, sequence: envelope.sequence, summary })
+    }
+
+    /// One reply per request, in order. Checks every request, generates for all that pass in
+    /// one call (each alone if that call fails, so that one device's bad summary fails only that
+    /// device), and returns how long generation took.
+    pub fn respond(&self, requests: &[(&Peer, &[u8])]) -> (Vec<Reply>, Duration) {
+        let checked: Vec<Result<Accepted, Reply>> =
+            requests.iter().map(|(peer, bytes)| self.check(peer, bytes)).collect();
+        let summaries: Vec<AnchorSummary> =
+            checked.iter().filter_map(|c| c.as_ref().ok()).map(|a| a.summary.clone()).collect();
+        let t0 = Instant::now();
+        let mut generated =
+            if summaries.is_empty() { Vec::new() } else { generate_each(self.generator, &summaries) }.into_iter();
+        let elapsed = t0.elapsed();
+        let schema = self.schema_hash();
+        let replies = checked
+            .into_iter()
+            .map(|c| match c {
+                Err(reply) => reply,
+                Ok(accepted) => {
+                    let params = generated
+                        .next()
+                        .unwrap_or_else(|| Err(GeneratorError::Output("no parameters for a summary".into())));
+                    let encoded = params.map_err(|e| format!("generation: {e}")).and_then(|p| {
+                        Envelope::params_encoded(accepted.device.clone(), accepted.sequence, &p, self.download)
+                            .and_then(|e| e.encode())
+                            .map_err(|e| format!("encoding the parameters: {e}"))
+                    });
+                    match encoded {
+                        Ok(bytes) => Reply { bytes, outcome: Outcome::Adapted },
+                        Err(reason) => Reply {
+                            bytes: Envelope::error(accepted.device, accepted.sequence, schema, &reason)
+                                .encode()
+                                .unwrap_or_default(),
+                            outcome: Outcome::Refused,
+                        },
+                    }
+                }
+            })
+            .collect();
+        (replies, elapsed)
+    }
+
+    /// Serves `endpoint` until `stop` is set or the endpoint closes: waits for a request, lets
+    /// more join it for up to `policy.max_wait` (or until `policy.max_batch`), answers the batch.
+    ///
+    /// # Errors
+    /// Only a failing endpoint; a request's problem is its own error reply.
+    pub fn serve(
+        &self,
+        endpoint: &mut dyn CloudEndpoint,
+        policy: &BatchPolicy,
+        stop: &AtomicBool,
+        observer: &dyn ServeObserver,
+    ) -> Result<ServeTotals, TransportError> {
+        // How often an idle loop looks at `stop`.
+        const POLL: Duration = Duration::from_millis(50);
+        let mut totals = ServeTotals::default();
+        while !stop.load(Ordering::Relaxed) {
+            let first = match endpoint.next_request(POLL) {
+                Ok(Some(r)) => r,
+                Ok(None) => continue,
+                Err(TransportError::Closed(_)) => break,
+                Err(e) => return Err(e),
+            };
+            let started = Instant::now();
+            let deadline = started + policy.max_wait;
+            let mut batch = vec![(first, started)];
+            while batch.len() < policy.max_batch.max(1) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match endpoint.next_request(left) {
+                    Ok(Some(r)) => batch.push((r, Instant::now())),
+                    Ok(None) | Err(TransportError::Closed(_)) => break,
+                    Err(e) => return Err(e),
+                }
+                if left.is_zero() {
+                    break;
+                }
+            }
+            let views: Vec<(&Peer, &[u8])> = batch.iter().map(|(r, _)| (&r.peer, r.bytes.as_slice())).collect();
+            let (replies, elapsed) = self.respond(&views);
+            if !elapsed.is_zero() {
+                observer.batch(replies.iter().filter(|r| r.outcome == Outcome::Adapted).count(), elapsed);
+                totals.batches += 1;
+            }
+            totals.generation_ms += elapsed.as_secs_f64() * 1e3;
+            for ((request, arrived), reply) in batch.into_iter().zip(replies) {
+                totals.requests += 1;
+                observer.request(reply.outcome, arrived.elapsed());
+                // A reply the transport cannot carry is that device's loss, not the cloud's.
+                let _ = endpoint.reply(request.ticket, reply.bytes);
+            }
+        }
+        Ok(totals)
+    }
+}
+
+/// Parameters for every summary, one result each: the batch when it succeeds, and otherwise
+/// each summary alone, so that one device's bad summary fails only that device.
+pub fn generate_each(
+    generator: &dyn ParameterGenerator,
+    summaries: &[AnchorSummary],
+) -> Vec<Result<GeneratedParams, GeneratorError>> {
+    match generator.generate_batch(summaries) {
+        Ok(all) if all.len() == summaries.len() => all.into_iter().map(Ok).collect(),
+        _ => summaries
+            .iter()
+            .map(|s| {
+                let mut one = generator.generate_batch(std::slice::from_ref(s))?;
+                one.pop().ok_or_else(|| GeneratorError::Output("no parameters for a summary".into()))
+            })
+            .collect(),
+    }
+}
+
+/// Why a device did not install a reply. It keeps its last good parameters in every case.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Refusal {
+    /// The cloud answered with an error reply.
+    #[error("the cloud refused the request: {0}")]
+    Cloud(String),
+    /// The reply is not a params envelope.
+    #[error("expected parameters, received a {0:?} message")]
+    Unexpected(MessageKind),
+    /// The reply is addressed to another device.
+    #[error("parameters addressed to `{0}`")]
+    OtherDevice(DeviceId),
+    /// The reply does not answer the request outstanding.
+    #[error("reply to request {found}, but the request outstanding is {expected:?}")]
+    Stale {
+        /// The request waiting for a reply, if any.
+        expected: Option<u64>,
+        /// The sequence the reply echoes.
+        found: u64,
+    },
+    /// The parameters are for another slot schema.
+    #[error("parameters for slot schema {found}, this model has {expected}")]
+    Schema {
+        /// This model's schema.
+        expected: SchemaHash,
+        /// The reply's.
+        found: SchemaHash,
+    },
+    /// The payload does not decode.
+    #[error("parameters do not decode: {0}")]
+    Payload(#[from] WireError),
+    /// The model refused the values (shape, dtype, non-finite, missing slot).
+    #[error("parameters refused: {0}")]
+    Install(#[from] ModelError),
+}
+
+impl Refusal {
+    /// A short name of the refusal's kind, for counters and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Refusal::Cloud(_) => "cloud-refused",
+            Refusal::Unexpected(_) => "unexpected-kind",
+            Refusal::OtherDevice(_) => "other-device",
+            Refusal::Stale { .. } => "stale",
+            Refusal::Schema { .. } => "wrong-schema",
+            Refusal::Payload(_) => "malformed-params",
+            Refusal::Install(_) => "invalid-params",
+        }
+    }
+}
+
+/// A window summarised on the device.
+#[derive(Debug, Clone)]
+pub struct Summarised {
+    /// The summary to upload.
+    pub summary: AnchorSummary,
+    /// Time computing frame features, in ms.
+    pub feature_ms: f64,
+}
+
+/// The device's role: serves its model, summarises windows, installs what the cloud sends.
+pub struct DeviceNode {
+    /// Its id.
+    pub id: DeviceId,
+    /// The model it serves; its installed slot values are the last good parameters.
+    pub model: Box<dyn DeviceModel>,
+    /// Its anchor reasoner.
+    pub reasoner: Box<dyn AnchorReasoner>,
+    reference: FeatureStats,
+    sequence: u64,
+    outstanding: Option<u64>,
+}
+
+impl std::fmt::Debug for DeviceNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceNode")
+            .field("id", &self.id)
+            .field("model", &self.model.name())
+            .field("sequence", &self.sequence)
+            .field("outstanding", &self.outstanding)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeviceNode {
+    /// A device serving `model`, standardising its summaries with the cloud's `reference`.
+    pub fn new(
+        id: DeviceId,
+        model: Box<dyn DeviceModel>,
+        reasoner: Box<dyn AnchorReasoner>,
+        reference: FeatureStats,
+    ) -> Self {
+        Self { id, model, reasoner, reference, sequence: 0, outstanding: None }
+    }
+
+    /// The sequence number of the last request made.
+    pub fn sequence(&self) -> u64 {
+        self.sequence
+    }
+
+    /// Continues numbering requests after `sequence` (a device restarting from its saved state,
+    /// so that the cloud never sees a sequence number twice).
+    pub fn resume_after(&mut self, sequence: u64) {
+        self.sequence = self.sequence.max(sequence);
+    }
+
+    /// The reference statistics summaries are standardised with.
+    pub fn reference(&self) -> &FeatureStats {
+        &self.reference
+    }
+
+    /// Summarises an unlabelled `window` (frame features with the base slot values, then the
+    /// anchor reasoner).
+    ///
+    /// # Errors
+    /// The model's or the reasoner's.
+    pub fn summarise(&self, window: &[Clip], seed: u64) -> Result<Summarised, SummaryError> {
+        let t0 = Instant::now();
+        let features = self.model.frame_features(window)?;
+        let feature_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let summary =
+            summarise_window(self.model.as_ref(), self.reasoner.as_ref(), window, &features, &self.reference, seed)?;
+        Ok(Summarised { summary, feature_ms })
+    }
+
+    /// The request carrying `summary`, under the next sequence number; it becomes the request
+    /// outstanding (a reply to any earlier one is refused as stale).
+    ///
+    /// # Errors
+    /// As [`Envelope::summary`].
+    pub fn request(&mut self, summary: &AnchorSummary) -> Result<Envelope, WireError> {
+        let sequence = self.sequence + 1;
+        let envelope = Envelope::summary(self.id.clone(), sequence, self.model.schema().hash(), summary)?;
+        self.sequence = sequence;
+        self.outstanding = Some(sequence);
+        Ok(envelope)
+    }
+
+    /// Validates `reply` as the answer to the outstanding request and installs its parameters;
+    /// returns them. On any refusal the model keeps its parameters and the request stays
+    /// outstanding only if the reply was not an answer to it.
+    ///
+    /// # Errors
+    /// A [`Refusal`] naming what was wrong.
+    pub fn accept(&mut self, reply: &Envelope) -> Result<GeneratedParams, Refusal> {
+        if reply.device != self.id {
+            return Err(Refusal::OtherDevice(reply.device.clone()));
+        }
+        if self.outstanding != Some(reply.sequence) {
+            return Err(Refusal::Stale { expected: self.outstanding, found: reply.sequence });
+        }
+        // From here the reply answers the outstanding request: whatever it holds, it is final.
+        self.outstanding = None;
+        match reply.kind {
+            MessageKind::Params => {}
+            MessageKind::Error => {
+                return Err(Refusal::Cloud(reply.to_error().unwrap_or_else(|e| format!("unreadable reason ({e})"))));
+            }
+            other => return Err(Refusal::Unexpected(other)),
+        }
+        let expected = self.model.schema().hash();
+        if reply.schema_hash != expected {
+            return Err(Refusal::Schema { expected, found: reply.schema_hash });
+        }
+        let params = reply.to_params()?;
+        self.model.apply(params.clone())?;
+        Ok(params)
+    }
+
+    /// Installs parameters from the device's own saved state (validated like a reply).
+    ///
+    /// # Errors
+    /// As [`DeviceModel::apply`].
+    pub fn restore(&mut self, params: GeneratedParams) -> Result<(), ModelError> {
+        self.model.apply(params)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{HostTensor, QuantisedTensor, SlotSchema, SlotSpec};
+
+    /// Fails any batch holding a summary of 13 clips, like a generator meeting one device's
+    /// malformed summary.
+    struct Picky(SlotSchema);
+
+    impl ParameterGenerator for Picky {
+        fn schema(&self) -> &SlotSchema {
+            &self.0
+        }
+
+        fn generate_batch(&self, summaries: &[AnchorSummary]) -> Result<Vec<GeneratedParams>, GeneratorError> {
+            if summaries.iter().any(|s| s.clips == 13) {
+                return Err(GeneratorError::Dimension { expected: 1, found: 13 });
+            }
+            let one = |s: &AnchorSummary| GeneratedParams {
+                schema_hash: self.0.hash(),
+                tensors: [("w".to_string(), HostTensor::new(vec![1], vec![s.clips as f32]).expect("1 value"))].into(),
+            };
+            Ok(summaries.iter().map(one).collect())
+        }
+    }
+
+    fn picky() -> Picky {
+        Picky(SlotSchema::new(vec![SlotSpec::f32("w", vec![1])]).expect("schema"))
+    }
+
+    fn summary(clips: u32) -> AnchorSummary {
+        let anchors = HostTensor::new(vec![1, 1], vec![0.5]).expect("fits");
+        AnchorSummary {
+            anchors: QuantisedTensor::quantise(&anchors, Quantisation::F32).expect("finite"),
+            mean: vec![0.0],
+            var: vec![1.0],
+            frames: clips,
+            clips,
+            text_anchors: None,
+        }
+    }
+
+    fn request(generator: &Picky, device: &str, clips: u32) -> Vec<u8> {
+        Envelope::summary(DeviceId(device.into()), 1, generator.0.hash(), &summary(clips))
+            .and_then(|e| e.encode())
+            .expect("encodes")
+    }
+
+    #[test]
+    fn one_bad_summary_fails_only_its_own_device() {
+        let generator = picky();
+        let results = generate_each(&generator, &[summary(2), summary(13), summary(4)]);
+        assert_eq!(results.len(), 3);
+        let value = |r: &Result<GeneratedParams, GeneratorError>| r.as_ref().ok().map(|p| p.tensors["w"].values()[0]);
+        assert_eq!((value(&results[0]), value(&results[2])), (Some(2.0), Some(4.0)));
+        assert!(matches!(results[1], Err(GeneratorError::Dimension { found: 13, .. })));
+    }
+
+    #[test]
+    fn every_request_gets_its_own_reply() {
+        let generator = picky();
+        let cloud = CloudNode::new(&generator, Quantisation::F32);
+        let anyone = Peer::default();
+        let a_peer = Peer { identity: Some(DeviceId("a".into())), address: "test".into() };
+        let good = request(&generator, "a", 2);
+        let bad = request(&generator, "b", 13);
+        let other_schema = Envelope::summary(DeviceId("c".into()), 1, SchemaHash(7), &summary(2))
+            .and_then(|e| e.encode())
+            .expect("encodes");
+        let impostor = request(&generator, "d", 2);
+        let requests: Vec<(&Peer, &[u8])> = vec![
+            (&a_peer, &good),
+            (&anyone, &bad),
+            (&anyone, b"garbage"),
+            (&anyone, &other_schema),
+            (&a_peer, &impostor),
+        ];
+        let (replies, _) = cloud.respond(&requests);
+        let outcomes: Vec<Outcome> = replies.iter().map(|r| r.outcome).collect();
+        assert_eq!(
+            outcomes,
+            [Outcome::Adapted, Outcome::Refused, Outcome::Malformed, Outcome::WrongSchema, Outcome::Impersonation]
+        );
+        let decoded: Vec<Envelope> = replies.iter().map(|r| Envelope::decode(&r.bytes).expect("decodes")).collect();
+        assert_eq!(decoded[0].to_params().expect("params").tensors["w"].values(), &[2.0]);
+        assert_eq!(decoded[1].device, DeviceId("b".into()));
+        assert!(decoded[1].to_error().expect("error reply").contains("generation"));
+    }
+}

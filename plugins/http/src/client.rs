@@ -1,0 +1,165 @@
+//! A device's end over HTTP(S), through reqwest: the adaptation exchange, the cloud's info and
+//! its device bundle.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use mmpg::bundle::{Bundle, BundleError, FILES};
+use mmpg::deploy::CloudInfo;
+use mmpg::transport::{DeviceLink, TransportError};
+
+use crate::HttpError;
+use crate::server::OCTET_STREAM;
+
+/// Largest reply body a device reads, in bytes: the wire's payload limit plus its header.
+const MAX_REPLY: u64 = mmpg::wire::MAX_PAYLOAD as u64 + 1024;
+
+/// A device's connection to the cloud at one URL (keep-alive, HTTP/2 over TLS when offered).
+#[derive(Debug, Clone)]
+pub struct CloudClient {
+    base: String,
+    client: reqwest::blocking::Client,
+}
+
+fn transport_error(e: &reqwest::Error, timeout: Duration) -> TransportError {
+    if e.is_timeout() {
+        TransportError::Timeout(timeout)
+    } else if e.is_connect() {
+        TransportError::Unreachable(error_chain(e))
+    } else {
+        TransportError::Closed(error_chain(e))
+    }
+}
+
+/// The error with its causes: reqwest's own message is often just "error sending request".
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
+
+impl CloudClient {
+    /// A client of the cloud at `url` (`http://…` or `https://…`); over HTTPS it trusts the
+    /// certificates in the PEM file `ca` only.
+    ///
+    /// # Errors
+    /// [`HttpError::Tls`] for an unreadable `ca`; [`HttpError::Client`].
+    pub fn new(url: &str, ca: Option<&Path>) -> Result<Self, HttpError> {
+        let mut builder = reqwest::blocking::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .user_agent(concat!("mmpg-device/", env!("CARGO_PKG_VERSION")));
+        if let Some(ca) = ca {
+            builder = builder.use_preconfigured_tls(crate::tls::client_config(ca)?);
+        }
+        let client = builder.build().map_err(|e| HttpError::Client(error_chain(&e)))?;
+        Ok(Self { base: url.trim_end_matches('/').to_string(), client })
+    }
+
+    /// The cloud's URL.
+    pub fn url(&self) -> &str {
+        &self.base
+    }
+
+    fn get(&self, path: &str, timeout: Duration, limit: u64) -> Result<Vec<u8>, TransportError> {
+        let response = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .timeout(timeout)
+            .send()
+            .map_err(|e| transport_error(&e, timeout))?;
+        read_body(response, timeout, limit)
+    }
+
+    /// `GET /v1/hello`: the cloud's versions and what it serves.
+    ///
+    /// # Errors
+    /// The transport's, and [`TransportError::Wire`]-like content errors as `Closed`.
+    pub fn hello(&self, timeout: Duration) -> Result<CloudInfo, TransportError> {
+        let body = self.get("/v1/hello", timeout, 1 << 20)?;
+        serde_json::from_slice(&body).map_err(|e| TransportError::Closed(format!("/v1/hello is not cloud info: {e}")))
+    }
+
+    /// `GET /v1/bundle` and its files, verified against the manifest.
+    ///
+    /// # Errors
+    /// [`HttpError::Transport`] while fetching, [`HttpError::Bundle`] when the files do not
+    /// match the manifest.
+    pub fn bundle(&self, timeout: Duration) -> Result<Bundle, HttpError> {
+        let manifest = Bundle::parse_manifest(&self.get("/v1/bundle", timeout, mmpg::bundle::MAX_MANIFEST as u64)?)?;
+        let mut files = BTreeMap::new();
+        for name in FILES {
+            files.insert(name.to_string(), self.get(&format!("/v1/bundle/{name}"), timeout, MAX_REPLY)?);
+        }
+        Ok(Bundle::verify(manifest, files)?)
+    }
+
+    /// `GET /metrics`: the server's Prometheus exposition.
+    ///
+    /// # Errors
+    /// The transport's.
+    pub fn metrics(&self, timeout: Duration) -> Result<String, TransportError> {
+        let body = self.get("/metrics", timeout, 16 << 20)?;
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+}
+
+/// A response's body, refused above `limit` bytes; a failure status without an envelope is an
+/// error carrying the status and the body's first line.
+fn read_body(response: reqwest::blocking::Response, timeout: Duration, limit: u64) -> Result<Vec<u8>, TransportError> {
+    use std::io::Read as _;
+    let status = response.status();
+    let envelope = response.headers().get(reqwest::header::CONTENT_TYPE).is_some_and(|v| v == OCTET_STREAM);
+    if let Some(size) = response.content_length().filter(|s| *s > limit) {
+        return Err(TransportError::TooLarge {
+            size: usize::try_from(size).unwrap_or(usize::MAX),
+            limit: limit as usize,
+        });
+    }
+    let mut body = Vec::new();
+    response.take(limit + 1).read_to_end(&mut body).map_err(|e| match e.kind() {
+        std::io::ErrorKind::TimedOut => TransportError::Timeout(timeout),
+        _ => TransportError::Closed(error_chain(&e)),
+    })?;
+    if body.len() as u64 > limit {
+        return Err(TransportError::TooLarge { size: body.len(), limit: limit as usize });
+    }
+    if status.is_success() || (status.is_client_error() && envelope) {
+        return Ok(body);
+    }
+    let text = String::from_utf8_lossy(&body);
+    let message = text.lines().next().unwrap_or("").chars().take(200).collect::<String>();
+    Err(TransportError::Status { status: status.as_u16(), message })
+}
+
+impl DeviceLink for CloudClient {
+    fn exchange(&mut self, request: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, TransportError> {
+        let response = self
+            .client
+            .post(format!("{}/v1/adapt", self.base))
+            .header(reqwest::header::CONTENT_TYPE, OCTET_STREAM)
+            .timeout(timeout)
+            .body(request)
+            .send()
+            .map_err(|e| transport_error(&e, timeout))?;
+        read_body(response, timeout, MAX_REPLY)
+    }
+}
+
+impl From<TransportError> for HttpError {
+    fn from(e: TransportError) -> Self {
+        HttpError::Transport(e)
+    }
+}
+
+impl From<BundleError> for HttpError {
+    fn from(e: BundleError) -> Self {
+        HttpError::Bundle(e)
+    }
+}

@@ -1,0 +1,197 @@
+//! A load generator: N devices, each on its own keep-alive connection, sending summary
+//! envelopes to `POST /v1/adapt` as fast as replies come, for a fixed time.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use mmpg::data::DeviceId;
+use mmpg::slots::SchemaHash;
+use mmpg::wire::{Envelope, MessageKind};
+use serde::Serialize;
+
+use crate::HttpError;
+use crate::server::OCTET_STREAM;
+
+/// What to load and for how long.
+#[derive(Debug, Clone)]
+pub struct LoadSettings {
+    /// The cloud's URL.
+    pub url: String,
+    /// PEM CA to trust over HTTPS.
+    pub ca: Option<PathBuf>,
+    /// Concurrent devices.
+    pub devices: usize,
+    /// How long to send.
+    pub duration: Duration,
+    /// Per-request timeout.
+    pub timeout: Duration,
+}
+
+/// What a load run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadReport {
+    /// Concurrent devices.
+    pub devices: usize,
+    /// Seconds of load.
+    pub seconds: f64,
+    /// Requests answered with parameters.
+    pub adapted: u64,
+    /// Adaptations per second.
+    pub throughput: f64,
+    /// Latency percentiles of answered requests, in ms.
+    pub p50_ms: f64,
+    /// 90th percentile.
+    pub p90_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// Slowest.
+    pub max_ms: f64,
+    /// Failed requests by kind (`status-503`, `timeout`, `refused`, …).
+    pub errors: BTreeMap<String, u64>,
+}
+
+/// One device's loop: its own client (so its own connection), envelopes with its id and
+/// increasing sequence numbers, until `until`.
+async fn device(
+    client: reqwest::Client,
+    url: String,
+    id: DeviceId,
+    template: (SchemaHash, Vec<u8>),
+    until: Instant,
+    timeout: Duration,
+) -> (Vec<f64>, BTreeMap<String, u64>) {
+    let mut latencies = Vec::new();
+    let mut errors = BTreeMap::new();
+    let mut sequence = 0u64;
+    while Instant::now() < until {
+        sequence += 1;
+        let body = match Envelope::new(MessageKind::Summary, template.0, id.clone(), sequence, template.1.clone())
+            .and_then(|e| e.encode())
+        {
+            Ok(b) => b,
+            Err(_) => {
+                *errors.entry("encode".to_string()).or_default() += 1;
+                break;
+            }
+        };
+        let t0 = Instant::now();
+        let sent = client
+            .post(&url)
+            .header(reqwest::header::CONTENT_TYPE, OCTET_STREAM)
+            .timeout(timeout)
+            .body(body)
+            .send()
+            .await;
+        let kind = match sent {
+            Ok(response) => {
+                let status = response.status();
+                match response.bytes().await {
+                    Ok(bytes) if status.is_success() && mmpg::wire::peek_kind(&bytes) == Some(MessageKind::Params) => {
+                        latencies.push(t0.elapsed().as_secs_f64() * 1e3);
+                        continue;
+                    }
+                    Ok(_) if status.as_u16() == 422 => "refused".to_string(),
+                    Ok(_) => format!("status-{}", status.as_u16()),
+                    Err(e) if e.is_timeout() => "timeout".to_string(),
+                    Err(_) => "body".to_string(),
+                }
+            }
+            Err(e) if e.is_timeout() => "timeout".to_string(),
+            Err(e) if e.is_connect() => "connect".to_string(),
+            Err(_) => "request".to_string(),
+        };
+        *errors.entry(kind).or_default() += 1;
+        // A failing server is not hammered in a tight loop.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (latencies, errors)
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+/// Runs the load: device `i` sends `templates[i % len]` (schema hash, summary payload).
+///
+/// # Errors
+/// [`HttpError::Tls`], [`HttpError::Client`], [`HttpError::Runtime`].
+pub fn run(settings: &LoadSettings, templates: &[(SchemaHash, Vec<u8>)]) -> Result<LoadReport, HttpError> {
+    if templates.is_empty() {
+        return Err(HttpError::Client("no summaries to send".into()));
+    }
+    let tls = settings.ca.as_deref().map(crate::tls::client_config).transpose()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| HttpError::Runtime(e.to_string()))?;
+    let url = format!("{}/v1/adapt", settings.url.trim_end_matches('/'));
+    let mut clients = Vec::with_capacity(settings.devices);
+    for _ in 0..settings.devices {
+        let mut builder = reqwest::Client::builder().pool_max_idle_per_host(1).connect_timeout(Duration::from_secs(10));
+        if let Some(tls) = &tls {
+            builder = builder.use_preconfigured_tls(tls.clone());
+        }
+        clients.push(builder.build().map_err(|e| HttpError::Client(e.to_string()))?);
+    }
+    let started = Instant::now();
+    let until = started + settings.duration;
+    let results = runtime.block_on(async {
+        let tasks: Vec<_> = clients
+            .into_iter()
+            .enumerate()
+            .map(|(i, client)| {
+                let template = templates[i % templates.len()].clone();
+                let id = DeviceId(format!("load-{i:05}"));
+                tokio::spawn(device(client, url.clone(), id, template, until, settings.timeout))
+            })
+            .collect();
+        let mut out = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            out.push(t.await);
+        }
+        out
+    });
+    let seconds = started.elapsed().as_secs_f64();
+    let mut latencies = Vec::new();
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    for result in results {
+        match result {
+            Ok((l, e)) => {
+                latencies.extend(l);
+                for (k, n) in e {
+                    *errors.entry(k).or_default() += n;
+                }
+            }
+            Err(_) => *errors.entry("task-panicked".into()).or_default() += 1,
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    Ok(LoadReport {
+        devices: settings.devices,
+        seconds,
+        adapted: latencies.len() as u64,
+        throughput: latencies.len() as f64 / settings.duration.as_secs_f64().max(1e-9),
+        p50_ms: percentile(&latencies, 0.5),
+        p90_ms: percentile(&latencies, 0.9),
+        p99_ms: percentile(&latencies, 0.99),
+        max_ms: latencies.last().copied().unwrap_or(f64::NAN),
+        errors,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!((percentile(&v, 0.5), percentile(&v, 0.99), percentile(&v, 1.0)), (50.0, 99.0, 100.0));
+        assert!(percentile(&[], 0.5).is_nan());
+    }
+}

@@ -1,0 +1,76 @@
+//! `mmpg cloud serve`: the cloud as a service over HTTP(S).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use mmpg::deploy::{CloudInfo, export_bundle};
+use mmpg::node::{BatchPolicy, CloudNode};
+use mmpg::runtime::{Composer, RunError, train_cloud};
+use mmpg::{Progress, Registry};
+use mmpg_http::{CloudServer, Published, ServerSettings};
+
+/// Printed on stdout once the cloud answers adaptation requests, followed by its URL: what
+/// `mmpg fleet` and scripts wait for.
+pub const SERVING: &str = "mmpg cloud: serving";
+
+/// Requests that may wait for the generator before new ones get 503, per slot of a batch.
+const QUEUE_PER_BATCH_SLOT: usize = 16;
+
+/// Serves `path`'s cloud until SIGTERM or SIGINT.
+pub fn serve(
+    path: &Path,
+    listen: Option<SocketAddr>,
+    registry: &mut Registry,
+    progress: &dyn Progress,
+) -> anyhow::Result<()> {
+    let deployment = crate::open(path, registry).map_err(RunError::Config)?;
+    let config = &deployment.serve;
+    let tls = match &config.tls {
+        Some(t) => Some(Arc::new(mmpg_http::tls::server_config(&t.cert, &t.key)?)),
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let published = Arc::new(Published::default());
+    // Listening first: /healthz answers and /readyz says 503 while the cloud trains or loads.
+    let (server, mut endpoint) = CloudServer::start(
+        ServerSettings {
+            listen: listen.unwrap_or(config.listen),
+            tls,
+            body_limit: config.body_limit,
+            request_timeout: Duration::from_millis(config.request_timeout_ms),
+            queue: config.max_batch * QUEUE_PER_BATCH_SLOT,
+        },
+        published.clone(),
+    )?;
+    let url = format!("{scheme}://{}", server.address());
+    eprintln!("mmpg cloud: listening on {url} (not ready until the cloud is trained or loaded)");
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, stop.clone()).context("installing the signal handler")?;
+    }
+
+    let composer = Composer::new(&deployment, registry)?;
+    let data = composer.data_source()?;
+    let cloud = train_cloud(&composer, data.as_ref(), progress)?;
+    let bundle = export_bundle(&composer, &cloud)?;
+    let info = CloudInfo::of(&composer, &cloud);
+    published.ready(serde_json::to_vec_pretty(&info)?, &bundle);
+    let how = if cloud.from_checkpoint { "loaded from its checkpoint" } else { "trained" };
+    eprintln!("mmpg cloud: {how}; slot schema {}", info.schema_hash);
+    println!("{SERVING} {url}");
+
+    let node = CloudNode::new(cloud.generator.as_ref(), deployment.cloud.download);
+    let policy = BatchPolicy { max_batch: config.max_batch, max_wait: Duration::from_millis(config.max_wait_ms) };
+    let metrics = server.metrics();
+    let totals = node.serve(&mut endpoint, &policy, &stop, metrics.as_ref())?;
+    server.shutdown();
+    eprintln!(
+        "mmpg cloud: stopped after {} requests in {} generation calls ({:.1} ms generating)",
+        totals.requests, totals.batches, totals.generation_ms
+    );
+    Ok(())
+}

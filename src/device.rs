@@ -1,0 +1,444 @@
+//! `mmpg device`: one device as its own process. It serves answers to its stream of clips,
+//! adapts every `adapt_every` clips through the cloud without ever blocking on the network, and
+//! keeps its last good parameters on disk.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use mmpg::bundle::Bundle;
+use mmpg::deploy::{device_domain, device_from_bundle};
+use mmpg::node::{DeviceNode, Refusal};
+use mmpg::report::DeviceReport;
+use mmpg::runtime::{Composer, RunError, draw_device, score_retrieval};
+use mmpg::transport::{DeviceLink, Metered, TransportError};
+use mmpg::wire::Envelope;
+use mmpg::{Clip, DeviceId, Registry, Split, seed};
+use mmpg_http::CloudClient;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+/// Options of `mmpg device`.
+#[derive(Debug, Clone)]
+pub struct DeviceOptions {
+    /// The device's id (its `[[device]]` name or `device-NN` of `[fleet]`).
+    pub id: String,
+    /// The cloud's URL (default: `[serve] url`).
+    pub cloud: Option<String>,
+    /// Adaptations to make before exiting (0: until SIGTERM).
+    pub rounds: u64,
+    /// State folder (default: `[fleet] state`/<id>).
+    pub state: Option<PathBuf>,
+}
+
+/// The device's files.
+struct StateDir(PathBuf);
+
+impl StateDir {
+    fn bundle(&self) -> PathBuf {
+        self.0.join("bundle")
+    }
+    fn params(&self) -> PathBuf {
+        self.0.join("params.envelope")
+    }
+    fn sequence(&self) -> PathBuf {
+        self.0.join("sequence")
+    }
+    fn log(&self) -> PathBuf {
+        self.0.join("log.jsonl")
+    }
+    fn report(&self) -> PathBuf {
+        self.0.join("report.json")
+    }
+}
+
+/// Writes `bytes` to `path` so that a crash leaves either the old file or the new one: a
+/// temporary file in the same folder, fsynced, renamed over the old one.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        // The rename itself is durable once the folder is.
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// The JSON-lines log.
+struct Log(std::fs::File);
+
+impl Log {
+    fn event(&mut self, mut value: serde_json::Value) {
+        let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64());
+        value["time"] = json!(unix.unwrap_or(0.0));
+        // A full disk must not stop the device from serving.
+        let _ = writeln!(self.0, "{value}");
+    }
+}
+
+/// Retries of one request: bounded exponential backoff with jitter.
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Attempts at one request before the device gives it up (a newer window will ask again).
+const MAX_ATTEMPTS: u32 = 12;
+
+/// What the network thread reports back.
+enum Exchange {
+    /// A reply arrived for the request with this sequence after `elapsed`.
+    Reply { envelope: Envelope, elapsed: Duration, up: u64, down: u64 },
+    /// One attempt failed; another follows after the backoff (or none if `last`).
+    Failed { error: TransportError, attempt: u32, last: bool },
+    /// A request still being retried was replaced by a newer one.
+    Superseded,
+}
+
+/// The network thread: takes requests, exchanges each with retries, reports back. A newer
+/// request replaces one still being retried.
+fn network(
+    mut link: Metered<CloudClient>,
+    requests: Receiver<Envelope>,
+    results: Sender<Exchange>,
+    timeout: Duration,
+    seed: u64,
+) {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut pending: Option<Envelope> = None;
+    loop {
+        let request = match pending.take() {
+            Some(r) => r,
+            None => match requests.recv() {
+                Ok(r) => r,
+                Err(_) => return,
+            },
+        };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (up0, down0) = (link.traffic().bytes_up, link.traffic().bytes_down);
+            let t0 = Instant::now();
+            match link.request(&request, timeout) {
+                Ok(envelope) => {
+                    let t = link.traffic();
+                    let _ = results.send(Exchange::Reply {
+                        envelope,
+                        elapsed: t0.elapsed(),
+                        up: t.bytes_up - up0,
+                        down: t.bytes_down - down0,
+                    });
+                    break;
+                }
+                Err(error) => {
+                    let last = !error.is_transient() || attempt >= MAX_ATTEMPTS;
+                    let _ = results.send(Exchange::Failed { error, attempt, last });
+                    if last {
+                        break;
+                    }
+                    let backoff = FIRST_BACKOFF.saturating_mul(1 << (attempt - 1).min(8)).min(MAX_BACKOFF);
+                    let jittered = backoff.mul_f64(rng.random_range(0.5..1.5));
+                    // A newer request arriving during the backoff replaces this one.
+                    match requests.recv_timeout(jittered) {
+                        Ok(newer) => {
+                            let _ = results.send(Exchange::Superseded);
+                            pending = Some(newer);
+                            break;
+                        }
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => return,
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The bundle to start from: the one in the state folder if it is intact and from the cloud's
+/// current training, else the cloud's (fetched, verified, saved). Waits for the cloud while it
+/// is not up yet, up to `wait`.
+fn bundle(
+    client: &CloudClient,
+    state: &StateDir,
+    timeout: Duration,
+    wait: Duration,
+    log: &mut Log,
+) -> anyhow::Result<Bundle> {
+    let saved = Bundle::open(&state.bundle());
+    let started = Instant::now();
+    let mut delay = FIRST_BACKOFF;
+    loop {
+        let fetched = client.hello(timeout).map_err(mmpg_http::HttpError::from).and_then(|info| match &saved {
+            Ok(b) if b.manifest.training == info.training => Ok(None),
+            _ => client.bundle(timeout).map(Some),
+        });
+        match fetched {
+            Ok(None) => return saved.map_err(Into::into),
+            Ok(Some(b)) => {
+                b.write(&state.bundle()).context("saving the bundle")?;
+                log.event(json!({"event": "bundle", "source": client.url(), "training": b.manifest.training}));
+                return Ok(b);
+            }
+            Err(mmpg_http::HttpError::Transport(e)) if e.is_transient() && started.elapsed() < wait => {
+                if let Ok(b) = saved {
+                    // The cloud is away; the device serves with what it has.
+                    log.event(json!({"event": "bundle", "source": "saved", "cloud": e.to_string()}));
+                    return Ok(b);
+                }
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(MAX_BACKOFF);
+            }
+            Err(e) => {
+                if let Ok(b) = saved {
+                    log.event(json!({"event": "bundle", "source": "saved", "cloud": e.to_string()}));
+                    return Ok(b);
+                }
+                return Err(e).context(format!("fetching the device bundle from {}", client.url()));
+            }
+        }
+    }
+}
+
+/// Restores the last good parameters and the request counter, if the state folder has them.
+fn restore(node: &mut DeviceNode, state: &StateDir, log: &mut Log) -> bool {
+    if let Some(sequence) = std::fs::read_to_string(state.sequence()).ok().and_then(|s| s.trim().parse().ok()) {
+        node.resume_after(sequence);
+    }
+    let Ok(bytes) = std::fs::read(state.params()) else { return false };
+    let restored = Envelope::decode(&bytes)
+        .map_err(|e| e.to_string())
+        .and_then(|e| {
+            if e.device != node.id || e.schema_hash != node.model.schema().hash() {
+                return Err("saved parameters are for another device or schema".to_string());
+            }
+            node.resume_after(e.sequence);
+            e.to_params().map_err(|e| e.to_string())
+        })
+        .and_then(|p| node.restore(p).map_err(|e| e.to_string()));
+    match restored {
+        Ok(()) => {
+            log.event(json!({"event": "restored", "sequence": node.sequence()}));
+            true
+        }
+        Err(e) => {
+            log.event(json!({"event": "failure", "kind": "restore", "message": e}));
+            false
+        }
+    }
+}
+
+/// Runs one device until it has made `rounds` adaptations (and heard back or given up), or
+/// until SIGTERM.
+pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> anyhow::Result<()> {
+    let deployment = crate::open(path, registry).map_err(RunError::Config)?;
+    let composer = Composer::new(&deployment, registry)?;
+    let domain = device_domain(&composer, &options.id)?;
+    let fleet = &deployment.fleet;
+    let state = StateDir(options.state.clone().unwrap_or_else(|| fleet.state.join(&options.id)));
+    std::fs::create_dir_all(&state.0).with_context(|| format!("creating {}", state.0.display()))?;
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(state.log())
+        .with_context(|| format!("opening {}", state.log().display()))?;
+    let mut log = Log(log_file);
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, stop.clone()).context("installing the signal handler")?;
+    }
+
+    let url = options.cloud.clone().unwrap_or_else(|| deployment.serve.device_url());
+    let ca = deployment.serve.tls.as_ref().map(|t| t.ca.clone().unwrap_or_else(|| t.cert.clone()));
+    let client = CloudClient::new(&url, ca.as_deref())?;
+    let timeout = Duration::from_millis(fleet.request_timeout_ms);
+    let bundle = bundle(&client, &state, timeout, Duration::from_secs(600), &mut log)?;
+    let data = composer.data_source()?;
+    let mut node = device_from_bundle(&composer, data.as_ref(), &bundle, DeviceId(options.id.clone()))?;
+    let drawn = draw_device(&composer, data.as_ref(), &domain, node.model.as_ref(), fleet.eval_clips)?;
+    let mut report = drawn.report;
+    let restored = restore(&mut node, &state, &mut log);
+    if restored {
+        report.adapted_accuracy = node.model.accuracy(&drawn.eval)?;
+        report.adapted_retrieval = score_retrieval(node.model.as_ref(), &drawn.eval);
+    }
+    log.event(json!({
+        "event": "start", "device": options.id, "cloud": url, "static_accuracy": report.static_accuracy,
+        "accuracy": report.adapted_accuracy, "restored": restored, "sequence": node.sequence(),
+    }));
+
+    let (to_network, requests) = mpsc::channel();
+    let (results, from_network) = mpsc::channel();
+    let link = Metered::new(client);
+    let jitter_seed = seed::derive(domain.seed, 0x7E7);
+    let network = std::thread::Builder::new()
+        .name("network".into())
+        .spawn(move || network(link, requests, results, timeout, jitter_seed))
+        .context("starting the network thread")?;
+
+    let adapt_every = fleet.adapt_every.unwrap_or(fleet.window_clips).max(1);
+    let window_clips = fleet.window_clips;
+    let mut window: Vec<Clip> = Vec::with_capacity(window_clips);
+    let mut served = 0u64;
+    let mut sent = 0u64;
+    let mut settled = 0u64;
+    let mut failures: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut round = 0u64;
+    'serving: while !stop.load(Ordering::Relaxed) {
+        // The stream: the first window is the one `mmpg run` summarises; then fresh clips.
+        let stream_seed = if round == 0 { domain.seed } else { seed::derive(domain.seed, 0x57E + round) };
+        let clips = if round == 0 {
+            drawn.window.clone()
+        } else {
+            data.clips(&domain, Split::Stream, adapt_every, stream_seed)?.iter().map(Clip::unlabelled).collect()
+        };
+        round += 1;
+        for clip in clips {
+            if stop.load(Ordering::Relaxed) {
+                break 'serving;
+            }
+            // Serving: one answer per clip, whatever the network is doing.
+            let _answer = node.model.answers(std::slice::from_ref(&clip))?;
+            served += 1;
+            if window.len() == window_clips {
+                window.remove(0);
+            }
+            window.push(clip);
+            settled += drain(
+                &mut node,
+                &from_network,
+                Duration::ZERO,
+                &state,
+                &drawn.eval,
+                &mut report,
+                &mut failures,
+                &mut log,
+            );
+            if served.is_multiple_of(adapt_every as u64) && (options.rounds == 0 || sent < options.rounds) {
+                let t0 = Instant::now();
+                let seed = seed::derive(domain.seed, 0xADE + node.sequence() + 1);
+                match node.summarise(&window, seed).map_err(|e| e.to_string()).and_then(|s| {
+                    report.anchors = s.summary.anchor_count();
+                    report.feature_ms = s.feature_ms;
+                    node.request(&s.summary).map_err(|e| e.to_string())
+                }) {
+                    Ok(request) => {
+                        let _ = write_atomically(&state.sequence(), request.sequence.to_string().as_bytes());
+                        report.adaptation_ms = t0.elapsed().as_secs_f64() * 1e3;
+                        sent += 1;
+                        if to_network.send(request).is_err() {
+                            anyhow::bail!("the network thread stopped");
+                        }
+                    }
+                    Err(e) => {
+                        *failures.entry("summarise".into()).or_default() += 1;
+                        log.event(json!({"event": "failure", "kind": "summarise", "message": e}));
+                    }
+                }
+            }
+        }
+        if options.rounds > 0 && sent >= options.rounds {
+            // Every request made: wait for the last one to be answered or given up.
+            while settled < sent && !stop.load(Ordering::Relaxed) {
+                settled += drain(
+                    &mut node,
+                    &from_network,
+                    Duration::from_millis(100),
+                    &state,
+                    &drawn.eval,
+                    &mut report,
+                    &mut failures,
+                    &mut log,
+                );
+            }
+            break;
+        }
+    }
+    drop(to_network);
+    let _ = network.join();
+    if !failures.is_empty() && report.error.is_none() && report.adapted_accuracy == report.static_accuracy {
+        report.error = Some(format!("failures: {failures:?}"));
+    }
+    log.event(json!({"event": "stop", "served": served, "requests": sent, "failures": failures}));
+    std::fs::write(state.report(), serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", state.report().display()))?;
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+/// Handles what the network thread reported (waiting up to `wait` for the first): installs a
+/// good reply (persisting it, scoring the model), counts every failure. Returns how many
+/// requests were settled (answered, refused or given up).
+#[allow(clippy::too_many_arguments)]
+fn drain(
+    node: &mut DeviceNode,
+    results: &Receiver<Exchange>,
+    wait: Duration,
+    state: &StateDir,
+    eval: &[Clip],
+    report: &mut DeviceReport,
+    failures: &mut std::collections::BTreeMap<String, u64>,
+    log: &mut Log,
+) -> u64 {
+    let mut settled = 0;
+    let mut next = if wait.is_zero() { results.try_recv().ok() } else { results.recv_timeout(wait).ok() };
+    while let Some(result) = next.take() {
+        match result {
+            Exchange::Reply { envelope, elapsed, up, down } => {
+                settled += 1;
+                report.bytes_up += up;
+                report.bytes_down += down;
+                let t0 = Instant::now();
+                match node.accept(&envelope) {
+                    Ok(_) => {
+                        report.adaptation_ms += t0.elapsed().as_secs_f64() * 1e3;
+                        if let Ok(bytes) = envelope.encode() {
+                            let _ = write_atomically(&state.params(), &bytes);
+                        }
+                        match node.model.accuracy(eval) {
+                            Ok(a) => report.adapted_accuracy = a,
+                            Err(e) => report.error = Some(format!("evaluate: {e}")),
+                        }
+                        report.adapted_retrieval = score_retrieval(node.model.as_ref(), eval);
+                        report.error = None;
+                        log.event(json!({
+                            "event": "adapted", "sequence": envelope.sequence, "accuracy": report.adapted_accuracy,
+                            "static_accuracy": report.static_accuracy, "bytes_up": up, "bytes_down": down,
+                            "latency_ms": elapsed.as_secs_f64() * 1e3,
+                        }));
+                    }
+                    Err(refusal) => {
+                        let kind = refusal.kind();
+                        *failures.entry(kind.into()).or_default() += 1;
+                        if !matches!(refusal, Refusal::Stale { .. }) {
+                            report.error = Some(refusal.to_string());
+                        }
+                        log.event(json!({"event": "failure", "kind": kind, "message": refusal.to_string()}));
+                    }
+                }
+            }
+            Exchange::Superseded => {
+                settled += 1;
+                log.event(json!({"event": "superseded"}));
+            }
+            Exchange::Failed { error, attempt, last } => {
+                *failures.entry(error.kind()).or_default() += 1;
+                if last {
+                    settled += 1;
+                    report.error = Some(format!("exchange: {error}"));
+                }
+                log.event(json!({
+                    "event": "failure", "kind": error.kind(), "message": error.to_string(),
+                    "attempt": attempt, "gave_up": last,
+                }));
+            }
+        }
+        next = results.try_recv().ok();
+    }
+    settled
+}

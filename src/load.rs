@@ -1,0 +1,110 @@
+//! `mmpg load`: many concurrent devices against a serving cloud.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use mmpg::deploy::device_from_bundle;
+use mmpg::runtime::{Composer, RunError, draw_device};
+use mmpg::wire::{Envelope, encode_summary};
+use mmpg::{DeviceId, Registry, seed};
+use mmpg_http::CloudClient;
+use mmpg_http::load::{LoadSettings, run as load};
+use mmpg_http::metrics::histogram_buckets;
+
+/// Options of `mmpg load`.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// The cloud's URL.
+    pub cloud: Option<String>,
+    /// Concurrent devices.
+    pub devices: usize,
+    /// Seconds of load.
+    pub seconds: u64,
+    /// Where to save one envelope for external tools.
+    pub save_envelope: Option<PathBuf>,
+    /// JSON report path.
+    pub report: Option<PathBuf>,
+}
+
+/// Summaries of every device of the deployment, computed as devices compute them, from the
+/// cloud's own bundle.
+fn summaries(composer: &Composer<'_>, client: &CloudClient) -> anyhow::Result<Vec<(mmpg::SchemaHash, Vec<u8>)>> {
+    let bundle = client.bundle(Duration::from_secs(30)).context("fetching the cloud's bundle")?;
+    let data = composer.data_source()?;
+    let node = device_from_bundle(composer, data.as_ref(), &bundle, DeviceId("load".into()))?;
+    let mut out = Vec::new();
+    for (_, domain) in composer.deployment.device_domains() {
+        let drawn = draw_device(composer, data.as_ref(), &domain, node.model.as_ref(), 0)?;
+        let summarised = node.summarise(&drawn.window, seed::derive(domain.seed, 0xADE + 1))?;
+        out.push((bundle.schema_hash(), encode_summary(&summarised.summary)?));
+    }
+    Ok(out)
+}
+
+/// Runs the load and prints what it measured.
+pub fn run(path: &Path, options: &LoadOptions, registry: &mut Registry) -> anyhow::Result<()> {
+    let deployment = crate::open(path, registry).map_err(RunError::Config)?;
+    let composer = Composer::new(&deployment, registry)?;
+    let url = options.cloud.clone().unwrap_or_else(|| deployment.serve.device_url());
+    let ca = deployment.serve.tls.as_ref().map(|t| t.ca.clone().unwrap_or_else(|| t.cert.clone()));
+    let client = CloudClient::new(&url, ca.as_deref())?;
+    let templates = summaries(&composer, &client)?;
+    if let Some(out) = &options.save_envelope
+        && let Some((schema, payload)) = templates.first()
+    {
+        let envelope =
+            Envelope::new(mmpg::wire::MessageKind::Summary, *schema, DeviceId("wrk".into()), 1, payload.clone())?;
+        std::fs::write(out, envelope.encode()?).with_context(|| format!("writing {}", out.display()))?;
+        eprintln!("envelope: {} ({} bytes)", out.display(), envelope.encode()?.len());
+    }
+    let before = client.metrics(Duration::from_secs(10))?;
+    eprintln!("mmpg load: {} devices for {} s against {url}", options.devices, options.seconds);
+    let report = load(
+        &LoadSettings {
+            url: url.clone(),
+            ca,
+            devices: options.devices,
+            duration: Duration::from_secs(options.seconds),
+            timeout: Duration::from_millis(deployment.fleet.request_timeout_ms),
+        },
+        &templates,
+    )?;
+    let after = client.metrics(Duration::from_secs(10))?;
+    let before: std::collections::BTreeMap<String, u64> =
+        histogram_buckets(&before, "mmpg_batch_size").into_iter().collect();
+    let batches: Vec<(String, u64)> = histogram_buckets(&after, "mmpg_batch_size")
+        .into_iter()
+        .map(|(le, n)| (le.clone(), n - before.get(&le).copied().unwrap_or(0).min(n)))
+        .collect();
+    println!(
+        "load: {} devices, {:.1} s: {} adaptations, {:.0}/s; latency p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        report.devices,
+        report.seconds,
+        report.adapted,
+        report.throughput,
+        report.p50_ms,
+        report.p90_ms,
+        report.p99_ms,
+        report.max_ms
+    );
+    let errors: u64 = report.errors.values().sum();
+    println!("errors: {errors} {:?}", report.errors);
+    // Cumulative counts → generation calls per batch-size range.
+    let mut previous = 0;
+    let mut shown = Vec::new();
+    for (le, cumulative) in &batches {
+        if *cumulative > previous {
+            shown.push(format!("≤{le}: {}", cumulative - previous));
+        }
+        previous = *cumulative;
+    }
+    println!("server batch sizes (generation calls): {}", shown.join(", "));
+    if let Some(out) = &options.report {
+        let json = serde_json::json!({ "load": report, "batch_size_buckets": batches });
+        crate::create_parent(out)?;
+        std::fs::write(out, serde_json::to_string_pretty(&json)?)
+            .with_context(|| format!("writing {}", out.display()))?;
+    }
+    Ok(())
+}
