@@ -88,8 +88,6 @@ impl Log {
 /// Retries of one request: bounded exponential backoff with jitter.
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// Attempts at one request before the device gives it up (a newer window will ask again).
-const MAX_ATTEMPTS: u32 = 12;
 
 /// What the network thread reports back.
 enum Exchange {
@@ -107,9 +105,10 @@ fn network(
     mut link: Metered<CloudClient>,
     requests: Receiver<Envelope>,
     results: Sender<Exchange>,
-    timeout: Duration,
+    policy: (Duration, u32),
     seed: u64,
 ) {
+    let (timeout, max_attempts) = policy;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let mut pending: Option<Envelope> = None;
     loop {
@@ -137,7 +136,7 @@ fn network(
                     break;
                 }
                 Err(error) => {
-                    let last = !error.is_transient() || attempt >= MAX_ATTEMPTS;
+                    let last = !error.is_transient() || attempt >= max_attempts;
                     let _ = results.send(Exchange::Failed { error, attempt, last });
                     if last {
                         break;
@@ -174,9 +173,14 @@ fn bundle(
     let started = Instant::now();
     let mut delay = FIRST_BACKOFF;
     loop {
-        let fetched = client.hello(timeout).map_err(mmpg_http::HttpError::from).and_then(|info| match &saved {
-            Ok(b) if b.manifest.training == info.training => Ok(None),
-            _ => client.bundle(timeout).map(Some),
+        let fetched = client.hello(timeout).map_err(mmpg_http::HttpError::from).and_then(|info| {
+            if info.wire_version != mmpg::wire::WIRE_VERSION {
+                return Err(mmpg_http::HttpError::Version { cloud: info.wire_version, ours: mmpg::wire::WIRE_VERSION });
+            }
+            match &saved {
+                Ok(b) if b.manifest.training == info.training => Ok(None),
+                _ => client.bundle(timeout).map(Some),
+            }
         });
         match fetched {
             Ok(None) => return saved.map_err(Into::into),
@@ -194,6 +198,7 @@ fn bundle(
                 std::thread::sleep(delay);
                 delay = (delay * 2).min(MAX_BACKOFF);
             }
+            Err(e @ mmpg_http::HttpError::Version { .. }) => return Err(e.into()),
             Err(e) => {
                 if let Ok(b) = saved {
                     log.event(json!({"event": "bundle", "source": "saved", "cloud": e.to_string()}));
@@ -276,9 +281,11 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
     let (results, from_network) = mpsc::channel();
     let link = Metered::new(client);
     let jitter_seed = seed::derive(domain.seed, 0x7E7);
+    let max_attempts = fleet.max_attempts;
+    let pace = Duration::from_millis(fleet.clip_interval_ms);
     let network = std::thread::Builder::new()
         .name("network".into())
-        .spawn(move || network(link, requests, results, timeout, jitter_seed))
+        .spawn(move || network(link, requests, results, (timeout, max_attempts), jitter_seed))
         .context("starting the network thread")?;
 
     let adapt_every = fleet.adapt_every.unwrap_or(fleet.window_clips).max(1);
@@ -303,6 +310,7 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
                 break 'serving;
             }
             // Serving: one answer per clip, whatever the network is doing.
+            std::thread::sleep(pace);
             let _answer = node.model.answers(std::slice::from_ref(&clip))?;
             served += 1;
             if window.len() == window_clips {
@@ -329,6 +337,7 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
                 }) {
                     Ok(request) => {
                         let _ = write_atomically(&state.sequence(), request.sequence.to_string().as_bytes());
+                        log.event(json!({"event": "request", "sequence": request.sequence, "served": served}));
                         report.adaptation_ms = t0.elapsed().as_secs_f64() * 1e3;
                         sent += 1;
                         if to_network.send(request).is_err() {

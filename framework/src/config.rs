@@ -285,6 +285,12 @@ pub struct FleetConfig {
     pub adapt_every: Option<usize>,
     /// How long a device process waits for the cloud's reply, in ms.
     pub request_timeout_ms: u64,
+    /// Attempts at one request (timeouts, refused connections, 5xx) before a device process
+    /// gives it up and keeps its parameters; the next window asks again.
+    pub max_attempts: u32,
+    /// A device process serves one clip every this many ms (a camera's pace; 0: as fast as it
+    /// can).
+    pub clip_interval_ms: u64,
     /// Where device processes keep their state (bundle, last good parameters, log), one
     /// folder per device (relative to the working directory).
     pub state: PathBuf,
@@ -299,6 +305,8 @@ impl Default for FleetConfig {
             eval_clips: 256,
             adapt_every: None,
             request_timeout_ms: 10_000,
+            max_attempts: 8,
+            clip_interval_ms: 0,
             state: PathBuf::from("state"),
         }
     }
@@ -944,6 +952,8 @@ impl Parser<'_> {
         check.within("serve.body_limit", serve.body_limit, 1024..=crate::wire::MAX_PAYLOAD);
         check.within("serve.request_timeout_ms", serve.request_timeout_ms, 1..=600_000);
         check.within("fleet.request_timeout_ms", fleet.request_timeout_ms, 1..=600_000);
+        check.within("fleet.max_attempts", fleet.max_attempts, 1..=100);
+        check.within("fleet.clip_interval_ms", fleet.clip_interval_ms, 0..=60_000);
         if let Some(every) = fleet.adapt_every {
             check.within("fleet.adapt_every", every, 1..=1_000_000);
         }

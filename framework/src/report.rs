@@ -144,7 +144,9 @@ pub struct CloudReport {
     pub pretrain: Option<TrainingLog>,
     /// Generator training.
     pub generator: Option<TrainingLog>,
-    /// Wall time of one batched generation for the whole fleet, ms.
+    /// Wall time of one batched generation for the whole fleet, ms; NaN (JSON `null`) for a
+    /// fleet of processes, whose cloud generates per request (see its `/metrics`).
+    #[serde(deserialize_with = "null_as_nan")]
     pub generation_ms: f64,
 }
 

@@ -42,6 +42,14 @@ pub enum HttpError {
     /// An exchange with the cloud failed.
     #[error(transparent)]
     Transport(mmpg::TransportError),
+    /// The cloud speaks another wire version.
+    #[error("the cloud speaks wire version {cloud}, this build speaks {ours}")]
+    Version {
+        /// The cloud's.
+        cloud: u8,
+        /// This build's.
+        ours: u8,
+    },
     /// The cloud's bundle was refused.
     #[error("bundle: {0}")]
     Bundle(mmpg::bundle::BundleError),

@@ -1,0 +1,329 @@
+//! Cloud and devices as separate processes on loopback: the same results as one process, and
+//! faults met by keeping the last good parameters. Every process is killed (by pid) when its
+//! test ends, every wait is bounded.
+
+use std::io::{BufRead as _, Read as _, Write as _};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mmpg::report::{DeviceReport, RunReport};
+use serde_json::Value;
+
+/// A child process killed and reaped when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    fn sigterm(&self) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.0.id()).expect("pid fits"));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("signal sent");
+    }
+
+    /// Waits for the process to exit, up to `limit`.
+    fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.0.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "process {} did not exit within {limit:?}", self.0.id());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn running(&mut self) -> bool {
+        matches!(self.0.try_wait(), Ok(None))
+    }
+}
+
+fn mmpg() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_mmpg"))
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// A small deployment whose cloud trains in seconds, with its checkpoint and device state in
+/// `dir` and the cloud on `port`.
+fn deployment(dir: &Path, port: u16, fleet_extra: &str, extra: &str) -> PathBuf {
+    let d = dir.display();
+    let text = format!(
+        r#"
+seed = 5
+[cloud]
+checkpoint = "{d}/checkpoint"
+[cloud.training]
+pretrain_steps = 15
+generator_steps = 4
+source_domains = 16
+[fleet]
+window_clips = 16
+eval_clips = 160
+request_timeout_ms = 1500
+max_attempts = 2
+state = "{d}/state"
+shifts = [{{ kind = "contrast", severity = 4 }}, {{ kind = "brightness", severity = 4 }}]
+{fleet_extra}
+[serve]
+listen = "127.0.0.1:{port}"
+{extra}
+"#
+    );
+    let path = dir.join("deployment.toml");
+    std::fs::write(&path, text).expect("deployment written");
+    path
+}
+
+/// Starts `mmpg cloud serve` and waits (bounded) until it serves; its stderr goes to
+/// `dir/cloud-<n>.log`.
+fn cloud(deployment: &Path, dir: &Path, n: usize) -> Proc {
+    let log = std::fs::File::create(dir.join(format!("cloud-{n}.log"))).expect("log");
+    let mut child = mmpg()
+        .args(["cloud", "serve"])
+        .arg(deployment)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("cloud started");
+    let stdout = child.stdout.take().expect("stdout");
+    let proc = Proc(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.starts_with("mmpg cloud: serving") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(300)).expect("the cloud serves within 300 s");
+    proc
+}
+
+fn device(deployment: &Path, id: &str, rounds: u64, extra: &[&str]) -> Proc {
+    Proc(
+        mmpg()
+            .args(["device", "--id", id, "--rounds", &rounds.to_string()])
+            .args(extra)
+            .arg(deployment)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("device started"),
+    )
+}
+
+fn events(state: &Path) -> Vec<Value> {
+    std::fs::read_to_string(state.join("log.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn count(state: &Path, event: &str) -> usize {
+    events(state).iter().filter(|e| e["event"] == event).count()
+}
+
+/// Waits (bounded) until `state`'s log satisfies `done`.
+fn wait_for(state: &Path, what: &str, done: impl Fn(&[Value]) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !done(&events(state)) {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}; log: {:#?}", events(state));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_fleet_over_tls_gives_the_figures_of_one_process() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).expect("cert");
+    std::fs::write(dir.path().join("cert.pem"), cert.cert.pem()).expect("cert written");
+    std::fs::write(dir.path().join("key.pem"), cert.key_pair.serialize_pem()).expect("key written");
+    let d = dir.path().display();
+    let tls = format!("tls = {{ cert = \"{d}/cert.pem\", key = \"{d}/key.pem\" }}");
+    let file = deployment(dir.path(), free_port(), "", &tls);
+    let run_json = dir.path().join("run.json");
+    let fleet_json = dir.path().join("fleet.json");
+    let status = mmpg().arg("run").arg(&file).arg("--report").arg(&run_json).output().expect("run");
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let status = mmpg()
+        .arg("fleet")
+        .arg(&file)
+        .args(["--deadline", "300", "--report"])
+        .arg(&fleet_json)
+        .output()
+        .expect("fleet");
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let read = |p: &Path| -> RunReport { serde_json::from_slice(&std::fs::read(p).expect("report")).expect("json") };
+    let (one, fleet) = (read(&run_json), read(&fleet_json));
+    assert_eq!(fleet.devices.len(), 2);
+    assert!(fleet.cloud.from_checkpoint, "the fleet's cloud loads the checkpoint the run wrote");
+    for (a, b) in one.devices.iter().zip(&fleet.devices) {
+        assert_eq!((a.device.as_str(), a.static_accuracy), (b.device.as_str(), b.static_accuracy));
+        assert!((a.adapted_accuracy - b.adapted_accuracy).abs() < 1e-9, "{a:?}\n{b:?}");
+        assert!(b.bytes_down > 0, "{} received parameters", b.device);
+        assert_eq!((a.bytes_up, a.bytes_down), (b.bytes_up, b.bytes_down), "same envelopes on the wire");
+        assert!(b.error.is_none(), "{:?}", b.error);
+    }
+}
+
+#[test]
+fn devices_survive_a_killed_cloud_and_a_killed_device_resumes_its_parameters() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = deployment(dir.path(), free_port(), "adapt_every = 8\nclip_interval_ms = 25", "");
+    let state = dir.path().join("state/device-00");
+    let mut first = cloud(&file, dir.path(), 1);
+    let mut dev = device(&file, "device-00", 0, &[]);
+    wait_for(&state, "a first adaptation", |e| e.iter().any(|e| e["event"] == "adapted"));
+
+    // The cloud dies: the device keeps serving (its requests go on) and counts the failures.
+    first.0.kill().expect("SIGKILL");
+    first.wait(Duration::from_secs(10));
+    let requests = count(&state, "request");
+    wait_for(&state, "failures and further requests", |e| {
+        e.iter().any(|e| e["event"] == "failure" && e["kind"] == "unreachable")
+            && e.iter().filter(|e| e["event"] == "request").count() > requests + 1
+    });
+    assert!(dev.running(), "the device serves on without its cloud");
+
+    // Restarted, the cloud loads its checkpoint and the device adapts again.
+    let adapted = count(&state, "adapted");
+    let mut second = cloud(&file, dir.path(), 2);
+    let log = std::fs::read_to_string(dir.path().join("cloud-2.log")).expect("cloud log");
+    assert!(log.contains("loaded from its checkpoint"), "{log}");
+    wait_for(&state, "an adaptation after the restart", |e| {
+        e.iter().filter(|e| e["event"] == "adapted").count() > adapted
+    });
+
+    // The device dies mid-stream; restarted while the cloud is down, it serves with what it had.
+    dev.0.kill().expect("SIGKILL");
+    dev.wait(Duration::from_secs(10));
+    let last: f64 = events(&state)
+        .iter()
+        .rev()
+        .find(|e| e["event"] == "adapted")
+        .and_then(|e| e["accuracy"].as_f64())
+        .expect("an adapted accuracy");
+    second.0.kill().expect("SIGKILL");
+    second.wait(Duration::from_secs(10));
+    let starts = count(&state, "start");
+    let mut again = device(&file, "device-00", 0, &[]);
+    wait_for(&state, "the restarted device", |e| e.iter().filter(|e| e["event"] == "start").count() > starts);
+    let start = events(&state).into_iter().rev().find(|e| e["event"] == "start").expect("start event");
+    assert_eq!(start["restored"], true, "{start}");
+    assert_eq!(start["accuracy"].as_f64(), Some(last), "it serves its last good parameters");
+    again.sigterm();
+    assert!(again.wait(Duration::from_secs(30)).success());
+    let report: DeviceReport =
+        serde_json::from_slice(&std::fs::read(state.join("report.json")).expect("report")).expect("json");
+    assert_eq!(report.adapted_accuracy, last);
+}
+
+/// What the hostile cloud answers to `POST /v1/adapt`.
+#[derive(Clone, Copy, Debug)]
+enum Hostile {
+    Garbage,
+    OtherSchema,
+    Slow,
+}
+
+/// A cloud that answers every request badly, on `listener`, until the test ends.
+fn hostile_cloud(listener: TcpListener, mode: Hostile) {
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut reader = std::io::BufReader::new(stream.try_clone().expect("clone"));
+                let mut head = String::new();
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
+                    head.push_str(&line);
+                    if line == "\r\n" {
+                        break;
+                    }
+                }
+                let mut body = vec![0; length];
+                let _ = reader.read_exact(&mut body);
+                let (status, payload) = if !head.starts_with("POST /v1/adapt") {
+                    ("404 Not Found", b"no\n".to_vec())
+                } else {
+                    match mode {
+                        Hostile::Garbage => ("200 OK", b"certainly not an envelope".to_vec()),
+                        Hostile::OtherSchema => {
+                            let request = mmpg::wire::Envelope::decode(&body).expect("a real request");
+                            let params = mmpg::wire::Envelope {
+                                kind: mmpg::wire::MessageKind::Params,
+                                schema_hash: mmpg::SchemaHash(request.schema_hash.0 ^ 1),
+                                ..request
+                            };
+                            ("200 OK", params.encode().expect("encodes"))
+                        }
+                        Hostile::Slow => {
+                            std::thread::sleep(Duration::from_secs(4));
+                            ("200 OK", Vec::new())
+                        }
+                    }
+                };
+                let header = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    payload.len()
+                );
+                let _ = stream.write_all(header.as_bytes());
+                let _ = stream.write_all(&payload);
+            });
+        }
+    });
+}
+
+#[test]
+fn a_hostile_cloud_is_refused_and_the_device_keeps_its_parameters() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = deployment(dir.path(), free_port(), "adapt_every = 4", "");
+    let bundle = dir.path().join("bundle");
+    let out = mmpg().arg("export").arg(&file).arg("--out").arg(&bundle).output().expect("export");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for (mode, kind) in
+        [(Hostile::Garbage, "malformed"), (Hostile::OtherSchema, "wrong-schema"), (Hostile::Slow, "timeout")]
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        hostile_cloud(listener, mode);
+        let state = dir.path().join(format!("{mode:?}"));
+        std::fs::create_dir_all(state.join("bundle")).expect("state");
+        for entry in std::fs::read_dir(&bundle).expect("bundle") {
+            let entry = entry.expect("entry");
+            std::fs::copy(entry.path(), state.join("bundle").join(entry.file_name())).expect("copied");
+        }
+        let state_arg = state.display().to_string();
+        let mut dev = device(&file, "device-00", 1, &["--cloud", &url, "--state", &state_arg]);
+        assert!(dev.wait(Duration::from_secs(120)).success(), "{mode:?}: {:#?}", events(&state));
+        let log = events(&state);
+        assert!(log.iter().any(|e| e["event"] == "failure" && e["kind"] == kind), "{mode:?}: {log:#?}");
+        assert!(!log.iter().any(|e| e["event"] == "adapted"), "{mode:?}");
+        let stop = log.iter().find(|e| e["event"] == "stop").expect("stop event");
+        assert_eq!(stop["served"], 16, "{mode:?}: serving went on while the exchange failed");
+        let report: DeviceReport =
+            serde_json::from_slice(&std::fs::read(state.join("report.json")).expect("report")).expect("json");
+        assert_eq!(report.adapted_accuracy, report.static_accuracy, "{mode:?}: parameters kept");
+        assert!(report.error.is_some(), "{mode:?}");
+        assert!(!state.join("params.envelope").exists(), "{mode:?}: nothing persisted");
+    }
+}
