@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use mmpg::deploy::device_from_bundle;
-use mmpg::runtime::{Composer, RunError, draw_device};
+use mmpg::runtime::{Composer, RunError};
 use mmpg::wire::{Envelope, encode_summary};
 use mmpg::{DeviceId, Registry, seed};
 use mmpg_http::CloudClient;
@@ -35,8 +35,12 @@ fn summaries(composer: &Composer<'_>, client: &CloudClient) -> anyhow::Result<Ve
     let node = device_from_bundle(composer, data.as_ref(), &bundle, DeviceId("load".into()))?;
     let mut out = Vec::new();
     for (_, domain) in composer.deployment.device_domains() {
-        let drawn = draw_device(composer, data.as_ref(), &domain, node.model.as_ref(), 0)?;
-        let summarised = node.summarise(&drawn.window, seed::derive(domain.seed, 0xADE + 1))?;
+        let window: Vec<mmpg::Clip> = data
+            .clips(&domain, mmpg::Split::Stream, composer.deployment.fleet.window_clips, domain.seed)?
+            .iter()
+            .map(mmpg::Clip::unlabelled)
+            .collect();
+        let summarised = node.summarise(&window, seed::derive(domain.seed, 0xADE + 1))?;
         out.push((bundle.schema_hash(), encode_summary(&summarised.summary)?));
     }
     Ok(out)

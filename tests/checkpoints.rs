@@ -92,3 +92,29 @@ proptest! {
         let _ = m.load(&real);
     }
 }
+
+/// The fingerprint of a deployment whose fleet (or `hold_out`) is `shifts`.
+fn fingerprint(fleet: &str, hold_out: Option<&str>) -> String {
+    let hold_out = hold_out.map(|h| format!("hold_out = [{h}]\n")).unwrap_or_default();
+    let text = format!("seed = 3\n[cloud.training]\npretrain_steps = 5\n{hold_out}[fleet]\nshifts = [{fleet}]\n");
+    Deployment::parse(&text, "f.toml", &common::registry()).expect("valid").training_fingerprint()
+}
+
+#[test]
+fn the_training_fingerprint_covers_the_set_of_held_out_shifts_only() {
+    let (a, b, c) = (
+        r#"{ kind = "contrast", severity = 4 }"#,
+        r#"{ kind = "blur", severity = 2, name = "cam" }"#,
+        r#"{ kind = "noise", severity = 5 }"#,
+    );
+    let base = fingerprint(&format!("{a}, {b}"), None);
+    // Reordered, renamed, or a second device with a held-out shift: the same training.
+    assert_eq!(fingerprint(&format!("{b}, {a}, {a}"), None), base);
+    assert_eq!(fingerprint(&format!("{a}, {}", r#"{ kind = "blur", severity = 2 }"#), None), base);
+    // A device with a new shift changes what training must hold out.
+    assert_ne!(fingerprint(&format!("{a}, {b}, {c}"), None), base);
+    // A cloud that states what it holds out does not depend on the fleet.
+    let stated = fingerprint(c, Some(&format!("{a}, {b}")));
+    assert_eq!(stated, base);
+    assert_eq!(fingerprint(&format!("{c}, {c}, {a}"), Some(&format!("{a}, {b}"))), stated);
+}

@@ -123,7 +123,8 @@ pub struct Bundle {
     pub schema: SlotSchema,
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+/// The sha256 of `bytes` as 64 lowercase hex digits, as manifests list them.
+pub fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -188,6 +188,11 @@ pub struct CloudTraining {
     pub generator_learning_rate: f64,
     /// Number of labelled source domains.
     pub source_domains: usize,
+    /// Shifts no source domain may have (the held-out target domains). Absent: the fleet's
+    /// shifts, so a cloud set up this way needs no device list, and adding a device changes
+    /// nothing about its training.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hold_out: Option<Vec<DeviceDomain>>,
 }
 
 impl Default for CloudTraining {
@@ -201,6 +206,7 @@ impl Default for CloudTraining {
             generator_batch: 32,
             generator_learning_rate: 1e-3,
             source_domains: 32,
+            hold_out: None,
         }
     }
 }
@@ -1170,6 +1176,9 @@ impl Deployment {
         for (i, d) in fleet.shifts.iter().enumerate() {
             p.domain(d, &KeyPath::parse(&format!("fleet.shifts[{i}]")));
         }
+        for (i, d) in cloud.training.hold_out.iter().flatten().enumerate() {
+            p.domain(d, &KeyPath::parse(&format!("cloud.training.hold_out[{i}]")));
+        }
         for (i, d) in devices.iter().enumerate() {
             p.domain(d, &KeyPath::parse(&format!("device[{i}]")));
         }
@@ -1237,9 +1246,15 @@ impl Deployment {
     /// the data, model, anchor and cloud sections, the window size and the held-out shifts.
     pub fn training_fingerprint(&self) -> String {
         use sha2::{Digest, Sha256};
-        let held_out: Vec<String> = self.device_domains().iter().map(|(_, d)| d.shift_label()).collect();
+        // What training excludes, as a set: devices sharing a shift, their names and their order
+        // change nothing the cloud learns.
+        let mut held_out: Vec<String> = self.held_out_domains().iter().map(DomainSpec::shift_label).collect();
+        held_out.sort();
+        held_out.dedup();
         let mut cloud = self.cloud.clone();
         cloud.checkpoint = None;
+        // Covered by `held_out` above, as a set.
+        cloud.training.hold_out = None;
         // How parameters travel does not change what training produces.
         cloud.download = Quantisation::F32;
         let canonical = serde_json::json!({
@@ -1309,6 +1324,17 @@ impl Deployment {
             out.push((format!("device[{i}]"), self.domain_spec(&name, d)));
         }
         out
+    }
+
+    /// The shifts training holds out: `[cloud.training] hold_out` when given, else every
+    /// device's.
+    pub fn held_out_domains(&self) -> Vec<DomainSpec> {
+        match &self.cloud.training.hold_out {
+            Some(list) => {
+                list.iter().enumerate().map(|(i, d)| self.domain_spec(&format!("held-out-{i:02}"), d)).collect()
+            }
+            None => self.device_domains().into_iter().map(|(_, d)| d).collect(),
+        }
     }
 
     /// The stages of the long-stream check (`[bench] stream`), named `stream-NN`.

@@ -540,4 +540,109 @@ mod tests {
         assert_eq!(decoded[1].device, DeviceId("b".into()));
         assert!(decoded[1].to_error().expect("error reply").contains("generation"));
     }
+
+    /// A one-slot model: its "answer" is the slot's value.
+    struct OneSlot {
+        schema: SlotSchema,
+        w: f32,
+    }
+
+    impl DeviceModel for OneSlot {
+        fn schema(&self) -> &SlotSchema {
+            &self.schema
+        }
+        fn answer_logits(&self, clips: &[Clip]) -> Result<HostTensor, ModelError> {
+            HostTensor::new(vec![clips.len(), 1], vec![self.w; clips.len()])
+                .map_err(|e| ModelError::Input(e.to_string()))
+        }
+        fn frame_features(&self, clips: &[Clip]) -> Result<HostTensor, ModelError> {
+            HostTensor::new(vec![clips.len(), 1], vec![0.5; clips.len()]).map_err(|e| ModelError::Input(e.to_string()))
+        }
+        fn current_params(&self) -> GeneratedParams {
+            GeneratedParams {
+                schema_hash: self.schema.hash(),
+                tensors: [("w".to_string(), HostTensor::new(vec![1], vec![self.w]).expect("1 value"))].into(),
+            }
+        }
+        fn install(&mut self, params: &crate::ValidatedParams) -> Result<(), ModelError> {
+            self.w = params.params().tensors.get("w").map_or(self.w, |t| t.values()[0]);
+            Ok(())
+        }
+    }
+
+    struct First;
+
+    impl AnchorReasoner for First {
+        fn select(&self, _standardised: &HostTensor, _seed: u64) -> Result<Vec<usize>, crate::AnchorError> {
+            Ok(vec![0])
+        }
+        fn quantisation(&self) -> Quantisation {
+            Quantisation::F32
+        }
+    }
+
+    fn node() -> DeviceNode {
+        let schema = picky().0;
+        let reference = FeatureStats { mean: vec![0.0], std: vec![1.0] };
+        DeviceNode::new(DeviceId("a".into()), Box::new(OneSlot { schema, w: 0.0 }), Box::new(First), reference)
+    }
+
+    /// How a reply differs from the right answer to the outstanding request.
+    #[derive(Debug, Clone)]
+    enum Twist {
+        None,
+        Device(String),
+        Sequence(u64),
+        Schema(u64),
+        Kind(bool),
+    }
+
+    fn twist() -> impl proptest::strategy::Strategy<Value = Twist> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just(Twist::None),
+            "[a-z]{0,3}".prop_map(Twist::Device),
+            any::<u64>().prop_map(Twist::Sequence),
+            any::<u64>().prop_map(Twist::Schema),
+            any::<bool>().prop_map(Twist::Kind),
+        ]
+    }
+
+    proptest::proptest! {
+        /// A device installs exactly the parameters answering its outstanding request, for its
+        /// schema; any other reply leaves its parameters as they were.
+        #[test]
+        fn only_the_answer_to_the_outstanding_request_is_installed(twist in twist(), value in -10.0f32..10.0) {
+            let mut device = node();
+            let frames = HostTensor::new(vec![1], vec![0.0]).expect("fits");
+            let window = [Clip { frames, question: String::new(), caption: String::new(), answer: None }];
+            let summarised = device.summarise(&window, 1).expect("summary");
+            let request = device.request(&summarised.summary).expect("request");
+            let params = GeneratedParams {
+                schema_hash: device.model.schema().hash(),
+                tensors: [("w".to_string(), HostTensor::new(vec![1], vec![value]).expect("1 value"))].into(),
+            };
+            let mut reply = Envelope::params(request.device.clone(), request.sequence, &params).expect("encodes");
+            let honest = match &twist {
+                Twist::None => true,
+                Twist::Device(d) => { reply.device = DeviceId(d.clone()); d == "a" }
+                Twist::Sequence(s) => { reply.sequence = *s; *s == request.sequence }
+                Twist::Schema(h) => { reply.schema_hash = SchemaHash(*h); *h == params.schema_hash.0 }
+                Twist::Kind(summary) => {
+                    reply = if *summary {
+                        Envelope { kind: MessageKind::Summary, ..reply }
+                    } else {
+                        Envelope::error(reply.device, reply.sequence, reply.schema_hash, "no")
+                    };
+                    false
+                }
+            };
+            let accepted = device.accept(&reply);
+            proptest::prop_assert_eq!(accepted.is_ok(), honest, "{:?}", accepted);
+            let w = device.model.current_params().tensors["w"].values()[0];
+            proptest::prop_assert_eq!(w, if honest { value } else { 0.0 });
+            // A second delivery of the same reply is stale: nothing is installed twice.
+            proptest::prop_assert!(device.accept(&reply).is_err());
+        }
+    }
 }

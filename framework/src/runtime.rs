@@ -151,7 +151,10 @@ impl<'a> Composer<'a> {
             .build(&choice.settings, &self.context("data", &self.device))
             .map_err(plugin_error(PluginKind::DataSource, &choice.plugin))?;
         let mut errors = Vec::new();
-        for (path, domain) in self.deployment.device_domains() {
+        let held_out = self.deployment.cloud.training.hold_out.is_some().then(|| self.deployment.held_out_domains());
+        let held_out =
+            held_out.into_iter().flatten().enumerate().map(|(i, d)| (format!("cloud.training.hold_out[{i}]"), d));
+        for (path, domain) in self.deployment.device_domains().into_iter().chain(held_out) {
             for shift in &domain.shifts {
                 if let Err(e) = data.check_shift(shift) {
                     errors.push(self.deployment.error_at(&format!("{path}.kind"), e.to_string()));
@@ -247,7 +250,7 @@ impl std::fmt::Debug for TrainedCloud {
 
 /// Source domains of a deployment: disjoint from every held-out device's (and stream stage's) shifts.
 pub fn source_domains(deployment: &Deployment, data: &dyn DataSource) -> Vec<DomainSpec> {
-    let mut held_out: Vec<DomainSpec> = deployment.device_domains().into_iter().map(|(_, d)| d).collect();
+    let mut held_out = deployment.held_out_domains();
     held_out.extend(deployment.stream_domains());
     let training = &deployment.cloud.training;
     data.source_domains(training.source_domains, seed::derive_str(deployment.seed, "sources"), &held_out)

@@ -12,6 +12,9 @@ fuzz_target!(|bytes: &[u8]| {
             assert!(summary.decoded_text_anchors().is_ok());
         }
         let _ = envelope.to_params();
+        let _ = envelope.to_error();
+        // The kind a transport peeks at is the kind the full decoder reads.
+        assert_eq!(mmpg::wire::peek_kind(bytes), Some(envelope.kind));
         // Re-encoding a decoded envelope reproduces the input exactly.
         assert_eq!(envelope.encode().as_deref(), Ok(bytes));
     }
