@@ -3,23 +3,19 @@
 //! device serves, one on-device fine-tuning step (what FTA repeats), and the cloud's batched
 //! generation. `cargo bench --bench device_path`.
 
+mod common;
+use common::features;
+
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use mmpg::DeviceDescriptor;
-use mmpg::registry::{BuildContext, GeneratorContext};
 use mmpg::wire::Envelope;
 use mmpg::{
-    AnchorReasoner, CloudModel, DataSource, DeviceId, DomainSpec, FeatureStats, HostTensor, Quantisation, Split,
-    TuneScope,
+    AnchorReasoner, CloudModel, DataSource, DeviceId, DomainSpec, FeatureStats, Quantisation, Split, TuneScope,
 };
 use mmpg_adr::{Adr, AdrSettings, Strategy};
 use mmpg_backends::BurnDevice;
 use mmpg_lmm::{LmmCloud, LmmSettings};
 use mmpg_synthetic::{Synthetic, SyntheticSettings};
-
-fn features(n: usize, d: usize) -> HostTensor {
-    let values = (0..n * d).map(|i| ((i * 2_654_435_761) % 1000) as f32 / 500.0 - 1.0).collect();
-    HostTensor::new(vec![n, d], values).expect("fits")
-}
 
 fn anchor_selection(c: &mut Criterion) {
     let mut group = c.benchmark_group("adr_summarise");
@@ -66,14 +62,7 @@ fn device_model(c: &mut Criterion) {
     }
 
     // The cloud: generation for a batch of devices (FDA on the CPU).
-    let ctx = GeneratorContext {
-        base: BuildContext { seed: 1, device: DeviceDescriptor::cpu().training() },
-        schema: cloud.schema().clone(),
-        base_params: cloud.base_params(),
-        feature_dim: cloud.feature_dim(),
-        text_dim: cloud.text_dim(),
-    };
-    let generator = mmpg_fda::Fda::new(Default::default(), &ctx).expect("generator");
+    let generator = common::generator(&cloud);
     let adr = Adr::new(AdrSettings::default()).expect("valid settings");
     let reference = FeatureStats { mean: vec![0.0; 64], std: vec![1.0; 64] };
     let mut group = c.benchmark_group("fda_generate_batch");

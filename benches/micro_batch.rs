@@ -3,37 +3,27 @@
 //! loop end to end with N devices exchanging at once over the in-process transport.
 //! `cargo bench --bench micro_batch`.
 
+mod common;
+use common::features;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use mmpg::node::{BatchPolicy, CloudNode, NoObserver};
-use mmpg::registry::{BuildContext, GeneratorContext};
 use mmpg::transport::{DeviceLink, Peer, Transport};
 use mmpg::wire::Envelope;
-use mmpg::{AnchorReasoner, CloudModel, DataSource, DeviceDescriptor, DeviceId, FeatureStats, HostTensor, InProcess};
+use mmpg::{AnchorReasoner, CloudModel, DataSource, DeviceId, FeatureStats, InProcess};
 use mmpg_adr::{Adr, AdrSettings};
 use mmpg_backends::BurnDevice;
 use mmpg_lmm::{LmmCloud, LmmSettings};
 use mmpg_synthetic::{Synthetic, SyntheticSettings};
 
-fn features(n: usize, d: usize) -> HostTensor {
-    let values = (0..n * d).map(|i| ((i * 2_654_435_761) % 1000) as f32 / 500.0 - 1.0).collect();
-    HostTensor::new(vec![n, d], values).expect("fits")
-}
-
 fn micro_batch(c: &mut Criterion) {
     let data = Synthetic::new(SyntheticSettings::default()).expect("valid settings");
     let cpu = BurnDevice::Flex(Default::default());
     let cloud = LmmCloud::new(LmmSettings::default(), data.task(), &BurnDevice::autodiff(cpu)).expect("model builds");
-    let ctx = GeneratorContext {
-        base: BuildContext { seed: 1, device: DeviceDescriptor::cpu().training() },
-        schema: cloud.schema().clone(),
-        base_params: cloud.base_params(),
-        feature_dim: cloud.feature_dim(),
-        text_dim: cloud.text_dim(),
-    };
-    let generator = mmpg_fda::Fda::new(Default::default(), &ctx).expect("generator");
+    let generator = common::generator(&cloud);
     let node = CloudNode::new(&generator, mmpg::Quantisation::F32);
     let adr = Adr::new(AdrSettings::default()).expect("valid settings");
     let reference = FeatureStats { mean: vec![0.0; 64], std: vec![1.0; 64] };

@@ -14,10 +14,10 @@ use mmpg::bundle::Bundle;
 use mmpg::deploy::{device_domain, device_from_bundle};
 use mmpg::node::{DeviceNode, Refusal};
 use mmpg::report::DeviceReport;
-use mmpg::runtime::{Composer, RunError, draw_device, score_retrieval};
+use mmpg::runtime::{Composer, RunError, draw_device, score_device, score_retrieval};
 use mmpg::transport::{DeviceLink, Metered, TransportError};
 use mmpg::wire::Envelope;
-use mmpg::{Clip, DeviceId, Registry, Split, seed};
+use mmpg::{Clip, DeviceId, DomainSpec, Registry, Split, seed};
 use mmpg_http::CloudClient;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -33,6 +33,10 @@ pub struct DeviceOptions {
     pub rounds: u64,
     /// State folder (default: `[fleet] state`/<id>).
     pub state: Option<PathBuf>,
+    /// Serve the clips of this folder (in name order, cycled) instead of the data source's.
+    pub clips: Option<PathBuf>,
+    /// Start from this exported bundle instead of the cloud's.
+    pub bundle: Option<PathBuf>,
 }
 
 /// The device's files.
@@ -159,16 +163,27 @@ fn network(
     }
 }
 
-/// The bundle to start from: the one in the state folder if it is intact and from the cloud's
-/// current training, else the cloud's (fetched, verified, saved). Waits for the cloud while it
-/// is not up yet, up to `wait`.
+/// How long a device started before its cloud waits for it (a cloud trains before it serves).
+const CLOUD_WAIT: Duration = Duration::from_secs(600);
+
+/// The bundle to start from: `exported` (a folder `mmpg export` wrote) when given; else the one
+/// in the state folder if it is intact and from the cloud's current training; else the cloud's
+/// (fetched, verified, saved). While the cloud is not up yet it waits (up to [`CLOUD_WAIT`], saying
+/// so on stderr, and not past SIGTERM).
 fn bundle(
     client: &CloudClient,
     state: &StateDir,
+    exported: Option<&Path>,
     timeout: Duration,
-    wait: Duration,
+    stop: &AtomicBool,
     log: &mut Log,
 ) -> anyhow::Result<Bundle> {
+    if let Some(dir) = exported {
+        let b = Bundle::open(dir).with_context(|| format!("the bundle in {}", dir.display()))?;
+        b.write(&state.bundle()).context("saving the bundle")?;
+        log.event(json!({"event": "bundle", "source": dir.display().to_string(), "training": b.manifest.training}));
+        return Ok(b);
+    }
     let saved = Bundle::open(&state.bundle());
     let started = Instant::now();
     let mut delay = FIRST_BACKOFF;
@@ -189,22 +204,23 @@ fn bundle(
                 log.event(json!({"event": "bundle", "source": client.url(), "training": b.manifest.training}));
                 return Ok(b);
             }
-            Err(mmpg_http::HttpError::Transport(e)) if e.is_transient() && started.elapsed() < wait => {
-                if let Ok(b) = saved {
-                    // The cloud is away; the device serves with what it has.
-                    log.event(json!({"event": "bundle", "source": "saved", "cloud": e.to_string()}));
-                    return Ok(b);
-                }
-                std::thread::sleep(delay);
-                delay = (delay * 2).min(MAX_BACKOFF);
-            }
             Err(e @ mmpg_http::HttpError::Version { .. }) => return Err(e.into()),
             Err(e) => {
+                let transient = matches!(&e, mmpg_http::HttpError::Transport(t) if t.is_transient());
                 if let Ok(b) = saved {
+                    // The cloud is away or refuses; the device serves with what it has.
                     log.event(json!({"event": "bundle", "source": "saved", "cloud": e.to_string()}));
                     return Ok(b);
                 }
-                return Err(e).context(format!("fetching the device bundle from {}", client.url()));
+                if !transient || started.elapsed() >= CLOUD_WAIT || stop.load(Ordering::Relaxed) {
+                    return Err(e).context(format!("fetching the device bundle from {}", client.url()));
+                }
+                if delay == FIRST_BACKOFF {
+                    eprintln!("mmpg device: waiting for the cloud at {} ({e}); up to {CLOUD_WAIT:?}", client.url());
+                }
+                log.event(json!({"event": "failure", "kind": "bundle", "message": e.to_string()}));
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(MAX_BACKOFF);
             }
         }
     }
@@ -243,7 +259,20 @@ fn restore(node: &mut DeviceNode, state: &StateDir, log: &mut Log) -> bool {
 pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> anyhow::Result<()> {
     let deployment = crate::open(path, registry).map_err(RunError::Config)?;
     let composer = Composer::new(&deployment, registry)?;
-    let domain = device_domain(&composer, &options.id)?;
+    let data = composer.data_source()?;
+    // A folder's clips are the stream (cycled) and its labelled clips the scored ones; such a
+    // device need not be one of the deployment's.
+    let folder = match &options.clips {
+        Some(dir) => Some(mmpg::clip_file::read_clip_dir(dir, data.task())?),
+        None => None,
+    };
+    let domain = match device_domain(&composer, &options.id) {
+        Ok(d) => d,
+        Err(_) if folder.is_some() => {
+            DomainSpec::clean(options.id.clone(), seed::derive_str(deployment.seed, &options.id))
+        }
+        Err(e) => return Err(e.into()),
+    };
     let fleet = &deployment.fleet;
     let state = StateDir(options.state.clone().unwrap_or_else(|| fleet.state.join(&options.id)));
     std::fs::create_dir_all(&state.0).with_context(|| format!("creating {}", state.0.display()))?;
@@ -262,10 +291,18 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
     let ca = deployment.serve.tls.as_ref().map(|t| t.ca.clone().unwrap_or_else(|| t.cert.clone()));
     let client = CloudClient::new(&url, ca.as_deref())?;
     let timeout = Duration::from_millis(fleet.request_timeout_ms);
-    let bundle = bundle(&client, &state, timeout, Duration::from_secs(600), &mut log)?;
-    let data = composer.data_source()?;
+    let bundle = bundle(&client, &state, options.bundle.as_deref(), timeout, &stop, &mut log)?;
     let mut node = device_from_bundle(&composer, data.as_ref(), &bundle, DeviceId(options.id.clone()))?;
-    let drawn = draw_device(&composer, data.as_ref(), &domain, node.model.as_ref(), fleet.eval_clips)?;
+    let drawn = match &folder {
+        None => draw_device(&composer, data.as_ref(), &domain, node.model.as_ref(), fleet.eval_clips)?,
+        Some(clips) => {
+            let eval: Vec<Clip> = clips.iter().filter(|c| c.answer.is_some()).cloned().collect();
+            let window = clips.iter().cycle().take(fleet.window_clips).map(Clip::unlabelled).collect();
+            let mut drawn = score_device(&domain, true, data.task(), node.model.as_ref(), window, eval)?;
+            drawn.report.shift = format!("clips from {}", options.clips.as_deref().unwrap_or(Path::new("")).display());
+            drawn
+        }
+    };
     let mut report = drawn.report;
     let restored = restore(&mut node, &state, &mut log);
     if restored {
@@ -296,10 +333,14 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
     let mut settled = 0u64;
     let mut failures: std::collections::BTreeMap<String, u64> = Default::default();
     let mut round = 0u64;
+    let mut skipped = 0u64;
     'serving: while !stop.load(Ordering::Relaxed) {
         // The stream: the first window is the one `mmpg run` summarises; then fresh clips.
         let stream_seed = if round == 0 { domain.seed } else { seed::derive(domain.seed, 0x57E + round) };
-        let clips = if round == 0 {
+        let clips = if let Some(folder) = &folder {
+            let start = (round as usize).wrapping_mul(adapt_every) % folder.len();
+            folder.iter().cycle().skip(start).take(adapt_every).map(Clip::unlabelled).collect()
+        } else if round == 0 {
             drawn.window.clone()
         } else {
             data.clips(&domain, Split::Stream, adapt_every, stream_seed)?.iter().map(Clip::unlabelled).collect()
@@ -327,7 +368,12 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
                 &mut failures,
                 &mut log,
             );
-            if served.is_multiple_of(adapt_every as u64) && (options.rounds == 0 || sent < options.rounds) {
+            let due = served.is_multiple_of(adapt_every as u64) && (options.rounds == 0 || sent < options.rounds);
+            // One request at a time: a reply to an older request would be refused as stale, so a
+            // window that comes due while one is in flight is skipped, not queued.
+            if due && settled < sent {
+                skipped += 1;
+            } else if due {
                 let t0 = Instant::now();
                 let seed = seed::derive(domain.seed, 0xADE + node.sequence() + 1);
                 match node.summarise(&window, seed).map_err(|e| e.to_string()).and_then(|s| {
@@ -373,7 +419,9 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
     if !failures.is_empty() && report.error.is_none() && report.adapted_accuracy == report.static_accuracy {
         report.error = Some(format!("failures: {failures:?}"));
     }
-    log.event(json!({"event": "stop", "served": served, "requests": sent, "failures": failures}));
+    log.event(json!({
+        "event": "stop", "served": served, "requests": sent, "skipped_windows": skipped, "failures": failures,
+    }));
     std::fs::write(state.report(), serde_json::to_string_pretty(&report)?)
         .with_context(|| format!("writing {}", state.report().display()))?;
     println!("{}", serde_json::to_string(&report)?);
@@ -450,4 +498,28 @@ fn drain(
         next = results.try_recv().ok();
     }
     settled
+}
+
+/// `mmpg clips`: `count` clips of device `id`'s domain (its held-out split) as files in `out`.
+pub fn write_clips(
+    path: &Path,
+    id: &str,
+    count: usize,
+    out: &Path,
+    unlabelled: bool,
+    registry: &mut Registry,
+) -> anyhow::Result<()> {
+    let deployment = crate::open(path, registry).map_err(RunError::Config)?;
+    let composer = Composer::new(&deployment, registry)?;
+    let domain = device_domain(&composer, id)?;
+    let data = composer.data_source()?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    for (i, clip) in data.clips(&domain, Split::Test, count, domain.seed)?.into_iter().enumerate() {
+        let clip = if unlabelled { clip.unlabelled() } else { clip };
+        let file = out.join(format!("clip-{i:05}.safetensors"));
+        let bytes = mmpg::clip_file::encode_clip(&clip, data.task())?;
+        std::fs::write(&file, bytes).with_context(|| format!("writing {}", file.display()))?;
+    }
+    println!("clips: {count} files in {} ({id}, {})", out.display(), domain.shift_label());
+    Ok(())
 }

@@ -104,6 +104,32 @@ enum Command {
         /// State folder (default: `[fleet] state`/<id>).
         #[arg(long)]
         state: Option<PathBuf>,
+        /// Serve the clips in this folder (one `.safetensors` file per clip, as `mmpg clips`
+        /// writes them; cycled) instead of the data source's for the device's domain.
+        #[arg(long)]
+        clips: Option<PathBuf>,
+        /// Start from this bundle (a folder `mmpg export` wrote) instead of fetching the cloud's.
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+    },
+    /// Write clips of a device's domain as files (one `.safetensors` per clip: `frames`
+    /// `[T, C, H, W]`, question, caption and answer in the metadata), what `mmpg device --clips`
+    /// serves.
+    Clips {
+        /// The device whose domain to draw from.
+        #[arg(long)]
+        id: String,
+        /// Deployment TOML file.
+        deployment: PathBuf,
+        /// How many clips.
+        #[arg(long, default_value_t = 64)]
+        count: usize,
+        /// Folder to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Strip the answers (an unlabelled recording).
+        #[arg(long)]
+        unlabelled: bool,
     },
     /// Start the cloud and every device of a deployment as processes on loopback (or devices
     /// only, against `--cloud`); print the same table and JSON report as `mmpg run`.
@@ -210,8 +236,12 @@ fn main() -> ExitCode {
         Command::Cloud { command: CloudCommand::Serve { deployment, listen } } => {
             exit_code(cloud::serve(&deployment, listen, &mut registry, &Bars::default()))
         }
-        Command::Device { id, deployment, cloud, rounds, state } => {
-            exit_code(device::run(&deployment, &device::DeviceOptions { id, cloud, rounds, state }, &mut registry))
+        Command::Device { id, deployment, cloud, rounds, state, clips, bundle } => {
+            let options = device::DeviceOptions { id, cloud, rounds, state, clips, bundle };
+            exit_code(device::run(&deployment, &options, &mut registry))
+        }
+        Command::Clips { id, deployment, count, out, unlabelled } => {
+            exit_code(device::write_clips(&deployment, &id, count, &out, unlabelled, &mut registry))
         }
         Command::Fleet { deployment, cloud, rounds, report, deadline } => {
             let options =

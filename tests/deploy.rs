@@ -327,3 +327,39 @@ fn a_hostile_cloud_is_refused_and_the_device_keeps_its_parameters() {
         assert!(!state.join("params.envelope").exists(), "{mode:?}: nothing persisted");
     }
 }
+
+#[test]
+fn a_device_outside_the_deployment_serves_and_adapts_on_a_folder_of_clips() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = deployment(dir.path(), free_port(), "adapt_every = 4", "");
+    let clips = dir.path().join("clips");
+    let out = mmpg()
+        .args(["clips", "--id", "device-00", "--count", "6", "--out"])
+        .arg(&clips)
+        .arg(&file)
+        .output()
+        .expect("clips");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_dir(&clips).expect("folder").count(), 6);
+    std::fs::write(clips.join("zz-broken.safetensors"), b"not a clip").expect("written");
+    let state = dir.path().join("camera");
+    let (clips_arg, state_arg) = (clips.display().to_string(), state.display().to_string());
+    let refused = mmpg()
+        .args(["device", "--id", "camera-7", "--rounds", "1", "--clips", &clips_arg, "--state", &state_arg])
+        .arg(&file)
+        .output()
+        .expect("device");
+    assert!(!refused.status.success());
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(message.contains("zz-broken.safetensors"), "the bad file is named: {message}");
+    std::fs::remove_file(clips.join("zz-broken.safetensors")).expect("removed");
+
+    let _cloud = cloud(&file, dir.path(), 1);
+    let mut dev = device(&file, "camera-7", 2, &["--clips", &clips_arg, "--state", &state_arg]);
+    assert!(dev.wait(Duration::from_secs(120)).success(), "{:#?}", events(&state));
+    assert_eq!(count(&state, "adapted"), 2, "{:#?}", events(&state));
+    let report: DeviceReport =
+        serde_json::from_slice(&std::fs::read(state.join("report.json")).expect("report")).expect("json");
+    assert_eq!(report.scored_clips, 6);
+    assert!(report.shift.starts_with("clips from"), "{}", report.shift);
+}

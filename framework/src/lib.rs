@@ -20,6 +20,7 @@ pub mod anchor;
 pub mod backend;
 pub mod bundle;
 pub mod checkpoint;
+pub mod clip_file;
 pub mod config;
 pub mod data;
 pub mod deploy;

@@ -172,7 +172,8 @@ impl<'a> CloudNode<'a> {
         let t0 = Instant::now();
         let mut generated =
             if summaries.is_empty() { Vec::new() } else { generate_each(self.generator, &summaries) }.into_iter();
-        let elapsed = t0.elapsed();
+        // No generation call, no generation time: a batch of refusals is not a batch.
+        let elapsed = if summaries.is_empty() { Duration::ZERO } else { t0.elapsed() };
         let schema = self.schema_hash();
         let replies = checked
             .into_iter()

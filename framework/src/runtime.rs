@@ -416,15 +416,28 @@ pub fn draw_device(
         .map(Clip::unlabelled)
         .collect();
     let eval = data.clips(domain, Split::Test, eval_clips, domain.seed)?;
-    let static_accuracy = model.accuracy(&eval)?;
-    let static_retrieval = score_retrieval(model, &eval);
-    let raw_window_bytes = (window.len() * data.task().raw_clip_bytes()) as u64;
+    score_device(domain, data.is_shifted(domain), data.task(), model, window, eval)
+}
+
+/// A device's report row with `model` (the static model) scored on `eval` (NaN accuracy when
+/// no clip is labelled), for its `window`.
+pub fn score_device(
+    domain: &DomainSpec,
+    shifted: bool,
+    task: &crate::TaskSpec,
+    model: &dyn DeviceModel,
+    window: Vec<Clip>,
+    eval: Vec<Clip>,
+) -> Result<DrawnDevice, RunError> {
+    let static_accuracy = if eval.is_empty() { f64::NAN } else { model.accuracy(&eval)? };
+    let static_retrieval = if eval.is_empty() { None } else { score_retrieval(model, &eval) };
+    let raw_window_bytes = (window.len() * task.raw_clip_bytes()) as u64;
     let report = DeviceReport {
         device: domain.name.clone(),
         shift: domain.shift_label(),
         severity: domain.max_severity(),
         class_mix_alpha: domain.class_mix_alpha,
-        shifted: data.is_shifted(domain),
+        shifted,
         static_accuracy,
         adapted_accuracy: static_accuracy,
         scored_clips: eval.iter().filter(|c| c.answer.is_some()).count(),

@@ -32,9 +32,13 @@ pub enum TransportError {
     /// No reply within the timeout.
     #[error("no reply within {0:?}")]
     Timeout(Duration),
-    /// The peer could not be reached (connection refused, reset, DNS, TLS handshake).
+    /// The peer could not be reached (connection refused, reset, DNS).
     #[error("cannot reach the cloud: {0}")]
     Unreachable(String),
+    /// The peer's identity could not be verified (its certificate is not trusted, expired, or for
+    /// another name). Trying again will not help.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The peer answered with a failure status (HTTP 4xx/5xx); `status` is the protocol's code.
     #[error("the cloud answered {status}: {message}")]
     Status {
@@ -57,6 +61,7 @@ impl TransportError {
             TransportError::TooLarge { .. } => "too-large".into(),
             TransportError::Timeout(_) => "timeout".into(),
             TransportError::Unreachable(_) => "unreachable".into(),
+            TransportError::Tls(_) => "tls".into(),
             TransportError::Status { status, .. } => format!("status-{status}"),
             TransportError::Closed(_) => "closed".into(),
         }
@@ -68,7 +73,7 @@ impl TransportError {
         match self {
             TransportError::Timeout(_) | TransportError::Unreachable(_) | TransportError::Closed(_) => true,
             TransportError::Status { status, .. } => *status >= 500 || *status == 429 || *status == 408,
-            TransportError::Wire(_) | TransportError::TooLarge { .. } => false,
+            TransportError::Wire(_) | TransportError::TooLarge { .. } | TransportError::Tls(_) => false,
         }
     }
 }
@@ -171,7 +176,10 @@ impl<L: DeviceLink> DeviceLink for Metered<L> {
         let size = request.len() as u64;
         let result = self.inner.exchange(request, timeout);
         // A timed-out request still left the device.
-        if !matches!(result, Err(TransportError::TooLarge { .. } | TransportError::Unreachable(_))) {
+        if !matches!(
+            result,
+            Err(TransportError::TooLarge { .. } | TransportError::Unreachable(_) | TransportError::Tls(_))
+        ) {
             self.traffic.bytes_up += size;
             self.traffic.messages_up += 1;
         }

@@ -22,8 +22,30 @@ pub struct CloudClient {
     client: reqwest::blocking::Client,
 }
 
+/// The TLS error behind `e`, if the failure was the handshake's: reqwest wraps rustls's error in
+/// hyper's and an `io::Error`.
+fn tls_cause<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut source = Some(e);
+    while let Some(cause) = source {
+        if let Some(tls) = cause.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        if let Some(tls) = cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(tls);
+        }
+        source = cause.source();
+    }
+    None
+}
+
 fn transport_error(e: &reqwest::Error, timeout: Duration) -> TransportError {
-    if e.is_timeout() {
+    if let Some(tls) = tls_cause(e) {
+        TransportError::Tls(tls.to_string())
+    } else if e.is_timeout() {
         TransportError::Timeout(timeout)
     } else if e.is_connect() {
         TransportError::Unreachable(error_chain(e))
