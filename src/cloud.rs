@@ -67,6 +67,9 @@ pub fn serve(
     let policy = BatchPolicy { max_batch: config.max_batch, max_wait: Duration::from_millis(config.max_wait_ms) };
     let metrics = server.metrics();
     let totals = node.serve(&mut endpoint, &policy, &stop, metrics.as_ref())?;
+    // Requests that arrive after the last batch learn at once that the cloud is going (503),
+    // instead of waiting out their timeout.
+    drop(endpoint);
     server.shutdown();
     eprintln!(
         "mmpg cloud: stopped after {} requests in {} generation calls ({:.1} ms generating)",

@@ -216,7 +216,15 @@ fn bundle(
                     return Err(e).context(format!("fetching the device bundle from {}", client.url()));
                 }
                 if delay == FIRST_BACKOFF {
-                    eprintln!("mmpg device: waiting for the cloud at {} ({e}); up to {CLOUD_WAIT:?}", client.url());
+                    let saved = saved
+                        .as_ref()
+                        .err()
+                        .map(|b| format!("; the saved bundle is unusable: {b}"))
+                        .unwrap_or_default();
+                    eprintln!(
+                        "mmpg device: waiting for the cloud at {} ({e}){saved}; up to {CLOUD_WAIT:?}",
+                        client.url()
+                    );
                 }
                 log.event(json!({"event": "failure", "kind": "bundle", "message": e.to_string()}));
                 std::thread::sleep(delay);
@@ -231,9 +239,20 @@ fn restore(node: &mut DeviceNode, state: &StateDir, log: &mut Log) -> bool {
     if let Some(sequence) = std::fs::read_to_string(state.sequence()).ok().and_then(|s| s.trim().parse().ok()) {
         node.resume_after(sequence);
     }
-    let Ok(bytes) = std::fs::read(state.params()) else { return false };
-    let restored = Envelope::decode(&bytes)
-        .map_err(|e| e.to_string())
+    let bytes = match std::fs::read(state.params()) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return false,
+        Err(e) => {
+            log.event(json!({"event": "failure", "kind": "restore", "message": e.to_string()}));
+            return false;
+        }
+    };
+    let checked = match bytes.len().checked_sub(64).map(|n| bytes.split_at(n)) {
+        Some((envelope, sum)) if mmpg::bundle::sha256_hex(envelope).as_bytes() == sum => Ok(envelope),
+        _ => Err("saved parameters fail their checksum".to_string()),
+    };
+    let restored = checked
+        .and_then(|bytes| Envelope::decode(bytes).map_err(|e| e.to_string()))
         .and_then(|e| {
             if e.device != node.id || e.schema_hash != node.model.schema().hash() {
                 return Err("saved parameters are for another device or schema".to_string());
@@ -454,7 +473,11 @@ fn drain(
                 match node.accept(&envelope) {
                     Ok(_) => {
                         report.adaptation_ms += t0.elapsed().as_secs_f64() * 1e3;
-                        if let Ok(bytes) = envelope.encode() {
+                        if let Ok(mut bytes) = envelope.encode() {
+                            // A checksum after the envelope: a file damaged at rest is refused on
+                            // restore, not installed.
+                            let sum = mmpg::bundle::sha256_hex(&bytes);
+                            bytes.extend_from_slice(sum.as_bytes());
                             let _ = write_atomically(&state.params(), &bytes);
                         }
                         match node.model.accuracy(eval) {

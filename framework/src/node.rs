@@ -203,8 +203,9 @@ impl<'a> CloudNode<'a> {
         (replies, elapsed)
     }
 
-    /// Serves `endpoint` until `stop` is set or the endpoint closes: waits for a request, lets
-    /// more join it for up to `policy.max_wait` (or until `policy.max_batch`), answers the batch.
+    /// Serves `endpoint` until `stop` is set (answering what has arrived by then) or the endpoint
+    /// closes: waits for a request, lets more join it for up to `policy.max_wait` (or until
+    /// `policy.max_batch`), answers the batch.
     ///
     /// # Errors
     /// Only a failing endpoint; a request's problem is its own error reply.
@@ -218,9 +219,12 @@ impl<'a> CloudNode<'a> {
         // How often an idle loop looks at `stop`.
         const POLL: Duration = Duration::from_millis(50);
         let mut totals = ServeTotals::default();
-        while !stop.load(Ordering::Relaxed) {
-            let first = match endpoint.next_request(POLL) {
+        loop {
+            // Once stopping, what has already arrived is still answered; then the loop ends.
+            let stopping = stop.load(Ordering::Relaxed);
+            let first = match endpoint.next_request(if stopping { Duration::ZERO } else { POLL }) {
                 Ok(Some(r)) => r,
+                Ok(None) if stopping => break,
                 Ok(None) => continue,
                 Err(TransportError::Closed(_)) => break,
                 Err(e) => return Err(e),
@@ -406,7 +410,12 @@ impl DeviceNode {
     /// # Errors
     /// As [`Envelope::summary`].
     pub fn request(&mut self, summary: &AnchorSummary) -> Result<Envelope, WireError> {
-        let sequence = self.sequence + 1;
+        // A device that has used every sequence number cannot make a request the cloud would
+        // take as newer.
+        let sequence = self
+            .sequence
+            .checked_add(1)
+            .ok_or_else(|| WireError::Content("request sequence numbers exhausted".into()))?;
         let envelope = Envelope::summary(self.id.clone(), sequence, self.model.schema().hash(), summary)?;
         self.sequence = sequence;
         self.outstanding = Some(sequence);

@@ -155,6 +155,12 @@ impl SlotSchema {
             if let Some(index) = tensor.values().iter().position(|v| !v.is_finite()) {
                 return Err(ParamsError::NonFinite { slot: slot.name.clone(), index });
             }
+            // No trained model holds such values (checkpoints refuse them too): a peer sending them
+            // would silence the model as surely as a NaN.
+            let limit = crate::checkpoint::MAX_PARAMETER;
+            if let Some(index) = tensor.values().iter().position(|v| v.abs() > limit) {
+                return Err(ParamsError::OutOfRange { slot: slot.name.clone(), index, limit });
+            }
         }
         Ok(ValidatedParams(params))
     }
@@ -232,6 +238,16 @@ pub enum ParamsError {
         slot: String,
         /// Flat index of the first bad value.
         index: usize,
+    },
+    /// A value is finite but beyond what any trained model holds.
+    #[error("slot `{slot}` holds a value beyond ±{limit:e} at index {index}")]
+    OutOfRange {
+        /// Slot name.
+        slot: String,
+        /// Flat index of the first such value.
+        index: usize,
+        /// The bound.
+        limit: f32,
     },
 }
 

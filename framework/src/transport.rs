@@ -50,6 +50,9 @@ pub enum TransportError {
     /// The peer or link is gone.
     #[error("link closed: {0}")]
     Closed(String),
+    /// The peer answered something the protocol does not allow (not an error worth retrying).
+    #[error("the cloud's answer is not valid: {0}")]
+    Protocol(String),
 }
 
 impl TransportError {
@@ -64,6 +67,7 @@ impl TransportError {
             TransportError::Tls(_) => "tls".into(),
             TransportError::Status { status, .. } => format!("status-{status}"),
             TransportError::Closed(_) => "closed".into(),
+            TransportError::Protocol(_) => "protocol".into(),
         }
     }
 
@@ -73,7 +77,10 @@ impl TransportError {
         match self {
             TransportError::Timeout(_) | TransportError::Unreachable(_) | TransportError::Closed(_) => true,
             TransportError::Status { status, .. } => *status >= 500 || *status == 429 || *status == 408,
-            TransportError::Wire(_) | TransportError::TooLarge { .. } | TransportError::Tls(_) => false,
+            TransportError::Wire(_)
+            | TransportError::TooLarge { .. }
+            | TransportError::Tls(_)
+            | TransportError::Protocol(_) => false,
         }
     }
 }

@@ -73,6 +73,11 @@ impl CloudClient {
     /// # Errors
     /// [`HttpError::Tls`] for an unreadable `ca`; [`HttpError::Client`].
     pub fn new(url: &str, ca: Option<&Path>) -> Result<Self, HttpError> {
+        match reqwest::Url::parse(url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+            Ok(_) => return Err(HttpError::Client(format!("`{url}` is not an http:// or https:// URL with a host"))),
+            Err(e) => return Err(HttpError::Client(format!("`{url}` is not a URL: {e}"))),
+        }
         let mut builder = reqwest::blocking::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .pool_idle_timeout(Duration::from_secs(90))
@@ -105,7 +110,7 @@ impl CloudClient {
     /// The transport's, and [`TransportError::Wire`]-like content errors as `Closed`.
     pub fn hello(&self, timeout: Duration) -> Result<CloudInfo, TransportError> {
         let body = self.get("/v1/hello", timeout, 1 << 20)?;
-        serde_json::from_slice(&body).map_err(|e| TransportError::Closed(format!("/v1/hello is not cloud info: {e}")))
+        serde_json::from_slice(&body).map_err(|e| TransportError::Protocol(format!("/v1/hello is not cloud info: {e}")))
     }
 
     /// `GET /v1/bundle` and its files, verified against the manifest.

@@ -30,6 +30,9 @@ use crate::metrics::Metrics;
 /// The content type of envelopes.
 pub const OCTET_STREAM: &str = "application/octet-stream";
 
+/// Most connections the server holds at once.
+pub const MAX_CONNECTIONS: usize = 8192;
+
 /// How the server listens and what it accepts.
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
@@ -199,6 +202,7 @@ impl Drop for CloudServer {
 }
 
 fn router(shared: Arc<Shared>, body_limit: usize) -> Router {
+    let limit = shared.request_timeout;
     Router::new()
         .route("/v1/adapt", post(adapt))
         .route("/v1/hello", get(hello))
@@ -208,6 +212,16 @@ fn router(shared: Arc<Shared>, body_limit: usize) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(body_limit))
+        // The whole request, its body's arrival included: a body sent one byte at a time is cut
+        // off, not waited for.
+        .layer(axum::middleware::from_fn(
+            move |request: axum::extract::Request, next: axum::middleware::Next| async move {
+                match tokio::time::timeout(limit, next.run(request)).await {
+                    Ok(response) => response,
+                    Err(_) => plain(StatusCode::REQUEST_TIMEOUT, format!("request not completed within {limit:?}")),
+                }
+            },
+        ))
         .with_state(shared)
 }
 
@@ -308,8 +322,12 @@ async fn accept_loop(
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // A client that sends its headers too slowly is cut off, not waited for.
     builder.http1().timer(TokioTimer::new()).header_read_timeout(timeout);
-    builder.http2().timer(TokioTimer::new());
+    // An HTTP/2 peer that stops answering pings is dropped.
+    builder.http2().timer(TokioTimer::new()).keep_alive_interval(timeout).keep_alive_timeout(timeout);
     let builder = Arc::new(builder);
+    // Connections beyond this are closed at once, so that a flood of idle sockets cannot take
+    // every file descriptor the process has.
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -323,12 +341,23 @@ async fn accept_loop(
             },
             _ = &mut stopped => break,
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
         let builder = builder.clone();
         let tls = tls.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
+            let _slot = slot;
+            // hyper's header timeout starts with the first byte: a client that sends nothing at
+            // all is cut off here.
+            let mut first = [0u8; 1];
+            if !matches!(tokio::time::timeout(timeout, stream.peek(&mut first)).await, Ok(Ok(1..))) {
+                return;
+            }
             let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
                 request.extensions_mut().insert(ConnectInfo(peer));
                 tower::ServiceExt::oneshot(app.clone(), request)
@@ -346,4 +375,48 @@ async fn accept_loop(
     }
     drop(listener);
     let _ = tokio::time::timeout(timeout, graceful.shutdown()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read as _, Write as _};
+
+    use super::*;
+
+    fn server() -> (CloudServer, HttpEndpoint) {
+        let settings = ServerSettings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            tls: None,
+            body_limit: 1 << 20,
+            request_timeout: Duration::from_millis(300),
+            queue: 4,
+        };
+        CloudServer::start(settings, Arc::new(Published::default())).expect("server starts")
+    }
+
+    /// Reads until the server closes the connection (bounded); returns what it sent.
+    fn until_closed(stream: &mut std::net::TcpStream) -> String {
+        stream.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout set");
+        let mut out = Vec::new();
+        let read = stream.read_to_end(&mut out);
+        assert!(read.is_ok(), "the server closes the connection: {read:?}");
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[test]
+    fn a_client_that_sends_nothing_is_disconnected() {
+        let (server, _endpoint) = server();
+        let mut stream = std::net::TcpStream::connect(server.address()).expect("connects");
+        assert_eq!(until_closed(&mut stream), "");
+    }
+
+    #[test]
+    fn a_body_that_never_arrives_is_cut_off() {
+        let (server, _endpoint) = server();
+        let mut stream = std::net::TcpStream::connect(server.address()).expect("connects");
+        let head = "POST /v1/adapt HTTP/1.1\r\nhost: x\r\ncontent-type: application/octet-stream\r\ncontent-length: 1000\r\n\r\nM";
+        stream.write_all(head.as_bytes()).expect("sent");
+        let answer = until_closed(&mut stream);
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    }
 }
