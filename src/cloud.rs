@@ -10,7 +10,9 @@ use anyhow::Context as _;
 use mmpg::deploy::{CloudInfo, export_bundle};
 use mmpg::node::{BatchPolicy, CloudNode};
 use mmpg::runtime::{Composer, RunError, train_cloud};
-use mmpg::{Progress, Registry};
+use mmpg::security::{AuditLog, Guard, Revocations};
+use mmpg::{Deployment, Progress, Registry};
+use mmpg_http::tls::ServerConfig;
 use mmpg_http::{CloudServer, Published, ServerSettings};
 
 /// Printed on stdout once the cloud answers adaptation requests, followed by its URL: what
@@ -19,6 +21,47 @@ pub const SERVING: &str = "mmpg cloud: serving";
 
 /// Requests that may wait for the generator before new ones get 503, per slot of a batch.
 const QUEUE_PER_BATCH_SLOT: usize = 16;
+
+/// The server's TLS (if any) and its gate (if any).
+type Secured = (Option<Arc<ServerConfig>>, Option<Arc<Guard>>);
+
+/// The server's TLS and gate: mutual TLS from the kit and a [`Guard`] under `[security]`;
+/// `[serve.tls]`'s one-way TLS otherwise; plain HTTP (said loudly under `insecure`).
+fn security(deployment: &Deployment) -> anyhow::Result<Secured> {
+    if let Some(security) = deployment.secured() {
+        let kit = security.kit();
+        for file in [kit.ca_cert(), kit.server_cert(), kit.server_key(), kit.signing_key()] {
+            if !file.exists() {
+                anyhow::bail!(
+                    "{}: missing; run `mmpg provision {}` first (security.dir = {})",
+                    file.display(),
+                    deployment.file(),
+                    security.dir.display()
+                );
+            }
+        }
+        let tls = mmpg_http::tls::server_config(&kit.server_cert(), &kit.server_key(), Some(&kit.ca_cert()))?;
+        let audit = AuditLog::open(&kit.audit()).with_context(|| format!("opening {}", kit.audit().display()))?;
+        let guard = Guard::new(Revocations::watch(&kit.revoked()), audit, security.rate_per_s, security.burst);
+        eprintln!(
+            "mmpg cloud: mutual TLS with the kit in {}; audit log {}",
+            kit.root().display(),
+            kit.audit().display()
+        );
+        return Ok((Some(Arc::new(tls)), Some(Arc::new(guard))));
+    }
+    if deployment.security.is_some() {
+        eprintln!(
+            "mmpg cloud: WARNING: [security] insecure = true: plain HTTP, no client certificates, no \
+             signatures; anyone who reaches this port can pose as any device"
+        );
+    }
+    let tls = match &deployment.serve.tls {
+        Some(t) => Some(Arc::new(mmpg_http::tls::server_config(&t.cert, &t.key, None)?)),
+        None => None,
+    };
+    Ok((tls, None))
+}
 
 /// Serves `path`'s cloud until SIGTERM or SIGINT.
 pub fn serve(
@@ -29,10 +72,7 @@ pub fn serve(
 ) -> anyhow::Result<()> {
     let deployment = crate::open(path, registry).map_err(RunError::Config)?;
     let config = &deployment.serve;
-    let tls = match &config.tls {
-        Some(t) => Some(Arc::new(mmpg_http::tls::server_config(&t.cert, &t.key)?)),
-        None => None,
-    };
+    let (tls, guard) = security(&deployment)?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let published = Arc::new(Published::default());
     // Listening first: /healthz answers and /readyz says 503 while the cloud trains or loads.
@@ -43,6 +83,7 @@ pub fn serve(
             body_limit: config.body_limit,
             request_timeout: Duration::from_millis(config.request_timeout_ms),
             queue: config.max_batch * QUEUE_PER_BATCH_SLOT,
+            guard,
         },
         published.clone(),
     )?;

@@ -37,6 +37,8 @@ pub struct DeviceOptions {
     pub clips: Option<PathBuf>,
     /// Start from this exported bundle instead of the cloud's.
     pub bundle: Option<PathBuf>,
+    /// The device's startup kit (default: `[security] dir`/devices/<id>).
+    pub kit: Option<PathBuf>,
 }
 
 /// The device's files.
@@ -306,9 +308,9 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
         signal_hook::flag::register(signal, stop.clone()).context("installing the signal handler")?;
     }
 
-    let url = options.cloud.clone().unwrap_or_else(|| deployment.serve.device_url());
-    let ca = deployment.serve.tls.as_ref().map(|t| t.ca.clone().unwrap_or_else(|| t.cert.clone()));
-    let client = CloudClient::new(&url, ca.as_deref())?;
+    let url = options.cloud.clone().unwrap_or_else(|| deployment.device_url());
+    let trust = deployment.client_trust(Some(&options.id), options.kit.as_deref());
+    let client = CloudClient::new(&url, &trust)?;
     let timeout = Duration::from_millis(fleet.request_timeout_ms);
     let bundle = bundle(&client, &state, options.bundle.as_deref(), timeout, &stop, &mut log)?;
     let mut node = device_from_bundle(&composer, data.as_ref(), &bundle, DeviceId(options.id.clone()))?;

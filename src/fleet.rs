@@ -98,6 +98,7 @@ pub fn run(path: &Path, options: &FleetOptions, plugins: &[PathBuf], registry: &
     let deadline = started + options.deadline;
     let deployment = crate::open(path, registry).map_err(RunError::Config)?;
     let exe = std::env::current_exe().context("locating the mmpg binary")?;
+    crate::provision::complete_kit(&deployment)?;
     let (mut cloud, url) = match &options.cloud {
         Some(url) => (None, url.clone()),
         None => {
@@ -106,8 +107,7 @@ pub fn run(path: &Path, options: &FleetOptions, plugins: &[PathBuf], registry: &
         }
     };
     eprintln!("mmpg fleet: cloud at {url}");
-    let ca = deployment.serve.tls.as_ref().map(|t| t.ca.clone().unwrap_or_else(|| t.cert.clone()));
-    let client = CloudClient::new(&url, ca.as_deref())?;
+    let client = CloudClient::new(&url, &deployment.client_trust(None, None))?;
     let info = client.hello(Duration::from_secs(10)).context("asking the cloud for its info")?;
 
     let domains = deployment.device_domains();

@@ -50,9 +50,21 @@ fn summaries(composer: &Composer<'_>, client: &CloudClient) -> anyhow::Result<Ve
 pub fn run(path: &Path, options: &LoadOptions, registry: &mut Registry) -> anyhow::Result<()> {
     let deployment = crate::open(path, registry).map_err(RunError::Config)?;
     let composer = Composer::new(&deployment, registry)?;
-    let url = options.cloud.clone().unwrap_or_else(|| deployment.serve.device_url());
-    let ca = deployment.serve.tls.as_ref().map(|t| t.ca.clone().unwrap_or_else(|| t.cert.clone()));
-    let client = CloudClient::new(&url, ca.as_deref())?;
+    let url = options.cloud.clone().unwrap_or_else(|| deployment.device_url());
+    let trust = deployment.client_trust(None, None);
+    if let Some(security) = deployment.secured() {
+        let kit = security.kit();
+        let last = mmpg_http::load::load_device(options.devices.saturating_sub(1));
+        if !mmpg::security::DeviceKit::new(&kit.device_dir(&last)).cert().exists() {
+            anyhow::bail!(
+                "{} has no certificate for load device {last}: run `mmpg provision {} --load {}` first",
+                kit.root().display(),
+                deployment.file(),
+                options.devices
+            );
+        }
+    }
+    let client = CloudClient::new(&url, &trust)?;
     let templates = summaries(&composer, &client)?;
     if let Some(out) = &options.save_envelope
         && let Some((schema, payload)) = templates.first()
@@ -67,7 +79,8 @@ pub fn run(path: &Path, options: &LoadOptions, registry: &mut Registry) -> anyho
     let report = load(
         &LoadSettings {
             url: url.clone(),
-            ca,
+            ca: trust.ca.clone(),
+            kit: deployment.secured().map(|s| s.dir.clone()),
             devices: options.devices,
             duration: Duration::from_secs(options.seconds),
             timeout: Duration::from_millis(deployment.fleet.request_timeout_ms),

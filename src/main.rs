@@ -17,6 +17,7 @@ mod device;
 mod fleet;
 mod load;
 mod plots;
+mod provision;
 
 // Counts heap bytes so `mmpg bench` can report each device adaptation's peak memory.
 #[global_allocator]
@@ -82,6 +83,21 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Write (or extend) the deployment's keys and certificates: a CA, the cloud's server
+    /// certificate and Ed25519 signing key, a client certificate per device; or revoke a device.
+    Provision {
+        /// Deployment TOML file.
+        deployment: PathBuf,
+        /// Folder to write (default: `[security] dir`, else `pki`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Also issue certificates for this many `mmpg load` devices (`load-00000`, …).
+        #[arg(long, default_value_t = 0)]
+        load: usize,
+        /// Revoke this device: the cloud refuses it from its next request, without a restart.
+        #[arg(long, value_name = "DEVICE")]
+        revoke: Option<String>,
+    },
     /// The cloud as a service.
     Cloud {
         #[command(subcommand)]
@@ -111,6 +127,9 @@ enum Command {
         /// Start from this bundle (a folder `mmpg export` wrote) instead of fetching the cloud's.
         #[arg(long)]
         bundle: Option<PathBuf>,
+        /// The device's startup kit from `mmpg provision` (default: `[security] dir`/devices/<id>).
+        #[arg(long)]
+        kit: Option<PathBuf>,
     },
     /// Write clips of a device's domain as files (one `.safetensors` per clip: `frames`
     /// `[T, C, H, W]`, question, caption and answer in the metadata), what `mmpg device --clips`
@@ -223,6 +242,16 @@ fn main() -> ExitCode {
         Command::Validate { deployment } => match open(&deployment, &mut registry) {
             Ok(d) => {
                 println!("{}: ok ({} devices)", deployment.display(), d.device_domains().len());
+                // Not an error: `mmpg provision` reads this same file to make the kit.
+                if let Some(security) = d.secured()
+                    && !security.kit().ca_cert().exists()
+                {
+                    println!(
+                        "note: no kit in {} yet: `mmpg provision {}` makes it (cloud serve and devices need it)",
+                        security.dir.display(),
+                        deployment.display()
+                    );
+                }
                 ExitCode::SUCCESS
             }
             Err(errors) => {
@@ -236,8 +265,12 @@ fn main() -> ExitCode {
         Command::Cloud { command: CloudCommand::Serve { deployment, listen } } => {
             exit_code(cloud::serve(&deployment, listen, &mut registry, &Bars::default()))
         }
-        Command::Device { id, deployment, cloud, rounds, state, clips, bundle } => {
-            let options = device::DeviceOptions { id, cloud, rounds, state, clips, bundle };
+        Command::Provision { deployment, out, load, revoke } => {
+            let options = provision::ProvisionOptions { out, load, revoke };
+            exit_code(provision::run(&deployment, &options, &mut registry))
+        }
+        Command::Device { id, deployment, cloud, rounds, state, clips, bundle, kit } => {
+            let options = device::DeviceOptions { id, cloud, rounds, state, clips, bundle, kit };
             exit_code(device::run(&deployment, &options, &mut registry))
         }
         Command::Clips { id, deployment, count, out, unlabelled } => {

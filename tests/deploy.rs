@@ -2,147 +2,15 @@
 //! faults met by keeping the last good parameters. Every process is killed (by pid) when its
 //! test ends, every wait is bounded.
 
+mod common;
+
 use std::io::{BufRead as _, Read as _, Write as _};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
+use common::process::{cloud, count, deployment, device, events, free_port, mmpg, wait_for};
 use mmpg::report::{DeviceReport, RunReport};
-use serde_json::Value;
-
-/// A child process killed and reaped when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Proc {
-    fn sigterm(&self) {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.0.id()).expect("pid fits"));
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("signal sent");
-    }
-
-    /// Waits for the process to exit, up to `limit`.
-    fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.0.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "process {} did not exit within {limit:?}", self.0.id());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn running(&mut self) -> bool {
-        matches!(self.0.try_wait(), Ok(None))
-    }
-}
-
-fn mmpg() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_mmpg"))
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
-
-/// A small deployment whose cloud trains in seconds, with its checkpoint and device state in
-/// `dir` and the cloud on `port`.
-fn deployment(dir: &Path, port: u16, fleet_extra: &str, extra: &str) -> PathBuf {
-    let d = dir.display();
-    let text = format!(
-        r#"
-seed = 5
-[cloud]
-checkpoint = "{d}/checkpoint"
-[cloud.training]
-pretrain_steps = 15
-generator_steps = 4
-source_domains = 16
-[fleet]
-window_clips = 16
-eval_clips = 160
-request_timeout_ms = 1500
-max_attempts = 2
-state = "{d}/state"
-shifts = [{{ kind = "contrast", severity = 4 }}, {{ kind = "brightness", severity = 4 }}]
-{fleet_extra}
-[serve]
-listen = "127.0.0.1:{port}"
-{extra}
-"#
-    );
-    let path = dir.join("deployment.toml");
-    std::fs::write(&path, text).expect("deployment written");
-    path
-}
-
-/// Starts `mmpg cloud serve` and waits (bounded) until it serves; its stderr goes to
-/// `dir/cloud-<n>.log`.
-fn cloud(deployment: &Path, dir: &Path, n: usize) -> Proc {
-    let log = std::fs::File::create(dir.join(format!("cloud-{n}.log"))).expect("log");
-    let mut child = mmpg()
-        .args(["cloud", "serve"])
-        .arg(deployment)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .expect("cloud started");
-    let stdout = child.stdout.take().expect("stdout");
-    let proc = Proc(child);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line.starts_with("mmpg cloud: serving") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(300)).expect("the cloud serves within 300 s");
-    proc
-}
-
-fn device(deployment: &Path, id: &str, rounds: u64, extra: &[&str]) -> Proc {
-    Proc(
-        mmpg()
-            .args(["device", "--id", id, "--rounds", &rounds.to_string()])
-            .args(extra)
-            .arg(deployment)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("device started"),
-    )
-}
-
-fn events(state: &Path) -> Vec<Value> {
-    std::fs::read_to_string(state.join("log.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
-fn count(state: &Path, event: &str) -> usize {
-    events(state).iter().filter(|e| e["event"] == event).count()
-}
-
-/// Waits (bounded) until `state`'s log satisfies `done`.
-fn wait_for(state: &Path, what: &str, done: impl Fn(&[Value]) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !done(&events(state)) {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}; log: {:#?}", events(state));
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 #[test]
 fn a_fleet_over_tls_gives_the_figures_of_one_process() {

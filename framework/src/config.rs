@@ -375,6 +375,70 @@ pub struct TlsConfig {
     pub ca: Option<PathBuf>,
 }
 
+/// `[security]`: mutual TLS, signed parameters, replay protection, rate limits and the audit
+/// log, from the kit `mmpg provision` writes. Without the table the cloud serves what
+/// `[serve]` says (plain HTTP, or one-way TLS with `[serve.tls]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecurityConfig {
+    /// The kit's folder: `mmpg provision` writes it, the cloud and devices read it (relative
+    /// to the working directory).
+    pub dir: PathBuf,
+    /// DNS names and IP addresses the cloud's server certificate is issued for.
+    pub server_names: Vec<String>,
+    /// Serve plain HTTP, with no client certificates and no signatures: for a closed lab only;
+    /// the cloud says so at start.
+    pub insecure: bool,
+    /// Requests per second each device may make on average (token bucket refill); above it
+    /// the cloud answers 429.
+    pub rate_per_s: f64,
+    /// Requests a device may make in a burst (token bucket size).
+    pub burst: u32,
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("pki"),
+            server_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            insecure: false,
+            rate_per_s: 20.0,
+            burst: 40,
+        }
+    }
+}
+
+impl SecurityConfig {
+    /// The kit's layout.
+    pub fn kit(&self) -> crate::security::Kit {
+        crate::security::Kit::new(&self.dir)
+    }
+}
+
+/// Whether `name` can go in a certificate: an IP address, or a DNS name of letters, digits,
+/// `-` and `.` (labels of 1..=63 bytes, 253 in all).
+fn certificate_name(name: &str) -> bool {
+    name.parse::<std::net::IpAddr>().is_ok()
+        || (name.len() <= 253
+            && name.split('.').all(|label| {
+                (1..=63).contains(&label.len())
+                    && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+            }))
+}
+
+/// What a client of the cloud trusts and presents ([`Deployment::client_trust`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientTrust {
+    /// PEM file of the CA the cloud's certificate must chain to (HTTPS); none for HTTP.
+    pub ca: Option<PathBuf>,
+    /// The client's certificate chain and private key (PEM files), for mutual TLS.
+    pub identity: Option<(PathBuf, PathBuf)>,
+    /// The cloud's public signing key (PEM): what signed params and bundles must verify with.
+    pub cloud_key: Option<PathBuf>,
+}
+
 /// `[report]`: where results go.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -613,6 +677,8 @@ pub struct Deployment {
     pub bench: BenchConfig,
     /// The text encoder, if any.
     pub text: Option<TextChoice>,
+    /// Mutual TLS, signatures and the audit log, when the deployment has `[security]`.
+    pub security: Option<SecurityConfig>,
     /// Plugin libraries it loads, as written.
     pub plugins: Vec<PluginLibraryConfig>,
     /// `kind name sha256` of each plugin it uses that came from a library (for the fingerprint).
@@ -793,6 +859,7 @@ const SECTIONS: &[&str] = &[
     "serve",
     "bench",
     "text",
+    "security",
 ];
 
 /// Collects errors while parsing.
@@ -981,6 +1048,38 @@ impl Parser<'_> {
         }
     }
 
+    /// `[security]`: names a certificate can carry, sane limits, and one source of TLS.
+    fn security(&mut self, security: &SecurityConfig, serve: &ServeConfig) {
+        let mut check = Check::new();
+        check.real("security.rate_per_s", security.rate_per_s, 0.001..=1e6);
+        check.within("security.burst", security.burst, 1..=1_000_000);
+        for e in check.into_errors() {
+            self.fail(KeyPath::parse(&e.path), e.message);
+        }
+        if security.server_names.is_empty() {
+            self.fail(KeyPath::parse("security.server_names"), "expected at least one DNS name or IP address");
+        }
+        for (i, name) in security.server_names.iter().enumerate() {
+            if !certificate_name(name) {
+                self.fail(
+                    KeyPath::parse(&format!("security.server_names[{i}]")),
+                    format!("`{name}` is neither an IP address nor a DNS name"),
+                );
+            }
+        }
+        if serve.tls.is_some() {
+            let message = if security.insecure {
+                "`[security] insecure = true` serves plain HTTP: remove [serve.tls], or `insecure`"
+            } else {
+                "[security] serves TLS with its kit's certificates: remove [serve.tls]"
+            };
+            self.fail(KeyPath::parse("serve.tls"), message);
+        }
+        if let Some(url) = serve.url.as_ref().filter(|u| !security.insecure && u.starts_with("http://")) {
+            self.fail(KeyPath::parse("serve.url"), format!("[security] serves HTTPS, but the URL is `{url}`"));
+        }
+    }
+
     fn domain(&mut self, domain: &DeviceDomain, path: &KeyPath) {
         if let Some(name) = domain.name.as_ref().filter(|n| n.is_empty() || n.len() > crate::wire::MAX_DEVICE_ID) {
             let limit = crate::wire::MAX_DEVICE_ID;
@@ -1122,6 +1221,7 @@ impl Deployment {
         let serve = p.section::<ServeConfig>(&table, "serve").unwrap_or_default();
         let bench = p.section::<BenchConfig>(&table, "bench").unwrap_or_default();
         let text = p.section::<TextChoice>(&table, "text");
+        let security = p.section::<SecurityConfig>(&table, "security");
         if let Some(t) = &text {
             p.plugin(PluginKind::TextEncoder, &t.plugin, "text.plugin", &t.settings, "text.settings");
         }
@@ -1191,6 +1291,9 @@ impl Deployment {
         }
         p.unique_device_names(&fleet, &devices);
         p.service(&serve, &fleet);
+        if let Some(security) = &security {
+            p.security(security, &serve);
+        }
         // An empty path would write into (or read from) whatever folder the run starts in.
         let paths = [
             ("cloud.checkpoint", cloud.checkpoint.as_ref()),
@@ -1198,6 +1301,7 @@ impl Deployment {
             ("bench.out", bench.out.as_ref()),
             ("text.cache", text.as_ref().and_then(|t| t.cache.as_ref())),
             ("fleet.state", Some(&fleet.state)),
+            ("security.dir", security.as_ref().map(|s| &s.dir)),
         ];
         for (key, path) in paths {
             if path.is_some_and(|p| p.as_os_str().is_empty()) {
@@ -1236,6 +1340,7 @@ impl Deployment {
             serve,
             bench,
             text,
+            security,
             plugins,
             library_plugins,
             source: p.source,
@@ -1283,6 +1388,56 @@ impl Deployment {
         }
         let digest = Sha256::digest(canonical.to_string().as_bytes());
         digest.iter().take(12).map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// `[security]` when it asks for mutual TLS and signatures (`insecure` unset).
+    pub fn secured(&self) -> Option<&SecurityConfig> {
+        self.security.as_ref().filter(|s| !s.insecure)
+    }
+
+    /// The URL devices reach the cloud at: `[serve] url`, else `http(s)://<[serve] listen>`
+    /// (HTTPS with `[serve.tls]` or a secured `[security]`).
+    pub fn device_url(&self) -> String {
+        match (&self.serve.url, self.secured()) {
+            (None, Some(_)) => format!("https://{}", self.serve.listen),
+            _ => self.serve.device_url(),
+        }
+    }
+
+    /// What a client of the cloud trusts and presents: the CA (`[serve.tls]`'s, or the kit's),
+    /// and with `[security]` the device's own certificate and the cloud's signing key from
+    /// `device`'s startup kit (`kit` overrides where that kit lies).
+    pub fn client_trust(&self, device: Option<&str>, kit: Option<&Path>) -> ClientTrust {
+        match self.secured() {
+            Some(security) => {
+                let dir = match (kit, device) {
+                    (Some(dir), _) => Some(dir.to_path_buf()),
+                    (None, Some(id)) => Some(security.kit().device_dir(id)),
+                    (None, None) => None,
+                };
+                match dir {
+                    Some(dir) => {
+                        let kit = crate::security::DeviceKit::new(&dir);
+                        ClientTrust {
+                            ca: Some(kit.ca()),
+                            identity: Some((kit.cert(), kit.key())),
+                            cloud_key: Some(kit.signing_public()),
+                        }
+                    }
+                    // An operator's tool (health, metrics): the cloud's CA, no identity.
+                    None => ClientTrust {
+                        ca: Some(security.kit().ca_cert()),
+                        identity: None,
+                        cloud_key: Some(security.kit().signing_public()),
+                    },
+                }
+            }
+            None => ClientTrust {
+                ca: self.serve.tls.as_ref().map(|t| t.ca.clone().unwrap_or_else(|| t.cert.clone())),
+                identity: None,
+                cloud_key: None,
+            },
+        }
     }
 
     /// The file this deployment came from.

@@ -32,6 +32,7 @@ pub mod node;
 pub mod registry;
 pub mod report;
 pub mod runtime;
+pub mod security;
 pub mod seed;
 pub mod settings;
 pub mod slots;

@@ -110,6 +110,11 @@ impl MessageKind {
             MessageKind::Error => 3,
         }
     }
+
+    /// The kind a header byte names; `None` for a byte no kind has.
+    fn from_byte(byte: u8) -> Option<Self> {
+        [MessageKind::Summary, MessageKind::Params, MessageKind::Error].into_iter().find(|k| k.byte() == byte)
+    }
 }
 
 /// The header's length fields: the receiver's limits, checked before anything is written.
@@ -165,26 +170,7 @@ impl Envelope {
     /// Decodes bytes from a peer.
     pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
         let mut r = Reader(bytes);
-        if r.take(4, "magic")? != MAGIC {
-            return Err(WireError::BadMagic);
-        }
-        let version = r.take(1, "version")?[0];
-        if version != WIRE_VERSION {
-            return Err(WireError::Version(version));
-        }
-        let kind = match r.take(1, "kind")?[0] {
-            1 => MessageKind::Summary,
-            2 => MessageKind::Params,
-            3 => MessageKind::Error,
-            other => return Err(WireError::Kind(other)),
-        };
-        let schema_hash = SchemaHash(r.u64("schema hash")?);
-        let sequence = r.u64("sequence")?;
-        let id_len = usize::from(u16::from_le_bytes(r.array("device id length")?));
-        if id_len > MAX_DEVICE_ID {
-            return Err(WireError::DeviceId);
-        }
-        let id = std::str::from_utf8(r.take(id_len, "device id")?).map_err(|_| WireError::DeviceId)?;
+        let Header { kind, schema_hash, sequence, device } = Header::read(&mut r)?;
         let len = usize::try_from(u32::from_le_bytes(r.array("payload length")?)).unwrap_or(usize::MAX);
         if len > MAX_PAYLOAD {
             return Err(WireError::TooLarge(len));
@@ -193,7 +179,7 @@ impl Envelope {
         if !r.0.is_empty() {
             return Err(WireError::Trailing(r.0.len()));
         }
-        Ok(Self { kind, schema_hash, device: DeviceId(id.to_string()), sequence, payload })
+        Ok(Self { kind, schema_hash, device: DeviceId(device.to_string()), sequence, payload })
     }
 
     /// Wraps a summary for upload.
@@ -271,16 +257,56 @@ impl Envelope {
     }
 }
 
+/// An envelope's header, borrowed from its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header<'a> {
+    /// What it carries.
+    pub kind: MessageKind,
+    /// The slot schema it is for.
+    pub schema_hash: SchemaHash,
+    /// The device's request sequence.
+    pub sequence: u64,
+    /// The device it names.
+    pub device: &'a str,
+}
+
+impl<'a> Header<'a> {
+    /// Reads magic, version, kind, schema hash, sequence and device id.
+    fn read(r: &mut Reader<'a>) -> Result<Self, WireError> {
+        if r.take(4, "magic")? != MAGIC {
+            return Err(WireError::BadMagic);
+        }
+        let version = r.take(1, "version")?[0];
+        if version != WIRE_VERSION {
+            return Err(WireError::Version(version));
+        }
+        let byte = r.take(1, "kind")?[0];
+        let kind = MessageKind::from_byte(byte).ok_or(WireError::Kind(byte))?;
+        let schema_hash = SchemaHash(r.u64("schema hash")?);
+        let sequence = r.u64("sequence")?;
+        let id_len = usize::from(u16::from_le_bytes(r.array("device id length")?));
+        if id_len > MAX_DEVICE_ID {
+            return Err(WireError::DeviceId);
+        }
+        let device = std::str::from_utf8(r.take(id_len, "device id")?).map_err(|_| WireError::DeviceId)?;
+        Ok(Self { kind, schema_hash, sequence, device })
+    }
+
+    /// The header of encoded envelope bytes, without reading (or checking) the payload: what a
+    /// transport needs to route or authorise a message before the cloud decodes it.
+    ///
+    /// # Errors
+    /// [`WireError`] for bytes whose header is not this version's.
+    pub fn peek(bytes: &'a [u8]) -> Result<Self, WireError> {
+        Self::read(&mut Reader(bytes))
+    }
+}
+
 /// The kind of an encoded envelope from its header alone, without decoding the rest (for a
 /// transport choosing a status code); `None` for bytes that are not an envelope of this version.
 pub fn peek_kind(bytes: &[u8]) -> Option<MessageKind> {
     match bytes {
-        [m0, m1, m2, m3, WIRE_VERSION, kind, ..] if [*m0, *m1, *m2, *m3] == *MAGIC => match kind {
-            1 => Some(MessageKind::Summary),
-            2 => Some(MessageKind::Params),
-            3 => Some(MessageKind::Error),
-            _ => None,
-        },
+        [m0, m1, m2, m3, WIRE_VERSION, kind, ..] if [*m0, *m1, *m2, *m3] == *MAGIC => MessageKind::from_byte(*kind),
         _ => None,
     }
 }

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod process;
+
 use mmpg::Registry;
 
 // Linking the plugin crates is what registers their factories.

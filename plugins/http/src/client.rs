@@ -2,10 +2,10 @@
 //! its device bundle.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
 use mmpg::bundle::{Bundle, BundleError, FILES};
+use mmpg::config::ClientTrust;
 use mmpg::deploy::CloudInfo;
 use mmpg::transport::{DeviceLink, TransportError};
 
@@ -68,11 +68,12 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 impl CloudClient {
     /// A client of the cloud at `url` (`http://…` or `https://…`); over HTTPS it trusts the
-    /// certificates in the PEM file `ca` only.
+    /// certificates in the PEM file `trust.ca` only, and presents `trust.identity` (mutual TLS)
+    /// when given.
     ///
     /// # Errors
-    /// [`HttpError::Tls`] for an unreadable `ca`; [`HttpError::Client`].
-    pub fn new(url: &str, ca: Option<&Path>) -> Result<Self, HttpError> {
+    /// [`HttpError::Tls`] naming an unreadable or invalid file; [`HttpError::Client`].
+    pub fn new(url: &str, trust: &ClientTrust) -> Result<Self, HttpError> {
         match reqwest::Url::parse(url) {
             Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
             Ok(_) => return Err(HttpError::Client(format!("`{url}` is not an http:// or https:// URL with a host"))),
@@ -82,8 +83,9 @@ impl CloudClient {
             .connect_timeout(Duration::from_secs(5))
             .pool_idle_timeout(Duration::from_secs(90))
             .user_agent(concat!("mmpg-device/", env!("CARGO_PKG_VERSION")));
-        if let Some(ca) = ca {
-            builder = builder.use_preconfigured_tls(crate::tls::client_config(ca)?);
+        if let Some(ca) = &trust.ca {
+            let identity = trust.identity.as_ref().map(|(cert, key)| (cert.as_path(), key.as_path()));
+            builder = builder.use_preconfigured_tls(crate::tls::client_config(ca, identity)?);
         }
         let client = builder.build().map_err(|e| HttpError::Client(error_chain(&e)))?;
         Ok(Self { base: url.trim_end_matches('/').to_string(), client })

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use mmpg::data::DeviceId;
+use mmpg::security::{DeviceKit, Kit};
 use mmpg::slots::SchemaHash;
 use mmpg::wire::{Envelope, MessageKind};
 use serde::Serialize;
@@ -20,6 +21,9 @@ pub struct LoadSettings {
     pub url: String,
     /// PEM CA to trust over HTTPS.
     pub ca: Option<PathBuf>,
+    /// A provisioned kit (`mmpg provision --load N`): device `load-NNNNN` presents its
+    /// certificate from it (mutual TLS).
+    pub kit: Option<PathBuf>,
     /// Concurrent devices.
     pub devices: usize,
     /// How long to send.
@@ -108,6 +112,11 @@ async fn device(
     (latencies, errors)
 }
 
+/// The id of the load's device `i`: `load-00000`, `load-00001`, …
+pub fn load_device(i: usize) -> String {
+    format!("load-{i:05}")
+}
+
 fn percentile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -124,17 +133,24 @@ pub fn run(settings: &LoadSettings, templates: &[(SchemaHash, Vec<u8>)]) -> Resu
     if templates.is_empty() {
         return Err(HttpError::Client("no summaries to send".into()));
     }
-    let tls = settings.ca.as_deref().map(crate::tls::client_config).transpose()?;
+    let shared_tls = match (&settings.ca, &settings.kit) {
+        (Some(ca), None) => Some(crate::tls::client_config(ca, None)?),
+        _ => None,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| HttpError::Runtime(e.to_string()))?;
     let url = format!("{}/v1/adapt", settings.url.trim_end_matches('/'));
     let mut clients = Vec::with_capacity(settings.devices);
-    for _ in 0..settings.devices {
+    for i in 0..settings.devices {
         let mut builder = reqwest::Client::builder().pool_max_idle_per_host(1).connect_timeout(Duration::from_secs(10));
-        if let Some(tls) = &tls {
+        if let Some(tls) = &shared_tls {
             builder = builder.use_preconfigured_tls(tls.clone());
+        }
+        if let (Some(ca), Some(kit)) = (&settings.ca, &settings.kit) {
+            let own = DeviceKit::new(&Kit::new(kit).device_dir(&load_device(i)));
+            builder = builder.use_preconfigured_tls(crate::tls::client_config(ca, Some((&own.cert(), &own.key())))?);
         }
         clients.push(builder.build().map_err(|e| HttpError::Client(e.to_string()))?);
     }
@@ -146,7 +162,7 @@ pub fn run(settings: &LoadSettings, templates: &[(SchemaHash, Vec<u8>)]) -> Resu
             .enumerate()
             .map(|(i, client)| {
                 let template = templates[i % templates.len()].clone();
-                let id = DeviceId(format!("load-{i:05}"));
+                let id = DeviceId(load_device(i));
                 tokio::spawn(device(client, url.clone(), id, template, until, settings.timeout))
             })
             .collect();

@@ -13,19 +13,22 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Extension, Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use mmpg::DeviceId;
 use mmpg::bundle::Bundle;
+use mmpg::security::{Denial, Guard};
 use mmpg::transport::{CloudEndpoint, Peer, Request, TransportError};
-use mmpg::wire::MessageKind;
+use mmpg::wire::{Header, MessageKind};
 use tokio::sync::oneshot;
 
 use crate::HttpError;
 use crate::metrics::Metrics;
+use crate::tls::device_identity;
 
 /// The content type of envelopes.
 pub const OCTET_STREAM: &str = "application/octet-stream";
@@ -47,7 +50,14 @@ pub struct ServerSettings {
     pub request_timeout: Duration,
     /// Requests waiting for the cloud before new ones are refused with 503.
     pub queue: usize,
+    /// The gate every adaptation request passes (mutual TLS deployments): identity,
+    /// revocation, impersonation, per-device rate.
+    pub guard: Option<Arc<Guard>>,
 }
+
+/// The device a connection's client certificate identifies (`None` without mutual TLS).
+#[derive(Debug, Clone, Default)]
+struct Identity(Option<String>);
 
 /// What the service shows besides adaptation: readiness, the cloud's info, the device bundle.
 #[derive(Debug, Default)]
@@ -90,6 +100,7 @@ struct Shared {
     metrics: Arc<Metrics>,
     published: Arc<Published>,
     request_timeout: Duration,
+    guard: Option<Arc<Guard>>,
 }
 
 /// The cloud's end of the HTTP exchange: requests that reached `POST /v1/adapt`.
@@ -156,8 +167,13 @@ impl CloudServer {
         let address = listener.local_addr().map_err(|e| HttpError::Runtime(e.to_string()))?;
         let (queue, requests) = mpsc::sync_channel(settings.queue.max(1));
         let metrics = Arc::new(Metrics::default());
-        let shared =
-            Arc::new(Shared { queue, metrics: metrics.clone(), published, request_timeout: settings.request_timeout });
+        let shared = Arc::new(Shared {
+            queue,
+            metrics: metrics.clone(),
+            published,
+            request_timeout: settings.request_timeout,
+            guard: settings.guard.clone(),
+        });
         let app = router(shared, settings.body_limit);
         let (stop, stopped) = oneshot::channel();
         let tls = settings.tls.clone().map(tokio_rustls::TlsAcceptor::from);
@@ -239,15 +255,43 @@ fn not_ready() -> Response {
     r
 }
 
-async fn adapt(State(s): State<Arc<Shared>>, ConnectInfo(peer): ConnectInfo<SocketAddr>, body: Bytes) -> Response {
+/// 403 for who the peer is, 429 (with `Retry-After`) for how often it asks.
+fn denied(denial: &Denial, identity: Option<&str>) -> Response {
+    match denial {
+        Denial::RateLimited { retry_after } => {
+            let mut r = plain(StatusCode::TOO_MANY_REQUESTS, denial.message(identity));
+            let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            if let Ok(value) = HeaderValue::from_str(&seconds.max(1).to_string()) {
+                r.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+            r
+        }
+        _ => plain(StatusCode::FORBIDDEN, denial.message(identity)),
+    }
+}
+
+async fn adapt(
+    State(s): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(Identity(identity)): Extension<Identity>,
+    body: Bytes,
+) -> Response {
     let started = Instant::now();
     s.metrics.received(body.len());
     if !s.published.is_ready() {
         s.metrics.outcome("not_ready");
         return not_ready();
     }
+    let address = peer.to_string();
+    if let Some(guard) = &s.guard {
+        let claimed = Header::peek(&body).ok().map(|h| h.device);
+        if let Err(denial) = guard.admit(identity.as_deref(), claimed, &address) {
+            s.metrics.outcome(denial.label());
+            return denied(&denial, identity.as_deref());
+        }
+    }
     let (reply, replied) = oneshot::channel();
-    let delivery = Delivery { peer: Peer { identity: None, address: peer.to_string() }, bytes: body.to_vec(), reply };
+    let delivery = Delivery { peer: Peer { identity: identity.map(DeviceId), address }, bytes: body.to_vec(), reply };
     match s.queue.try_send(delivery) {
         Ok(()) => {}
         Err(TrySendError::Full(_)) => {
@@ -358,16 +402,24 @@ async fn accept_loop(
             if !matches!(tokio::time::timeout(timeout, stream.peek(&mut first)).await, Ok(Ok(1..))) {
                 return;
             }
-            let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
-                request.extensions_mut().insert(ConnectInfo(peer));
-                tower::ServiceExt::oneshot(app.clone(), request)
-            });
+            let service = move |identity: Identity| {
+                hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+                    request.extensions_mut().insert(ConnectInfo(peer));
+                    request.extensions_mut().insert(identity.clone());
+                    tower::ServiceExt::oneshot(app.clone(), request)
+                })
+            };
             match tls {
                 None => {
+                    let service = service(Identity(None));
                     let _ = watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await;
                 }
                 Some(tls) => {
+                    // Under mutual TLS a client without a valid certificate fails right here.
                     let Ok(Ok(stream)) = tokio::time::timeout(timeout, tls.accept(stream)).await else { return };
+                    let identity =
+                        stream.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(device_identity);
+                    let service = service(Identity(identity));
                     let _ = watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await;
                 }
             }
@@ -390,6 +442,7 @@ mod tests {
             body_limit: 1 << 20,
             request_timeout: Duration::from_millis(300),
             queue: 4,
+            guard: None,
         };
         CloudServer::start(settings, Arc::new(Published::default())).expect("server starts")
     }

@@ -1,0 +1,91 @@
+//! `mmpg provision`: a deployment's keys and certificates, and revocation.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use mmpg::Registry;
+use mmpg::config::SecurityConfig;
+use mmpg::runtime::RunError;
+use mmpg::security::{Kit, provision, revoke};
+
+/// What `mmpg provision` was asked.
+#[derive(Debug)]
+pub struct ProvisionOptions {
+    /// The kit's folder (default: `[security] dir`).
+    pub out: Option<PathBuf>,
+    /// Also issue certificates for `mmpg load`'s devices `load-00000`… (this many).
+    pub load: usize,
+    /// Revoke this device instead of provisioning.
+    pub revoke: Option<String>,
+}
+
+/// Provisions (or revokes in) the deployment at `path`'s kit.
+pub fn run(path: &Path, options: &ProvisionOptions, registry: &mut Registry) -> anyhow::Result<()> {
+    let deployment = crate::open(path, registry).map_err(RunError::Config)?;
+    let security = deployment.security.clone().unwrap_or_default();
+    let kit = Kit::new(options.out.as_deref().unwrap_or(&security.dir));
+    if let Some(device) = &options.revoke {
+        let newly = revoke(&kit, device)?;
+        let already = if newly { "" } else { " (it already was)" };
+        println!(
+            "revoked {device}{already}: {} lists it; a running cloud refuses it from its next request",
+            kit.revoked().display()
+        );
+        return Ok(());
+    }
+    if deployment.security.is_none() {
+        eprintln!("note: {} has no [security] table; the cloud uses this kit once it has one", deployment.file());
+    }
+    let mut devices: Vec<String> = deployment.device_domains().into_iter().map(|(_, d)| d.name).collect();
+    devices.extend((0..options.load).map(mmpg_http::load::load_device));
+    let done = provision(&kit, &security.server_names, &devices)
+        .with_context(|| format!("provisioning {}", kit.root().display()))?;
+    print!("{}", summary(&kit, &security, &done));
+    Ok(())
+}
+
+/// For `mmpg fleet`, the one-command demo on loopback: provisions what the deployment's kit
+/// lacks (nothing is re-keyed), and says so when it made anything.
+pub fn complete_kit(deployment: &mmpg::Deployment) -> anyhow::Result<()> {
+    let Some(security) = deployment.secured() else { return Ok(()) };
+    let kit = security.kit();
+    let devices: Vec<String> = deployment.device_domains().into_iter().map(|(_, domain)| domain.name).collect();
+    let done = provision(&kit, &security.server_names, &devices)
+        .with_context(|| format!("provisioning {}", kit.root().display()))?;
+    if done.new_ca || done.new_server_cert || !done.created.is_empty() {
+        eprintln!("mmpg fleet: provisioned what the kit lacked:");
+        eprint!("{}", summary(&kit, security, &done));
+    }
+    Ok(())
+}
+
+fn summary(kit: &Kit, security: &SecurityConfig, done: &mmpg::security::Provisioned) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let state = |new: bool| if new { "created" } else { "kept" };
+    let _ = writeln!(out, "kit: {}", kit.root().display());
+    let _ = writeln!(out, "  CA                 {} ({})", kit.ca_cert().display(), state(done.new_ca));
+    let _ = writeln!(
+        out,
+        "  cloud certificate  {} ({}; {})",
+        kit.server_cert().display(),
+        if done.new_server_cert { "issued" } else { "kept" },
+        security.server_names.join(", ")
+    );
+    let _ = writeln!(
+        out,
+        "  signing key        {} (public: {})",
+        kit.signing_key().display(),
+        kit.signing_public().display()
+    );
+    let _ = writeln!(
+        out,
+        "  devices            {} issued, {} kept, under {}",
+        done.created.len(),
+        done.kept.len(),
+        kit.root().join("devices").display()
+    );
+    let _ = writeln!(out, "  audit log          {}", kit.audit().display());
+    let _ = writeln!(out, "private keys are mode 0600; copy devices/<id>/ to each device as its startup kit");
+    out
+}

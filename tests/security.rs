@@ -1,0 +1,174 @@
+//! Attacks on a deployment with `[security]`, each against real processes on loopback: the
+//! refusal, its audit line, and honest devices adapting all the same. Every process is killed (by
+//! pid) when its test ends, every wait is bounded.
+
+mod common;
+
+use std::io::{Read as _, Write as _};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::process::{cloud, count, deployment, device, free_port, mmpg};
+use mmpg::config::ClientTrust;
+use mmpg::security::{AuditLog, DeviceKit, Kit};
+use mmpg::transport::{DeviceLink as _, TransportError};
+use mmpg::wire::{Envelope, MessageKind};
+use mmpg::{DeviceId, SchemaHash};
+use mmpg_http::CloudClient;
+
+fn provision(file: &Path, extra: &[&str]) -> String {
+    let out = mmpg().arg("provision").arg(file).args(extra).output().expect("provision");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A client presenting `device`'s certificate from `kit` (none when `device` is `None`).
+fn client(url: &str, kit: &Kit, ca: &Path, device: Option<&str>) -> CloudClient {
+    let identity = device.map(|d| {
+        let own = DeviceKit::new(&kit.device_dir(d));
+        (own.cert(), own.key())
+    });
+    CloudClient::new(url, &ClientTrust { ca: Some(ca.to_path_buf()), identity, cloud_key: None }).expect("client")
+}
+
+/// A summary envelope naming `device` (its payload is not a summary: the gate looks at the
+/// header only, and the cloud node refuses the rest).
+fn envelope(device: &str, sequence: u64, payload: usize) -> Vec<u8> {
+    Envelope::new(MessageKind::Summary, SchemaHash(1), DeviceId(device.into()), sequence, vec![7; payload])
+        .and_then(|e| e.encode())
+        .expect("encodes")
+}
+
+fn status(result: Result<Vec<u8>, TransportError>) -> u16 {
+    match result {
+        Err(TransportError::Status { status, .. }) => status,
+        other => panic!("expected a refusal status, got {other:?}"),
+    }
+}
+
+fn refusals(kit: &Kit, reason: &str) -> Vec<mmpg::security::AuditEvent> {
+    AuditLog::read(&kit.audit())
+        .expect("audit log")
+        .into_iter()
+        .filter(|e| e.event == "refused" && e.reason.starts_with(reason))
+        .collect()
+}
+
+#[test]
+fn mutual_tls_refuses_strangers_impostors_revoked_and_greedy_devices_and_honest_ones_adapt() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().display();
+    let port = free_port();
+    let security = format!("request_timeout_ms = 2000\n[security]\ndir = \"{d}/pki\"\nrate_per_s = 0.01\nburst = 3");
+    let file = deployment(dir.path(), port, "adapt_every = 4", &security);
+
+    // Without its kit the cloud does not start, and says what to run.
+    let out = mmpg().args(["cloud", "serve"]).arg(&file).output().expect("cloud");
+    assert!(!out.status.success());
+    let message = String::from_utf8_lossy(&out.stderr);
+    assert!(message.contains("mmpg provision"), "{message}");
+
+    let printed = provision(&file, &[]);
+    assert!(printed.contains("2 issued"), "{printed}");
+    let stranger_kit = dir.path().join("other");
+    provision(&file, &["--out", &stranger_kit.display().to_string()]);
+    let kit = Kit::new(&dir.path().join("pki"));
+    let stranger = Kit::new(&stranger_kit);
+
+    let _cloud = cloud(&file, dir.path(), 1);
+    let url = format!("https://127.0.0.1:{port}");
+    let ca = kit.ca_cert();
+
+    // An honest device adapts over mutual TLS.
+    let honest = dir.path().join("state/device-00");
+    let mut dev = device(&file, "device-00", 1, &[]);
+    assert!(dev.wait(Duration::from_secs(120)).success());
+    assert_eq!(count(&honest, "adapted"), 1);
+
+    // No client certificate, or one from another CA: refused at the handshake.
+    let anonymous = client(&url, &kit, &ca, None).hello(Duration::from_secs(10));
+    assert!(anonymous.is_err(), "{anonymous:?}");
+    let foreign = client(&url, &stranger, &ca, Some("device-01")).hello(Duration::from_secs(10));
+    assert!(foreign.is_err(), "{foreign:?}");
+
+    // device-01's certificate sending device-00's id: impersonation, 403 and audited.
+    let mut one = client(&url, &kit, &ca, Some("device-01"));
+    assert_eq!(status(one.exchange(envelope("device-00", 1, 16), Duration::from_secs(10))), 403);
+    let impersonations = refusals(&kit, "impersonation");
+    assert_eq!(impersonations.len(), 1);
+    assert_eq!(impersonations[0].device.as_deref(), Some("device-01"));
+    assert!(impersonations[0].peer.as_deref().is_some_and(|p| p.starts_with("127.0.0.1:")));
+
+    // Its own id is admitted (the cloud node then refuses the fake summary: 422), until the
+    // bucket of 3 is empty: 429.
+    let mut statuses = Vec::new();
+    for sequence in 1..=4 {
+        let reply = one.exchange(envelope("device-01", sequence, 16), Duration::from_secs(10));
+        statuses.push(if reply.is_ok() { 422 } else { status(reply) });
+    }
+    assert_eq!(statuses, [422, 422, 422, 429]);
+    assert_eq!(refusals(&kit, "rate_limited").len(), 1);
+
+    // A body over the limit: 413, before anything reads it.
+    let big = envelope("device-01", 9, 2 << 20);
+    assert_eq!(status(one.exchange(big, Duration::from_secs(10))), 413);
+
+    // Revoked while the cloud runs: refused from the next request on, no restart.
+    let printed = provision(&file, &["--revoke", "device-01"]);
+    assert!(printed.contains("revoked device-01"), "{printed}");
+    assert_eq!(status(one.exchange(envelope("device-01", 10, 16), Duration::from_secs(10))), 403);
+    assert_eq!(refusals(&kit, "revoked").len(), 1);
+
+    // A client that sends one byte per second is cut off by the server's timeout (2 s).
+    let mut slow = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connects");
+    slow.set_read_timeout(Some(Duration::from_millis(1000))).expect("timeout");
+    let started = Instant::now();
+    let mut closed = false;
+    while started.elapsed() < Duration::from_secs(30) {
+        if slow.write_all(&[0x16]).is_err() {
+            closed = true;
+            break;
+        }
+        let mut buf = [0u8; 64];
+        match slow.read(&mut buf) {
+            Ok(0) => {
+                closed = true;
+                break;
+            }
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => {
+                closed = true;
+                break;
+            }
+        }
+    }
+    assert!(closed, "the server closed the trickling connection");
+
+    // After all that, the honest device adapts again.
+    let mut dev = device(&file, "device-00", 1, &[]);
+    assert!(dev.wait(Duration::from_secs(120)).success());
+    assert_eq!(count(&honest, "adapted"), 2);
+}
+
+#[test]
+fn provisioning_again_keeps_every_key_and_insecure_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().display();
+    let file = deployment(dir.path(), free_port(), "", &format!("[security]\ndir = \"{d}/pki\""));
+    provision(&file, &[]);
+    let kit = Kit::new(&dir.path().join("pki"));
+    let key = std::fs::read(DeviceKit::new(&kit.device_dir("device-00")).key()).expect("key");
+    let printed = provision(&file, &["--load", "2"]);
+    assert!(printed.contains("2 issued, 2 kept"), "{printed}");
+    assert_eq!(std::fs::read(DeviceKit::new(&kit.device_dir("device-00")).key()).expect("key"), key);
+    assert!(DeviceKit::new(&kit.device_dir("load-00001")).cert().exists());
+    let out = mmpg().arg("provision").arg(&file).args(["--revoke", "nobody"]).output().expect("provision");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("never provisioned"));
+
+    let insecure = deployment(dir.path(), free_port(), "", "[security]\ninsecure = true");
+    let _cloud = cloud(&insecure, dir.path(), 2);
+    let log = std::fs::read_to_string(dir.path().join("cloud-2.log")).expect("cloud log");
+    assert!(log.contains("WARNING") && log.contains("insecure"), "{log}");
+}
