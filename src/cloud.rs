@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use mmpg::deploy::{CloudInfo, export_bundle};
 use mmpg::node::{BatchPolicy, CloudNode};
 use mmpg::runtime::{Composer, RunError, train_cloud};
-use mmpg::security::{AuditLog, Guard, Revocations};
+use mmpg::security::{AuditLog, CloudSigner, Guard, Revocations};
 use mmpg::{Deployment, Progress, Registry};
 use mmpg_http::tls::ServerConfig;
 use mmpg_http::{CloudServer, Published, ServerSettings};
@@ -104,7 +104,18 @@ pub fn serve(
     eprintln!("mmpg cloud: {how}; slot schema {}", info.schema_hash);
     println!("{SERVING} {url}");
 
-    let node = CloudNode::new(cloud.generator.as_ref(), deployment.cloud.download);
+    let signer = match deployment.secured() {
+        Some(security) => {
+            let path = security.kit().signing_key();
+            Some(CloudSigner::read(&path).with_context(|| format!("reading the signing key {}", path.display()))?)
+        }
+        None => None,
+    };
+    let mut node = CloudNode::new(cloud.generator.as_ref(), deployment.cloud.download);
+    if let Some(signer) = &signer {
+        eprintln!("mmpg cloud: signing every reply (Ed25519 key {})", signer.public().fingerprint());
+        node = node.signed_by(signer);
+    }
     let policy = BatchPolicy { max_batch: config.max_batch, max_wait: Duration::from_millis(config.max_wait_ms) };
     let metrics = server.metrics();
     let totals = node.serve(&mut endpoint, &policy, &stop, metrics.as_ref())?;

@@ -15,7 +15,8 @@ use mmpg::deploy::{device_domain, device_from_bundle};
 use mmpg::node::{DeviceNode, Refusal};
 use mmpg::report::DeviceReport;
 use mmpg::runtime::{Composer, RunError, draw_device, score_device, score_retrieval};
-use mmpg::transport::{DeviceLink, Metered, TransportError};
+use mmpg::security::CloudKey;
+use mmpg::transport::{DeviceLink, Metered, TransportError, Verified};
 use mmpg::wire::Envelope;
 use mmpg::{Clip, DeviceId, DomainSpec, Registry, Split, seed};
 use mmpg_http::CloudClient;
@@ -108,7 +109,7 @@ enum Exchange {
 /// The network thread: takes requests, exchanges each with retries, reports back. A newer
 /// request replaces one still being retried.
 fn network(
-    mut link: Metered<CloudClient>,
+    mut link: Verified<Metered<CloudClient>>,
     requests: Receiver<Envelope>,
     results: Sender<Exchange>,
     policy: (Duration, u32),
@@ -128,11 +129,11 @@ fn network(
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let (up0, down0) = (link.traffic().bytes_up, link.traffic().bytes_down);
+            let (up0, down0) = (link.inner().traffic().bytes_up, link.inner().traffic().bytes_down);
             let t0 = Instant::now();
             match link.request(&request, timeout) {
                 Ok(envelope) => {
-                    let t = link.traffic();
+                    let t = link.inner().traffic();
                     let _ = results.send(Exchange::Reply {
                         envelope,
                         elapsed: t0.elapsed(),
@@ -337,7 +338,12 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
 
     let (to_network, requests) = mpsc::channel();
     let (results, from_network) = mpsc::channel();
-    let link = Metered::new(client);
+    // Under [security] only replies the cloud signed are read at all.
+    let key = match &trust.cloud_key {
+        Some(path) => Some(CloudKey::read(path)?),
+        None => None,
+    };
+    let link = Verified::new(Metered::new(client), key);
     let jitter_seed = seed::derive(domain.seed, 0x7E7);
     let max_attempts = fleet.max_attempts;
     let pace = Duration::from_millis(fleet.clip_interval_ms);

@@ -107,7 +107,9 @@ pub fn run(path: &Path, options: &FleetOptions, plugins: &[PathBuf], registry: &
         }
     };
     eprintln!("mmpg fleet: cloud at {url}");
-    let client = CloudClient::new(&url, &deployment.client_trust(None, None))?;
+    // Under mutual TLS the fleet asks for the cloud's info as its first device.
+    let first = deployment.device_domains().into_iter().next().map(|(_, d)| d.name);
+    let client = CloudClient::new(&url, &deployment.client_trust(first.as_deref(), None))?;
     let info = client.hello(Duration::from_secs(10)).context("asking the cloud for its info")?;
 
     let domains = deployment.device_domains();

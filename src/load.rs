@@ -51,7 +51,9 @@ pub fn run(path: &Path, options: &LoadOptions, registry: &mut Registry) -> anyho
     let deployment = crate::open(path, registry).map_err(RunError::Config)?;
     let composer = Composer::new(&deployment, registry)?;
     let url = options.cloud.clone().unwrap_or_else(|| deployment.device_url());
-    let trust = deployment.client_trust(None, None);
+    // Under mutual TLS the load's first device fetches the bundle and metrics as itself.
+    let first = mmpg_http::load::load_device(0);
+    let trust = deployment.client_trust(deployment.secured().map(|_| first.as_str()), None);
     if let Some(security) = deployment.secured() {
         let kit = security.kit();
         let last = mmpg_http::load::load_device(options.devices.saturating_sub(1));

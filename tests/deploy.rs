@@ -4,12 +4,11 @@
 
 mod common;
 
-use std::io::{BufRead as _, Read as _, Write as _};
 use std::net::TcpListener;
 use std::path::Path;
 use std::time::Duration;
 
-use common::process::{cloud, count, deployment, device, events, free_port, mmpg, wait_for};
+use common::process::{cloud, count, deployment, device, events, fake_cloud, free_port, mmpg, wait_for};
 use mmpg::report::{DeviceReport, RunReport};
 
 #[test]
@@ -108,55 +107,20 @@ enum Hostile {
 
 /// A cloud that answers every request badly, on `listener`, until the test ends.
 fn hostile_cloud(listener: TcpListener, mode: Hostile) {
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { return };
-            std::thread::spawn(move || {
-                let mut reader = std::io::BufReader::new(stream.try_clone().expect("clone"));
-                let mut head = String::new();
-                let mut length = 0;
-                loop {
-                    let mut line = String::new();
-                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                        length = v.trim().parse().unwrap_or(0);
-                    }
-                    head.push_str(&line);
-                    if line == "\r\n" {
-                        break;
-                    }
-                }
-                let mut body = vec![0; length];
-                let _ = reader.read_exact(&mut body);
-                let (status, payload) = if !head.starts_with("POST /v1/adapt") {
-                    ("404 Not Found", b"no\n".to_vec())
-                } else {
-                    match mode {
-                        Hostile::Garbage => ("200 OK", b"certainly not an envelope".to_vec()),
-                        Hostile::OtherSchema => {
-                            let request = mmpg::wire::Envelope::decode(&body).expect("a real request");
-                            let params = mmpg::wire::Envelope {
-                                kind: mmpg::wire::MessageKind::Params,
-                                schema_hash: mmpg::SchemaHash(request.schema_hash.0 ^ 1),
-                                ..request
-                            };
-                            ("200 OK", params.encode().expect("encodes"))
-                        }
-                        Hostile::Slow => {
-                            std::thread::sleep(Duration::from_secs(4));
-                            ("200 OK", Vec::new())
-                        }
-                    }
-                };
-                let header = format!(
-                    "HTTP/1.1 {status}\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                    payload.len()
-                );
-                let _ = stream.write_all(header.as_bytes());
-                let _ = stream.write_all(&payload);
-            });
+    fake_cloud(listener, move |body| match mode {
+        Hostile::Garbage => (200, b"certainly not an envelope".to_vec()),
+        Hostile::OtherSchema => {
+            let request = mmpg::wire::Envelope::decode(&body).expect("a real request");
+            let params = mmpg::wire::Envelope {
+                kind: mmpg::wire::MessageKind::Params,
+                schema_hash: mmpg::SchemaHash(request.schema_hash.0 ^ 1),
+                ..request
+            };
+            (200, params.encode().expect("encodes"))
+        }
+        Hostile::Slow => {
+            std::thread::sleep(Duration::from_secs(4));
+            (200, Vec::new())
         }
     });
 }

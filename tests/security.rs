@@ -172,3 +172,82 @@ fn provisioning_again_keeps_every_key_and_insecure_says_so() {
     let log = std::fs::read_to_string(dir.path().join("cloud-2.log")).expect("cloud log");
     assert!(log.contains("WARNING") && log.contains("insecure"), "{log}");
 }
+
+/// How the man in the middle spoils the real cloud's replies.
+#[derive(Clone, Copy, Debug)]
+enum Tamper {
+    /// One bit of the parameters' payload.
+    Payload,
+    /// One bit of the envelope's header (its schema hash).
+    Header,
+    /// The signature stripped: an unsigned envelope.
+    Unsigned,
+    /// The first reply, sent again for every later request.
+    Replay,
+}
+
+#[test]
+fn tampered_unsigned_and_replayed_parameters_are_refused_and_the_last_good_ones_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().display();
+    let port = free_port();
+    let file = deployment(dir.path(), port, "adapt_every = 4", &format!("[security]\ndir = \"{d}/pki\""));
+    provision(&file, &[]);
+    let kit = Kit::new(&dir.path().join("pki"));
+    let bundle = dir.path().join("bundle");
+    let out = mmpg().arg("export").arg(&file).arg("--out").arg(&bundle).output().expect("export");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let _cloud = cloud(&file, dir.path(), 1);
+    let real = format!("https://127.0.0.1:{port}");
+
+    for tamper in [Tamper::Payload, Tamper::Header, Tamper::Unsigned, Tamper::Replay] {
+        // The man in the middle speaks to the cloud as device-00 (it holds that kit: the worst
+        // case) and to the device over plain HTTP.
+        let upstream = std::sync::Mutex::new(client(&real, &kit, &kit.ca_cert(), Some("device-00")));
+        let first = std::sync::Mutex::new(None::<Vec<u8>>);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        common::process::fake_cloud(listener, move |body| {
+            let reply = upstream.lock().expect("lock").exchange(body, Duration::from_secs(20)).expect("the real cloud");
+            let mut spoiled = reply.clone();
+            let offset = mmpg::wire::SIGNED_OVERHEAD;
+            match tamper {
+                Tamper::Payload => *spoiled.last_mut().expect("bytes") ^= 0x10,
+                Tamper::Header => spoiled[offset + 8] ^= 0x01,
+                Tamper::Unsigned => spoiled = reply[offset..].to_vec(),
+                Tamper::Replay => spoiled = first.lock().expect("lock").get_or_insert(reply).clone(),
+            }
+            (200, spoiled)
+        });
+        let state = dir.path().join(format!("{tamper:?}"));
+        let _ = std::fs::create_dir_all(state.join("bundle"));
+        for entry in std::fs::read_dir(&bundle).expect("bundle") {
+            let entry = entry.expect("entry");
+            std::fs::copy(entry.path(), state.join("bundle").join(entry.file_name())).expect("copied");
+        }
+        let state_arg = state.display().to_string();
+        let mut dev = device(&file, "device-00", 2, &["--cloud", &url, "--state", &state_arg]);
+        assert!(dev.wait(Duration::from_secs(120)).success(), "{tamper:?}");
+        let report: mmpg::report::DeviceReport =
+            serde_json::from_slice(&std::fs::read(state.join("report.json")).expect("report")).expect("json");
+        let log = common::process::events(&state);
+        let failures: Vec<_> = log.iter().filter(|e| e["event"] == "failure").map(|e| e["kind"].clone()).collect();
+        match tamper {
+            Tamper::Replay => {
+                // The first reply answered its request; sent again, it answers none.
+                assert_eq!(count(&state, "adapted"), 1, "{log:#?}");
+                assert_eq!(failures, ["stale"], "{log:#?}");
+            }
+            _ => {
+                assert_eq!(count(&state, "adapted"), 0, "{tamper:?}: {log:#?}");
+                assert_eq!(failures, ["bad-signature", "bad-signature"], "{tamper:?}: {log:#?}");
+                assert_eq!(report.adapted_accuracy, report.static_accuracy, "{tamper:?}: parameters kept");
+                assert!(!state.join("params.envelope").exists(), "{tamper:?}: nothing persisted");
+            }
+        }
+    }
+    // And straight from the cloud, signed replies are installed.
+    let mut dev = device(&file, "device-00", 1, &[]);
+    assert!(dev.wait(Duration::from_secs(120)).success());
+    assert_eq!(count(&dir.path().join("state/device-00"), "adapted"), 1);
+}

@@ -415,19 +415,6 @@ impl SecurityConfig {
     }
 }
 
-/// Whether `name` can go in a certificate: an IP address, or a DNS name of letters, digits,
-/// `-` and `.` (labels of 1..=63 bytes, 253 in all).
-fn certificate_name(name: &str) -> bool {
-    name.parse::<std::net::IpAddr>().is_ok()
-        || (name.len() <= 253
-            && name.split('.').all(|label| {
-                (1..=63).contains(&label.len())
-                    && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                    && !label.starts_with('-')
-                    && !label.ends_with('-')
-            }))
-}
-
 /// What a client of the cloud trusts and presents ([`Deployment::client_trust`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClientTrust {
@@ -1060,7 +1047,7 @@ impl Parser<'_> {
             self.fail(KeyPath::parse("security.server_names"), "expected at least one DNS name or IP address");
         }
         for (i, name) in security.server_names.iter().enumerate() {
-            if !certificate_name(name) {
+            if !crate::security::identity::is_certificate_name(name) {
                 self.fail(
                     KeyPath::parse(&format!("security.server_names[{i}]")),
                     format!("`{name}` is neither an IP address nor a DNS name"),

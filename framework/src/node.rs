@@ -15,6 +15,7 @@ use crate::data::{Clip, DeviceId};
 use crate::generator::{GeneratorError, ParameterGenerator};
 use crate::model::{DeviceModel, ModelError};
 use crate::runtime::{SummaryError, summarise_window};
+use crate::security::CloudSigner;
 use crate::slots::{GeneratedParams, SchemaHash};
 use crate::transport::{CloudEndpoint, Peer, TransportError};
 use crate::wire::{Envelope, MessageKind, WireError};
@@ -104,6 +105,7 @@ pub struct ServeTotals {
 pub struct CloudNode<'a> {
     generator: &'a dyn ParameterGenerator,
     download: Quantisation,
+    signer: Option<&'a CloudSigner>,
 }
 
 impl std::fmt::Debug for CloudNode<'_> {
@@ -111,6 +113,7 @@ impl std::fmt::Debug for CloudNode<'_> {
         f.debug_struct("CloudNode")
             .field("generator", &self.generator.name())
             .field("download", &self.download)
+            .field("signed", &self.signer.is_some())
             .finish()
     }
 }
@@ -125,7 +128,14 @@ struct Accepted {
 impl<'a> CloudNode<'a> {
     /// A cloud serving `generator`'s parameters, encoded as `download` says.
     pub fn new(generator: &'a dyn ParameterGenerator, download: Quantisation) -> Self {
-        Self { generator, download }
+        Self { generator, download, signer: None }
+    }
+
+    /// The same cloud signing every reply (params and errors) with `signer`
+    /// ([`wire::sign`](crate::wire::sign)), so devices holding its public key can tell its
+    /// replies from anyone else's.
+    pub fn signed_by(self, signer: &'a CloudSigner) -> Self {
+        Self { signer: Some(signer), ..self }
     }
 
     /// The schema hash devices must send.
@@ -198,6 +208,10 @@ impl<'a> CloudNode<'a> {
                         },
                     }
                 }
+            })
+            .map(|reply| match self.signer {
+                Some(signer) => Reply { bytes: crate::wire::sign(&reply.bytes, signer), ..reply },
+                None => reply,
             })
             .collect();
         (replies, elapsed)

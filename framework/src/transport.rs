@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::data::DeviceId;
+use crate::security::CloudKey;
 use crate::wire::{Envelope, WireError};
 
 /// Why a transport call failed.
@@ -60,6 +61,7 @@ impl TransportError {
     /// `status-503`, …).
     pub fn kind(&self) -> String {
         match self {
+            TransportError::Wire(WireError::Signature(_) | WireError::Unsigned) => "bad-signature".into(),
             TransportError::Wire(_) => "malformed".into(),
             TransportError::TooLarge { .. } => "too-large".into(),
             TransportError::Timeout(_) => "timeout".into(),
@@ -195,6 +197,40 @@ impl<L: DeviceLink> DeviceLink for Metered<L> {
             self.traffic.messages_down += 1;
         }
         result
+    }
+}
+
+/// A device link that passes on only replies the cloud signed: each reply's signature is
+/// verified (`verify_strict`, [`wire::open_signed`](crate::wire::open_signed)) before anything
+/// reads the envelope, which goes on without it; a bad one is
+/// [`TransportError::Wire`]`(`[`WireError::Signature`]`)`, kind `bad-signature`. With no key (a
+/// deployment without `[security]`) replies pass as they are. Put it outside [`Metered`] so the
+/// bytes counted are those on the wire.
+#[derive(Debug)]
+pub struct Verified<L> {
+    inner: L,
+    key: Option<CloudKey>,
+}
+
+impl<L: DeviceLink> Verified<L> {
+    /// Checks `inner`'s replies with `key`.
+    pub fn new(inner: L, key: Option<CloudKey>) -> Self {
+        Self { inner, key }
+    }
+
+    /// The link it checks.
+    pub fn inner(&self) -> &L {
+        &self.inner
+    }
+}
+
+impl<L: DeviceLink> DeviceLink for Verified<L> {
+    fn exchange(&mut self, request: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, TransportError> {
+        let reply = self.inner.exchange(request, timeout)?;
+        match &self.key {
+            None => Ok(reply),
+            Some(key) => Ok(crate::wire::open_signed(&reply, key)?.to_vec()),
+        }
     }
 }
 

@@ -92,6 +92,12 @@ pub enum WireError {
         /// Why.
         reason: String,
     },
+    /// A signed message was expected (the device holds the cloud's key) and this is not one.
+    #[error("the message is not signed (expected `MMPS` framing)")]
+    Unsigned,
+    /// The signature does not verify: the bytes were altered, or another key signed them.
+    #[error("signature refused: {0}")]
+    Signature(String),
     /// The envelope carries another kind than expected.
     #[error("expected a {expected:?} message, found {found:?}")]
     UnexpectedKind {
@@ -302,9 +308,54 @@ impl<'a> Header<'a> {
     }
 }
 
+/// First bytes of a signed message.
+pub const SIGNED_MAGIC: &[u8; 4] = b"MMPS";
+/// Bytes a signature adds: magic, wire version, the 64-byte Ed25519 signature.
+pub const SIGNED_OVERHEAD: usize = SIGNED_MAGIC.len() + 1 + crate::security::signing::SIGNATURE_LEN;
+
+/// An encoded envelope signed by the cloud: `MMPS`, the wire version, the Ed25519 signature of
+/// the envelope's bytes (header and payload, [`Purpose::Params`]), then those bytes.
+///
+/// [`Purpose::Params`]: crate::security::signing::Purpose::Params
+pub fn sign(envelope: &[u8], signer: &crate::security::CloudSigner) -> Vec<u8> {
+    let signature = signer.sign(crate::security::signing::Purpose::Params, envelope);
+    let mut out = Vec::with_capacity(SIGNED_OVERHEAD + envelope.len());
+    out.extend_from_slice(SIGNED_MAGIC);
+    out.push(WIRE_VERSION);
+    out.extend_from_slice(&signature);
+    out.extend_from_slice(envelope);
+    out
+}
+
+/// The envelope bytes inside a signed message, once the signature verified with `key`
+/// (`verify_strict`); nothing of the envelope is read before.
+///
+/// # Errors
+/// [`WireError::Unsigned`] without the framing, [`WireError::Version`],
+/// [`WireError::Signature`] when the signature does not verify.
+pub fn open_signed<'a>(bytes: &'a [u8], key: &crate::security::CloudKey) -> Result<&'a [u8], WireError> {
+    let mut r = Reader(bytes);
+    if r.take(SIGNED_MAGIC.len(), "signed magic").ok() != Some(SIGNED_MAGIC.as_slice()) {
+        return Err(WireError::Unsigned);
+    }
+    let version = r.take(1, "version")?[0];
+    if version != WIRE_VERSION {
+        return Err(WireError::Version(version));
+    }
+    let signature = r.take(crate::security::signing::SIGNATURE_LEN, "signature")?;
+    key.verify(crate::security::signing::Purpose::Params, r.0, signature)
+        .map_err(|e| WireError::Signature(e.to_string()))?;
+    Ok(r.0)
+}
+
 /// The kind of an encoded envelope from its header alone, without decoding the rest (for a
 /// transport choosing a status code); `None` for bytes that are not an envelope of this version.
 pub fn peek_kind(bytes: &[u8]) -> Option<MessageKind> {
+    // A signed message: the envelope follows the signature.
+    let bytes = match bytes.strip_prefix(SIGNED_MAGIC.as_slice()) {
+        Some(_) => bytes.get(SIGNED_OVERHEAD..)?,
+        None => bytes,
+    };
     match bytes {
         [m0, m1, m2, m3, WIRE_VERSION, kind, ..] if [*m0, *m1, *m2, *m3] == *MAGIC => MessageKind::from_byte(*kind),
         _ => None,
@@ -608,6 +659,36 @@ mod tests {
         let back = Envelope::decode(&env.encode().expect("encodes")).expect("decodes").to_params().expect("params");
         let bits = |p: &GeneratedParams| -> Vec<u32> { p.tensors["w"].values().iter().map(|v| v.to_bits()).collect() };
         assert_eq!(bits(&back), bits(&params));
+    }
+
+    #[test]
+    fn a_signed_envelope_opens_only_with_the_clouds_key_and_intact_bytes() {
+        let signer = crate::security::CloudSigner::generate().expect("random");
+        let other = crate::security::CloudSigner::generate().expect("random");
+        let envelope = Envelope::error(DeviceId("d".into()), 3, SchemaHash(9), "no").encode().expect("encodes");
+        let signed = sign(&envelope, &signer);
+        assert_eq!(signed.len(), envelope.len() + SIGNED_OVERHEAD);
+        assert_eq!(open_signed(&signed, &signer.public()).expect("opens"), envelope.as_slice());
+        assert_eq!(peek_kind(&signed), Some(MessageKind::Error));
+        assert!(matches!(open_signed(&signed, &other.public()), Err(WireError::Signature(_))));
+        assert!(matches!(open_signed(&envelope, &signer.public()), Err(WireError::Unsigned)));
+        assert!(matches!(open_signed(&signed[..40], &signer.public()), Err(WireError::Truncated(_))));
+    }
+
+    proptest! {
+        /// Any one flipped bit, in the framing, the signature, the header or the payload, and the
+        /// message does not open.
+        #[test]
+        fn a_flipped_bit_anywhere_in_a_signed_envelope_is_refused(bit in any::<usize>()) {
+            let signer = crate::security::CloudSigner::generate().expect("random");
+            let envelope = Envelope::new(MessageKind::Params, SchemaHash(5), DeviceId("dev".into()), 7, vec![1, 2, 3, 4])
+                .and_then(|e| e.encode())
+                .expect("encodes");
+            let mut signed = sign(&envelope, &signer);
+            let i = bit % (signed.len() * 8);
+            signed[i / 8] ^= 1 << (i % 8);
+            prop_assert!(open_signed(&signed, &signer.public()).is_err());
+        }
     }
 
     proptest! {

@@ -1,7 +1,7 @@
 //! Real processes on loopback for the deployment tests: `mmpg` children killed (by pid) when
 //! dropped, a small deployment that trains in seconds, and bounded waits on a device's log.
 
-use std::io::BufRead as _;
+use std::io::{BufRead as _, Read as _, Write as _};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -140,4 +140,44 @@ pub fn wait_for(state: &Path, what: &str, done: impl Fn(&[Value]) -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}; log: {:#?}", events(state));
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A plain-HTTP stand-in for the cloud on `listener`, until the test ends: `POST /v1/adapt`'s body
+/// goes to `answer`, whose (status, body) is sent back as an envelope; anything else is 404.
+pub fn fake_cloud(listener: TcpListener, answer: impl Fn(Vec<u8>) -> (u16, Vec<u8>) + Send + Sync + 'static) {
+    let answer = std::sync::Arc::new(answer);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let answer = answer.clone();
+            std::thread::spawn(move || {
+                let mut reader = std::io::BufReader::new(stream.try_clone().expect("clone"));
+                let mut head = String::new();
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
+                    head.push_str(&line);
+                    if line == "\r\n" {
+                        break;
+                    }
+                }
+                let mut body = vec![0; length];
+                let _ = reader.read_exact(&mut body);
+                let (status, payload) =
+                    if head.starts_with("POST /v1/adapt") { answer(body) } else { (404, b"no\n".to_vec()) };
+                let header = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    payload.len()
+                );
+                let _ = stream.write_all(header.as_bytes());
+                let _ = stream.write_all(&payload);
+            });
+        }
+    });
 }

@@ -37,6 +37,19 @@ pub fn device_from_uri(uri: &str) -> Option<String> {
     uri.strip_prefix(DEVICE_URI_PREFIX).and_then(decode).filter(|id| !id.is_empty())
 }
 
+/// Whether `name` can go in a certificate: an IP address, or a DNS name of letters, digits,
+/// `-` and `.` (labels of 1..=63 bytes, 253 in all).
+pub fn is_certificate_name(name: &str) -> bool {
+    name.parse::<std::net::IpAddr>().is_ok()
+        || (name.len() <= 253
+            && name.split('.').all(|label| {
+                (1..=63).contains(&label.len())
+                    && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+            }))
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;

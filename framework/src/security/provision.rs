@@ -314,6 +314,11 @@ fn server_cert(kit: &Kit, ca: &Authority, names: &[String], done: &mut Provision
     if pair_exists(&cert_path, &key_path)? && same_names && !done.new_ca {
         return Ok(());
     }
+    if let Some(bad) = names.iter().find(|n| !identity::is_certificate_name(n)) {
+        return Err(ProvisionError::Certificate(format!(
+            "server name `{bad}` is neither a DNS name nor an IP address"
+        )));
+    }
     let mut params = CertificateParams::new(names.to_vec()).map_err(|e| {
         ProvisionError::Certificate(format!("server names {names:?}: each must be a DNS name or an IP address ({e})"))
     })?;
