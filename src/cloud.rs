@@ -22,8 +22,8 @@ pub const SERVING: &str = "mmpg cloud: serving";
 /// Requests that may wait for the generator before new ones get 503, per slot of a batch.
 const QUEUE_PER_BATCH_SLOT: usize = 16;
 
-/// The server's TLS (if any) and its gate (if any).
-type Secured = (Option<Arc<ServerConfig>>, Option<Arc<Guard>>);
+/// The server's TLS, its gate and the key it signs replies with (each if any).
+type Secured = (Option<Arc<ServerConfig>>, Option<Arc<Guard>>, Option<CloudSigner>);
 
 /// The server's TLS and gate: mutual TLS from the kit and a [`Guard`] under `[security]`;
 /// `[serve.tls]`'s one-way TLS otherwise; plain HTTP (said loudly under `insecure`).
@@ -48,7 +48,10 @@ fn security(deployment: &Deployment) -> anyhow::Result<Secured> {
             kit.root().display(),
             kit.audit().display()
         );
-        return Ok((Some(Arc::new(tls)), Some(Arc::new(guard))));
+        // Read now, not after training: a bad key must stop the cloud before it says it serves.
+        let path = kit.signing_key();
+        let signer = CloudSigner::read(&path).with_context(|| format!("reading the signing key {}", path.display()))?;
+        return Ok((Some(Arc::new(tls)), Some(Arc::new(guard)), Some(signer)));
     }
     if deployment.security.is_some() {
         eprintln!(
@@ -60,7 +63,7 @@ fn security(deployment: &Deployment) -> anyhow::Result<Secured> {
         Some(t) => Some(Arc::new(mmpg_http::tls::server_config(&t.cert, &t.key, None)?)),
         None => None,
     };
-    Ok((tls, None))
+    Ok((tls, None, None))
 }
 
 /// Serves `path`'s cloud until SIGTERM or SIGINT.
@@ -72,7 +75,7 @@ pub fn serve(
 ) -> anyhow::Result<()> {
     let deployment = crate::open(path, registry).map_err(RunError::Config)?;
     let config = &deployment.serve;
-    let (tls, guard) = security(&deployment)?;
+    let (tls, guard, signer) = security(&deployment)?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let published = Arc::new(Published::default());
     // Listening first: /healthz answers and /readyz says 503 while the cloud trains or loads.
@@ -104,13 +107,6 @@ pub fn serve(
     eprintln!("mmpg cloud: {how}; slot schema {}", info.schema_hash);
     println!("{SERVING} {url}");
 
-    let signer = match deployment.secured() {
-        Some(security) => {
-            let path = security.kit().signing_key();
-            Some(CloudSigner::read(&path).with_context(|| format!("reading the signing key {}", path.display()))?)
-        }
-        None => None,
-    };
     let mut node = CloudNode::new(cloud.generator.as_ref(), deployment.cloud.download);
     if let Some(signer) = &signer {
         eprintln!("mmpg cloud: signing every reply (Ed25519 key {})", signer.public().fingerprint());

@@ -296,7 +296,13 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
         Err(e) => return Err(e.into()),
     };
     let fleet = &deployment.fleet;
-    let state = StateDir(options.state.clone().unwrap_or_else(|| fleet.state.join(&options.id)));
+    if options.id.is_empty() || options.id.len() > mmpg::wire::MAX_DEVICE_ID {
+        anyhow::bail!("--id: a device id is 1..={} bytes", mmpg::wire::MAX_DEVICE_ID);
+    }
+    // One path segment whatever the id (`..`, `/`, an absolute path): its folder stays in `state`.
+    let state = StateDir(
+        options.state.clone().unwrap_or_else(|| fleet.state.join(mmpg::security::identity::encode(&options.id))),
+    );
     std::fs::create_dir_all(&state.0).with_context(|| format!("creating {}", state.0.display()))?;
     let log_file = std::fs::OpenOptions::new()
         .create(true)
@@ -310,6 +316,11 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
     }
 
     let url = options.cloud.clone().unwrap_or_else(|| deployment.device_url());
+    if deployment.secured().is_some() && !url.starts_with("https://") {
+        anyhow::bail!(
+            "--cloud {url}: [security] allows only https:// (mutual TLS); set `insecure = true` to allow plain HTTP"
+        );
+    }
     let trust = deployment.client_trust(Some(&options.id), options.kit.as_deref());
     let client = CloudClient::new(&url, &trust)?;
     let timeout = Duration::from_millis(fleet.request_timeout_ms);

@@ -115,7 +115,7 @@ pub fn run(path: &Path, options: &FleetOptions, plugins: &[PathBuf], registry: &
     let domains = deployment.device_domains();
     let mut devices = Vec::with_capacity(domains.len());
     for (_, domain) in &domains {
-        let state = deployment.fleet.state.join(&domain.name);
+        let state = deployment.fleet.state.join(mmpg::security::identity::encode(&domain.name));
         std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
         // A report left by an earlier fleet must not pass for this one's.
         let _ = std::fs::remove_file(state.join("report.json"));

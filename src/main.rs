@@ -91,9 +91,10 @@ enum Command {
         /// Folder to write (default: `[security] dir`, else `pki`).
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Also issue certificates for this many `mmpg load` devices (`load-00000`, …).
-        #[arg(long, default_value_t = 0)]
-        load: usize,
+        /// Also issue certificates for this many `mmpg load` devices (`load-00000`, …; at most
+        /// 100,000).
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=100_000))]
+        load: u32,
         /// Revoke this device: the cloud refuses it from its next request, without a restart.
         #[arg(long, value_name = "DEVICE")]
         revoke: Option<String>,
@@ -266,7 +267,7 @@ fn main() -> ExitCode {
             exit_code(cloud::serve(&deployment, listen, &mut registry, &Bars::default()))
         }
         Command::Provision { deployment, out, load, revoke } => {
-            let options = provision::ProvisionOptions { out, load, revoke };
+            let options = provision::ProvisionOptions { out, load: load as usize, revoke };
             exit_code(provision::run(&deployment, &options, &mut registry))
         }
         Command::Device { id, deployment, cloud, rounds, state, clips, bundle, kit } => {

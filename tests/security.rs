@@ -6,15 +6,18 @@ mod common;
 
 use std::io::{Read as _, Write as _};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::process::{cloud, count, deployment, device, free_port, mmpg};
+use mmpg::bundle::Bundle;
 use mmpg::config::ClientTrust;
 use mmpg::security::{AuditLog, DeviceKit, Kit};
+use mmpg::transport::CloudEndpoint as _;
 use mmpg::transport::{DeviceLink as _, TransportError};
 use mmpg::wire::{Envelope, MessageKind};
 use mmpg::{DeviceId, SchemaHash};
-use mmpg_http::CloudClient;
+use mmpg_http::{CloudClient, CloudServer, Published, ServerSettings};
 
 fn provision(file: &Path, extra: &[&str]) -> String {
     let out = mmpg().arg("provision").arg(file).args(extra).output().expect("provision");
@@ -117,7 +120,9 @@ fn mutual_tls_refuses_strangers_impostors_revoked_and_greedy_devices_and_honest_
     let printed = provision(&file, &["--revoke", "device-01"]);
     assert!(printed.contains("revoked device-01"), "{printed}");
     assert_eq!(status(one.exchange(envelope("device-01", 10, 16), Duration::from_secs(10))), 403);
-    assert_eq!(refusals(&kit, "revoked").len(), 1);
+    // Nor may it read the cloud's info or its bundle any more.
+    assert!(matches!(one.hello(Duration::from_secs(10)), Err(TransportError::Status { status: 403, .. })));
+    assert_eq!(refusals(&kit, "revoked").len(), 2);
 
     // A client that sends one byte per second is cut off by the server's timeout (2 s).
     let mut slow = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connects");
@@ -201,23 +206,40 @@ fn tampered_unsigned_and_replayed_parameters_are_refused_and_the_last_good_ones_
     let real = format!("https://127.0.0.1:{port}");
 
     for tamper in [Tamper::Payload, Tamper::Header, Tamper::Unsigned, Tamper::Replay] {
-        // The man in the middle speaks to the cloud as device-00 (it holds that kit: the worst
-        // case) and to the device over plain HTTP.
-        let upstream = std::sync::Mutex::new(client(&real, &kit, &kit.ca_cert(), Some("device-00")));
-        let first = std::sync::Mutex::new(None::<Vec<u8>>);
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
-        common::process::fake_cloud(listener, move |body| {
-            let reply = upstream.lock().expect("lock").exchange(body, Duration::from_secs(20)).expect("the real cloud");
-            let mut spoiled = reply.clone();
-            let offset = mmpg::wire::SIGNED_OVERHEAD;
-            match tamper {
-                Tamper::Payload => *spoiled.last_mut().expect("bytes") ^= 0x10,
-                Tamper::Header => spoiled[offset + 8] ^= 0x01,
-                Tamper::Unsigned => spoiled = reply[offset..].to_vec(),
-                Tamper::Replay => spoiled = first.lock().expect("lock").get_or_insert(reply).clone(),
+        // The man in the middle speaks to the cloud as device-00 and to the device as the cloud,
+        // over TLS with the cloud's own server key: it holds both kits (the worst case) — all but
+        // the signing key.
+        let upstream = client(&real, &kit, &kit.ca_cert(), Some("device-00"));
+        let info = serde_json::to_vec(&upstream.hello(Duration::from_secs(10)).expect("info")).expect("json");
+        let published = Arc::new(Published::default());
+        published.ready(info, &Bundle::open(&bundle).expect("bundle"));
+        let tls = mmpg_http::tls::server_config(&kit.server_cert(), &kit.server_key(), None).expect("tls");
+        let settings = ServerSettings {
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            tls: Some(Arc::new(tls)),
+            body_limit: 1 << 20,
+            request_timeout: Duration::from_secs(30),
+            queue: 16,
+            guard: None,
+        };
+        let (middle, mut endpoint) = CloudServer::start(settings, published).expect("starts");
+        let url = format!("https://{}", middle.address());
+        std::thread::spawn(move || {
+            let mut upstream = upstream;
+            let mut first = None::<Vec<u8>>;
+            while let Ok(next) = endpoint.next_request(Duration::from_millis(100)) {
+                let Some(request) = next else { continue };
+                let reply = upstream.exchange(request.bytes, Duration::from_secs(20)).expect("the real cloud");
+                let offset = mmpg::wire::SIGNED_OVERHEAD;
+                let mut spoiled = reply.clone();
+                match tamper {
+                    Tamper::Payload => *spoiled.last_mut().expect("bytes") ^= 0x10,
+                    Tamper::Header => spoiled[offset + 8] ^= 0x01,
+                    Tamper::Unsigned => spoiled = reply[offset..].to_vec(),
+                    Tamper::Replay => spoiled = first.get_or_insert(reply).clone(),
+                }
+                let _ = endpoint.reply(request.ticket, spoiled);
             }
-            (200, spoiled)
         });
         let state = dir.path().join(format!("{tamper:?}"));
         let _ = std::fs::create_dir_all(state.join("bundle"));
@@ -228,6 +250,7 @@ fn tampered_unsigned_and_replayed_parameters_are_refused_and_the_last_good_ones_
         let state_arg = state.display().to_string();
         let mut dev = device(&file, "device-00", 2, &["--cloud", &url, "--state", &state_arg]);
         assert!(dev.wait(Duration::from_secs(120)).success(), "{tamper:?}");
+        middle.shutdown();
         let report: mmpg::report::DeviceReport =
             serde_json::from_slice(&std::fs::read(state.join("report.json")).expect("report")).expect("json");
         let log = common::process::events(&state);
@@ -246,6 +269,15 @@ fn tampered_unsigned_and_replayed_parameters_are_refused_and_the_last_good_ones_
             }
         }
     }
+    // Plain HTTP is not an option under [security]: refused before anything is fetched.
+    let out = mmpg()
+        .args(["device", "--id", "device-00", "--rounds", "1", "--cloud", "http://127.0.0.1:9"])
+        .arg(&file)
+        .output()
+        .expect("device");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only https://"));
+
     // And straight from the cloud, signed replies are installed.
     let mut dev = device(&file, "device-00", 1, &[]);
     assert!(dev.wait(Duration::from_secs(120)).success());

@@ -74,6 +74,9 @@ pub struct Guard {
     rate_per_s: f64,
     burst: f64,
     buckets: Mutex<HashMap<String, Bucket>>,
+    /// When each device's last rate-limit refusal was audited: one line per device per second,
+    /// so a flooding device cannot flood the log too.
+    rate_audited: Mutex<HashMap<String, Instant>>,
 }
 
 impl Guard {
@@ -86,6 +89,7 @@ impl Guard {
             rate_per_s: rate_per_s.max(f64::MIN_POSITIVE),
             burst: f64::from(burst.max(1)),
             buckets: Mutex::new(HashMap::new()),
+            rate_audited: Mutex::new(HashMap::new()),
         }
     }
 
@@ -101,16 +105,45 @@ impl Guard {
     /// # Errors
     /// The [`Denial`].
     pub fn admit(&self, identity: Option<&str>, claimed: Option<&str>, address: &str) -> Result<(), Denial> {
-        let verdict = self.judge(identity, claimed, Instant::now());
+        let now = Instant::now();
+        let verdict = self.judge(identity, claimed, now);
         if let Err(denial) = &verdict {
-            let device = identity.or(claimed);
-            let reason = format!("{}: {}", denial.label(), denial.message(identity));
-            // The refusal stands even if the log cannot be written; the failure is said once here.
-            if let Err(e) = self.audit.record(&AuditEvent::now("refused", device, reason, Some(address))) {
-                eprintln!("audit log {}: {e}", self.audit.path().display());
-            }
+            self.record(denial, identity.or(claimed), identity, address, now);
         }
         verdict
+    }
+
+    /// Admits a request for anything but adaptation (the cloud's info, its bundle, metrics):
+    /// an authenticated, unrevoked peer; no rate limit. A refusal is audited.
+    ///
+    /// # Errors
+    /// [`Denial::Anonymous`] or [`Denial::Revoked`].
+    pub fn admit_reader(&self, identity: Option<&str>, address: &str) -> Result<(), Denial> {
+        let verdict = match identity {
+            None => Err(Denial::Anonymous),
+            Some(id) if self.revocations.is_revoked(id) => Err(Denial::Revoked),
+            Some(_) => Ok(()),
+        };
+        if let Err(denial) = &verdict {
+            self.record(denial, identity, identity, address, Instant::now());
+        }
+        verdict
+    }
+
+    fn record(&self, denial: &Denial, device: Option<&str>, identity: Option<&str>, address: &str, now: Instant) {
+        if matches!(denial, Denial::RateLimited { .. }) {
+            let mut audited = self.rate_audited.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let key = device.unwrap_or_default().to_string();
+            if audited.get(&key).is_some_and(|t| now.saturating_duration_since(*t) < Duration::from_secs(1)) {
+                return;
+            }
+            audited.insert(key, now);
+        }
+        let reason = format!("{}: {}", denial.label(), denial.message(identity));
+        // The refusal stands even if the log cannot be written; the failure is said here.
+        if let Err(e) = self.audit.record(&AuditEvent::now("refused", device, reason, Some(address))) {
+            eprintln!("audit log {}: {e}", self.audit.path().display());
+        }
     }
 
     fn judge(&self, identity: Option<&str>, claimed: Option<&str>, now: Instant) -> Result<(), Denial> {
@@ -161,6 +194,21 @@ mod tests {
         assert_eq!(reasons, ["anonymous", "impersonation", "revoked"]);
         assert_eq!(events[1].device.as_deref(), Some("a"));
         assert_eq!(events[1].peer.as_deref(), Some("p"));
+    }
+
+    #[test]
+    fn a_flooding_device_leaves_one_audit_line_a_second_and_revoked_readers_are_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let g = guard(dir.path(), 0.001, 1);
+        for _ in 0..50 {
+            let _ = g.admit(Some("f"), Some("f"), "p");
+        }
+        let events = AuditLog::read(&dir.path().join("audit.jsonl")).expect("reads");
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(g.admit_reader(None, "p"), Err(Denial::Anonymous));
+        std::fs::write(dir.path().join("revoked.txt"), "f # lost\n").expect("writes");
+        assert_eq!(g.admit_reader(Some("f"), "p"), Err(Denial::Revoked));
+        assert_eq!(g.admit_reader(Some("g"), "p"), Ok(()));
     }
 
     #[test]

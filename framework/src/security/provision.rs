@@ -333,6 +333,10 @@ fn server_cert(kit: &Kit, ca: &Authority, names: &[String], done: &mut Provision
 
 fn signing_key(kit: &Kit) -> Result<CloudSigner, ProvisionError> {
     let path = kit.signing_key();
+    // Devices hold the public half: a new key would make them refuse every reply.
+    if !path.exists() && kit.signing_public().exists() {
+        return Err(ProvisionError::Incomplete { present: kit.signing_public(), missing: path });
+    }
     let signer = if path.exists() {
         CloudSigner::read(&path)?
     } else {

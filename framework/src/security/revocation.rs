@@ -20,8 +20,9 @@ pub fn read(path: &Path) -> std::io::Result<BTreeSet<String>> {
     match std::fs::read_to_string(path) {
         Ok(text) => Ok(text
             .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            // `device-03  # lost on 2026-11-30`: what follows `#` is a comment.
+            .map(|l| l.split('#').next().unwrap_or("").trim())
+            .filter(|l| !l.is_empty())
             .filter_map(identity::decode)
             .collect()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeSet::new()),
@@ -93,7 +94,8 @@ mod tests {
         std::fs::write(&path, format!("# revoked devices\n{}\n", line("a/b"))).expect("writes");
         assert!(list.is_revoked("a/b"));
         assert!(!list.is_revoked("a"));
-        std::fs::write(&path, format!("# revoked devices\n{}\n{}\n", line("a/b"), line("c"))).expect("writes");
+        std::fs::write(&path, format!("# revoked devices\n{}\n{}  # stolen\n", line("a/b"), line("c")))
+            .expect("writes");
         assert_eq!(list.all().into_iter().collect::<Vec<_>>(), ["a/b", "c"]);
     }
 }

@@ -323,21 +323,52 @@ async fn adapt(
     }
 }
 
-async fn hello(State(s): State<Arc<Shared>>) -> Response {
+/// Under mutual TLS, what is not adaptation (info, bundle, metrics) is still only for an
+/// authenticated device that is not revoked.
+fn reader_refused(s: &Shared, identity: &Identity, peer: SocketAddr) -> Option<Response> {
+    let guard = s.guard.as_ref()?;
+    let refused = guard.admit_reader(identity.0.as_deref(), &peer.to_string()).err()?;
+    s.metrics.outcome(refused.label());
+    Some(denied(&refused, identity.0.as_deref()))
+}
+
+async fn hello(
+    State(s): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(identity): Extension<Identity>,
+) -> Response {
+    if let Some(refused) = reader_refused(&s, &identity, peer) {
+        return refused;
+    }
     match s.published.info.read().ok().and_then(|i| i.clone()) {
         Some(info) => ([(header::CONTENT_TYPE, "application/json")], info).into_response(),
         None => not_ready(),
     }
 }
 
-async fn manifest(State(s): State<Arc<Shared>>) -> Response {
+async fn manifest(
+    State(s): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(identity): Extension<Identity>,
+) -> Response {
+    if let Some(refused) = reader_refused(&s, &identity, peer) {
+        return refused;
+    }
     match s.published.bundle.read().ok().and_then(|b| b.as_ref().map(|(m, _)| m.clone())) {
         Some(m) => ([(header::CONTENT_TYPE, "application/json")], m).into_response(),
         None => not_ready(),
     }
 }
 
-async fn bundle_file(State(s): State<Arc<Shared>>, Path(file): Path<String>) -> Response {
+async fn bundle_file(
+    State(s): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(identity): Extension<Identity>,
+    Path(file): Path<String>,
+) -> Response {
+    if let Some(refused) = reader_refused(&s, &identity, peer) {
+        return refused;
+    }
     let Ok(bundle) = s.published.bundle.read() else { return not_ready() };
     match bundle.as_ref() {
         None => not_ready(),
@@ -352,7 +383,14 @@ async fn readyz(State(s): State<Arc<Shared>>) -> Response {
     if s.published.is_ready() { plain(StatusCode::OK, "ready") } else { not_ready() }
 }
 
-async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+async fn metrics(
+    State(s): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(identity): Extension<Identity>,
+) -> Response {
+    if let Some(refused) = reader_refused(&s, &identity, peer) {
+        return refused;
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.metrics.render()).into_response()
 }
 
