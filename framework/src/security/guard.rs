@@ -155,7 +155,14 @@ impl Guard {
             return Err(Denial::Impersonation { claimed: claimed.to_string() });
         }
         let mut buckets = self.buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let bucket = buckets.entry(identity.to_string()).or_insert(Bucket { tokens: self.burst, at: now });
+        // A device seen before costs no allocation: the common case on every request.
+        if !buckets.contains_key(identity) {
+            buckets.insert(identity.to_string(), Bucket { tokens: self.burst, at: now });
+        }
+        // Inserted just above; were it absent, refusing is the safe side.
+        let Some(bucket) = buckets.get_mut(identity) else {
+            return Err(Denial::RateLimited { retry_after: Duration::ZERO });
+        };
         let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * self.rate_per_s).min(self.burst);
         bucket.at = now;

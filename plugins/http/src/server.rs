@@ -219,14 +219,17 @@ impl Drop for CloudServer {
 
 fn router(shared: Arc<Shared>, body_limit: usize) -> Router {
     let limit = shared.request_timeout;
-    Router::new()
-        .route("/v1/adapt", post(adapt))
+    let readers = Router::new()
         .route("/v1/hello", get(hello))
         .route("/v1/bundle", get(manifest))
         .route("/v1/bundle/{file}", get(bundle_file))
+        .route("/metrics", get(metrics))
+        .route_layer(axum::middleware::from_fn_with_state(shared.clone(), readers_only));
+    Router::new()
+        .route("/v1/adapt", post(adapt))
+        .merge(readers)
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(body_limit))
         // The whole request, its body's arrival included: a body sent one byte at a time is cut
         // off, not waited for.
@@ -325,50 +328,37 @@ async fn adapt(
 
 /// Under mutual TLS, what is not adaptation (info, bundle, metrics) is still only for an
 /// authenticated device that is not revoked.
-fn reader_refused(s: &Shared, identity: &Identity, peer: SocketAddr) -> Option<Response> {
-    let guard = s.guard.as_ref()?;
-    let refused = guard.admit_reader(identity.0.as_deref(), &peer.to_string()).err()?;
-    s.metrics.outcome(refused.label());
-    Some(denied(&refused, identity.0.as_deref()))
-}
-
-async fn hello(
+async fn readers_only(
     State(s): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Extension(identity): Extension<Identity>,
+    Extension(Identity(identity)): Extension<Identity>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
 ) -> Response {
-    if let Some(refused) = reader_refused(&s, &identity, peer) {
-        return refused;
+    if let Some(guard) = &s.guard
+        && let Err(refused) = guard.admit_reader(identity.as_deref(), &peer.to_string())
+    {
+        s.metrics.outcome(refused.label());
+        return denied(&refused, identity.as_deref());
     }
+    next.run(request).await
+}
+
+async fn hello(State(s): State<Arc<Shared>>) -> Response {
     match s.published.info.read().ok().and_then(|i| i.clone()) {
         Some(info) => ([(header::CONTENT_TYPE, "application/json")], info).into_response(),
         None => not_ready(),
     }
 }
 
-async fn manifest(
-    State(s): State<Arc<Shared>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Extension(identity): Extension<Identity>,
-) -> Response {
-    if let Some(refused) = reader_refused(&s, &identity, peer) {
-        return refused;
-    }
+async fn manifest(State(s): State<Arc<Shared>>) -> Response {
     match s.published.bundle.read().ok().and_then(|b| b.as_ref().map(|(m, _)| m.clone())) {
         Some(m) => ([(header::CONTENT_TYPE, "application/json")], m).into_response(),
         None => not_ready(),
     }
 }
 
-async fn bundle_file(
-    State(s): State<Arc<Shared>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Extension(identity): Extension<Identity>,
-    Path(file): Path<String>,
-) -> Response {
-    if let Some(refused) = reader_refused(&s, &identity, peer) {
-        return refused;
-    }
+async fn bundle_file(State(s): State<Arc<Shared>>, Path(file): Path<String>) -> Response {
     let Ok(bundle) = s.published.bundle.read() else { return not_ready() };
     match bundle.as_ref() {
         None => not_ready(),
@@ -383,14 +373,7 @@ async fn readyz(State(s): State<Arc<Shared>>) -> Response {
     if s.published.is_ready() { plain(StatusCode::OK, "ready") } else { not_ready() }
 }
 
-async fn metrics(
-    State(s): State<Arc<Shared>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Extension(identity): Extension<Identity>,
-) -> Response {
-    if let Some(refused) = reader_refused(&s, &identity, peer) {
-        return refused;
-    }
+async fn metrics(State(s): State<Arc<Shared>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.metrics.render()).into_response()
 }
 
