@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use mmpg::deploy::{CloudInfo, export_bundle};
 use mmpg::node::{BatchPolicy, CloudNode};
 use mmpg::runtime::{Composer, RunError, train_cloud};
-use mmpg::security::{AuditLog, CloudSigner, Guard, Revocations};
+use mmpg::security::{AuditLog, CloudSigner, Guard, Revocations, SequenceLedger};
 use mmpg::{Deployment, Progress, Registry};
 use mmpg_http::tls::ServerConfig;
 use mmpg_http::{CloudServer, Published, ServerSettings};
@@ -22,8 +22,18 @@ pub const SERVING: &str = "mmpg cloud: serving";
 /// Requests that may wait for the generator before new ones get 503, per slot of a batch.
 const QUEUE_PER_BATCH_SLOT: usize = 16;
 
-/// The server's TLS, its gate and the key it signs replies with (each if any).
-type Secured = (Option<Arc<ServerConfig>>, Option<Arc<Guard>>, Option<CloudSigner>);
+/// What `[security]` adds to the service (each if any).
+#[derive(Default)]
+struct Secured {
+    /// The server's TLS.
+    tls: Option<Arc<ServerConfig>>,
+    /// Its gate before the cloud node.
+    guard: Option<Arc<Guard>>,
+    /// The key it signs replies and the bundle with.
+    signer: Option<CloudSigner>,
+    /// The last sequence accepted from each device, kept across restarts.
+    ledger: Option<SequenceLedger>,
+}
 
 /// The server's TLS and gate: mutual TLS from the kit and a [`Guard`] under `[security]`;
 /// `[serve.tls]`'s one-way TLS otherwise; plain HTTP (said loudly under `insecure`).
@@ -51,7 +61,18 @@ fn security(deployment: &Deployment) -> anyhow::Result<Secured> {
         // Read now, not after training: a bad key must stop the cloud before it says it serves.
         let path = kit.signing_key();
         let signer = CloudSigner::read(&path).with_context(|| format!("reading the signing key {}", path.display()))?;
-        return Ok((Some(Arc::new(tls)), Some(Arc::new(guard)), Some(signer)));
+        let ledger = SequenceLedger::open(&kit.sequences())?;
+        eprintln!(
+            "mmpg cloud: refusing replayed summaries ({} devices on record in {})",
+            ledger.len(),
+            kit.sequences().display()
+        );
+        return Ok(Secured {
+            tls: Some(Arc::new(tls)),
+            guard: Some(Arc::new(guard)),
+            signer: Some(signer),
+            ledger: Some(ledger),
+        });
     }
     if deployment.security.is_some() {
         eprintln!(
@@ -63,7 +84,7 @@ fn security(deployment: &Deployment) -> anyhow::Result<Secured> {
         Some(t) => Some(Arc::new(mmpg_http::tls::server_config(&t.cert, &t.key, None)?)),
         None => None,
     };
-    Ok((tls, None, None))
+    Ok(Secured { tls, ..Secured::default() })
 }
 
 /// Serves `path`'s cloud until SIGTERM or SIGINT.
@@ -75,7 +96,7 @@ pub fn serve(
 ) -> anyhow::Result<()> {
     let deployment = crate::open(path, registry).map_err(RunError::Config)?;
     let config = &deployment.serve;
-    let (tls, guard, signer) = security(&deployment)?;
+    let Secured { tls, guard, signer, ledger } = security(&deployment)?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let published = Arc::new(Published::default());
     // Listening first: /healthz answers and /readyz says 503 while the cloud trains or loads.
@@ -100,7 +121,10 @@ pub fn serve(
     let composer = Composer::new(&deployment, registry)?;
     let data = composer.data_source()?;
     let cloud = train_cloud(&composer, data.as_ref(), progress)?;
-    let bundle = export_bundle(&composer, &cloud)?;
+    let mut bundle = export_bundle(&composer, &cloud)?;
+    if let Some(signer) = &signer {
+        bundle = bundle.signed(signer);
+    }
     let info = CloudInfo::of(&composer, &cloud);
     published.ready(serde_json::to_vec_pretty(&info)?, &bundle);
     let how = if cloud.from_checkpoint { "loaded from its checkpoint" } else { "trained" };
@@ -111,6 +135,9 @@ pub fn serve(
     if let Some(signer) = &signer {
         eprintln!("mmpg cloud: signing every reply (Ed25519 key {})", signer.public().fingerprint());
         node = node.signed_by(signer);
+    }
+    if let Some(ledger) = &ledger {
+        node = node.with_ledger(ledger);
     }
     let policy = BatchPolicy { max_batch: config.max_batch, max_wait: Duration::from_millis(config.max_wait_ms) };
     let metrics = server.metrics();

@@ -177,17 +177,18 @@ fn bundle(
     client: &CloudClient,
     state: &StateDir,
     exported: Option<&Path>,
+    key: Option<&CloudKey>,
     timeout: Duration,
     stop: &AtomicBool,
     log: &mut Log,
 ) -> anyhow::Result<Bundle> {
     if let Some(dir) = exported {
-        let b = Bundle::open(dir).with_context(|| format!("the bundle in {}", dir.display()))?;
+        let b = Bundle::open(dir, key).with_context(|| format!("the bundle in {}", dir.display()))?;
         b.write(&state.bundle()).context("saving the bundle")?;
         log.event(json!({"event": "bundle", "source": dir.display().to_string(), "training": b.manifest.training}));
         return Ok(b);
     }
-    let saved = Bundle::open(&state.bundle());
+    let saved = Bundle::open(&state.bundle(), key);
     let started = Instant::now();
     let mut delay = FIRST_BACKOFF;
     loop {
@@ -197,7 +198,7 @@ fn bundle(
             }
             match &saved {
                 Ok(b) if b.manifest.training == info.training => Ok(None),
-                _ => client.bundle(timeout).map(Some),
+                _ => client.bundle(timeout, key).map(Some),
             }
         });
         match fetched {
@@ -324,7 +325,9 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
     let trust = deployment.client_trust(Some(&options.id), options.kit.as_deref());
     let client = CloudClient::new(&url, &trust)?;
     let timeout = Duration::from_millis(fleet.request_timeout_ms);
-    let bundle = bundle(&client, &state, options.bundle.as_deref(), timeout, &stop, &mut log)?;
+    // Under [security] only a bundle and replies the cloud signed are read at all.
+    let key = trust.read_cloud_key()?;
+    let bundle = bundle(&client, &state, options.bundle.as_deref(), key.as_ref(), timeout, &stop, &mut log)?;
     let mut node = device_from_bundle(&composer, data.as_ref(), &bundle, DeviceId(options.id.clone()))?;
     let drawn = match &folder {
         None => draw_device(&composer, data.as_ref(), &domain, node.model.as_ref(), fleet.eval_clips)?,
@@ -349,11 +352,6 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
 
     let (to_network, requests) = mpsc::channel();
     let (results, from_network) = mpsc::channel();
-    // Under [security] only replies the cloud signed are read at all.
-    let key = match &trust.cloud_key {
-        Some(path) => Some(CloudKey::read(path)?),
-        None => None,
-    };
     let link = Verified::new(Metered::new(client), key);
     let jitter_seed = seed::derive(domain.seed, 0x7E7);
     let max_attempts = fleet.max_attempts;
@@ -372,6 +370,7 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
     let mut failures: std::collections::BTreeMap<String, u64> = Default::default();
     let mut round = 0u64;
     let mut skipped = 0u64;
+    let mut resync = Resync { to_network: to_network.clone(), summary: None };
     'serving: while !stop.load(Ordering::Relaxed) {
         // The stream: the first window is the one `mmpg run` summarises; then fresh clips.
         let stream_seed = if round == 0 { domain.seed } else { seed::derive(domain.seed, 0x57E + round) };
@@ -405,6 +404,7 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
                 &mut report,
                 &mut failures,
                 &mut log,
+                &mut resync,
             );
             let due = served.is_multiple_of(adapt_every as u64) && (options.rounds == 0 || sent < options.rounds);
             // One request at a time: a reply to an older request would be refused as stale, so a
@@ -417,7 +417,9 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
                 match node.summarise(&window, seed).map_err(|e| e.to_string()).and_then(|s| {
                     report.anchors = s.summary.anchor_count();
                     report.feature_ms = s.feature_ms;
-                    node.request(&s.summary).map_err(|e| e.to_string())
+                    let request = node.request(&s.summary).map_err(|e| e.to_string());
+                    resync.summary = Some(s.summary);
+                    request
                 }) {
                     Ok(request) => {
                         let _ = write_atomically(&state.sequence(), request.sequence.to_string().as_bytes());
@@ -447,12 +449,14 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
                     &mut report,
                     &mut failures,
                     &mut log,
+                    &mut resync,
                 );
             }
             break;
         }
     }
     drop(to_network);
+    drop(resync);
     let _ = network.join();
     if !failures.is_empty() && report.error.is_none() && report.adapted_accuracy == report.static_accuracy {
         report.error = Some(format!("failures: {failures:?}"));
@@ -464,6 +468,15 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
         .with_context(|| format!("writing {}", state.report().display()))?;
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
+}
+
+/// What a device needs to send its last summary again under a new sequence: when the cloud
+/// remembers a later sequence from it than it does (its state folder was lost or restored from an
+/// old copy), the refusal names that sequence and the device asks again after it, once.
+struct Resync {
+    to_network: Sender<Envelope>,
+    /// The summary of the request outstanding, until it is resent.
+    summary: Option<mmpg::AnchorSummary>,
 }
 
 /// Handles what the network thread reported (waiting up to `wait` for the first): installs a
@@ -479,6 +492,7 @@ fn drain(
     report: &mut DeviceReport,
     failures: &mut std::collections::BTreeMap<String, u64>,
     log: &mut Log,
+    resync: &mut Resync,
 ) -> u64 {
     let mut settled = 0;
     let mut next = if wait.is_zero() { results.try_recv().ok() } else { results.recv_timeout(wait).ok() };
@@ -510,6 +524,26 @@ fn drain(
                             "static_accuracy": report.static_accuracy, "bytes_up": up, "bytes_down": down,
                             "latency_ms": elapsed.as_secs_f64() * 1e3,
                         }));
+                    }
+                    Err(_) if envelope.last_accepted().is_some() && resync.summary.is_some() => {
+                        // `accept` has moved the count past the cloud's: the same summary again.
+                        let resent = resync.summary.take().map(|s| node.request(&s));
+                        match resent {
+                            Some(Ok(request)) => {
+                                let _ = write_atomically(&state.sequence(), request.sequence.to_string().as_bytes());
+                                log.event(json!({
+                                    "event": "resync", "sequence": request.sequence,
+                                    "cloud_last": envelope.last_accepted(),
+                                }));
+                                if resync.to_network.send(request).is_ok() {
+                                    settled -= 1;
+                                }
+                            }
+                            _ => {
+                                *failures.entry("resync".into()).or_default() += 1;
+                                log.event(json!({"event": "failure", "kind": "resync"}));
+                            }
+                        }
                     }
                     Err(refusal) => {
                         let kind = refusal.kind();

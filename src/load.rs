@@ -29,8 +29,12 @@ pub struct LoadOptions {
 
 /// Summaries of every device of the deployment, computed as devices compute them, from the
 /// cloud's own bundle.
-fn summaries(composer: &Composer<'_>, client: &CloudClient) -> anyhow::Result<Vec<(mmpg::SchemaHash, Vec<u8>)>> {
-    let bundle = client.bundle(Duration::from_secs(30)).context("fetching the cloud's bundle")?;
+fn summaries(
+    composer: &Composer<'_>,
+    client: &CloudClient,
+    key: Option<&mmpg::security::CloudKey>,
+) -> anyhow::Result<Vec<(mmpg::SchemaHash, Vec<u8>)>> {
+    let bundle = client.bundle(Duration::from_secs(30), key).context("fetching the cloud's bundle")?;
     let data = composer.data_source()?;
     let node = device_from_bundle(composer, data.as_ref(), &bundle, DeviceId("load".into()))?;
     let mut out = Vec::new();
@@ -67,7 +71,7 @@ pub fn run(path: &Path, options: &LoadOptions, registry: &mut Registry) -> anyho
         }
     }
     let client = CloudClient::new(&url, &trust)?;
-    let templates = summaries(&composer, &client)?;
+    let templates = summaries(&composer, &client, trust.read_cloud_key()?.as_ref())?;
     if let Some(out) = &options.save_envelope
         && let Some((schema, payload)) = templates.first()
     {

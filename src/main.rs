@@ -322,7 +322,15 @@ fn export(path: &Path, out: &Path, registry: &mut Registry) -> anyhow::Result<()
     let composer = runtime::Composer::new(&deployment, registry)?;
     let data = composer.data_source()?;
     let cloud = runtime::train_cloud(&composer, data.as_ref(), &Bars::default())?;
-    let bundle = mmpg::deploy::export_bundle(&composer, &cloud)?;
+    let mut bundle = mmpg::deploy::export_bundle(&composer, &cloud)?;
+    // Under [security] devices accept only a bundle the cloud signed (manifest.sig).
+    if let Some(security) = deployment.secured() {
+        let path = security.kit().signing_key();
+        let signer = mmpg::security::CloudSigner::read(&path).with_context(|| {
+            format!("reading the signing key {} (run `mmpg provision {}` first)", path.display(), deployment.file())
+        })?;
+        bundle = bundle.signed(&signer);
+    }
     bundle.write(out)?;
     println!(
         "bundle: {} (slot schema {}, training {})",

@@ -202,17 +202,44 @@ fn tampered_unsigned_and_replayed_parameters_are_refused_and_the_last_good_ones_
     let bundle = dir.path().join("bundle");
     let out = mmpg().arg("export").arg(&file).arg("--out").arg(&bundle).output().expect("export");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let _cloud = cloud(&file, dir.path(), 1);
+    // A bundle whose signature is gone, or whose manifest was altered after signing, is refused
+    // before the device does anything else.
+    for spoil in ["unsigned", "altered"] {
+        let spoiled = dir.path().join(format!("bundle-{spoil}"));
+        std::fs::create_dir_all(&spoiled).expect("folder");
+        for entry in std::fs::read_dir(&bundle).expect("bundle") {
+            let entry = entry.expect("entry");
+            std::fs::copy(entry.path(), spoiled.join(entry.file_name())).expect("copied");
+        }
+        if spoil == "unsigned" {
+            std::fs::remove_file(spoiled.join("manifest.sig")).expect("removed");
+        } else {
+            let path = spoiled.join("manifest.json");
+            let text = std::fs::read_to_string(&path).expect("manifest");
+            std::fs::write(&path, text.replacen("\"training\": \"", "\"training\": \"0", 1)).expect("altered");
+        }
+        let state = dir.path().join(format!("state-{spoil}")).display().to_string();
+        let out = mmpg()
+            .args(["device", "--id", "device-00", "--rounds", "1", "--state", &state, "--bundle"])
+            .arg(&spoiled)
+            .arg(&file)
+            .output()
+            .expect("device");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains("manifest.sig"), "{spoil}: {stderr}");
+    }
+    let mut real_cloud = cloud(&file, dir.path(), 1);
     let real = format!("https://127.0.0.1:{port}");
+    let recorded = Arc::new(std::sync::Mutex::new(None::<Vec<u8>>));
 
-    for tamper in [Tamper::Payload, Tamper::Header, Tamper::Unsigned, Tamper::Replay] {
+    for (i, tamper) in [Tamper::Payload, Tamper::Header, Tamper::Unsigned, Tamper::Replay].into_iter().enumerate() {
         // The man in the middle speaks to the cloud as device-00 and to the device as the cloud,
         // over TLS with the cloud's own server key: it holds both kits (the worst case) — all but
         // the signing key.
         let upstream = client(&real, &kit, &kit.ca_cert(), Some("device-00"));
         let info = serde_json::to_vec(&upstream.hello(Duration::from_secs(10)).expect("info")).expect("json");
         let published = Arc::new(Published::default());
-        published.ready(info, &Bundle::open(&bundle).expect("bundle"));
+        published.ready(info, &Bundle::open(&bundle, None).expect("bundle"));
         let tls = mmpg_http::tls::server_config(&kit.server_cert(), &kit.server_key(), None).expect("tls");
         let settings = ServerSettings {
             listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -224,11 +251,13 @@ fn tampered_unsigned_and_replayed_parameters_are_refused_and_the_last_good_ones_
         };
         let (middle, mut endpoint) = CloudServer::start(settings, published).expect("starts");
         let url = format!("https://{}", middle.address());
+        let recorded = recorded.clone();
         std::thread::spawn(move || {
             let mut upstream = upstream;
             let mut first = None::<Vec<u8>>;
             while let Ok(next) = endpoint.next_request(Duration::from_millis(100)) {
                 let Some(request) = next else { continue };
+                recorded.lock().expect("lock").get_or_insert_with(|| request.bytes.clone());
                 let reply = upstream.exchange(request.bytes, Duration::from_secs(20)).expect("the real cloud");
                 let offset = mmpg::wire::SIGNED_OVERHEAD;
                 let mut spoiled = reply.clone();
@@ -247,6 +276,9 @@ fn tampered_unsigned_and_replayed_parameters_are_refused_and_the_last_good_ones_
             let entry = entry.expect("entry");
             std::fs::copy(entry.path(), state.join("bundle").join(entry.file_name())).expect("copied");
         }
+        // Each run numbers its requests after the last one's, as one device would: the cloud
+        // refuses a sequence it has answered.
+        std::fs::write(state.join("sequence"), (i * 10).to_string()).expect("sequence");
         let state_arg = state.display().to_string();
         let mut dev = device(&file, "device-00", 2, &["--cloud", &url, "--state", &state_arg]);
         assert!(dev.wait(Duration::from_secs(120)).success(), "{tamper:?}");
@@ -269,6 +301,25 @@ fn tampered_unsigned_and_replayed_parameters_are_refused_and_the_last_good_ones_
             }
         }
     }
+    // A summary the man in the middle recorded, replayed to the cloud as its device: refused
+    // (signed, naming the last sequence accepted), audited — and still refused after a restart.
+    let old = recorded.lock().expect("lock").clone().expect("a recorded request");
+    let key = mmpg::security::CloudKey::read(&kit.signing_public()).expect("key");
+    for restarted in [false, true] {
+        if restarted {
+            drop(real_cloud);
+            real_cloud = cloud(&file, dir.path(), 2);
+        }
+        let mut replayer = client(&real, &kit, &kit.ca_cert(), Some("device-00"));
+        let reply = replayer.exchange(old.clone(), Duration::from_secs(20)).expect("an error envelope");
+        let reply = Envelope::decode(mmpg::wire::open_signed(&reply, &key).expect("signed")).expect("envelope");
+        let sent = Envelope::decode(&old).expect("request");
+        assert_eq!((reply.kind, reply.sequence, reply.nonce), (MessageKind::Error, sent.sequence, sent.nonce));
+        assert!(reply.last_accepted().is_some_and(|last| last > sent.sequence), "{reply:?} restarted {restarted}");
+    }
+    assert_eq!(refusals(&kit, "replayed").len(), 2);
+    let _cloud = real_cloud;
+
     // Plain HTTP is not an option under [security]: refused before anything is fetched.
     let out = mmpg()
         .args(["device", "--id", "device-00", "--rounds", "1", "--cloud", "http://127.0.0.1:9"])
@@ -278,8 +329,11 @@ fn tampered_unsigned_and_replayed_parameters_are_refused_and_the_last_good_ones_
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("only https://"));
 
-    // And straight from the cloud, signed replies are installed.
+    // And straight from the cloud, signed replies are installed. This device starts without state
+    // (sequence 1): the cloud's refusal names the last sequence it accepted, and the device asks
+    // again after it.
     let mut dev = device(&file, "device-00", 1, &[]);
     assert!(dev.wait(Duration::from_secs(120)).success());
-    assert_eq!(count(&dir.path().join("state/device-00"), "adapted"), 1);
+    let state = dir.path().join("state/device-00");
+    assert_eq!((count(&state, "resync"), count(&state, "adapted")), (1, 1));
 }

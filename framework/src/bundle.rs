@@ -6,10 +6,13 @@
 //! - `reference.safetensors`: the source feature statistics summaries are standardised with;
 //! - `schema.json`: the slot schema the cloud generates for;
 //! - `manifest.json`: format and mmpg versions, the model and anchor plugins with their
-//!   settings, the schema hash, the training fingerprint and the sha256 of every other file.
+//!   settings, the schema hash, the training fingerprint and the sha256 of every other file;
+//! - `manifest.sig` (under `[security]`): the cloud's Ed25519 signature over the manifest's bytes
+//!   ([`Purpose::Manifest`]), so the hashes, and through them every file, are the cloud's.
 //!
-//! Every byte is checked on the way in: a file whose hash differs from the manifest's is refused
-//! with its name, and so is a manifest naming any other file.
+//! Every byte is checked on the way in: a device holding the cloud's key checks the signature
+//! before it parses the manifest; a file whose hash differs from the manifest's is refused with
+//! its name, and so is a manifest naming any other file.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,6 +21,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::anchor::FeatureStats;
+use crate::security::signing::{Purpose, SIGNATURE_LEN};
+use crate::security::{CloudKey, CloudSigner};
 use crate::slots::{SchemaHash, SlotSchema};
 use crate::tensor::HostTensor;
 
@@ -31,6 +36,8 @@ pub const MODEL: &str = "model.safetensors";
 pub const REFERENCE: &str = "reference.safetensors";
 /// The slot schema.
 pub const SCHEMA: &str = "schema.json";
+/// The cloud's signature over the manifest's bytes (64 raw bytes).
+pub const SIGNATURE: &str = "manifest.sig";
 /// Every file a manifest lists, in order. No other name is accepted.
 pub const FILES: [&str; 3] = [MODEL, REFERENCE, SCHEMA];
 /// Largest manifest accepted, in bytes.
@@ -69,6 +76,12 @@ pub enum BundleError {
     /// The manifest lists a file this format does not have.
     #[error("{MANIFEST}: unexpected file `{0}`")]
     Unexpected(String),
+    /// The device holds the cloud's key and the bundle has no signature.
+    #[error("{SIGNATURE}: missing; a device holding the cloud's key accepts only a bundle the cloud signed")]
+    Unsigned,
+    /// The manifest's signature does not verify with the cloud's key.
+    #[error("{SIGNATURE}: {0}")]
+    Signature(String),
     /// A file's content is not what its name says.
     #[error("{file}: {message}")]
     Content {
@@ -115,6 +128,11 @@ pub struct Manifest {
 pub struct Bundle {
     /// Its manifest.
     pub manifest: Manifest,
+    /// The manifest's bytes as signed and as written: saved again byte for byte, so that a saved
+    /// bundle's signature still verifies.
+    manifest_bytes: Vec<u8>,
+    /// The cloud's signature over `manifest_bytes`, when it signed.
+    signature: Option<[u8; SIGNATURE_LEN]>,
     /// `model.safetensors`.
     pub model: Vec<u8>,
     /// The reference statistics.
@@ -151,10 +169,23 @@ impl Bundle {
             training,
             files: BTreeMap::new(),
         };
-        let mut bundle = Self { manifest, model, reference, schema };
+        let mut bundle = Self { manifest, manifest_bytes: Vec::new(), signature: None, model, reference, schema };
         bundle.manifest.files =
             bundle.files().iter().map(|(name, bytes)| (name.to_string(), sha256_hex(bytes))).collect();
+        bundle.manifest_bytes = serde_json::to_vec_pretty(&bundle.manifest).unwrap_or_default();
         bundle
+    }
+
+    /// The bundle signed with the cloud's key ([`Purpose::Manifest`] over the manifest's bytes).
+    #[must_use]
+    pub fn signed(mut self, signer: &CloudSigner) -> Self {
+        self.signature = Some(signer.sign(Purpose::Manifest, &self.manifest_bytes));
+        self
+    }
+
+    /// The cloud's signature over the manifest, if it signed.
+    pub fn signature(&self) -> Option<&[u8; SIGNATURE_LEN]> {
+        self.signature.as_ref()
     }
 
     /// The files other than the manifest, by name.
@@ -168,9 +199,9 @@ impl Bundle {
         vec![(MODEL, self.model.clone()), (REFERENCE, crate::wire::encode_f32_tensors(&stats, [])), (SCHEMA, schema)]
     }
 
-    /// The manifest's bytes (pretty JSON).
-    pub fn manifest_bytes(&self) -> Vec<u8> {
-        serde_json::to_vec_pretty(&self.manifest).unwrap_or_default()
+    /// The manifest's bytes (pretty JSON), as signed.
+    pub fn manifest_bytes(&self) -> &[u8] {
+        &self.manifest_bytes
     }
 
     /// The schema hash the manifest states.
@@ -195,14 +226,22 @@ impl Bundle {
             let path = dir.join(name);
             std::fs::write(&path, bytes).map_err(io(&path))?;
         }
-        std::fs::write(&manifest, self.manifest_bytes()).map_err(io(&manifest))
+        let signature = dir.join(SIGNATURE);
+        match &self.signature {
+            Some(sig) => std::fs::write(&signature, sig).map_err(io(&signature))?,
+            None => match std::fs::remove_file(&signature) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&signature)(e)),
+                _ => {}
+            },
+        }
+        std::fs::write(&manifest, &self.manifest_bytes).map_err(io(&manifest))
     }
 
-    /// Reads and verifies the bundle in `dir`.
+    /// Reads and verifies the bundle in `dir`; with the cloud's `key`, only a bundle it signed.
     ///
     /// # Errors
-    /// As [`Bundle::verify`], and [`BundleError::Io`] for a file that cannot be read.
-    pub fn open(dir: &Path) -> Result<Self, BundleError> {
+    /// As [`Bundle::from_parts`], and [`BundleError::Io`] for a file that cannot be read.
+    pub fn open(dir: &Path, key: Option<&CloudKey>) -> Result<Self, BundleError> {
         let read = |name: &str| {
             let path = dir.join(name);
             std::fs::read(&path).map_err(|error| match error.kind() {
@@ -210,9 +249,51 @@ impl Bundle {
                 _ => BundleError::Io { path, error },
             })
         };
-        let manifest = Self::parse_manifest(&read(MANIFEST)?)?;
-        let files = manifest.files.keys().map(|name| Ok((name.clone(), read(name)?))).collect::<Result<_, _>>()?;
-        Self::verify(manifest, files)
+        let manifest = read(MANIFEST)?;
+        let signature = match read(SIGNATURE) {
+            Ok(sig) => Some(sig),
+            Err(BundleError::Missing(_)) => None,
+            Err(e) => return Err(e),
+        };
+        let files = FILES.iter().map(|name| Ok((name.to_string(), read(name)?))).collect::<Result<_, _>>()?;
+        Self::from_parts(&manifest, signature.as_deref(), key, files)
+    }
+
+    /// A bundle from untrusted bytes: the manifest as [`Bundle::check_manifest`] reads it, then
+    /// every file against it.
+    ///
+    /// # Errors
+    /// As [`Bundle::check_manifest`] and [`Bundle::verify`].
+    pub fn from_parts(
+        manifest: &[u8],
+        signature: Option<&[u8]>,
+        key: Option<&CloudKey>,
+        files: BTreeMap<String, Vec<u8>>,
+    ) -> Result<Self, BundleError> {
+        let mut bundle = Self::verify(Self::check_manifest(manifest, signature, key)?, files)?;
+        bundle.manifest_bytes = manifest.to_vec();
+        // Without the cloud's key a signature cannot be checked; it is kept (saved with the
+        // bundle), never trusted.
+        bundle.signature = signature.and_then(|s| s.try_into().ok());
+        Ok(bundle)
+    }
+
+    /// A manifest from untrusted bytes: with the cloud's `key` its signature is checked first,
+    /// before the bytes are parsed; then as [`Bundle::parse_manifest`].
+    ///
+    /// # Errors
+    /// [`BundleError::Unsigned`] (a key and no signature), [`BundleError::Signature`], then as
+    /// [`Bundle::parse_manifest`].
+    pub fn check_manifest(
+        manifest: &[u8],
+        signature: Option<&[u8]>,
+        key: Option<&CloudKey>,
+    ) -> Result<Manifest, BundleError> {
+        if let Some(key) = key {
+            let signature = signature.ok_or(BundleError::Unsigned)?;
+            key.verify(Purpose::Manifest, manifest, signature).map_err(|e| BundleError::Signature(e.to_string()))?;
+        }
+        Self::parse_manifest(manifest)
     }
 
     /// Parses a manifest from untrusted bytes and checks its format and file list.
@@ -279,7 +360,8 @@ impl Bundle {
         if reference.mean.len() != reference.std.len() || reference.std.iter().any(|s| *s <= 0.0) {
             return Err(content(REFERENCE, "mean and std differ in length, or a std is not positive"));
         }
-        Ok(Self { model: take(MODEL), manifest, reference, schema })
+        let manifest_bytes = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
+        Ok(Self { model: take(MODEL), manifest, manifest_bytes, signature: None, reference, schema })
     }
 }
 
@@ -305,7 +387,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let original = bundle();
         original.write(dir.path()).expect("written");
-        let opened = Bundle::open(dir.path()).expect("opens");
+        let opened = Bundle::open(dir.path(), None).expect("opens");
         assert_eq!(opened.manifest, original.manifest);
         assert_eq!(
             (opened.model, opened.reference, opened.schema),
@@ -318,9 +400,37 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         bundle().write(dir.path()).expect("written");
         std::fs::write(dir.path().join(MODEL), [1, 2, 4]).expect("tampered");
-        let err = Bundle::open(dir.path()).expect_err("refused");
+        let err = Bundle::open(dir.path(), None).expect_err("refused");
         assert!(matches!(&err, BundleError::Hash { file, .. } if file == MODEL), "{err}");
         assert!(err.to_string().starts_with("model.safetensors: sha256"));
+    }
+
+    #[test]
+    fn a_device_holding_the_key_opens_only_what_the_cloud_signed() {
+        let signer = CloudSigner::generate().expect("random");
+        let key = signer.public();
+        let dir = tempfile::tempdir().expect("tempdir");
+        bundle().write(dir.path()).expect("written");
+        assert!(matches!(Bundle::open(dir.path(), Some(&key)), Err(BundleError::Unsigned)));
+        let signed = bundle().signed(&signer);
+        signed.write(dir.path()).expect("written");
+        let opened = Bundle::open(dir.path(), Some(&key)).expect("signed bundle opens");
+        assert_eq!(opened.signature(), signed.signature());
+        // Saved again (as a device saves what it fetched), it still verifies.
+        let again = tempfile::tempdir().expect("tempdir");
+        opened.write(again.path()).expect("written");
+        Bundle::open(again.path(), Some(&key)).expect("the saved copy verifies");
+        // Another key, and one changed byte of the manifest, are refused before parsing.
+        let other = CloudSigner::generate().expect("random").public();
+        assert!(matches!(Bundle::open(dir.path(), Some(&other)), Err(BundleError::Signature(_))));
+        let path = dir.path().join(MANIFEST);
+        let mut manifest = std::fs::read(&path).expect("manifest");
+        let at = manifest.iter().position(|b| *b == b'"').expect("a string");
+        manifest.insert(at, b' ');
+        std::fs::write(&path, manifest).expect("altered");
+        let err = Bundle::open(dir.path(), Some(&key)).expect_err("refused");
+        assert!(matches!(err, BundleError::Signature(_)), "{err}");
+        assert!(err.to_string().starts_with("manifest.sig: "), "{err}");
     }
 
     #[test]

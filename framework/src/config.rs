@@ -426,6 +426,16 @@ pub struct ClientTrust {
     pub cloud_key: Option<PathBuf>,
 }
 
+impl ClientTrust {
+    /// The cloud's public key read from [`ClientTrust::cloud_key`], when there is one.
+    ///
+    /// # Errors
+    /// [`crate::security::SignatureError`] naming the file.
+    pub fn read_cloud_key(&self) -> Result<Option<crate::security::CloudKey>, crate::security::SignatureError> {
+        self.cloud_key.as_deref().map(crate::security::CloudKey::read).transpose()
+    }
+}
+
 /// `[report]`: where results go.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

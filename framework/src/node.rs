@@ -15,7 +15,7 @@ use crate::data::{Clip, DeviceId};
 use crate::generator::{GeneratorError, ParameterGenerator};
 use crate::model::{DeviceModel, ModelError};
 use crate::runtime::{SummaryError, summarise_window};
-use crate::security::CloudSigner;
+use crate::security::{CloudSigner, SequenceLedger};
 use crate::slots::{GeneratedParams, SchemaHash};
 use crate::transport::{CloudEndpoint, Peer, TransportError};
 use crate::wire::{Envelope, MessageKind, WireError};
@@ -48,12 +48,20 @@ pub enum Outcome {
     Impersonation,
     /// The generator refused the summary (or its parameters could not be encoded).
     Refused,
+    /// The summary's sequence is not newer than the last accepted from its device (a replay).
+    Replayed,
 }
 
 impl Outcome {
     /// Every outcome, in a fixed order (for counters).
-    pub const ALL: [Outcome; 5] =
-        [Outcome::Adapted, Outcome::Malformed, Outcome::WrongSchema, Outcome::Impersonation, Outcome::Refused];
+    pub const ALL: [Outcome; 6] = [
+        Outcome::Adapted,
+        Outcome::Malformed,
+        Outcome::WrongSchema,
+        Outcome::Impersonation,
+        Outcome::Refused,
+        Outcome::Replayed,
+    ];
 
     /// Its name in metrics and logs.
     pub fn name(self) -> &'static str {
@@ -63,6 +71,7 @@ impl Outcome {
             Outcome::WrongSchema => "wrong_schema",
             Outcome::Impersonation => "impersonation",
             Outcome::Refused => "refused",
+            Outcome::Replayed => "replayed",
         }
     }
 }
@@ -106,6 +115,7 @@ pub struct CloudNode<'a> {
     generator: &'a dyn ParameterGenerator,
     download: Quantisation,
     signer: Option<&'a CloudSigner>,
+    ledger: Option<&'a SequenceLedger>,
 }
 
 impl std::fmt::Debug for CloudNode<'_> {
@@ -114,6 +124,7 @@ impl std::fmt::Debug for CloudNode<'_> {
             .field("generator", &self.generator.name())
             .field("download", &self.download)
             .field("signed", &self.signer.is_some())
+            .field("ledger", &self.ledger.is_some())
             .finish()
     }
 }
@@ -122,13 +133,20 @@ impl std::fmt::Debug for CloudNode<'_> {
 struct Accepted {
     device: DeviceId,
     sequence: u64,
+    nonce: u64,
     summary: AnchorSummary,
 }
 
 impl<'a> CloudNode<'a> {
     /// A cloud serving `generator`'s parameters, encoded as `download` says.
     pub fn new(generator: &'a dyn ParameterGenerator, download: Quantisation) -> Self {
-        Self { generator, download, signer: None }
+        Self { generator, download, signer: None, ledger: None }
+    }
+
+    /// The same cloud refusing a summary whose sequence is not newer than the last `ledger` holds
+    /// for its device, and recording every sequence it answers with parameters.
+    pub fn with_ledger(self, ledger: &'a SequenceLedger) -> Self {
+        Self { ledger: Some(ledger), ..self }
     }
 
     /// The same cloud signing every reply (params and errors) with `signer`
@@ -147,8 +165,10 @@ impl<'a> CloudNode<'a> {
     fn check(&self, peer: &Peer, bytes: &[u8]) -> Result<Accepted, Reply> {
         let schema = self.schema_hash();
         let refuse = |envelope: Option<&Envelope>, outcome, reason: String| {
-            let (device, sequence) = envelope.map_or((DeviceId(String::new()), 0), |e| (e.device.clone(), e.sequence));
-            let bytes = Envelope::error(device, sequence, schema, &reason).encode().unwrap_or_default();
+            let (device, sequence, nonce) =
+                envelope.map_or((DeviceId(String::new()), 0, 0), |e| (e.device.clone(), e.sequence, e.nonce));
+            let bytes =
+                Envelope::error(device, sequence, schema, &reason).with_nonce(nonce).encode().unwrap_or_default();
             Reply { bytes, outcome }
         };
         let envelope = Envelope::decode(bytes).map_err(|e| refuse(None, Outcome::Malformed, e.to_string()))?;
@@ -166,9 +186,16 @@ impl<'a> CloudNode<'a> {
             let reason = format!("summary for slot schema {}, this cloud serves {schema}", envelope.schema_hash);
             return Err(refuse(e, Outcome::WrongSchema, reason));
         }
+        if let Some(last) = self.ledger.and_then(|l| l.last(&envelope.device))
+            && envelope.sequence <= last
+        {
+            let stale = Envelope::stale(envelope.device.clone(), envelope.sequence, schema, last);
+            let bytes = stale.with_nonce(envelope.nonce).encode().unwrap_or_default();
+            return Err(Reply { bytes, outcome: Outcome::Replayed });
+        }
         let summary =
             envelope.to_summary().map_err(|err| refuse(e, Outcome::Malformed, format!("summary rejected: {err}")))?;
-        Ok(Accepted { device: envelope.device, sequence: envelope.sequence, summary })
+        Ok(Accepted { device: envelope.device, sequence: envelope.sequence, nonce: envelope.nonce, summary })
     }
 
     /// One reply per request, in order. Checks every request, generates for all that pass in
@@ -185,7 +212,8 @@ impl<'a> CloudNode<'a> {
         // No generation call, no generation time: a batch of refusals is not a batch.
         let elapsed = if summaries.is_empty() { Duration::ZERO } else { t0.elapsed() };
         let schema = self.schema_hash();
-        let replies = checked
+        let mut answered: Vec<(DeviceId, u64)> = Vec::new();
+        let mut replies: Vec<Reply> = checked
             .into_iter()
             .map(|c| match c {
                 Err(reply) => reply,
@@ -195,13 +223,17 @@ impl<'a> CloudNode<'a> {
                         .unwrap_or_else(|| Err(GeneratorError::Output("no parameters for a summary".into())));
                     let encoded = params.map_err(|e| format!("generation: {e}")).and_then(|p| {
                         Envelope::params_encoded(accepted.device.clone(), accepted.sequence, &p, self.download)
-                            .and_then(|e| e.encode())
+                            .and_then(|e| e.with_nonce(accepted.nonce).encode())
                             .map_err(|e| format!("encoding the parameters: {e}"))
                     });
                     match encoded {
-                        Ok(bytes) => Reply { bytes, outcome: Outcome::Adapted },
+                        Ok(bytes) => {
+                            answered.push((accepted.device, accepted.sequence));
+                            Reply { bytes, outcome: Outcome::Adapted }
+                        }
                         Err(reason) => Reply {
                             bytes: Envelope::error(accepted.device, accepted.sequence, schema, &reason)
+                                .with_nonce(accepted.nonce)
                                 .encode()
                                 .unwrap_or_default(),
                             outcome: Outcome::Refused,
@@ -209,6 +241,20 @@ impl<'a> CloudNode<'a> {
                     }
                 }
             })
+            .collect();
+        // The sequences answered are on record before any reply leaves: a restarted cloud still
+        // refuses them. If they cannot be recorded, no parameters leave either.
+        if let Some(Err(e)) = self.ledger.map(|l| l.record(answered.iter().map(|(d, s)| (d, *s)))) {
+            let reason = format!("the cloud could not record the request's sequence: {e}");
+            for reply in replies.iter_mut().filter(|r| r.outcome == Outcome::Adapted) {
+                if let Ok(env) = Envelope::decode(&reply.bytes) {
+                    let error = Envelope::error(env.device, env.sequence, schema, &reason).with_nonce(env.nonce);
+                    *reply = Reply { bytes: error.encode().unwrap_or_default(), outcome: Outcome::Refused };
+                }
+            }
+        }
+        let replies = replies
+            .into_iter()
             .map(|reply| match self.signer {
                 Some(signer) => Reply { bytes: crate::wire::sign(&reply.bytes, signer), ..reply },
                 None => reply,
@@ -275,6 +321,14 @@ impl<'a> CloudNode<'a> {
     }
 }
 
+/// A request's nonce from the operating system's random source: unpredictable, so that no reply
+/// prepared in advance can answer the request.
+fn random_nonce() -> Result<u64, WireError> {
+    let mut bytes = [0u8; 8];
+    getrandom::getrandom(&mut bytes).map_err(|e| WireError::Content(format!("no randomness for a nonce: {e}")))?;
+    Ok(u64::from_le_bytes(bytes))
+}
+
 /// Parameters for every summary, one result each: the batch when it succeeds, and otherwise
 /// each summary alone, so that one device's bad summary fails only that device.
 pub fn generate_each(
@@ -305,8 +359,8 @@ pub enum Refusal {
     /// The reply is addressed to another device.
     #[error("parameters addressed to `{0}`")]
     OtherDevice(DeviceId),
-    /// The reply does not answer the request outstanding.
-    #[error("reply to request {found}, but the request outstanding is {expected:?}")]
+    /// The reply does not answer the request outstanding (its sequence, or its nonce, differs).
+    #[error("reply to request {found} (or with another nonce), but the request outstanding is {expected:?}")]
     Stale {
         /// The request waiting for a reply, if any.
         expected: Option<u64>,
@@ -363,7 +417,8 @@ pub struct DeviceNode {
     pub reasoner: Box<dyn AnchorReasoner>,
     reference: FeatureStats,
     sequence: u64,
-    outstanding: Option<u64>,
+    /// The request waiting for its reply: sequence and nonce.
+    outstanding: Option<(u64, u64)>,
 }
 
 impl std::fmt::Debug for DeviceNode {
@@ -430,9 +485,11 @@ impl DeviceNode {
             .sequence
             .checked_add(1)
             .ok_or_else(|| WireError::Content("request sequence numbers exhausted".into()))?;
-        let envelope = Envelope::summary(self.id.clone(), sequence, self.model.schema().hash(), summary)?;
+        let nonce = random_nonce()?;
+        let envelope =
+            Envelope::summary(self.id.clone(), sequence, self.model.schema().hash(), summary)?.with_nonce(nonce);
         self.sequence = sequence;
-        self.outstanding = Some(sequence);
+        self.outstanding = Some((sequence, nonce));
         Ok(envelope)
     }
 
@@ -446,14 +503,19 @@ impl DeviceNode {
         if reply.device != self.id {
             return Err(Refusal::OtherDevice(reply.device.clone()));
         }
-        if self.outstanding != Some(reply.sequence) {
-            return Err(Refusal::Stale { expected: self.outstanding, found: reply.sequence });
+        if self.outstanding != Some((reply.sequence, reply.nonce)) {
+            return Err(Refusal::Stale { expected: self.outstanding.map(|(s, _)| s), found: reply.sequence });
         }
         // From here the reply answers the outstanding request: whatever it holds, it is final.
         self.outstanding = None;
         match reply.kind {
             MessageKind::Params => {}
             MessageKind::Error => {
+                // A cloud that remembers a later sequence from this device (the device lost its
+                // count): the next request numbers after it.
+                if let Some(last) = reply.last_accepted() {
+                    self.resume_after(last);
+                }
                 return Err(Refusal::Cloud(reply.to_error().unwrap_or_else(|e| format!("unreadable reason ({e})"))));
             }
             other => return Err(Refusal::Unexpected(other)),
@@ -565,6 +627,42 @@ mod tests {
         assert!(decoded[1].to_error().expect("error reply").contains("generation"));
     }
 
+    #[test]
+    fn a_summary_not_newer_than_the_last_answered_is_refused_and_names_it() {
+        let generator = picky();
+        let ledger = SequenceLedger::in_memory();
+        let cloud = CloudNode::new(&generator, Quantisation::F32).with_ledger(&ledger);
+        let anyone = Peer::default();
+        let numbered = |sequence: u64| {
+            Envelope::summary(DeviceId("a".into()), sequence, generator.0.hash(), &summary(2))
+                .map(|e| e.with_nonce(sequence * 11))
+                .and_then(|e| e.encode())
+                .expect("encodes")
+        };
+        let (first, second, old) = (numbered(5), numbered(6), numbered(5));
+        let (replies, _) = cloud.respond(&[(&anyone, &first)]);
+        assert_eq!(replies[0].outcome, Outcome::Adapted);
+        assert_eq!(Envelope::decode(&replies[0].bytes).expect("decodes").nonce, 55, "the nonce is echoed");
+        let (replies, _) = cloud.respond(&[(&anyone, &old), (&anyone, &second)]);
+        assert_eq!(replies.iter().map(|r| r.outcome).collect::<Vec<_>>(), [Outcome::Replayed, Outcome::Adapted]);
+        let stale = Envelope::decode(&replies[0].bytes).expect("decodes");
+        assert_eq!((stale.last_accepted(), stale.nonce), (Some(5), 55));
+        assert_eq!(ledger.last(&DeviceId("a".into())), Some(6));
+    }
+
+    #[test]
+    fn a_device_told_of_a_later_sequence_numbers_after_it() {
+        let mut device = node();
+        let frames = HostTensor::new(vec![1], vec![0.0]).expect("fits");
+        let window = [Clip { frames, question: String::new(), caption: String::new(), answer: None }];
+        let request = device.request(&device.summarise(&window, 1).expect("summary").summary).expect("request");
+        let stale = Envelope::stale(request.device.clone(), request.sequence, request.schema_hash, 40)
+            .with_nonce(request.nonce);
+        assert!(matches!(device.accept(&stale), Err(Refusal::Cloud(_))));
+        let next = device.request(&device.summarise(&window, 1).expect("summary").summary).expect("request");
+        assert_eq!(next.sequence, 41);
+    }
+
     /// A one-slot model: its "answer" is the slot's value.
     struct OneSlot {
         schema: SlotSchema,
@@ -617,6 +715,7 @@ mod tests {
         None,
         Device(String),
         Sequence(u64),
+        Nonce(u64),
         Schema(u64),
         Kind(bool),
     }
@@ -627,6 +726,7 @@ mod tests {
             Just(Twist::None),
             "[a-z]{0,3}".prop_map(Twist::Device),
             any::<u64>().prop_map(Twist::Sequence),
+            any::<u64>().prop_map(Twist::Nonce),
             any::<u64>().prop_map(Twist::Schema),
             any::<bool>().prop_map(Twist::Kind),
         ]
@@ -646,17 +746,19 @@ mod tests {
                 schema_hash: device.model.schema().hash(),
                 tensors: [("w".to_string(), HostTensor::new(vec![1], vec![value]).expect("1 value"))].into(),
             };
-            let mut reply = Envelope::params(request.device.clone(), request.sequence, &params).expect("encodes");
+            let mut reply =
+                Envelope::params(request.device.clone(), request.sequence, &params).expect("encodes").with_nonce(request.nonce);
             let honest = match &twist {
                 Twist::None => true,
                 Twist::Device(d) => { reply.device = DeviceId(d.clone()); d == "a" }
                 Twist::Sequence(s) => { reply.sequence = *s; *s == request.sequence }
+                Twist::Nonce(n) => { reply.nonce = *n; *n == request.nonce }
                 Twist::Schema(h) => { reply.schema_hash = SchemaHash(*h); *h == params.schema_hash.0 }
                 Twist::Kind(summary) => {
                     reply = if *summary {
                         Envelope { kind: MessageKind::Summary, ..reply }
                     } else {
-                        Envelope::error(reply.device, reply.sequence, reply.schema_hash, "no")
+                        Envelope::error(reply.device, reply.sequence, reply.schema_hash, "no").with_nonce(reply.nonce)
                     };
                     false
                 }

@@ -365,6 +365,7 @@ mod tests {
             schema_hash: SchemaHash(1),
             device: DeviceId(device.into()),
             sequence: 0,
+            nonce: 0,
             payload: vec![],
         }
     }

@@ -11,8 +11,8 @@ use crate::slots::{GeneratedParams, SchemaHash};
 use crate::tensor::HostTensor;
 
 const MAGIC: &[u8; 4] = b"MMPG";
-/// Wire format version; a receiver refuses any other.
-pub const WIRE_VERSION: u8 = 1;
+/// Wire format version; a receiver refuses any other. Version 2 added the nonce (#14).
+pub const WIRE_VERSION: u8 = 2;
 /// Largest payload a receiver accepts, in bytes.
 pub const MAX_PAYLOAD: usize = 64 << 20;
 /// Longest device id, in bytes, a message can carry.
@@ -36,6 +36,9 @@ pub enum MessageKind {
 /// Longest reason an error reply carries, in bytes.
 pub const MAX_ERROR: usize = 4096;
 
+/// How a stale-sequence error reply's reason begins; the last accepted sequence follows.
+const STALE: &str = "stale sequence: not newer than the last this cloud accepted from the device, ";
+
 /// A message: header plus safetensors payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Envelope {
@@ -47,6 +50,9 @@ pub struct Envelope {
     pub device: DeviceId,
     /// Per-device sequence number; replies echo the request's.
     pub sequence: u64,
+    /// A random number the device draws for each request; replies echo it, so that only the
+    /// answer to this very request matches (a sequence alone repeats if a device loses its state).
+    pub nonce: u64,
     /// safetensors bytes.
     pub payload: Vec<u8>,
 }
@@ -148,11 +154,17 @@ impl Envelope {
         payload: Vec<u8>,
     ) -> Result<Self, WireError> {
         lengths(&device, &payload)?;
-        Ok(Self { kind, schema_hash, device, sequence, payload })
+        Ok(Self { kind, schema_hash, device, sequence, nonce: 0, payload })
     }
 
-    /// Encodes to bytes: header (magic, version, kind, schema hash, sequence, u16 device id
-    /// length, id, u32 payload length), then the payload.
+    /// The same message carrying `nonce` (a request's, or the request's it answers).
+    #[must_use]
+    pub fn with_nonce(self, nonce: u64) -> Self {
+        Self { nonce, ..self }
+    }
+
+    /// Encodes to bytes: header (magic, version, kind, schema hash, sequence, nonce, u16 device
+    /// id length, id, u32 payload length), then the payload.
     ///
     /// # Errors
     /// As [`Envelope::new`]: the fields are public, so the limits are checked again here
@@ -166,6 +178,7 @@ impl Envelope {
         out.push(self.kind.byte());
         out.extend_from_slice(&self.schema_hash.0.to_le_bytes());
         out.extend_from_slice(&self.sequence.to_le_bytes());
+        out.extend_from_slice(&self.nonce.to_le_bytes());
         out.extend_from_slice(&id_len.to_le_bytes());
         out.extend_from_slice(id);
         out.extend_from_slice(&payload_len.to_le_bytes());
@@ -176,7 +189,7 @@ impl Envelope {
     /// Decodes bytes from a peer.
     pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
         let mut r = Reader(bytes);
-        let Header { kind, schema_hash, sequence, device } = Header::read(&mut r)?;
+        let Header { kind, schema_hash, sequence, nonce, device } = Header::read(&mut r)?;
         let len = usize::try_from(u32::from_le_bytes(r.array("payload length")?)).unwrap_or(usize::MAX);
         if len > MAX_PAYLOAD {
             return Err(WireError::TooLarge(len));
@@ -185,7 +198,7 @@ impl Envelope {
         if !r.0.is_empty() {
             return Err(WireError::Trailing(r.0.len()));
         }
-        Ok(Self { kind, schema_hash, device: DeviceId(device.to_string()), sequence, payload })
+        Ok(Self { kind, schema_hash, device: DeviceId(device.to_string()), sequence, nonce, payload })
     }
 
     /// Wraps a summary for upload.
@@ -231,7 +244,23 @@ impl Envelope {
         }
         // Both lengths are within the limits: the id came from a decoded envelope or is cut here.
         let device = if device.0.len() > MAX_DEVICE_ID { DeviceId(String::new()) } else { device };
-        Self { kind: MessageKind::Error, schema_hash, device, sequence, payload: reason.as_bytes()[..end].to_vec() }
+        let payload = reason.as_bytes()[..end].to_vec();
+        Self { kind: MessageKind::Error, schema_hash, device, sequence, nonce: 0, payload }
+    }
+
+    /// The error reply to a summary whose sequence is not newer than `last`, the last the cloud
+    /// accepted from its device: it says which, so that a device that lost its count can resume
+    /// after it ([`Envelope::last_accepted`]).
+    pub fn stale(device: DeviceId, sequence: u64, schema_hash: SchemaHash, last: u64) -> Self {
+        let reason = format!("{STALE}{last} (this request is {sequence})");
+        Self::error(device, sequence, schema_hash, &reason)
+    }
+
+    /// The last sequence the cloud accepted, if this is its stale-sequence error reply.
+    pub fn last_accepted(&self) -> Option<u64> {
+        let reason = self.to_error().ok()?;
+        let rest = reason.strip_prefix(STALE)?;
+        rest.split(' ').next()?.parse().ok()
     }
 
     /// The reason an error reply carries.
@@ -272,12 +301,14 @@ pub struct Header<'a> {
     pub schema_hash: SchemaHash,
     /// The device's request sequence.
     pub sequence: u64,
+    /// The request's nonce.
+    pub nonce: u64,
     /// The device it names.
     pub device: &'a str,
 }
 
 impl<'a> Header<'a> {
-    /// Reads magic, version, kind, schema hash, sequence and device id.
+    /// Reads magic, version, kind, schema hash, sequence, nonce and device id.
     fn read(r: &mut Reader<'a>) -> Result<Self, WireError> {
         if r.take(4, "magic")? != MAGIC {
             return Err(WireError::BadMagic);
@@ -290,12 +321,13 @@ impl<'a> Header<'a> {
         let kind = MessageKind::from_byte(byte).ok_or(WireError::Kind(byte))?;
         let schema_hash = SchemaHash(r.u64("schema hash")?);
         let sequence = r.u64("sequence")?;
+        let nonce = r.u64("nonce")?;
         let id_len = usize::from(u16::from_le_bytes(r.array("device id length")?));
         if id_len > MAX_DEVICE_ID {
             return Err(WireError::DeviceId);
         }
         let device = std::str::from_utf8(r.take(id_len, "device id")?).map_err(|_| WireError::DeviceId)?;
-        Ok(Self { kind, schema_hash, sequence, device })
+        Ok(Self { kind, schema_hash, sequence, nonce, device })
     }
 
     /// The header of encoded envelope bytes, without reading (or checking) the payload: what a
@@ -348,15 +380,19 @@ pub fn open_signed<'a>(bytes: &'a [u8], key: &crate::security::CloudKey) -> Resu
     Ok(r.0)
 }
 
+/// The envelope in `bytes`, signed or not, *without* checking the signature: only for bytes this
+/// process made (a transport looking at its own replies). `None` for a signed frame too short.
+pub fn unchecked_envelope(bytes: &[u8]) -> Option<&[u8]> {
+    match bytes.strip_prefix(SIGNED_MAGIC.as_slice()) {
+        Some(_) => bytes.get(SIGNED_OVERHEAD..),
+        None => Some(bytes),
+    }
+}
+
 /// The kind of an encoded envelope from its header alone, without decoding the rest (for a
 /// transport choosing a status code); `None` for bytes that are not an envelope of this version.
 pub fn peek_kind(bytes: &[u8]) -> Option<MessageKind> {
-    // A signed message: the envelope follows the signature.
-    let bytes = match bytes.strip_prefix(SIGNED_MAGIC.as_slice()) {
-        Some(_) => bytes.get(SIGNED_OVERHEAD..)?,
-        None => bytes,
-    };
-    match bytes {
+    match unchecked_envelope(bytes)? {
         [m0, m1, m2, m3, WIRE_VERSION, kind, ..] if [*m0, *m1, *m2, *m3] == *MAGIC => MessageKind::from_byte(*kind),
         _ => None,
     }
@@ -724,6 +760,14 @@ mod tests {
     }
 
     #[test]
+    fn a_stale_reply_names_the_last_accepted_sequence() {
+        let stale = Envelope::stale(id("d"), 3, SchemaHash(1), 41);
+        let decoded = Envelope::decode(&stale.encode().expect("encodes")).expect("decodes");
+        assert_eq!(decoded.last_accepted(), Some(41));
+        assert_eq!(Envelope::error(id("d"), 3, SchemaHash(1), "no").last_accepted(), None);
+    }
+
+    #[test]
     fn a_summary_is_not_params() {
         let env = Envelope::summary(id("d"), 1, SchemaHash(1), &summary(Quantisation::F16)).expect("encodes");
         assert!(matches!(env.to_params(), Err(WireError::UnexpectedKind { .. })));
@@ -764,6 +808,7 @@ mod tests {
                 schema_hash: SchemaHash(1),
                 device: long,
                 sequence: 1,
+                nonce: 0,
                 payload: payload(),
             };
             assert_eq!(forged.encode(), Err(WireError::DeviceIdTooLong(len)));
@@ -774,6 +819,7 @@ mod tests {
             schema_hash: SchemaHash(1),
             device: id("d"),
             sequence: 1,
+            nonce: 0,
             payload: big,
         };
         assert_eq!(forged.encode(), Err(WireError::TooLarge(MAX_PAYLOAD + 1)));
@@ -836,14 +882,16 @@ mod tests {
             arb_summary().prop_map(Content::Summary),
             arb_params().prop_map(|(p, q)| Content::Params(p, q)),
         ];
-        (device, any::<u64>(), any::<u64>(), content).prop_map(|(device, sequence, hash, content)| {
-            let device = DeviceId(device);
-            let env = match &content {
-                Content::Summary(s) => Envelope::summary(device, sequence, SchemaHash(hash), s),
-                Content::Params(p, q) => Envelope::params_encoded(device, sequence, p, *q),
-            };
-            (env.expect("valid content encodes"), content)
-        })
+        (device, any::<u64>(), any::<u64>(), any::<u64>(), content).prop_map(
+            |(device, sequence, nonce, hash, content)| {
+                let device = DeviceId(device);
+                let env = match &content {
+                    Content::Summary(s) => Envelope::summary(device, sequence, SchemaHash(hash), s),
+                    Content::Params(p, q) => Envelope::params_encoded(device, sequence, p, *q),
+                };
+                (env.expect("valid content encodes").with_nonce(nonce), content)
+            },
+        )
     }
 
     /// How a peer (or the network) damages a message.

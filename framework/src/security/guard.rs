@@ -130,6 +130,14 @@ impl Guard {
         verdict
     }
 
+    /// Audits a refusal the cloud node made itself (a replayed summary): `device`, `reason`,
+    /// the peer's `address`.
+    pub fn audit_refusal(&self, device: &str, reason: &str, address: &str) {
+        if let Err(e) = self.audit.record(&AuditEvent::now("refused", Some(device), reason, Some(address))) {
+            eprintln!("audit log {}: {e}", self.audit.path().display());
+        }
+    }
+
     fn record(&self, denial: &Denial, device: Option<&str>, identity: Option<&str>, address: &str, now: Instant) {
         if matches!(denial, Denial::RateLimited { .. }) {
             let mut audited = self.rate_audited.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

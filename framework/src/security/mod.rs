@@ -8,10 +8,12 @@
 //!   name, and read back.
 //! - [`signing`]: Ed25519 signatures (ed25519-dalek, verified with `verify_strict`).
 //! - [`revocation`]: the revocation list the cloud re-reads when it changes.
+//! - [`freshness`]: the last request sequence accepted from each device, kept across restarts.
 //! - [`guard`]: the cloud's gate: identity, revocation, impersonation, per-device rate.
 //! - [`audit`]: the append-only JSON-lines audit log.
 
 pub mod audit;
+pub mod freshness;
 pub mod guard;
 pub mod identity;
 pub mod provision;
@@ -19,6 +21,7 @@ pub mod revocation;
 pub mod signing;
 
 pub use audit::{AuditEvent, AuditLog};
+pub use freshness::{LedgerError, SequenceLedger};
 pub use guard::{Denial, Guard};
 pub use provision::{DeviceKit, Kit, ProvisionError, Provisioned, provision, revoke};
 pub use revocation::Revocations;

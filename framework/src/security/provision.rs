@@ -151,6 +151,11 @@ impl Kit {
     pub fn audit(&self) -> PathBuf {
         self.root.join("audit.jsonl")
     }
+
+    /// The cloud's ledger of the last request sequence accepted from each device.
+    pub fn sequences(&self) -> PathBuf {
+        self.root.join("cloud").join("sequences.log")
+    }
 }
 
 /// A device's startup kit, as [`Kit::device_dir`] lays it out.

@@ -4,9 +4,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use mmpg::bundle::{Bundle, BundleError, FILES};
+use mmpg::bundle::{Bundle, BundleError, FILES, SIGNATURE};
 use mmpg::config::ClientTrust;
 use mmpg::deploy::CloudInfo;
+use mmpg::security::CloudKey;
 use mmpg::transport::{DeviceLink, TransportError};
 
 use crate::HttpError;
@@ -115,18 +116,29 @@ impl CloudClient {
         serde_json::from_slice(&body).map_err(|e| TransportError::Protocol(format!("/v1/hello is not cloud info: {e}")))
     }
 
-    /// `GET /v1/bundle` and its files, verified against the manifest.
+    /// `GET /v1/bundle` and its files, verified against the manifest; with the cloud's `key`,
+    /// the manifest's signature (`GET /v1/bundle/manifest.sig`) is checked before it is read.
     ///
     /// # Errors
-    /// [`HttpError::Transport`] while fetching, [`HttpError::Bundle`] when the files do not
-    /// match the manifest.
-    pub fn bundle(&self, timeout: Duration) -> Result<Bundle, HttpError> {
-        let manifest = Bundle::parse_manifest(&self.get("/v1/bundle", timeout, mmpg::bundle::MAX_MANIFEST as u64)?)?;
+    /// [`HttpError::Transport`] while fetching, [`HttpError::Bundle`] when the signature does not
+    /// verify or the files do not match the manifest.
+    pub fn bundle(&self, timeout: Duration, key: Option<&CloudKey>) -> Result<Bundle, HttpError> {
+        let manifest = self.get("/v1/bundle", timeout, mmpg::bundle::MAX_MANIFEST as u64)?;
+        let signature = match key {
+            Some(_) => match self.get(&format!("/v1/bundle/{SIGNATURE}"), timeout, 1024) {
+                Ok(sig) => Some(sig),
+                Err(TransportError::Status { status: 404, .. }) => None,
+                Err(e) => return Err(e.into()),
+            },
+            None => None,
+        };
+        // The manifest's signature (when required) and format are checked before any file is fetched.
+        Bundle::check_manifest(&manifest, signature.as_deref(), key)?;
         let mut files = BTreeMap::new();
         for name in FILES {
             files.insert(name.to_string(), self.get(&format!("/v1/bundle/{name}"), timeout, MAX_REPLY)?);
         }
-        Ok(Bundle::verify(manifest, files)?)
+        Ok(Bundle::from_parts(&manifest, signature.as_deref(), key, files)?)
     }
 
     /// `GET /metrics`: the server's Prometheus exposition.

@@ -23,7 +23,7 @@ use mmpg::DeviceId;
 use mmpg::bundle::Bundle;
 use mmpg::security::{Denial, Guard};
 use mmpg::transport::{CloudEndpoint, Peer, Request, TransportError};
-use mmpg::wire::{Header, MessageKind};
+use mmpg::wire::{Envelope, Header, MessageKind};
 use tokio::sync::oneshot;
 
 use crate::HttpError;
@@ -73,9 +73,13 @@ type BundleFiles = (Vec<u8>, BTreeMap<String, Vec<u8>>);
 impl Published {
     /// Publishes the cloud's info (JSON) and its device bundle, and becomes ready.
     pub fn ready(&self, info: Vec<u8>, bundle: &Bundle) {
-        let files = bundle.files().into_iter().map(|(name, bytes)| (name.to_string(), bytes)).collect();
+        let mut files: BTreeMap<String, Vec<u8>> =
+            bundle.files().into_iter().map(|(name, bytes)| (name.to_string(), bytes)).collect();
+        if let Some(signature) = bundle.signature() {
+            files.insert(mmpg::bundle::SIGNATURE.into(), signature.to_vec());
+        }
         if let Ok(mut slot) = self.bundle.write() {
-            *slot = Some((bundle.manifest_bytes(), files));
+            *slot = Some((bundle.manifest_bytes().to_vec(), files));
         }
         if let Ok(mut slot) = self.info.write() {
             *slot = Some(info);
@@ -316,6 +320,9 @@ async fn adapt(
                 Some(MessageKind::Params) => StatusCode::OK,
                 _ => StatusCode::UNPROCESSABLE_ENTITY,
             };
+            if let Some(guard) = s.guard.as_ref().filter(|_| status != StatusCode::OK) {
+                audit_replay(guard, &bytes, &peer.to_string());
+            }
             octets(status, bytes)
         }
         Ok(Err(_)) => plain(StatusCode::SERVICE_UNAVAILABLE, "the cloud dropped the request"),
@@ -323,6 +330,16 @@ async fn adapt(
             s.metrics.outcome("timeout");
             plain(StatusCode::GATEWAY_TIMEOUT, format!("no reply within {:?}", s.request_timeout))
         }
+    }
+}
+
+/// A summary the cloud refused as a replay (its sequence not newer than the last accepted) is an
+/// attack on the device's identity or a device that lost its count: either way, an audit line.
+fn audit_replay(guard: &Guard, reply: &[u8], address: &str) {
+    let Some(envelope) = mmpg::wire::unchecked_envelope(reply).and_then(|b| Envelope::decode(b).ok()) else { return };
+    if envelope.last_accepted().is_some() {
+        let reason = format!("replayed: {}", envelope.to_error().unwrap_or_default());
+        guard.audit_refusal(&envelope.device.0, &reason, address);
     }
 }
 

@@ -1,0 +1,192 @@
+//! The cloud's memory of each device's request sequence, so that an old summary replayed to it
+//! is refused, also after a restart.
+//!
+//! One line per accepted request, `<percent-encoded device id> <sequence>`, appended to a file;
+//! opening it keeps each device's largest and rewrites the file compacted (temp file, rename).
+//! Appends are written before the replies leave (a process killed after the write keeps them;
+//! a machine losing power may lose the last page, which `fsync` per batch would cost).
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::data::DeviceId;
+use crate::security::identity;
+
+/// Why the ledger could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// The file could not be read or written.
+    #[error("{path}: {error}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        error: std::io::Error,
+    },
+    /// A complete line that is not `<device> <sequence>`.
+    #[error("{path}:{line}: not `<device> <sequence>`: {text:?}")]
+    Line {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// The line (cut to 80 characters).
+        text: String,
+    },
+}
+
+/// The last sequence accepted from each device, persisted to a file (or in memory only).
+#[derive(Debug)]
+pub struct SequenceLedger {
+    last: Mutex<HashMap<String, u64>>,
+    file: Option<(PathBuf, Mutex<std::fs::File>)>,
+}
+
+impl SequenceLedger {
+    /// A ledger that forgets on exit (simulation, tests).
+    pub fn in_memory() -> Self {
+        Self { last: Mutex::new(HashMap::new()), file: None }
+    }
+
+    /// The ledger in `path` (created if absent, with its folder). A last line without its
+    /// newline (a write cut short by a crash) is dropped; any other bad line is an error naming
+    /// it, so that a damaged ledger never silently forgets what it refused.
+    ///
+    /// # Errors
+    /// [`LedgerError`] naming the file (and line).
+    pub fn open(path: &Path) -> Result<Self, LedgerError> {
+        let io = |error| LedgerError::Io { path: path.to_path_buf(), error };
+        let text = match std::fs::read(path) {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(io(e)),
+        };
+        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+        let mut last = HashMap::new();
+        for (i, line) in complete.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            let parsed = line.split_once(' ').and_then(|(id, seq)| {
+                let device = identity::decode(id)?;
+                Some((device, seq.trim().parse::<u64>().ok()?))
+            });
+            let Some((device, sequence)) = parsed else {
+                let text = line.chars().take(80).collect();
+                return Err(LedgerError::Line { path: path.to_path_buf(), line: i + 1, text });
+            };
+            let entry = last.entry(device).or_insert(sequence);
+            *entry = (*entry).max(sequence);
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let mut compact: Vec<(&String, &u64)> = last.iter().collect();
+        compact.sort();
+        let body: String = compact.iter().map(|(d, s)| format!("{} {s}\n", identity::encode(d))).collect();
+        let temp = path.with_extension("compacting");
+        std::fs::write(&temp, body).and_then(|()| std::fs::rename(&temp, path)).map_err(io)?;
+        let file = std::fs::OpenOptions::new().append(true).open(path).map_err(io)?;
+        Ok(Self { last: Mutex::new(last), file: Some((path.to_path_buf(), Mutex::new(file))) })
+    }
+
+    /// The last sequence accepted from `device`, if any.
+    pub fn last(&self, device: &DeviceId) -> Option<u64> {
+        self.last.lock().ok()?.get(&device.0).copied()
+    }
+
+    /// How many devices it remembers.
+    pub fn len(&self) -> usize {
+        self.last.lock().map(|l| l.len()).unwrap_or(0)
+    }
+
+    /// Whether it remembers no device.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Records that these requests were accepted: persisted (one write) before it returns.
+    ///
+    /// # Errors
+    /// [`LedgerError::Io`] when the file cannot be written; memory is updated regardless, so
+    /// this process still refuses the sequences.
+    pub fn record<'d>(&self, accepted: impl IntoIterator<Item = (&'d DeviceId, u64)>) -> Result<(), LedgerError> {
+        let mut lines = String::new();
+        if let Ok(mut last) = self.last.lock() {
+            for (device, sequence) in accepted {
+                let entry = last.entry(device.0.clone()).or_insert(sequence);
+                *entry = (*entry).max(sequence);
+                lines.push_str(&format!("{} {sequence}\n", identity::encode(&device.0)));
+            }
+        }
+        match &self.file {
+            Some((path, file)) if !lines.is_empty() => {
+                let mut file = file.lock().map_err(|_| LedgerError::Io {
+                    path: path.clone(),
+                    error: std::io::Error::other("the ledger's lock is poisoned"),
+                })?;
+                file.write_all(lines.as_bytes()).map_err(|error| LedgerError::Io { path: path.clone(), error })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn id(s: &str) -> DeviceId {
+        DeviceId(s.into())
+    }
+
+    #[test]
+    fn a_reopened_ledger_remembers_the_largest_sequence_of_each_device() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("cloud/sequences.log");
+        let ledger = SequenceLedger::open(&path).expect("opens");
+        ledger.record([(&id("a b"), 3), (&id("c\n"), 9)]).expect("records");
+        ledger.record([(&id("a b"), 2)]).expect("records");
+        drop(ledger);
+        // A crash cut the last write short: that line is dropped, the rest kept.
+        let mut file = std::fs::OpenOptions::new().append(true).open(&path).expect("file");
+        file.write_all(b"a%20b 7").expect("partial");
+        let again = SequenceLedger::open(&path).expect("reopens");
+        assert_eq!((again.last(&id("a b")), again.last(&id("c\n")), again.last(&id("d"))), (Some(3), Some(9), None));
+        assert_eq!(std::fs::read_to_string(&path).expect("compacted").lines().count(), 2);
+    }
+
+    #[test]
+    fn a_damaged_line_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("sequences.log");
+        std::fs::write(&path, "a 1\nb x\n").expect("written");
+        let err = SequenceLedger::open(&path).expect_err("refused");
+        assert!(err.to_string().contains("sequences.log:2"), "{err}");
+    }
+
+    proptest! {
+        /// Whatever is recorded, in any order, a reopened ledger holds each device's maximum.
+        #[test]
+        fn the_ledger_keeps_each_devices_maximum(records in prop::collection::vec(("[a-c %\n]{1,3}", any::<u64>()), 0..20)) {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("sequences.log");
+            let ledger = SequenceLedger::open(&path).expect("opens");
+            for (device, sequence) in &records {
+                ledger.record([(&id(device), *sequence)]).expect("records");
+            }
+            let again = SequenceLedger::open(&path).expect("reopens");
+            let mut expected: HashMap<&str, u64> = HashMap::new();
+            for (device, sequence) in &records {
+                let e = expected.entry(device.as_str()).or_insert(*sequence);
+                *e = (*e).max(*sequence);
+            }
+            prop_assert_eq!(again.len(), expected.len());
+            for (device, max) in expected {
+                prop_assert_eq!(again.last(&id(device)), Some(max));
+                prop_assert_eq!(ledger.last(&id(device)), Some(max));
+            }
+        }
+    }
+}
