@@ -1,6 +1,7 @@
 //! The cloud's micro-batcher: what answering N requests costs when they are generated in one
 //! call (decode, check, generate, encode every reply) against one call each, and the serving
-//! loop end to end with N devices exchanging at once over the in-process transport.
+//! loop end to end with N devices exchanging at once over the in-process transport; and what
+//! `[security]` adds to one reply: the cloud's signature and the device's check.
 //! `cargo bench --bench micro_batch`.
 
 mod common;
@@ -74,6 +75,19 @@ fn micro_batch(c: &mut Criterion) {
             });
         });
     }
+    group.finish();
+
+    // One params reply as the cloud sends it: signed (BLAKE3, then Ed25519), then verified
+    // (`verify_strict`) as a device does before decoding it.
+    let (replies, _) = node.respond(&[(&peer, request(0).as_slice())]);
+    let reply = replies.into_iter().next().expect("a reply").bytes;
+    let signer = mmpg::security::CloudSigner::generate().expect("random");
+    let key = signer.public();
+    let signed = mmpg::wire::sign(&reply, &signer);
+    let mut group = c.benchmark_group("signature");
+    group.throughput(Throughput::Bytes(reply.len() as u64));
+    group.bench_function("sign", |b| b.iter(|| mmpg::wire::sign(&reply, &signer)));
+    group.bench_function("verify", |b| b.iter(|| mmpg::wire::open_signed(&signed, &key).expect("verifies").len()));
     group.finish();
 }
 
