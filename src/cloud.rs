@@ -63,8 +63,9 @@ fn security(deployment: &Deployment) -> anyhow::Result<Secured> {
         let signer = CloudSigner::read(&path).with_context(|| format!("reading the signing key {}", path.display()))?;
         let ledger = SequenceLedger::open(&kit.sequences())?;
         eprintln!(
-            "mmpg cloud: refusing replayed summaries ({} devices on record in {})",
+            "mmpg cloud: refusing replayed summaries ({} device{} on record in {})",
             ledger.len(),
+            if ledger.len() == 1 { "" } else { "s" },
             kit.sequences().display()
         );
         return Ok(Secured {

@@ -99,7 +99,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// What the network thread reports back.
 enum Exchange {
     /// A reply arrived for the request with this sequence after `elapsed`.
-    Reply { envelope: Envelope, elapsed: Duration, up: u64, down: u64 },
+    /// `signed` is the reply as it arrived, signature and all (under `[security]`).
+    Reply { envelope: Envelope, signed: Option<Vec<u8>>, elapsed: Duration, up: u64, down: u64 },
     /// One attempt failed; another follows after the backoff (or none if `last`).
     Failed { error: TransportError, attempt: u32, last: bool },
     /// A request still being retried was replaced by a newer one.
@@ -133,9 +134,11 @@ fn network(
             let t0 = Instant::now();
             match link.request(&request, timeout) {
                 Ok(envelope) => {
+                    let signed = link.take_signed();
                     let t = link.inner().traffic();
                     let _ = results.send(Exchange::Reply {
                         envelope,
+                        signed,
                         elapsed: t0.elapsed(),
                         up: t.bytes_up - up0,
                         down: t.bytes_down - down0,
@@ -189,6 +192,11 @@ fn bundle(
         return Ok(b);
     }
     let saved = Bundle::open(&state.bundle(), key);
+    if let Err(e) = &saved
+        && !matches!(e, mmpg::bundle::BundleError::Missing(_))
+    {
+        log.event(json!({"event": "failure", "kind": "bundle", "message": format!("the saved bundle: {e}")}));
+    }
     let started = Instant::now();
     let mut delay = FIRST_BACKOFF;
     loop {
@@ -220,9 +228,11 @@ fn bundle(
                     return Err(e).context(format!("fetching the device bundle from {}", client.url()));
                 }
                 if delay == FIRST_BACKOFF {
+                    // A device that never saved a bundle has nothing to say about it.
                     let saved = saved
                         .as_ref()
                         .err()
+                        .filter(|b| !matches!(b, mmpg::bundle::BundleError::Missing(_)))
                         .map(|b| format!("; the saved bundle is unusable: {b}"))
                         .unwrap_or_default();
                     eprintln!(
@@ -239,9 +249,18 @@ fn bundle(
 }
 
 /// Restores the last good parameters and the request counter, if the state folder has them.
-fn restore(node: &mut DeviceNode, state: &StateDir, log: &mut Log) -> bool {
-    if let Some(sequence) = std::fs::read_to_string(state.sequence()).ok().and_then(|s| s.trim().parse().ok()) {
-        node.resume_after(sequence);
+fn restore(node: &mut DeviceNode, state: &StateDir, key: Option<&CloudKey>, log: &mut Log) -> bool {
+    match std::fs::read_to_string(state.sequence()) {
+        Ok(text) => match text.trim().parse::<u64>() {
+            Ok(sequence) if sequence <= mmpg::wire::MAX_SEQUENCE => node.resume_after(sequence),
+            _ => {
+                let message =
+                    format!("{}: not a sequence number up to 2^48: {:?}", state.sequence().display(), text.trim());
+                log.event(json!({"event": "failure", "kind": "restore", "message": message}));
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => log.event(json!({"event": "failure", "kind": "restore", "message": e.to_string()})),
     }
     let bytes = match std::fs::read(state.params()) {
         Ok(b) => b,
@@ -256,6 +275,11 @@ fn restore(node: &mut DeviceNode, state: &StateDir, log: &mut Log) -> bool {
         _ => Err("saved parameters fail their checksum".to_string()),
     };
     let restored = checked
+        .and_then(|bytes| match key {
+            // Saved as it arrived: the cloud's signature is checked again.
+            Some(key) => mmpg::wire::open_signed(bytes, key).map_err(|e| format!("saved parameters: {e}")),
+            None => Ok(bytes),
+        })
         .and_then(|bytes| Envelope::decode(bytes).map_err(|e| e.to_string()))
         .and_then(|e| {
             if e.device != node.id || e.schema_hash != node.model.schema().hash() {
@@ -317,12 +341,25 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
     }
 
     let url = options.cloud.clone().unwrap_or_else(|| deployment.device_url());
-    if deployment.secured().is_some() && !url.starts_with("https://") {
+    if deployment.secured().is_some() && !url.to_ascii_lowercase().starts_with("https://") {
         anyhow::bail!(
             "--cloud {url}: [security] allows only https:// (mutual TLS); set `insecure = true` to allow plain HTTP"
         );
     }
     let trust = deployment.client_trust(Some(&options.id), options.kit.as_deref());
+    if let Some((cert, _)) = trust.identity.as_ref().filter(|(cert, _)| !cert.exists()) {
+        anyhow::bail!(
+            "{}: no certificate for device `{}`; on the cloud's machine run `mmpg provision {} --device {}` and \
+             copy its devices/<id>/ folder here (or pass --kit <folder>)",
+            cert.display(),
+            options.id,
+            deployment.file(),
+            options.id
+        );
+    }
+    if let Some(dir) = options.bundle.as_deref().filter(|d| !d.is_dir()) {
+        anyhow::bail!("--bundle {}: not a folder (one `mmpg export` wrote)", dir.display());
+    }
     let client = CloudClient::new(&url, &trust)?;
     let timeout = Duration::from_millis(fleet.request_timeout_ms);
     // Under [security] only a bundle and replies the cloud signed are read at all.
@@ -340,7 +377,7 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
         }
     };
     let mut report = drawn.report;
-    let restored = restore(&mut node, &state, &mut log);
+    let restored = restore(&mut node, &state, key.as_ref(), &mut log);
     if restored {
         report.adapted_accuracy = node.model.accuracy(&drawn.eval)?;
         report.adapted_retrieval = score_retrieval(node.model.as_ref(), &drawn.eval);
@@ -414,14 +451,14 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
             } else if due {
                 let t0 = Instant::now();
                 let seed = seed::derive(domain.seed, 0xADE + node.sequence() + 1);
-                match node.summarise(&window, seed).map_err(|e| e.to_string()).and_then(|s| {
-                    report.anchors = s.summary.anchor_count();
-                    report.feature_ms = s.feature_ms;
-                    let request = node.request(&s.summary).map_err(|e| e.to_string());
-                    resync.summary = Some(s.summary);
-                    request
-                }) {
-                    Ok(request) => {
+                match node.summarise(&window, seed) {
+                    Ok(s) => {
+                        report.anchors = s.summary.anchor_count();
+                        report.feature_ms = s.feature_ms;
+                        // Out of sequence numbers, a device can never be answered again: an error
+                        // for a person, not a failure to count on every window.
+                        let request = node.request(&s.summary).context("making the adaptation request")?;
+                        resync.summary = Some(s.summary);
                         let _ = write_atomically(&state.sequence(), request.sequence.to_string().as_bytes());
                         log.event(json!({"event": "request", "sequence": request.sequence, "served": served}));
                         report.adaptation_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -432,7 +469,7 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
                     }
                     Err(e) => {
                         *failures.entry("summarise".into()).or_default() += 1;
-                        log.event(json!({"event": "failure", "kind": "summarise", "message": e}));
+                        log.event(json!({"event": "failure", "kind": "summarise", "message": e.to_string()}));
                     }
                 }
             }
@@ -498,7 +535,7 @@ fn drain(
     let mut next = if wait.is_zero() { results.try_recv().ok() } else { results.recv_timeout(wait).ok() };
     while let Some(result) = next.take() {
         match result {
-            Exchange::Reply { envelope, elapsed, up, down } => {
+            Exchange::Reply { envelope, signed, elapsed, up, down } => {
                 settled += 1;
                 report.bytes_up += up;
                 report.bytes_down += down;
@@ -506,7 +543,9 @@ fn drain(
                 match node.accept(&envelope) {
                     Ok(_) => {
                         report.adaptation_ms += t0.elapsed().as_secs_f64() * 1e3;
-                        if let Ok(mut bytes) = envelope.encode() {
+                        // As it arrived: under [security] the cloud's signature is checked
+                        // again on restore.
+                        if let Some(mut bytes) = signed.or_else(|| envelope.encode().ok()) {
                             // A checksum after the envelope: a file damaged at rest is refused on
                             // restore, not installed.
                             let sum = mmpg::bundle::sha256_hex(&bytes);
@@ -539,9 +578,17 @@ fn drain(
                                     settled -= 1;
                                 }
                             }
-                            _ => {
+                            failed => {
+                                let message = match failed {
+                                    Some(Err(e)) => e.to_string(),
+                                    _ => "no summary to send again".to_string(),
+                                };
+                                eprintln!(
+                                    "mmpg device {}: cannot ask again after the cloud's sequence: {message}",
+                                    node.id
+                                );
                                 *failures.entry("resync".into()).or_default() += 1;
-                                log.event(json!({"event": "failure", "kind": "resync"}));
+                                log.event(json!({"event": "failure", "kind": "resync", "message": message}));
                             }
                         }
                     }
@@ -564,6 +611,9 @@ fn drain(
                 if last {
                     settled += 1;
                     report.error = Some(format!("exchange: {error}"));
+                    // Given up: said where a person looks, not only in the log (a revoked device
+                    // still exits 0, serving with the parameters it has).
+                    eprintln!("mmpg device {}: request given up after {attempt} attempt(s): {error}", node.id);
                 }
                 log.event(json!({
                     "event": "failure", "kind": error.kind(), "message": error.to_string(),

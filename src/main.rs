@@ -98,6 +98,10 @@ enum Command {
         /// Revoke this device: the cloud refuses it from its next request, without a restart.
         #[arg(long, value_name = "DEVICE")]
         revoke: Option<String>,
+        /// Also issue a certificate for this device id, one the deployment does not list (e.g. a
+        /// `mmpg device --clips` camera). Repeatable.
+        #[arg(long = "device", value_name = "ID")]
+        devices: Vec<String>,
     },
     /// The cloud as a service.
     Cloud {
@@ -266,8 +270,8 @@ fn main() -> ExitCode {
         Command::Cloud { command: CloudCommand::Serve { deployment, listen } } => {
             exit_code(cloud::serve(&deployment, listen, &mut registry, &Bars::default()))
         }
-        Command::Provision { deployment, out, load, revoke } => {
-            let options = provision::ProvisionOptions { out, load: load as usize, revoke };
+        Command::Provision { deployment, out, load, revoke, devices } => {
+            let options = provision::ProvisionOptions { out, load: load as usize, revoke, devices };
             exit_code(provision::run(&deployment, &options, &mut registry))
         }
         Command::Device { id, deployment, cloud, rounds, state, clips, bundle, kit } => {
@@ -330,6 +334,7 @@ fn export(path: &Path, out: &Path, registry: &mut Registry) -> anyhow::Result<()
             format!("reading the signing key {} (run `mmpg provision {}` first)", path.display(), deployment.file())
         })?;
         bundle = bundle.signed(&signer);
+        println!("signed: {} (Ed25519 key {})", mmpg::bundle::SIGNATURE, signer.public().fingerprint());
     }
     bundle.write(out)?;
     println!(

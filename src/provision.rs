@@ -17,6 +17,8 @@ pub struct ProvisionOptions {
     pub load: usize,
     /// Revoke this device instead of provisioning.
     pub revoke: Option<String>,
+    /// Devices to issue certificates for besides the deployment's.
+    pub devices: Vec<String>,
 }
 
 /// Provisions (or revokes in) the deployment at `path`'s kit.
@@ -38,6 +40,7 @@ pub fn run(path: &Path, options: &ProvisionOptions, registry: &mut Registry) -> 
     }
     let mut devices: Vec<String> = deployment.device_domains().into_iter().map(|(_, d)| d.name).collect();
     devices.extend((0..options.load).map(mmpg_http::load::load_device));
+    devices.extend(options.devices.iter().cloned());
     let done = provision(&kit, &security.server_names, &devices)
         .with_context(|| format!("provisioning {}", kit.root().display()))?;
     print!("{}", summary(&kit, &security, &done));
@@ -52,7 +55,7 @@ pub fn complete_kit(deployment: &mmpg::Deployment) -> anyhow::Result<()> {
     let devices: Vec<String> = deployment.device_domains().into_iter().map(|(_, domain)| domain.name).collect();
     let done = provision(&kit, &security.server_names, &devices)
         .with_context(|| format!("provisioning {}", kit.root().display()))?;
-    if done.new_ca || done.new_server_cert || !done.created.is_empty() {
+    if done.new_ca || done.new_server_cert || done.new_signing_key || !done.created.is_empty() {
         eprintln!("mmpg fleet: provisioned what the kit lacked:");
         eprint!("{}", summary(&kit, security, &done));
     }
@@ -74,8 +77,9 @@ fn summary(kit: &Kit, security: &SecurityConfig, done: &mmpg::security::Provisio
     );
     let _ = writeln!(
         out,
-        "  signing key        {} (public: {})",
+        "  signing key        {} ({}; public: {})",
         kit.signing_key().display(),
+        state(done.new_signing_key),
         kit.signing_public().display()
     );
     let _ = writeln!(
@@ -85,6 +89,16 @@ fn summary(kit: &Kit, security: &SecurityConfig, done: &mmpg::security::Provisio
         done.kept.len(),
         kit.root().join("devices").display()
     );
+    let revoked = mmpg::security::revocation::read(&kit.revoked()).unwrap_or_default();
+    if !revoked.is_empty() {
+        let _ = writeln!(
+            out,
+            "  revoked            {} device{} in {} (delete a line to reinstate a device)",
+            revoked.len(),
+            if revoked.len() == 1 { "" } else { "s" },
+            kit.revoked().display()
+        );
+    }
     let _ = writeln!(out, "  audit log          {}", kit.audit().display());
     let _ = writeln!(out, "private keys are mode 0600; copy devices/<id>/ to each device as its startup kit");
     out

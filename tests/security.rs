@@ -336,4 +336,22 @@ fn tampered_unsigned_and_replayed_parameters_are_refused_and_the_last_good_ones_
     assert!(dev.wait(Duration::from_secs(120)).success());
     let state = dir.path().join("state/device-00");
     assert_eq!((count(&state, "resync"), count(&state, "adapted")), (1, 1));
+
+    // Saved parameters changed at rest, their checksum recomputed: the cloud's signature, saved
+    // with them, no longer verifies, and the device does not restore them.
+    let saved = state.join("params.envelope");
+    let bytes = std::fs::read(&saved).expect("saved parameters");
+    let (envelope, _) = bytes.split_at(bytes.len() - 64);
+    let mut envelope = envelope.to_vec();
+    *envelope.last_mut().expect("bytes") ^= 0x01;
+    let sum = mmpg::bundle::sha256_hex(&envelope);
+    envelope.extend_from_slice(sum.as_bytes());
+    std::fs::write(&saved, envelope).expect("altered");
+    let mut dev = device(&file, "device-00", 1, &[]);
+    assert!(dev.wait(Duration::from_secs(120)).success());
+    let log = common::process::events(&state);
+    assert!(
+        log.iter().any(|e| e["kind"] == "restore" && e["message"].as_str().is_some_and(|m| m.contains("signature"))),
+        "{log:#?}"
+    );
 }

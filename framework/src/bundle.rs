@@ -222,11 +222,16 @@ impl Bundle {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let manifest = dir.join(MANIFEST);
         let _ = std::fs::remove_file(&manifest);
+        // A folder where a file belongs (a damaged copy) is replaced, not an error.
+        let clear = |path: &Path| if path.is_dir() { std::fs::remove_dir_all(path).map_err(io(path)) } else { Ok(()) };
         for (name, bytes) in self.files() {
             let path = dir.join(name);
+            clear(&path)?;
             std::fs::write(&path, bytes).map_err(io(&path))?;
         }
         let signature = dir.join(SIGNATURE);
+        clear(&signature)?;
+        clear(&manifest)?;
         match &self.signature {
             Some(sig) => std::fs::write(&signature, sig).map_err(io(&signature))?,
             None => match std::fs::remove_file(&signature) {

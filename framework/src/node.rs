@@ -7,6 +7,7 @@
 //! - A [`DeviceNode`] holds its model, its anchor reasoner and its last good parameters; it
 //!   turns a window into a request and a reply into validated, installed parameters.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -18,7 +19,7 @@ use crate::runtime::{SummaryError, summarise_window};
 use crate::security::{CloudSigner, SequenceLedger};
 use crate::slots::{GeneratedParams, SchemaHash};
 use crate::transport::{CloudEndpoint, Peer, TransportError};
-use crate::wire::{Envelope, MessageKind, WireError};
+use crate::wire::{Envelope, MAX_SEQUENCE, MessageKind, WireError};
 
 /// How the cloud groups concurrent requests into one generation call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,8 +162,10 @@ impl<'a> CloudNode<'a> {
         self.generator.schema().hash()
     }
 
-    /// Checks one request: a summary envelope, for this schema, from the device it claims to be.
-    fn check(&self, peer: &Peer, bytes: &[u8]) -> Result<Accepted, Reply> {
+    /// Checks one request: a summary envelope, for this schema, from the device it claims to be,
+    /// newer than the last the ledger holds for it and than any `batch` (earlier in this batch,
+    /// by device) already took.
+    fn check(&self, peer: &Peer, bytes: &[u8], batch: &mut HashMap<DeviceId, u64>) -> Result<Accepted, Reply> {
         let schema = self.schema_hash();
         let refuse = |envelope: Option<&Envelope>, outcome, reason: String| {
             let (device, sequence, nonce) =
@@ -186,15 +189,26 @@ impl<'a> CloudNode<'a> {
             let reason = format!("summary for slot schema {}, this cloud serves {schema}", envelope.schema_hash);
             return Err(refuse(e, Outcome::WrongSchema, reason));
         }
-        if let Some(last) = self.ledger.and_then(|l| l.last(&envelope.device))
-            && envelope.sequence <= last
-        {
-            let stale = Envelope::stale(envelope.device.clone(), envelope.sequence, schema, last);
-            let bytes = stale.with_nonce(envelope.nonce).encode().unwrap_or_default();
-            return Err(Reply { bytes, outcome: Outcome::Replayed });
+        if envelope.sequence > MAX_SEQUENCE {
+            let reason =
+                format!("sequence {} is beyond {MAX_SEQUENCE} (2^48), the largest a device may use", envelope.sequence);
+            return Err(refuse(e, Outcome::Malformed, reason));
+        }
+        if let Some(ledger) = self.ledger {
+            // Copies of one summary arriving together are one batch: the ledger has not seen any
+            // of them yet, so the batch's own record counts too.
+            let last = ledger.last(&envelope.device).max(batch.get(&envelope.device).copied());
+            if let Some(last) = last.filter(|last| envelope.sequence <= *last) {
+                let stale = Envelope::stale(envelope.device.clone(), envelope.sequence, schema, last);
+                let bytes = stale.with_nonce(envelope.nonce).encode().unwrap_or_default();
+                return Err(Reply { bytes, outcome: Outcome::Replayed });
+            }
         }
         let summary =
             envelope.to_summary().map_err(|err| refuse(e, Outcome::Malformed, format!("summary rejected: {err}")))?;
+        if self.ledger.is_some() {
+            batch.insert(envelope.device.clone(), envelope.sequence);
+        }
         Ok(Accepted { device: envelope.device, sequence: envelope.sequence, nonce: envelope.nonce, summary })
     }
 
@@ -202,8 +216,9 @@ impl<'a> CloudNode<'a> {
     /// one call (each alone if that call fails, so that one device's bad summary fails only that
     /// device), and returns how long generation took.
     pub fn respond(&self, requests: &[(&Peer, &[u8])]) -> (Vec<Reply>, Duration) {
+        let mut batch = HashMap::new();
         let checked: Vec<Result<Accepted, Reply>> =
-            requests.iter().map(|(peer, bytes)| self.check(peer, bytes)).collect();
+            requests.iter().map(|(peer, bytes)| self.check(peer, bytes, &mut batch)).collect();
         let summaries: Vec<AnchorSummary> =
             checked.iter().filter_map(|c| c.as_ref().ok()).map(|a| a.summary.clone()).collect();
         let t0 = Instant::now();
@@ -451,7 +466,7 @@ impl DeviceNode {
     /// Continues numbering requests after `sequence` (a device restarting from its saved state,
     /// so that the cloud never sees a sequence number twice).
     pub fn resume_after(&mut self, sequence: u64) {
-        self.sequence = self.sequence.max(sequence);
+        self.sequence = self.sequence.max(sequence.min(MAX_SEQUENCE));
     }
 
     /// The reference statistics summaries are standardised with.
@@ -481,10 +496,13 @@ impl DeviceNode {
     pub fn request(&mut self, summary: &AnchorSummary) -> Result<Envelope, WireError> {
         // A device that has used every sequence number cannot make a request the cloud would
         // take as newer.
-        let sequence = self
-            .sequence
-            .checked_add(1)
-            .ok_or_else(|| WireError::Content("request sequence numbers exhausted".into()))?;
+        let sequence = self.sequence.checked_add(1).filter(|s| *s <= MAX_SEQUENCE).ok_or_else(|| {
+            WireError::Content(format!(
+                "request sequence numbers exhausted ({} of {MAX_SEQUENCE}); the cloud's ledger (cloud/sequences.log) \
+                 must forget this device before it can ask again",
+                self.sequence
+            ))
+        })?;
         let nonce = random_nonce()?;
         let envelope =
             Envelope::summary(self.id.clone(), sequence, self.model.schema().hash(), summary)?.with_nonce(nonce);
@@ -640,7 +658,10 @@ mod tests {
                 .expect("encodes")
         };
         let (first, second, old) = (numbered(5), numbered(6), numbered(5));
-        let (replies, _) = cloud.respond(&[(&anyone, &first)]);
+        // Copies arriving in one batch: only the first is answered.
+        let (replies, _) = cloud.respond(&[(&anyone, &first), (&anyone, &first), (&anyone, &numbered(4))]);
+        let outcomes: Vec<Outcome> = replies.iter().map(|r| r.outcome).collect();
+        assert_eq!(outcomes, [Outcome::Adapted, Outcome::Replayed, Outcome::Replayed]);
         assert_eq!(replies[0].outcome, Outcome::Adapted);
         assert_eq!(Envelope::decode(&replies[0].bytes).expect("decodes").nonce, 55, "the nonce is echoed");
         let (replies, _) = cloud.respond(&[(&anyone, &old), (&anyone, &second)]);
@@ -648,6 +669,37 @@ mod tests {
         let stale = Envelope::decode(&replies[0].bytes).expect("decodes");
         assert_eq!((stale.last_accepted(), stale.nonce), (Some(5), 55));
         assert_eq!(ledger.last(&DeviceId("a".into())), Some(6));
+    }
+
+    proptest::proptest! {
+        /// However requests are replayed, duplicated or reordered across and within batches, the
+        /// sequences answered with parameters strictly increase, and every refusal names a last
+        /// sequence no older than the one refused.
+        #[test]
+        fn answered_sequences_strictly_increase(batches in proptest::collection::vec(proptest::collection::vec(0u64..12, 1..6), 1..6)) {
+            let generator = picky();
+            let ledger = SequenceLedger::in_memory();
+            let cloud = CloudNode::new(&generator, Quantisation::F32).with_ledger(&ledger);
+            let anyone = Peer::default();
+            let mut answered = Vec::new();
+            for batch in batches {
+                let bytes: Vec<Vec<u8>> = batch
+                    .iter()
+                    .map(|s| Envelope::summary(DeviceId("a".into()), *s, generator.0.hash(), &summary(2)).and_then(|e| e.encode()).expect("encodes"))
+                    .collect();
+                let views: Vec<(&Peer, &[u8])> = bytes.iter().map(|b| (&anyone, b.as_slice())).collect();
+                let (replies, _) = cloud.respond(&views);
+                for (sequence, reply) in batch.iter().zip(&replies) {
+                    let envelope = Envelope::decode(&reply.bytes).expect("decodes");
+                    match reply.outcome {
+                        Outcome::Adapted => answered.push(*sequence),
+                        Outcome::Replayed => proptest::prop_assert!(envelope.last_accepted().is_some_and(|l| l >= *sequence)),
+                        other => proptest::prop_assert!(false, "unexpected {:?}", other),
+                    }
+                }
+            }
+            proptest::prop_assert!(answered.windows(2).all(|w| w[0] < w[1]), "{:?}", answered);
+        }
     }
 
     #[test]

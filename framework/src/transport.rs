@@ -210,26 +210,38 @@ impl<L: DeviceLink> DeviceLink for Metered<L> {
 pub struct Verified<L> {
     inner: L,
     key: Option<CloudKey>,
+    last_signed: Option<Vec<u8>>,
 }
 
 impl<L: DeviceLink> Verified<L> {
     /// Checks `inner`'s replies with `key`.
     pub fn new(inner: L, key: Option<CloudKey>) -> Self {
-        Self { inner, key }
+        Self { inner, key, last_signed: None }
     }
 
     /// The link it checks.
     pub fn inner(&self) -> &L {
         &self.inner
     }
+
+    /// The last reply that verified, as it arrived (signature and all): what a device saves, so
+    /// that what it restores later is checked with the cloud's key again. `None` without a key.
+    pub fn take_signed(&mut self) -> Option<Vec<u8>> {
+        self.last_signed.take()
+    }
 }
 
 impl<L: DeviceLink> DeviceLink for Verified<L> {
     fn exchange(&mut self, request: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, TransportError> {
         let reply = self.inner.exchange(request, timeout)?;
+        self.last_signed = None;
         match &self.key {
             None => Ok(reply),
-            Some(key) => Ok(crate::wire::open_signed(&reply, key)?.to_vec()),
+            Some(key) => {
+                let envelope = crate::wire::open_signed(&reply, key)?.to_vec();
+                self.last_signed = Some(reply);
+                Ok(envelope)
+            }
         }
     }
 }

@@ -15,6 +15,10 @@ const MAGIC: &[u8; 4] = b"MMPG";
 pub const WIRE_VERSION: u8 = 2;
 /// Largest payload a receiver accepts, in bytes.
 pub const MAX_PAYLOAD: usize = 64 << 20;
+/// Largest request sequence a device may use (2^48: a request a millisecond for 8,900 years).
+/// The cloud refuses larger ones, so no sequence it records can lock a device out by leaving no
+/// newer number to use.
+pub const MAX_SEQUENCE: u64 = 1 << 48;
 /// Longest device id, in bytes, a message can carry.
 pub const MAX_DEVICE_ID: usize = 256;
 

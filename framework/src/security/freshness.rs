@@ -4,7 +4,9 @@
 //! One line per accepted request, `<percent-encoded device id> <sequence>`, appended to a file;
 //! opening it keeps each device's largest and rewrites the file compacted (temp file, rename).
 //! Appends are written before the replies leave (a process killed after the write keeps them;
-//! a machine losing power may lose the last page, which `fsync` per batch would cost).
+//! a machine losing power may lose the last page, which `fsync` per batch would cost). One cloud
+//! process holds a ledger at a time (an exclusive lock on `<ledger>.lock`): two clouds on one kit
+//! would each accept what the other answered.
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -25,6 +27,12 @@ pub enum LedgerError {
         /// Cause.
         error: std::io::Error,
     },
+    /// Another process holds the ledger: a cloud already serves with this kit.
+    #[error("{path}: held by another cloud process serving with this kit; stop it first, or point devices at it")]
+    Locked {
+        /// The lock file.
+        path: PathBuf,
+    },
     /// A complete line that is not `<device> <sequence>`.
     #[error("{path}:{line}: not `<device> <sequence>`: {text:?}")]
     Line {
@@ -42,51 +50,80 @@ pub enum LedgerError {
 pub struct SequenceLedger {
     last: Mutex<HashMap<String, u64>>,
     file: Option<(PathBuf, Mutex<std::fs::File>)>,
+    /// Held (locked) for the ledger's life.
+    _lock: Option<std::fs::File>,
 }
 
 impl SequenceLedger {
     /// A ledger that forgets on exit (simulation, tests).
     pub fn in_memory() -> Self {
-        Self { last: Mutex::new(HashMap::new()), file: None }
+        Self { last: Mutex::new(HashMap::new()), file: None, _lock: None }
     }
 
-    /// The ledger in `path` (created if absent, with its folder). A last line without its
-    /// newline (a write cut short by a crash) is dropped; any other bad line is an error naming
-    /// it, so that a damaged ledger never silently forgets what it refused.
+    /// The ledger in `path` (created if absent, with its folder; a symbolic link is followed and
+    /// the file's mode kept). A last line without its newline that does not parse (a write cut
+    /// short by a crash) is dropped; any other bad line is an error naming it, so that a damaged
+    /// ledger never silently forgets what it refused.
     ///
     /// # Errors
     /// [`LedgerError`] naming the file (and line).
     pub fn open(path: &Path) -> Result<Self, LedgerError> {
         let io = |error| LedgerError::Io { path: path.to_path_buf(), error };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let lock_path = path.with_extension("lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|error| LedgerError::Io { path: lock_path.clone(), error })?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(LedgerError::Locked { path: lock_path }),
+            Err(std::fs::TryLockError::Error(error)) => return Err(LedgerError::Io { path: lock_path, error }),
+        }
         let text = match std::fs::read(path) {
             Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
             Err(e) => return Err(io(e)),
         };
-        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
-        let mut last = HashMap::new();
-        for (i, line) in complete.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-            let parsed = line.split_once(' ').and_then(|(id, seq)| {
+        let parse = |line: &str| {
+            line.split_once(' ').and_then(|(id, seq)| {
                 let device = identity::decode(id)?;
                 Some((device, seq.trim().parse::<u64>().ok()?))
-            });
-            let Some((device, sequence)) = parsed else {
+            })
+        };
+        // A cut-short last line is dropped only if it does not parse: one that does is at worst
+        // a smaller number than was written, which still refuses more than forgetting it.
+        let complete = match text.rfind('\n') {
+            Some(end) if parse(&text[end + 1..]).is_none() => &text[..end],
+            None if parse(&text).is_none() => "",
+            _ => text.as_str(),
+        };
+        let mut last = HashMap::new();
+        for (i, line) in complete.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            let Some((device, sequence)) = parse(line) else {
                 let text = line.chars().take(80).collect();
                 return Err(LedgerError::Line { path: path.to_path_buf(), line: i + 1, text });
             };
             let entry = last.entry(device).or_insert(sequence);
             *entry = (*entry).max(sequence);
         }
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(io)?;
-        }
         let mut compact: Vec<(&String, &u64)> = last.iter().collect();
         compact.sort();
         let body: String = compact.iter().map(|(d, s)| format!("{} {s}\n", identity::encode(d))).collect();
-        let temp = path.with_extension("compacting");
-        std::fs::write(&temp, body).and_then(|()| std::fs::rename(&temp, path)).map_err(io)?;
-        let file = std::fs::OpenOptions::new().append(true).open(path).map_err(io)?;
-        Ok(Self { last: Mutex::new(last), file: Some((path.to_path_buf(), Mutex::new(file))) })
+        // Rewritten beside the file a link points to, with its mode, and renamed over it.
+        let target = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        let temp = target.with_extension("compacting");
+        std::fs::write(&temp, body).map_err(io)?;
+        if let Ok(meta) = std::fs::metadata(&target) {
+            std::fs::set_permissions(&temp, meta.permissions()).map_err(io)?;
+        }
+        std::fs::rename(&temp, &target).map_err(io)?;
+        let file = std::fs::OpenOptions::new().append(true).open(&target).map_err(io)?;
+        Ok(Self { last: Mutex::new(last), file: Some((path.to_path_buf(), Mutex::new(file))), _lock: Some(lock) })
     }
 
     /// The last sequence accepted from `device`, if any.
@@ -104,30 +141,33 @@ impl SequenceLedger {
         self.len() == 0
     }
 
-    /// Records that these requests were accepted: persisted (one write) before it returns.
+    /// Records that these requests were accepted: persisted (one write), then remembered.
     ///
     /// # Errors
-    /// [`LedgerError::Io`] when the file cannot be written; memory is updated regardless, so
-    /// this process still refuses the sequences.
+    /// [`LedgerError::Io`] when the file cannot be written; then nothing is remembered either
+    /// (the requests are refused, not accepted).
     pub fn record<'d>(&self, accepted: impl IntoIterator<Item = (&'d DeviceId, u64)>) -> Result<(), LedgerError> {
-        let mut lines = String::new();
+        let accepted: Vec<(&DeviceId, u64)> = accepted.into_iter().collect();
+        if let Some((path, file)) = &self.file
+            && !accepted.is_empty()
+        {
+            let lines: String = accepted
+                .iter()
+                .map(|(device, sequence)| format!("{} {sequence}\n", identity::encode(&device.0)))
+                .collect();
+            let mut file = file.lock().map_err(|_| LedgerError::Io {
+                path: path.clone(),
+                error: std::io::Error::other("the ledger's lock is poisoned"),
+            })?;
+            file.write_all(lines.as_bytes()).map_err(|error| LedgerError::Io { path: path.clone(), error })?;
+        }
         if let Ok(mut last) = self.last.lock() {
             for (device, sequence) in accepted {
                 let entry = last.entry(device.0.clone()).or_insert(sequence);
                 *entry = (*entry).max(sequence);
-                lines.push_str(&format!("{} {sequence}\n", identity::encode(&device.0)));
             }
         }
-        match &self.file {
-            Some((path, file)) if !lines.is_empty() => {
-                let mut file = file.lock().map_err(|_| LedgerError::Io {
-                    path: path.clone(),
-                    error: std::io::Error::other("the ledger's lock is poisoned"),
-                })?;
-                file.write_all(lines.as_bytes()).map_err(|error| LedgerError::Io { path: path.clone(), error })
-            }
-            _ => Ok(()),
-        }
+        Ok(())
     }
 }
 
@@ -149,12 +189,23 @@ mod tests {
         ledger.record([(&id("a b"), 3), (&id("c\n"), 9)]).expect("records");
         ledger.record([(&id("a b"), 2)]).expect("records");
         drop(ledger);
-        // A crash cut the last write short: that line is dropped, the rest kept.
+        // A crash cut the last write short: a line that no longer parses is dropped, the rest
+        // kept; one that still parses is kept.
         let mut file = std::fs::OpenOptions::new().append(true).open(&path).expect("file");
-        file.write_all(b"a%20b 7").expect("partial");
+        file.write_all(b"a%20b 7\nc%0").expect("partial");
         let again = SequenceLedger::open(&path).expect("reopens");
-        assert_eq!((again.last(&id("a b")), again.last(&id("c\n")), again.last(&id("d"))), (Some(3), Some(9), None));
+        assert_eq!((again.last(&id("a b")), again.last(&id("c\n")), again.last(&id("d"))), (Some(7), Some(9), None));
         assert_eq!(std::fs::read_to_string(&path).expect("compacted").lines().count(), 2);
+    }
+
+    #[test]
+    fn one_process_holds_a_ledger_at_a_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("sequences.log");
+        let first = SequenceLedger::open(&path).expect("opens");
+        assert!(matches!(SequenceLedger::open(&path), Err(LedgerError::Locked { .. })));
+        drop(first);
+        SequenceLedger::open(&path).expect("free again");
     }
 
     #[test]
@@ -176,16 +227,19 @@ mod tests {
             for (device, sequence) in &records {
                 ledger.record([(&id(device), *sequence)]).expect("records");
             }
-            let again = SequenceLedger::open(&path).expect("reopens");
             let mut expected: HashMap<&str, u64> = HashMap::new();
             for (device, sequence) in &records {
                 let e = expected.entry(device.as_str()).or_insert(*sequence);
                 *e = (*e).max(*sequence);
             }
+            for (device, max) in &expected {
+                prop_assert_eq!(ledger.last(&id(device)), Some(*max));
+            }
+            drop(ledger);
+            let again = SequenceLedger::open(&path).expect("reopens");
             prop_assert_eq!(again.len(), expected.len());
             for (device, max) in expected {
                 prop_assert_eq!(again.last(&id(device)), Some(max));
-                prop_assert_eq!(ledger.last(&id(device)), Some(max));
             }
         }
     }

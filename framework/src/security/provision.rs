@@ -199,6 +199,8 @@ pub struct Provisioned {
     pub new_ca: bool,
     /// Whether the server certificate was (re-)issued now.
     pub new_server_cert: bool,
+    /// Whether the cloud's signing key was created now.
+    pub new_signing_key: bool,
     /// Devices given a certificate now.
     pub created: Vec<String>,
     /// Devices whose certificate existed and was kept.
@@ -336,7 +338,7 @@ fn server_cert(kit: &Kit, ca: &Authority, names: &[String], done: &mut Provision
     Ok(())
 }
 
-fn signing_key(kit: &Kit) -> Result<CloudSigner, ProvisionError> {
+fn signing_key(kit: &Kit, done: &mut Provisioned) -> Result<CloudSigner, ProvisionError> {
     let path = kit.signing_key();
     // Devices hold the public half: a new key would make them refuse every reply.
     if !path.exists() && kit.signing_public().exists() {
@@ -347,6 +349,7 @@ fn signing_key(kit: &Kit) -> Result<CloudSigner, ProvisionError> {
     } else {
         let signer = CloudSigner::generate()?;
         write_secret(&path, signer.to_pem()?.as_bytes())?;
+        done.new_signing_key = true;
         signer
     };
     write_public(&kit.signing_public(), signer.public().to_pem()?.as_bytes())?;
@@ -386,7 +389,15 @@ pub fn provision(kit: &Kit, server_names: &[String], devices: &[String]) -> Resu
     let audit = AuditLog::open(&kit.audit()).map_err(io(&kit.audit()))?;
     let ca = authority(kit, &mut done)?;
     server_cert(kit, &ca, server_names, &mut done)?;
-    signing_key(kit)?;
+    let signer = signing_key(kit, &mut done)?;
+    let made = [
+        (done.new_ca, "CA created".to_string()),
+        (done.new_server_cert, format!("server certificate issued for {}", server_names.join(", "))),
+        (done.new_signing_key, format!("signing key created (public {})", signer.public().fingerprint())),
+    ];
+    for (_, what) in made.iter().filter(|(new, _)| *new) {
+        audit.record(&AuditEvent::now("provisioned", None, what.as_str(), None)).map_err(io(&kit.audit()))?;
+    }
     for device in devices {
         // A new CA invalidates every device certificate signed by an old one.
         if device_cert(kit, &ca, device, done.new_ca)? {
@@ -444,13 +455,13 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let kit = Kit::new(dir.path());
         let first = provision(&kit, &names(), &["a".into(), "b/c".into()]).expect("provisions");
-        assert!(first.new_ca && first.new_server_cert);
+        assert!(first.new_ca && first.new_server_cert && first.new_signing_key);
         assert_eq!(first.created, ["a", "b/c"]);
         let a_key = std::fs::read(DeviceKit::new(&kit.device_dir("a")).key()).expect("key");
         let ca = std::fs::read(kit.ca_cert()).expect("ca");
         let signing = std::fs::read(kit.signing_key()).expect("signing key");
         let second = provision(&kit, &names(), &["a".into(), "b/c".into(), "d".into()]).expect("provisions");
-        assert!(!second.new_ca && !second.new_server_cert);
+        assert!(!second.new_ca && !second.new_server_cert && !second.new_signing_key);
         assert_eq!(second.created, ["d"]);
         assert_eq!(second.kept, ["a", "b/c"]);
         assert_eq!(std::fs::read(DeviceKit::new(&kit.device_dir("a")).key()).expect("key"), a_key);
@@ -458,7 +469,9 @@ mod tests {
         assert_eq!(std::fs::read(kit.signing_key()).expect("signing key"), signing);
         assert!(kit.root().join("devices").join("b%2Fc").join("cert.pem").exists());
         let events = AuditLog::read(&kit.audit()).expect("audit");
-        assert_eq!(events.iter().filter(|e| e.event == "provisioned").count(), 3);
+        let provisioned =
+            |device: bool| events.iter().filter(move |e| e.event == "provisioned" && e.device.is_some() == device);
+        assert_eq!((provisioned(true).count(), provisioned(false).count()), (3, 3), "{events:?}");
     }
 
     #[cfg(unix)]

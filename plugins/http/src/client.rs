@@ -44,16 +44,25 @@ fn tls_cause<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls:
 }
 
 fn transport_error(e: &reqwest::Error, timeout: Duration) -> TransportError {
+    let chain = error_chain(e);
     if let Some(tls) = tls_cause(e) {
         TransportError::Tls(tls.to_string())
+    } else if TLS_REFUSALS.iter().any(|m| chain.contains(m)) {
+        // A handshake refused by either side, reached through a cause chain whose layers do
+        // not expose rustls's error type: it will not pass on a retry either.
+        TransportError::Tls(chain)
     } else if e.is_timeout() {
         TransportError::Timeout(timeout)
     } else if e.is_connect() {
-        TransportError::Unreachable(error_chain(e))
+        TransportError::Unreachable(chain)
     } else {
-        TransportError::Closed(error_chain(e))
+        TransportError::Closed(chain)
     }
 }
+
+/// How rustls words a handshake that failed for a reason a retry does not change (its `Display`
+/// of `Error::InvalidCertificate`, `Error::AlertReceived`, `Error::NoCertificatesPresented`).
+const TLS_REFUSALS: [&str; 3] = ["invalid peer certificate", "received fatal alert", "peer sent no certificates"];
 
 /// The error with its causes: reqwest's own message is often just "error sending request".
 fn error_chain(e: &dyn std::error::Error) -> String {

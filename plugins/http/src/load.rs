@@ -69,7 +69,11 @@ async fn device(
     let mut errors = BTreeMap::new();
     let mut sequence = 0u64;
     while Instant::now() < until {
-        sequence += 1;
+        let Some(next) = sequence.checked_add(1).filter(|s| *s <= mmpg::wire::MAX_SEQUENCE) else {
+            *errors.entry("sequence-exhausted".to_string()).or_default() += 1;
+            break;
+        };
+        sequence = next;
         let body = match Envelope::new(MessageKind::Summary, template.0, id.clone(), sequence, template.1.clone())
             .and_then(|e| e.encode())
         {
@@ -101,7 +105,7 @@ async fn device(
                         let last = mmpg::wire::unchecked_envelope(&bytes)
                             .and_then(|b| Envelope::decode(b).ok())
                             .and_then(|e| e.last_accepted());
-                        if let Some(last) = last.filter(|l| *l >= sequence) {
+                        if let Some(last) = last.filter(|l| *l >= sequence && *l < mmpg::wire::MAX_SEQUENCE) {
                             sequence = last;
                             continue;
                         }
