@@ -1,0 +1,223 @@
+//! Both ends over a broker: a device's link and a cloud worker's endpoint, each one rumqttc
+//! client (MQTT v5, clean start) on its own network thread.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use mmpg::DeviceId;
+use mmpg::transport::{CloudEndpoint, DeviceLink, Peer, Request, TransportError};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Packet, SubscribeReasonCode};
+use rumqttc::v5::{Client, Connection, Event, MqttOptions};
+
+use crate::{BrokerSettings, MAX_PACKET, Topics};
+
+/// A message that arrived: its topic and payload.
+type Message = (String, Vec<u8>);
+
+/// One client connection: publishes, and hands what arrives on its subscription to a channel.
+struct Session {
+    client: Client,
+    messages: Receiver<Message>,
+    stop: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    /// Connects as `client_id`, subscribes to `filter` (again after every reconnect: with a
+    /// clean start the broker forgets subscriptions, and rumqttc does not renew them), and
+    /// returns once the broker has granted the subscription.
+    fn open(settings: &BrokerSettings, client_id: &str, filter: String) -> Result<Self, TransportError> {
+        let mut options = MqttOptions::new(client_id, settings.host.clone(), settings.port);
+        options.set_keep_alive(Duration::from_secs(30));
+        options.set_clean_start(true);
+        options.set_max_packet_size(Some(MAX_PACKET));
+        let (client, connection) = Client::new(options, 64);
+        let (messages_tx, messages) = mpsc::channel();
+        let (ready_tx, ready) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (thread_client, thread_stop) = (client.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name(format!("mqtt {client_id}"))
+            .spawn(move || run(connection, &thread_client, &filter, &messages_tx, &ready_tx, &thread_stop))
+            .map_err(|e| TransportError::Closed(format!("cannot start the MQTT thread: {e}")))?;
+        let session = Self { client, messages, stop };
+        let address = format!("{}:{}", settings.host, settings.port);
+        match ready.recv_timeout(settings.connect_timeout) {
+            Ok(Ok(())) => Ok(session),
+            Ok(Err(e)) => Err(TransportError::Unreachable(format!("MQTT broker {address}: {e}"))),
+            Err(_) => Err(TransportError::Unreachable(format!(
+                "MQTT broker {address}: no subscription granted within {:?}",
+                settings.connect_timeout
+            ))),
+        }
+    }
+
+    fn publish(&self, topic: String, bytes: Vec<u8>) -> Result<(), TransportError> {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, bytes)
+            .map_err(|e| TransportError::Closed(format!("MQTT publish: {e}")))
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // The thread ends at its next event; the broker learns at once.
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.client.try_disconnect();
+    }
+}
+
+/// The network thread: drives the connection, renews the subscription after each connect, and
+/// forwards what arrives until stopped.
+fn run(
+    mut connection: Connection,
+    client: &Client,
+    filter: &str,
+    messages: &Sender<Message>,
+    ready: &Sender<Result<(), String>>,
+    stop: &AtomicBool,
+) {
+    for event in connection.iter() {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                if let Err(e) = client.try_subscribe(filter, QoS::AtLeastOnce) {
+                    let _ = ready.send(Err(format!("subscribing to {filter}: {e}")));
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                let refused = ack.return_codes.iter().find(|c| !matches!(c, SubscribeReasonCode::Success(_)));
+                let _ = ready.send(match refused {
+                    None => Ok(()),
+                    Some(code) => Err(format!("the broker refused the subscription to {filter}: {code:?}")),
+                });
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                if messages.send((topic, p.payload.to_vec())).is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let _ = ready.send(Err(e.to_string()));
+                // rumqttc reconnects on the next poll; not in a tight loop.
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    }
+}
+
+/// A device's link through the broker: publishes its summary, waits for its parameters.
+#[derive(Debug)]
+pub struct MqttLink {
+    session: Session,
+    summary: String,
+    params: String,
+}
+
+impl MqttLink {
+    /// Connects `device` to the broker (client id `mmpg-device-<id>`) and subscribes to its
+    /// parameters topic.
+    ///
+    /// # Errors
+    /// [`TransportError::Unreachable`] when the broker does not accept the connection or the
+    /// subscription within `settings.connect_timeout`.
+    pub fn connect(settings: &BrokerSettings, topics: &Topics, device: &DeviceId) -> Result<Self, TransportError> {
+        let params = topics.params(device);
+        let client_id = format!("mmpg-device-{}", crate::topics::level(device));
+        let session = Session::open(settings, &client_id, params.clone())?;
+        Ok(Self { session, summary: topics.summary(device), params })
+    }
+}
+
+impl DeviceLink for MqttLink {
+    fn exchange(&mut self, request: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, TransportError> {
+        // What arrived after an earlier request gave up is not this request's reply.
+        while self.session.messages.try_recv().is_ok() {}
+        let deadline = Instant::now() + timeout;
+        self.session.publish(self.summary.clone(), request)?;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.session.messages.recv_timeout(left) {
+                Ok((topic, bytes)) if topic == self.params => return Ok(bytes),
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => return Err(TransportError::Timeout(timeout)),
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(TransportError::Closed("the MQTT connection's thread stopped".into()));
+                }
+            }
+        }
+    }
+}
+
+/// A cloud worker's endpoint: one member of the shared subscription `group`, so the broker
+/// gives each summary to one worker.
+///
+/// The device a request comes from is read from its topic; it is an authenticated identity only
+/// where the broker's ACL lets a device publish to its own summary topic alone.
+#[derive(Debug)]
+pub struct MqttEndpoint {
+    session: Session,
+    topics: Topics,
+    waiting: HashMap<u64, DeviceId>,
+    next_ticket: u64,
+}
+
+impl MqttEndpoint {
+    /// Connects worker `worker` of shared-subscription `group`.
+    ///
+    /// # Errors
+    /// As [`MqttLink::connect`]; a broker without shared subscriptions refuses the subscription.
+    pub fn connect(
+        settings: &BrokerSettings,
+        topics: &Topics,
+        group: &str,
+        worker: &str,
+    ) -> Result<Self, TransportError> {
+        let client_id = format!("mmpg-cloud-{}", crate::topics::level(&DeviceId(format!("{group}-{worker}"))));
+        let session = Session::open(settings, &client_id, topics.shared_summaries(group))?;
+        Ok(Self { session, topics: topics.clone(), waiting: HashMap::new(), next_ticket: 0 })
+    }
+}
+
+impl CloudEndpoint for MqttEndpoint {
+    fn next_request(&mut self, timeout: Duration) -> Result<Option<Request>, TransportError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.session.messages.recv_timeout(left) {
+                Ok((topic, bytes)) => {
+                    // Anything not a summary topic of this deployment is not a request.
+                    let Some(device) = self.topics.device_of_summary(&topic) else { continue };
+                    self.next_ticket += 1;
+                    self.waiting.insert(self.next_ticket, device.clone());
+                    let peer = Peer { identity: Some(device), address: format!("mqtt {topic}") };
+                    return Ok(Some(Request { ticket: self.next_ticket, peer, bytes }));
+                }
+                Err(RecvTimeoutError::Timeout) => return Ok(None),
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(TransportError::Closed("the MQTT connection's thread stopped".into()));
+                }
+            }
+        }
+    }
+
+    fn reply(&mut self, ticket: u64, bytes: Vec<u8>) -> Result<(), TransportError> {
+        match self.waiting.remove(&ticket) {
+            Some(device) => self.session.publish(self.topics.params(&device), bytes),
+            None => Ok(()),
+        }
+    }
+}
