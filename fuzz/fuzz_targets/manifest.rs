@@ -4,25 +4,18 @@
 //! as an unsigned manifest does, and no byte of it may change unnoticed.
 #![no_main]
 
-use std::sync::OnceLock;
+#[path = "shared_signer.rs"]
+mod shared_signer;
 
 use libfuzzer_sys::fuzz_target;
 use mmpg::bundle::{Bundle, BundleError};
-use mmpg::security::CloudSigner;
 use mmpg::security::signing::Purpose;
-
-fn signer() -> &'static CloudSigner {
-    static SIGNER: OnceLock<CloudSigner> = OnceLock::new();
-    SIGNER.get_or_init(|| CloudSigner::generate().expect("random"))
-}
+use shared_signer::signer;
 
 fuzz_target!(|bytes: &[u8]| {
     let key = signer().public();
     let (signature, manifest) = bytes.split_at(bytes.len().min(64));
-    assert!(matches!(
-        Bundle::check_manifest(manifest, Some(signature), Some(&key)),
-        Err(BundleError::Signature(_))
-    ));
+    assert!(matches!(Bundle::check_manifest(manifest, Some(signature), Some(&key)), Err(BundleError::Signature(_))));
     assert!(matches!(Bundle::check_manifest(manifest, None, Some(&key)), Err(BundleError::Unsigned)));
     let signed = signer().sign(Purpose::Manifest, manifest);
     let checked = Bundle::check_manifest(manifest, Some(&signed), Some(&key)).map_err(|e| e.to_string());
@@ -31,9 +24,6 @@ fuzz_target!(|bytes: &[u8]| {
     if let Some(i) = manifest.first().map(|b| usize::from(*b) % manifest.len()) {
         let mut altered = manifest.to_vec();
         altered[i] ^= 0x01;
-        assert!(matches!(
-            Bundle::check_manifest(&altered, Some(&signed), Some(&key)),
-            Err(BundleError::Signature(_))
-        ));
+        assert!(matches!(Bundle::check_manifest(&altered, Some(&signed), Some(&key)), Err(BundleError::Signature(_))));
     }
 });

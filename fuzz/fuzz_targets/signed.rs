@@ -3,16 +3,12 @@
 //! its envelope, and one with any byte changed must not.
 #![no_main]
 
-use std::sync::OnceLock;
+#[path = "shared_signer.rs"]
+mod shared_signer;
 
 use libfuzzer_sys::fuzz_target;
-use mmpg::security::CloudSigner;
 use mmpg::wire::{open_signed, sign};
-
-fn signer() -> &'static CloudSigner {
-    static SIGNER: OnceLock<CloudSigner> = OnceLock::new();
-    SIGNER.get_or_init(|| CloudSigner::generate().expect("random"))
-}
+use shared_signer::signer;
 
 fuzz_target!(|bytes: &[u8]| {
     let key = signer().public();
