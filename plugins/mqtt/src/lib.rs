@@ -10,7 +10,10 @@
 //! - [`MqttLink`]: a device's [`DeviceLink`](mmpg::DeviceLink).
 //! - [`MqttEndpoint`]: a cloud worker's [`CloudEndpoint`](mmpg::CloudEndpoint).
 //! - [`Topics`]: the topic layout.
+//! - [`chunk`]: messages above a broker's packet limit as numbered chunks, reassembled with
+//!   bounds (size, timeout, one message at a time).
 
+pub mod chunk;
 pub mod link;
 pub mod topics;
 
@@ -26,7 +29,16 @@ pub struct BrokerSettings {
     pub port: u16,
     /// How long to wait for the broker to accept the connection and the subscription.
     pub connect_timeout: std::time::Duration,
+    /// Largest packet to publish, in bytes: larger messages travel as [`chunk`]s (at most
+    /// [`MAX_PACKET`]).
+    pub max_packet: usize,
 }
+
+/// Largest message put back together from chunks, in bytes: an envelope at the wire's limit and
+/// its signed framing.
+pub const MAX_MESSAGE: usize = mmpg::wire::MAX_PAYLOAD + 4096;
+/// How long the chunks of one message may take to arrive.
+pub const REASSEMBLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Largest MQTT packet this client sends or accepts, in bytes: an envelope at the wire's limit
 /// plus the signed framing and MQTT's own header.

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
@@ -13,7 +13,8 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, SubscribeReasonCode};
 use rumqttc::v5::{Client, Connection, Event, MqttOptions};
 
-use crate::{BrokerSettings, MAX_PACKET, Topics};
+use crate::chunk::{Reassembler, split};
+use crate::{BrokerSettings, MAX_MESSAGE, MAX_PACKET, REASSEMBLY_TIMEOUT, Topics};
 
 /// A message that arrived: its topic and payload.
 type Message = (String, Vec<u8>);
@@ -23,6 +24,9 @@ struct Session {
     client: Client,
     messages: Receiver<Message>,
     stop: Arc<AtomicBool>,
+    max_packet: usize,
+    /// Numbers the chunked messages this session sends.
+    sent: AtomicU64,
 }
 
 impl std::fmt::Debug for Session {
@@ -49,7 +53,8 @@ impl Session {
             .name(format!("mqtt {client_id}"))
             .spawn(move || run(connection, &thread_client, &filter, &messages_tx, &ready_tx, &thread_stop))
             .map_err(|e| TransportError::Closed(format!("cannot start the MQTT thread: {e}")))?;
-        let session = Self { client, messages, stop };
+        let max_packet = settings.max_packet.min(MAX_PACKET as usize);
+        let session = Self { client, messages, stop, max_packet, sent: AtomicU64::new(0) };
         let address = format!("{}:{}", settings.host, settings.port);
         match ready.recv_timeout(settings.connect_timeout) {
             Ok(Ok(())) => Ok(session),
@@ -61,10 +66,16 @@ impl Session {
         }
     }
 
-    fn publish(&self, topic: String, bytes: Vec<u8>) -> Result<(), TransportError> {
-        self.client
-            .publish(topic, QoS::AtLeastOnce, false, bytes)
-            .map_err(|e| TransportError::Closed(format!("MQTT publish: {e}")))
+    /// Publishes `bytes` to `topic`, in chunks if they exceed the packet limit.
+    fn publish(&self, topic: &str, bytes: &[u8]) -> Result<(), TransportError> {
+        let id = self.sent.fetch_add(1, Ordering::Relaxed);
+        let packets = split(bytes, id, self.max_packet).map_err(|e| TransportError::Protocol(e.to_string()))?;
+        for packet in packets {
+            self.client
+                .publish(topic, QoS::AtLeastOnce, false, packet)
+                .map_err(|e| TransportError::Closed(format!("MQTT publish: {e}")))?;
+        }
+        Ok(())
     }
 }
 
@@ -125,6 +136,7 @@ pub struct MqttLink {
     session: Session,
     summary: String,
     params: String,
+    reassembler: Reassembler,
 }
 
 impl MqttLink {
@@ -138,7 +150,8 @@ impl MqttLink {
         let params = topics.params(device);
         let client_id = format!("mmpg-device-{}", crate::topics::level(device));
         let session = Session::open(settings, &client_id, params.clone())?;
-        Ok(Self { session, summary: topics.summary(device), params })
+        let reassembler = Reassembler::new(MAX_MESSAGE, REASSEMBLY_TIMEOUT);
+        Ok(Self { session, summary: topics.summary(device), params, reassembler })
     }
 }
 
@@ -147,11 +160,16 @@ impl DeviceLink for MqttLink {
         // What arrived after an earlier request gave up is not this request's reply.
         while self.session.messages.try_recv().is_ok() {}
         let deadline = Instant::now() + timeout;
-        self.session.publish(self.summary.clone(), request)?;
+        self.session.publish(&self.summary, &request)?;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.session.messages.recv_timeout(left) {
-                Ok((topic, bytes)) if topic == self.params => return Ok(bytes),
+                // A malformed chunk is dropped; the reply's own chunks may still complete it.
+                Ok((topic, bytes)) if topic == self.params => {
+                    if let Ok(Some(message)) = self.reassembler.push(&bytes, Instant::now()) {
+                        return Ok(message);
+                    }
+                }
                 Ok(_) => {}
                 Err(RecvTimeoutError::Timeout) => return Err(TransportError::Timeout(timeout)),
                 Err(RecvTimeoutError::Disconnected) => {
@@ -173,6 +191,8 @@ pub struct MqttEndpoint {
     topics: Topics,
     waiting: HashMap<u64, DeviceId>,
     next_ticket: u64,
+    /// Chunked summaries in reassembly, by device.
+    partial: HashMap<DeviceId, Reassembler>,
 }
 
 impl MqttEndpoint {
@@ -188,7 +208,7 @@ impl MqttEndpoint {
     ) -> Result<Self, TransportError> {
         let client_id = format!("mmpg-cloud-{}", crate::topics::level(&DeviceId(format!("{group}-{worker}"))));
         let session = Session::open(settings, &client_id, topics.shared_summaries(group))?;
-        Ok(Self { session, topics: topics.clone(), waiting: HashMap::new(), next_ticket: 0 })
+        Ok(Self { session, topics: topics.clone(), waiting: HashMap::new(), next_ticket: 0, partial: HashMap::new() })
     }
 }
 
@@ -201,6 +221,12 @@ impl CloudEndpoint for MqttEndpoint {
                 Ok((topic, bytes)) => {
                     // Anything not a summary topic of this deployment is not a request.
                     let Some(device) = self.topics.device_of_summary(&topic) else { continue };
+                    let reassembler = self
+                        .partial
+                        .entry(device.clone())
+                        .or_insert_with(|| Reassembler::new(MAX_MESSAGE, REASSEMBLY_TIMEOUT));
+                    // A malformed or partial chunked message is not a request (yet).
+                    let Ok(Some(bytes)) = reassembler.push(&bytes, Instant::now()) else { continue };
                     self.next_ticket += 1;
                     self.waiting.insert(self.next_ticket, device.clone());
                     let peer = Peer { identity: Some(device), address: format!("mqtt {topic}") };
@@ -216,7 +242,7 @@ impl CloudEndpoint for MqttEndpoint {
 
     fn reply(&mut self, ticket: u64, bytes: Vec<u8>) -> Result<(), TransportError> {
         match self.waiting.remove(&ticket) {
-            Some(device) => self.session.publish(self.topics.params(&device), bytes),
+            Some(device) => self.session.publish(&self.topics.params(&device), &bytes),
             None => Ok(()),
         }
     }

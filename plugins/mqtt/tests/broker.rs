@@ -54,7 +54,12 @@ fn broker() -> Broker {
         assert!(Instant::now() < deadline, "mosquitto did not listen on {port} within 10 s");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let settings = BrokerSettings { host: "127.0.0.1".into(), port, connect_timeout: Duration::from_secs(10) };
+    let settings = BrokerSettings {
+        host: "127.0.0.1".into(),
+        port,
+        connect_timeout: Duration::from_secs(10),
+        max_packet: mmpg_mqtt::MAX_PACKET as usize,
+    };
     Broker { child, settings, _dir: dir }
 }
 
@@ -117,6 +122,24 @@ fn devices_and_two_workers_in_a_shared_subscription_exchange_through_mosquitto()
     assert_eq!(answered, 20);
     assert_eq!(served_by.values().sum::<u32>(), 20);
     assert_eq!(served_by.len(), 2, "{served_by:?}");
+}
+
+#[test]
+fn messages_above_the_packet_limit_travel_as_chunks() {
+    let broker = broker();
+    let topics = Topics::new("test");
+    // 64-byte packets: a 5,000-byte request and its longer reply in ~130 chunks each.
+    let settings = BrokerSettings { max_packet: 64, ..broker.settings.clone() };
+    let stop = Arc::new(AtomicBool::new(false));
+    let endpoint = MqttEndpoint::connect(&settings, &topics, "cloud", "w").expect("worker connects");
+    let worker = worker(endpoint, "w", stop.clone());
+    let mut link = MqttLink::connect(&settings, &topics, &DeviceId("big".into())).expect("device connects");
+    let request: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+    let reply = link.exchange(request.clone(), Duration::from_secs(20)).expect("a reply");
+    assert_eq!(&reply[..6], b"w|big|");
+    assert_eq!(&reply[6..], request.as_slice());
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(worker.join().expect("worker"), 1);
 }
 
 #[test]
