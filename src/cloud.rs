@@ -9,11 +9,14 @@ use std::time::Duration;
 use anyhow::Context as _;
 use mmpg::deploy::{CloudInfo, export_bundle};
 use mmpg::node::{BatchPolicy, CloudNode};
+use mmpg::replies::ReplyCache;
 use mmpg::runtime::{Composer, RunError, train_cloud};
 use mmpg::security::{AuditLog, CloudSigner, Guard, Revocations, SequenceLedger};
+use mmpg::transport::Merged;
 use mmpg::{Deployment, Progress, Registry};
 use mmpg_http::tls::ServerConfig;
 use mmpg_http::{CloudServer, Published, ServerSettings};
+use mmpg_mqtt::{BrokerSettings, MqttEndpoint, MqttSettings};
 
 /// Printed on stdout once the cloud answers adaptation requests, followed by its URL: what
 /// `mmpg fleet` and scripts wait for.
@@ -37,7 +40,9 @@ struct Secured {
 
 /// The server's TLS and gate: mutual TLS from the kit and a [`Guard`] under `[security]`;
 /// `[serve.tls]`'s one-way TLS otherwise; plain HTTP (said loudly under `insecure`).
-fn security(deployment: &Deployment) -> anyhow::Result<Secured> {
+/// Under the mqtt transport the cloud is one of several workers sharing the kit: each keeps its
+/// own ledger file (`workers`).
+fn security(deployment: &Deployment, workers: bool) -> anyhow::Result<Secured> {
     if let Some(security) = deployment.secured() {
         let kit = security.kit();
         for file in [kit.ca_cert(), kit.server_cert(), kit.server_key(), kit.signing_key()] {
@@ -61,12 +66,17 @@ fn security(deployment: &Deployment) -> anyhow::Result<Secured> {
         // Read now, not after training: a bad key must stop the cloud before it says it serves.
         let path = kit.signing_key();
         let signer = CloudSigner::read(&path).with_context(|| format!("reading the signing key {}", path.display()))?;
-        let ledger = SequenceLedger::open(&kit.sequences())?;
+        let (ledger, file) = if workers {
+            let (ledger, n) = SequenceLedger::open_worker(&kit.sequences())?;
+            let file = ledger.path().unwrap_or(&kit.sequences()).display().to_string();
+            (ledger, format!("{file} (worker {n}; the other workers' files read at start)"))
+        } else {
+            (SequenceLedger::open(&kit.sequences())?, kit.sequences().display().to_string())
+        };
         eprintln!(
-            "mmpg cloud: refusing replayed summaries ({} device{} on record in {})",
+            "mmpg cloud: refusing replayed summaries ({} device{} on record in {file})",
             ledger.len(),
             if ledger.len() == 1 { "" } else { "s" },
-            kit.sequences().display()
         );
         return Ok(Secured {
             tls: Some(Arc::new(tls)),
@@ -88,16 +98,50 @@ fn security(deployment: &Deployment) -> anyhow::Result<Secured> {
     Ok(Secured { tls, ..Secured::default() })
 }
 
+/// Joins the deployment's shared subscription as a new worker (a unique client id per process),
+/// passing only what `guard` admits under `[security]`.
+fn join_broker(
+    settings: &MqttSettings,
+    client: &BrokerSettings,
+    guard: Option<Arc<Guard>>,
+) -> anyhow::Result<MqttEndpoint> {
+    let worker = format!("{}-{:08x}", std::process::id(), rand::random::<u32>());
+    let mut endpoint = MqttEndpoint::connect(client, &settings.topics(), &settings.group, &worker)
+        .with_context(|| format!("joining the broker {}", client.url()))?;
+    if let Some(guard) = guard {
+        endpoint = endpoint.admitting(move |peer, bytes| {
+            let claimed = mmpg::wire::Header::peek(bytes).ok().map(|h| h.device);
+            guard.admit(peer.identity.as_ref().map(|d| d.0.as_str()), claimed, &peer.address).is_ok()
+        });
+    }
+    eprintln!(
+        "mmpg cloud: worker {worker} in the shared subscription {} on {}",
+        settings.topics().shared_summaries(&settings.group),
+        client.url()
+    );
+    Ok(endpoint)
+}
+
 /// Serves `path`'s cloud until SIGTERM or SIGINT.
 pub fn serve(
     path: &Path,
     listen: Option<SocketAddr>,
+    broker: Option<&str>,
     registry: &mut Registry,
     progress: &dyn Progress,
 ) -> anyhow::Result<()> {
     let deployment = crate::open(path, registry).map_err(RunError::Config)?;
     let config = &deployment.serve;
-    let Secured { tls, guard, signer, ledger } = security(&deployment)?;
+    let mqtt = match crate::mqtt::settings(&deployment)? {
+        Some(settings) => {
+            let url = crate::mqtt::broker(&deployment, &settings, broker)?;
+            let client = crate::mqtt::cloud_client(&deployment, &settings, &url)?;
+            Some((settings, client))
+        }
+        None if broker.is_some() => anyhow::bail!("--broker: {} does not use the mqtt transport", deployment.file()),
+        None => None,
+    };
+    let Secured { tls, guard, signer, ledger } = security(&deployment, mqtt.is_some())?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let published = Arc::new(Published::default());
     // Listening first: /healthz answers and /readyz says 503 while the cloud trains or loads.
@@ -108,7 +152,7 @@ pub fn serve(
             body_limit: config.body_limit,
             request_timeout: Duration::from_millis(config.request_timeout_ms),
             queue: config.max_batch * QUEUE_PER_BATCH_SLOT,
-            guard,
+            guard: guard.clone(),
         },
         published.clone(),
     )?;
@@ -130,9 +174,16 @@ pub fn serve(
     published.ready(serde_json::to_vec_pretty(&info)?, &bundle);
     let how = if cloud.from_checkpoint { "loaded from its checkpoint" } else { "trained" };
     eprintln!("mmpg cloud: {how}; slot schema {}", info.schema_hash);
+    // A worker joins the shared subscription only once it can answer: the broker would hand it
+    // summaries while it trained.
+    let broker = match &mqtt {
+        Some((settings, client)) => Some(join_broker(settings, client, guard.clone())?),
+        None => None,
+    };
     println!("{SERVING} {url}");
 
-    let mut node = CloudNode::new(cloud.generator.as_ref(), deployment.cloud.download);
+    let replies = ReplyCache::default();
+    let mut node = CloudNode::new(cloud.generator.as_ref(), deployment.cloud.download).with_reply_cache(&replies);
     if let Some(signer) = &signer {
         eprintln!("mmpg cloud: signing every reply (Ed25519 key {})", signer.public().fingerprint());
         node = node.signed_by(signer);
@@ -142,10 +193,20 @@ pub fn serve(
     }
     let policy = BatchPolicy { max_batch: config.max_batch, max_wait: Duration::from_millis(config.max_wait_ms) };
     let metrics = server.metrics();
-    let totals = node.serve(&mut endpoint, &policy, &stop, metrics.as_ref())?;
-    // Requests that arrive after the last batch learn at once that the cloud is going (503),
-    // instead of waiting out their timeout.
-    drop(endpoint);
+    let totals = match broker {
+        // Adaptation over the broker and over HTTP at once.
+        Some(broker) => {
+            let mut both = Merged::new(broker, endpoint);
+            node.serve(&mut both, &policy, &stop, metrics.as_ref())?
+        }
+        None => {
+            let totals = node.serve(&mut endpoint, &policy, &stop, metrics.as_ref())?;
+            // Requests that arrive after the last batch learn at once that the cloud is going
+            // (503), instead of waiting out their timeout.
+            drop(endpoint);
+            totals
+        }
+    };
     server.shutdown();
     eprintln!(
         "mmpg cloud: stopped after {} requests in {} generation calls ({:.1} ms generating)",

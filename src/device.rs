@@ -20,6 +20,7 @@ use mmpg::transport::{DeviceLink, Metered, TransportError, Verified};
 use mmpg::wire::Envelope;
 use mmpg::{Clip, DeviceId, DomainSpec, Registry, Split, seed};
 use mmpg_http::CloudClient;
+use mmpg_mqtt::MqttLink;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
@@ -40,6 +41,8 @@ pub struct DeviceOptions {
     pub bundle: Option<PathBuf>,
     /// The device's startup kit (default: `[security] dir`/devices/<id>).
     pub kit: Option<PathBuf>,
+    /// Under the mqtt transport: the broker (default: `[transport.settings] broker`).
+    pub broker: Option<String>,
 }
 
 /// The device's files.
@@ -110,7 +113,7 @@ enum Exchange {
 /// The network thread: takes requests, exchanges each with retries, reports back. A newer
 /// request replaces one still being retried.
 fn network(
-    mut link: Verified<Metered<CloudClient>>,
+    mut link: Verified<Metered<Box<dyn DeviceLink>>>,
     requests: Receiver<Envelope>,
     results: Sender<Exchange>,
     policy: (Duration, u32),
@@ -389,7 +392,23 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
 
     let (to_network, requests) = mpsc::channel();
     let (results, from_network) = mpsc::channel();
-    let link = Verified::new(Metered::new(client), key);
+    // Adaptation over the broker under the mqtt transport (the bundle came over HTTP(S) or from
+    // a folder); over HTTP(S) otherwise.
+    let link: Box<dyn DeviceLink> = match crate::mqtt::settings(&deployment)? {
+        Some(mqtt) => {
+            let url = crate::mqtt::broker(&deployment, &mqtt, options.broker.as_deref())?;
+            let settings = crate::mqtt::device_client(&deployment, &mqtt, &url, &options.id, options.kit.as_deref())?;
+            let link = MqttLink::connect(&settings, &mqtt.topics(), &DeviceId(options.id.clone()))
+                .with_context(|| format!("connecting to the broker {url}"))?;
+            log.event(json!({"event": "broker", "broker": url.to_string(), "max_packet": mqtt.max_packet}));
+            Box::new(link)
+        }
+        None if options.broker.is_some() => {
+            anyhow::bail!("--broker: {} does not use the mqtt transport", deployment.file())
+        }
+        None => Box::new(client),
+    };
+    let link = Verified::new(Metered::new(link), key);
     let jitter_seed = seed::derive(domain.seed, 0x7E7);
     let max_attempts = fleet.max_attempts;
     let pace = Duration::from_millis(fleet.clip_interval_ms);

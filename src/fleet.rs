@@ -53,6 +53,9 @@ pub struct FleetOptions {
     pub report: Option<PathBuf>,
     /// Longest the whole fleet may take.
     pub deadline: Duration,
+    /// Cloud processes to start (the mqtt transport's workers in one shared subscription; one
+    /// over HTTP).
+    pub workers: usize,
 }
 
 /// Starts `mmpg cloud serve` (on a free loopback port) and waits for its URL.
@@ -60,6 +63,7 @@ fn start_cloud(
     exe: &Path,
     deployment: &Path,
     plugins: &[PathBuf],
+    broker: Option<&str>,
     deadline: Instant,
 ) -> anyhow::Result<(Guarded, String)> {
     let mut command = Command::new(exe);
@@ -67,6 +71,9 @@ fn start_cloud(
         command.arg("--plugin").arg(p);
     }
     command.args(["cloud", "serve", "--listen", "127.0.0.1:0"]).arg(deployment);
+    if let Some(broker) = broker {
+        command.args(["--broker", broker]);
+    }
     let mut cloud = Guarded(command.stdout(Stdio::piped()).stdin(Stdio::null()).spawn().context("starting the cloud")?);
     let stdout = cloud.0.stdout.take().context("the cloud's stdout")?;
     let (tx, rx) = std::sync::mpsc::channel();
@@ -92,6 +99,24 @@ fn start_cloud(
     }
 }
 
+/// Starts a Mosquitto of the fleet's own in `[fleet] state`/broker: TLS with the kit's server
+/// certificate, its password file and ACL under `[security]`; anonymous plain MQTT otherwise.
+fn own_broker(deployment: &mmpg::Deployment) -> anyhow::Result<(mmpg_mqtt::mosquitto::Mosquitto, String)> {
+    let dir = deployment.fleet.state.join("broker");
+    let secured = deployment.secured().map(|security| {
+        let kit = security.kit();
+        mmpg_mqtt::mosquitto::Secured {
+            cert: kit.server_cert(),
+            key: kit.server_key(),
+            files: mmpg_mqtt::credentials::BrokerFiles::of(&kit),
+        }
+    });
+    let process = mmpg_mqtt::mosquitto::Mosquitto::start(&dir, secured.as_ref())?;
+    let scheme = if secured.is_some() { "mqtts" } else { "mqtt" };
+    let url = format!("{scheme}://127.0.0.1:{}", process.port());
+    Ok((process, url))
+}
+
 /// Runs the fleet.
 pub fn run(path: &Path, options: &FleetOptions, plugins: &[PathBuf], registry: &mut Registry) -> anyhow::Result<()> {
     let started = Instant::now();
@@ -99,14 +124,44 @@ pub fn run(path: &Path, options: &FleetOptions, plugins: &[PathBuf], registry: &
     let deployment = crate::open(path, registry).map_err(RunError::Config)?;
     let exe = std::env::current_exe().context("locating the mmpg binary")?;
     crate::provision::complete_kit(&deployment)?;
-    let (mut cloud, url) = match &options.cloud {
-        Some(url) => (None, url.clone()),
+    let mqtt = crate::mqtt::settings(&deployment)?;
+    if mqtt.is_none() && options.workers > 1 {
+        bail!("--workers {}: several cloud processes need the mqtt transport (a shared subscription)", options.workers);
+    }
+    // Under the mqtt transport without a broker URL: a Mosquitto of the fleet's own.
+    let (_broker, broker_url) = match &mqtt {
+        Some(settings) if settings.broker.is_none() => {
+            let (process, url) = own_broker(&deployment)?;
+            eprintln!(
+                "mmpg fleet: started Mosquitto (pid {}) at {url}; its log: {}",
+                process.pid(),
+                process.log().display()
+            );
+            (Some(process), Some(url))
+        }
+        Some(settings) => (None, settings.broker.clone()),
+        None => (None, None),
+    };
+    let mut clouds = Vec::new();
+    let url = match &options.cloud {
+        Some(url) => url.clone(),
         None => {
-            let (child, url) = start_cloud(&exe, path, plugins, deadline)?;
-            (Some(child), url)
+            let mut first = None;
+            // One after another: a later worker loads the checkpoint the first one wrote.
+            for _ in 0..options.workers.max(1) {
+                let (child, url) = start_cloud(&exe, path, plugins, broker_url.as_deref(), deadline)?;
+                clouds.push(child);
+                first.get_or_insert(url);
+            }
+            first.context("no cloud started")?
         }
     };
-    eprintln!("mmpg fleet: cloud at {url}");
+    match &broker_url {
+        Some(broker) => {
+            eprintln!("mmpg fleet: {} cloud worker(s) on the broker {broker}; bundle from {url}", clouds.len())
+        }
+        None => eprintln!("mmpg fleet: cloud at {url}"),
+    }
     // Under mutual TLS the fleet asks for the cloud's info as its first device.
     let first = deployment.device_domains().into_iter().next().map(|(_, d)| d.name);
     let client = CloudClient::new(&url, &deployment.client_trust(first.as_deref(), None))?;
@@ -127,10 +182,11 @@ pub fn run(path: &Path, options: &FleetOptions, plugins: &[PathBuf], registry: &
         command
             .args(["device", "--id", &domain.name, "--cloud", &url, "--rounds", &options.rounds.to_string(), "--state"])
             .arg(&state)
-            .arg(path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr);
+            .arg(path);
+        if let Some(broker) = &broker_url {
+            command.args(["--broker", broker]);
+        }
+        command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
         devices.push((domain.name.clone(), state, Guarded(command.spawn().context("starting a device")?)));
     }
     eprintln!("mmpg fleet: {} device processes started", devices.len());
@@ -161,7 +217,7 @@ pub fn run(path: &Path, options: &FleetOptions, plugins: &[PathBuf], registry: &
             }
         }
     }
-    if let Some(cloud) = cloud.as_mut() {
+    for cloud in &mut clouds {
         cloud.terminate(Duration::from_secs(10));
     }
     let mut cloud_report = info.report;
@@ -169,7 +225,12 @@ pub fn run(path: &Path, options: &FleetOptions, plugins: &[PathBuf], registry: &
     let report = RunReport {
         deployment: deployment.file().to_string(),
         seed: deployment.seed,
-        backend: format!("devices {}, cloud over {url}", deployment.backend.kind),
+        backend: match &broker_url {
+            Some(broker) => {
+                format!("devices {}, {} cloud worker(s) over MQTT {broker}", deployment.backend.kind, clouds.len())
+            }
+            None => format!("devices {}, cloud over {url}", deployment.backend.kind),
+        },
         plugins: plugin_choices(&deployment),
         cloud: cloud_report,
         fleet: FleetSummary::of(&reports),

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use mmpg::deploy::device_from_bundle;
+use mmpg::load::load_device;
 use mmpg::runtime::{Composer, RunError};
 use mmpg::wire::{Envelope, encode_summary};
 use mmpg::{DeviceId, Registry, seed};
@@ -25,6 +26,10 @@ pub struct LoadOptions {
     pub save_envelope: Option<PathBuf>,
     /// JSON report path.
     pub report: Option<PathBuf>,
+    /// `http` or `mqtt` (default: the deployment's transport).
+    pub transport: Option<String>,
+    /// Under mqtt: the broker (default: `[transport.settings] broker`).
+    pub broker: Option<String>,
 }
 
 /// Summaries of every device of the deployment, computed as devices compute them, from the
@@ -50,17 +55,58 @@ fn summaries(
     Ok(out)
 }
 
+/// Every load device's broker user name and password from the kit (`mmpg provision --load N`).
+fn load_credentials(kit: &mmpg::security::Kit, devices: usize) -> anyhow::Result<Vec<mmpg_mqtt::Credentials>> {
+    (0..devices)
+        .map(|i| {
+            let id = load_device(i);
+            let path = mmpg::security::DeviceKit::new(&kit.device_dir(&id)).broker_password();
+            let password = mmpg_mqtt::credentials::read_password(&path).with_context(|| {
+                format!("load device {id}'s broker password: run `mmpg provision --load {devices}`")
+            })?;
+            Ok(mmpg_mqtt::Credentials { username: mmpg_mqtt::topics::level(&DeviceId(id)), password })
+        })
+        .collect()
+}
+
+/// Each MQTT device holds a connection (a file descriptor): raise this process's soft limit to
+/// its hard limit when `devices` needs more than it allows, and say so if even that is short.
+fn raise_open_files(devices: usize) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
+    let needed = devices as u64 + 256;
+    if soft < needed {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+    if hard < needed {
+        eprintln!(
+            "warning: {devices} connections need ~{needed} open files; this process may open {hard} (ulimit -Hn)"
+        );
+    }
+}
+
 /// Runs the load and prints what it measured.
 pub fn run(path: &Path, options: &LoadOptions, registry: &mut Registry) -> anyhow::Result<()> {
     let deployment = crate::open(path, registry).map_err(RunError::Config)?;
+    let mqtt = match (options.transport.as_deref(), crate::mqtt::settings(&deployment)?) {
+        (None | Some("mqtt"), Some(settings)) => Some(settings),
+        (Some("mqtt"), None) => {
+            anyhow::bail!("--transport mqtt: {} has no [transport] plugin = \"mqtt\"", deployment.file())
+        }
+        (None | Some("http"), _) => None,
+        (Some(other), _) => anyhow::bail!("--transport {other}: http or mqtt"),
+    };
+    if mqtt.is_none() && options.broker.is_some() {
+        anyhow::bail!("--broker: the load runs over HTTP(S) here (--transport mqtt and the mqtt transport)");
+    }
     let composer = Composer::new(&deployment, registry)?;
     let url = options.cloud.clone().unwrap_or_else(|| deployment.device_url());
     // Under mutual TLS the load's first device fetches the bundle and metrics as itself.
-    let first = mmpg_http::load::load_device(0);
+    let first = load_device(0);
     let trust = deployment.client_trust(deployment.secured().map(|_| first.as_str()), None);
     if let Some(security) = deployment.secured() {
         let kit = security.kit();
-        let last = mmpg_http::load::load_device(options.devices.saturating_sub(1));
+        let last = load_device(options.devices.saturating_sub(1));
         if !mmpg::security::DeviceKit::new(&kit.device_dir(&last)).cert().exists() {
             anyhow::bail!(
                 "{} has no certificate for load device {last}: run `mmpg provision {} --load {}` first",
@@ -81,18 +127,49 @@ pub fn run(path: &Path, options: &LoadOptions, registry: &mut Registry) -> anyho
         eprintln!("envelope: {} ({} bytes)", out.display(), envelope.encode()?.len());
     }
     let before = client.metrics(Duration::from_secs(10))?;
-    eprintln!("mmpg load: {} devices for {} s against {url}", options.devices, options.seconds);
-    let report = load(
-        &LoadSettings {
-            url: url.clone(),
-            ca: trust.ca.clone(),
-            kit: deployment.secured().map(|s| s.dir.clone()),
-            devices: options.devices,
-            duration: Duration::from_secs(options.seconds),
-            timeout: Duration::from_millis(deployment.fleet.request_timeout_ms),
-        },
-        &templates,
-    )?;
+    let duration = Duration::from_secs(options.seconds);
+    let timeout = Duration::from_millis(deployment.fleet.request_timeout_ms);
+    let report = match mqtt {
+        Some(settings) => {
+            let url = crate::mqtt::broker(&deployment, &settings, options.broker.as_deref())?;
+            raise_open_files(options.devices);
+            let broker = crate::mqtt::device_client(&deployment, &settings, &url, &load_device(0), None)?;
+            let credentials = match deployment.secured() {
+                None => None,
+                Some(security) => Some(std::sync::Arc::new(load_credentials(&security.kit(), options.devices)?)),
+            };
+            eprintln!(
+                "mmpg load: {} devices for {} s through the broker {url} (bundle and metrics from {})",
+                options.devices,
+                options.seconds,
+                client.url()
+            );
+            let settings = mmpg_mqtt::load::LoadSettings {
+                broker: mmpg_mqtt::BrokerSettings { credentials: None, ..broker },
+                topics: settings.topics(),
+                devices: options.devices,
+                duration,
+                timeout,
+                credentials,
+                connect_concurrency: 256,
+            };
+            mmpg_mqtt::load::run(settings, &templates)?
+        }
+        None => {
+            eprintln!("mmpg load: {} devices for {} s against {url}", options.devices, options.seconds);
+            load(
+                &LoadSettings {
+                    url: url.clone(),
+                    ca: trust.ca.clone(),
+                    kit: deployment.secured().map(|s| s.dir.clone()),
+                    devices: options.devices,
+                    duration,
+                    timeout,
+                },
+                &templates,
+            )?
+        }
+    };
     // The load's own figures stand even if the cloud is gone by now; only its histogram is lost.
     let after = client.metrics(Duration::from_secs(10)).unwrap_or_else(|e| {
         eprintln!("warning: the cloud's /metrics after the load: {e}");
@@ -117,6 +194,19 @@ pub fn run(path: &Path, options: &LoadOptions, registry: &mut Registry) -> anyho
     );
     let errors: u64 = report.errors.values().sum();
     println!("errors: {errors} {:?}", report.errors);
+    if let Some(connect) = report.connect_seconds {
+        println!("connected every device in {connect:.1} s (before the timed load)");
+    }
+    if let Some(wire) = report.wire {
+        println!(
+            "MQTT bytes on the wire (PUBLISH and PUBACK, framing included): {} up, {} down; {:.1} KB per adaptation \
+             ({} of them payload)",
+            wire.up,
+            wire.down,
+            (wire.up + wire.down) as f64 / 1e3 / report.adapted.max(1) as f64,
+            wire.payload
+        );
+    }
     // Cumulative counts → generation calls per batch-size range.
     let mut previous = 0;
     let mut shown = Vec::new();

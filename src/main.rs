@@ -16,6 +16,7 @@ mod cloud;
 mod device;
 mod fleet;
 mod load;
+mod mqtt;
 mod plots;
 mod provision;
 
@@ -135,6 +136,9 @@ enum Command {
         /// The device's startup kit from `mmpg provision` (default: `[security] dir`/devices/<id>).
         #[arg(long)]
         kit: Option<PathBuf>,
+        /// Under the mqtt transport: the broker (overrides `[transport.settings] broker`).
+        #[arg(long)]
+        broker: Option<String>,
     },
     /// Write clips of a device's domain as files (one `.safetensors` per clip: `frames`
     /// `[T, C, H, W]`, question, caption and answer in the metadata), what `mmpg device --clips`
@@ -172,6 +176,10 @@ enum Command {
         /// Longest the fleet may take, in seconds.
         #[arg(long, default_value_t = 1800)]
         deadline: u64,
+        /// Cloud processes to start: under the mqtt transport, workers in one shared
+        /// subscription (each summary goes to one of them).
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
     },
     /// Load a serving cloud: N concurrent devices, each sending real summaries as fast as
     /// replies come; report throughput, latency percentiles, errors and batch sizes.
@@ -193,6 +201,13 @@ enum Command {
         /// JSON report path.
         #[arg(long)]
         report: Option<PathBuf>,
+        /// `http` or `mqtt` (default: the deployment's `[transport]`; over mqtt every device is
+        /// its own broker connection, the bundle and metrics still come from `--cloud`).
+        #[arg(long)]
+        transport: Option<String>,
+        /// Under mqtt: the broker (overrides `[transport.settings] broker`).
+        #[arg(long)]
+        broker: Option<String>,
     },
     /// List the registered plugins by kind, with their settings, defaults and origin (built in,
     /// or the library's path and sha256); with a deployment, its `[[plugins]]` libraries too.
@@ -212,6 +227,9 @@ enum CloudCommand {
         /// Overrides `[serve] listen` (port 0: any free port; the URL is printed).
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
+        /// Under the mqtt transport: the broker (overrides `[transport.settings] broker`).
+        #[arg(long)]
+        broker: Option<String>,
     },
 }
 
@@ -267,27 +285,27 @@ fn main() -> ExitCode {
         Command::Run { deployment, report } => exit_code(run(&deployment, report, &mut registry)),
         Command::Bench { deployment, out } => exit_code(bench(&deployment, out, &mut registry)),
         Command::Export { deployment, out } => exit_code(export(&deployment, &out, &mut registry)),
-        Command::Cloud { command: CloudCommand::Serve { deployment, listen } } => {
-            exit_code(cloud::serve(&deployment, listen, &mut registry, &Bars::default()))
+        Command::Cloud { command: CloudCommand::Serve { deployment, listen, broker } } => {
+            exit_code(cloud::serve(&deployment, listen, broker.as_deref(), &mut registry, &Bars::default()))
         }
         Command::Provision { deployment, out, load, revoke, devices } => {
             let options = provision::ProvisionOptions { out, load: load as usize, revoke, devices };
             exit_code(provision::run(&deployment, &options, &mut registry))
         }
-        Command::Device { id, deployment, cloud, rounds, state, clips, bundle, kit } => {
-            let options = device::DeviceOptions { id, cloud, rounds, state, clips, bundle, kit };
+        Command::Device { id, deployment, cloud, rounds, state, clips, bundle, kit, broker } => {
+            let options = device::DeviceOptions { id, cloud, rounds, state, clips, bundle, kit, broker };
             exit_code(device::run(&deployment, &options, &mut registry))
         }
         Command::Clips { id, deployment, count, out, unlabelled } => {
             exit_code(device::write_clips(&deployment, &id, count, &out, unlabelled, &mut registry))
         }
-        Command::Fleet { deployment, cloud, rounds, report, deadline } => {
-            let options =
-                fleet::FleetOptions { cloud, rounds, report, deadline: std::time::Duration::from_secs(deadline) };
+        Command::Fleet { deployment, cloud, rounds, report, deadline, workers } => {
+            let deadline = std::time::Duration::from_secs(deadline);
+            let options = fleet::FleetOptions { cloud, rounds, report, deadline, workers };
             exit_code(fleet::run(&deployment, &options, &cli.plugins, &mut registry))
         }
-        Command::Load { deployment, cloud, devices, seconds, save_envelope, report } => {
-            let options = load::LoadOptions { cloud, devices, seconds, save_envelope, report };
+        Command::Load { deployment, cloud, devices, seconds, save_envelope, report, transport, broker } => {
+            let options = load::LoadOptions { cloud, devices, seconds, save_envelope, report, transport, broker };
             exit_code(load::run(&deployment, &options, &mut registry))
         }
     }

@@ -33,17 +33,34 @@ pub fn run(path: &Path, options: &ProvisionOptions, registry: &mut Registry) -> 
             "revoked {device}{already}: {} lists it; a running cloud refuses it from its next request",
             kit.revoked().display()
         );
+        if let Some(mqtt) = crate::mqtt::settings(&deployment)? {
+            let files = crate::mqtt::provision_broker(&mqtt, &kit)?;
+            println!(
+                "the broker's password file {} no longer lists it: reload the broker (Mosquitto: kill -HUP <pid>) \
+                 and it refuses the device's next connection",
+                files.passwords.display()
+            );
+        }
         return Ok(());
     }
     if deployment.security.is_none() {
         eprintln!("note: {} has no [security] table; the cloud uses this kit once it has one", deployment.file());
     }
     let mut devices: Vec<String> = deployment.device_domains().into_iter().map(|(_, d)| d.name).collect();
-    devices.extend((0..options.load).map(mmpg_http::load::load_device));
+    devices.extend((0..options.load).map(mmpg::load::load_device));
     devices.extend(options.devices.iter().cloned());
     let done = provision(&kit, &security.server_names, &devices)
         .with_context(|| format!("provisioning {}", kit.root().display()))?;
     print!("{}", summary(&kit, &security, &done));
+    if let Some(mqtt) = crate::mqtt::settings(&deployment)? {
+        let files = crate::mqtt::provision_broker(&mqtt, &kit)?;
+        println!(
+            "broker (mqtt): password file {} and ACL {} (each device publishes only its own summary topic and reads \
+             only its own params topic); devices/<id>/broker-password is each device's",
+            files.passwords.display(),
+            files.acl.display()
+        );
+    }
     Ok(())
 }
 
@@ -55,6 +72,9 @@ pub fn complete_kit(deployment: &mmpg::Deployment) -> anyhow::Result<()> {
     let devices: Vec<String> = deployment.device_domains().into_iter().map(|(_, domain)| domain.name).collect();
     let done = provision(&kit, &security.server_names, &devices)
         .with_context(|| format!("provisioning {}", kit.root().display()))?;
+    if let Some(mqtt) = crate::mqtt::settings(deployment)? {
+        crate::mqtt::provision_broker(&mqtt, &kit)?;
+    }
     if done.new_ca || done.new_server_cert || done.new_signing_key || !done.created.is_empty() {
         eprintln!("mmpg fleet: provisioned what the kit lacked:");
         eprint!("{}", summary(&kit, security, &done));

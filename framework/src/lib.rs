@@ -25,11 +25,13 @@ pub mod config;
 pub mod data;
 pub mod deploy;
 pub mod generator;
+pub mod load;
 pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod node;
 pub mod registry;
+pub mod replies;
 pub mod report;
 pub mod runtime;
 pub mod security;
@@ -63,7 +65,9 @@ pub use slots::{DType, GeneratedParams, ParamsError, SchemaHash, SlotSchema, Slo
 pub use source::{DataError, DataSource};
 pub use tensor::{HostTensor, RankMismatch};
 pub use text::{TextEncoder, TextError, TextSource};
-pub use transport::{CloudEndpoint, DeviceLink, InProcess, Metered, Peer, Request, Traffic, Transport, TransportError};
+pub use transport::{
+    CloudEndpoint, DeviceLink, InProcess, Merged, Metered, Peer, Request, Traffic, Transport, TransportError,
+};
 
 /// Re-exported for `inventory::submit!` in plugin crates.
 pub use inventory;

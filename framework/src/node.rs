@@ -15,6 +15,7 @@ use crate::anchor::{AnchorReasoner, AnchorSummary, FeatureStats, Quantisation};
 use crate::data::{Clip, DeviceId};
 use crate::generator::{GeneratorError, ParameterGenerator};
 use crate::model::{DeviceModel, ModelError};
+use crate::replies::ReplyCache;
 use crate::runtime::{SummaryError, summarise_window};
 use crate::security::{CloudSigner, SequenceLedger};
 use crate::slots::{GeneratedParams, SchemaHash};
@@ -51,17 +52,21 @@ pub enum Outcome {
     Refused,
     /// The summary's sequence is not newer than the last accepted from its device (a replay).
     Replayed,
+    /// A byte-for-byte copy of a request already answered (a retry): the same reply again, from
+    /// the [`ReplyCache`], with no second adaptation.
+    Repeated,
 }
 
 impl Outcome {
     /// Every outcome, in a fixed order (for counters).
-    pub const ALL: [Outcome; 6] = [
+    pub const ALL: [Outcome; 7] = [
         Outcome::Adapted,
         Outcome::Malformed,
         Outcome::WrongSchema,
         Outcome::Impersonation,
         Outcome::Refused,
         Outcome::Replayed,
+        Outcome::Repeated,
     ];
 
     /// Its name in metrics and logs.
@@ -73,6 +78,7 @@ impl Outcome {
             Outcome::Impersonation => "impersonation",
             Outcome::Refused => "refused",
             Outcome::Replayed => "replayed",
+            Outcome::Repeated => "repeated",
         }
     }
 }
@@ -117,6 +123,7 @@ pub struct CloudNode<'a> {
     download: Quantisation,
     signer: Option<&'a CloudSigner>,
     ledger: Option<&'a SequenceLedger>,
+    replies: Option<&'a ReplyCache>,
 }
 
 impl std::fmt::Debug for CloudNode<'_> {
@@ -126,6 +133,7 @@ impl std::fmt::Debug for CloudNode<'_> {
             .field("download", &self.download)
             .field("signed", &self.signer.is_some())
             .field("ledger", &self.ledger.is_some())
+            .field("reply_cache", &self.replies.is_some())
             .finish()
     }
 }
@@ -141,7 +149,14 @@ struct Accepted {
 impl<'a> CloudNode<'a> {
     /// A cloud serving `generator`'s parameters, encoded as `download` says.
     pub fn new(generator: &'a dyn ParameterGenerator, download: Quantisation) -> Self {
-        Self { generator, download, signer: None, ledger: None }
+        Self { generator, download, signer: None, ledger: None, replies: None }
+    }
+
+    /// The same cloud answering a byte-for-byte copy of a request it answered with parameters
+    /// (a device's retry) with the same reply from `replies`, instead of adapting again — which
+    /// with a ledger would be refused as a replay.
+    pub fn with_reply_cache(self, replies: &'a ReplyCache) -> Self {
+        Self { replies: Some(replies), ..self }
     }
 
     /// The same cloud refusing a summary whose sequence is not newer than the last `ledger` holds
@@ -160,6 +175,35 @@ impl<'a> CloudNode<'a> {
     /// The schema hash devices must send.
     pub fn schema_hash(&self) -> SchemaHash {
         self.generator.schema().hash()
+    }
+
+    /// The remembered reply to a byte-for-byte copy of a request already answered, if it may be
+    /// sent again: to the device the reply names (as far as the transport authenticated it), and,
+    /// with a ledger, only for the device's latest answered request — a retry. An older copy is
+    /// a replay and goes on to be refused (and audited) as one.
+    fn repeat(&self, peer: &Peer, request: &[u8]) -> Option<Reply> {
+        let bytes = self.replies?.get(request)?;
+        if !self.check_identity(peer, &bytes) {
+            return None;
+        }
+        if let Some(ledger) = self.ledger {
+            let header = crate::wire::Header::peek(request).ok()?;
+            if ledger.last(&DeviceId(header.device.to_string())) != Some(header.sequence) {
+                return None;
+            }
+        }
+        Some(Reply { bytes, outcome: Outcome::Repeated })
+    }
+
+    /// Whether a remembered `reply` may go to `peer`: the device it names is the one the
+    /// transport authenticated (if it authenticated one).
+    fn check_identity(&self, peer: &Peer, reply: &[u8]) -> bool {
+        let named = crate::wire::unchecked_envelope(reply).and_then(|b| crate::wire::Header::peek(b).ok());
+        match (&peer.identity, named) {
+            (None, Some(_)) => true,
+            (Some(identity), Some(header)) => identity.0 == header.device,
+            (_, None) => false,
+        }
     }
 
     /// Checks one request: a summary envelope, for this schema, from the device it claims to be,
@@ -217,8 +261,13 @@ impl<'a> CloudNode<'a> {
     /// device), and returns how long generation took.
     pub fn respond(&self, requests: &[(&Peer, &[u8])]) -> (Vec<Reply>, Duration) {
         let mut batch = HashMap::new();
-        let checked: Vec<Result<Accepted, Reply>> =
-            requests.iter().map(|(peer, bytes)| self.check(peer, bytes, &mut batch)).collect();
+        let checked: Vec<Result<Accepted, Reply>> = requests
+            .iter()
+            .map(|(peer, bytes)| match self.repeat(peer, bytes) {
+                Some(reply) => Err(reply),
+                None => self.check(peer, bytes, &mut batch),
+            })
+            .collect();
         let summaries: Vec<AnchorSummary> =
             checked.iter().filter_map(|c| c.as_ref().ok()).map(|a| a.summary.clone()).collect();
         let t0 = Instant::now();
@@ -268,13 +317,20 @@ impl<'a> CloudNode<'a> {
                 }
             }
         }
-        let replies = replies
+        let replies: Vec<Reply> = replies
             .into_iter()
             .map(|reply| match self.signer {
-                Some(signer) => Reply { bytes: crate::wire::sign(&reply.bytes, signer), ..reply },
-                None => reply,
+                Some(signer) if reply.outcome != Outcome::Repeated => {
+                    Reply { bytes: crate::wire::sign(&reply.bytes, signer), ..reply }
+                }
+                _ => reply,
             })
             .collect();
+        if let Some(cache) = self.replies {
+            for ((_, request), reply) in requests.iter().zip(&replies).filter(|(_, r)| r.outcome == Outcome::Adapted) {
+                cache.insert(request, &reply.bytes);
+            }
+        }
         (replies, elapsed)
     }
 
@@ -643,6 +699,37 @@ mod tests {
         assert_eq!(decoded[0].to_params().expect("params").tensors["w"].values(), &[2.0]);
         assert_eq!(decoded[1].device, DeviceId("b".into()));
         assert!(decoded[1].to_error().expect("error reply").contains("generation"));
+    }
+
+    #[test]
+    fn a_retry_gets_the_same_reply_and_is_not_adapted_again() {
+        let generator = picky();
+        let ledger = SequenceLedger::in_memory();
+        let cache = ReplyCache::default();
+        let cloud = CloudNode::new(&generator, Quantisation::F32).with_ledger(&ledger).with_reply_cache(&cache);
+        let anyone = Peer::default();
+        let first = request(&generator, "a", 2);
+        let (replies, _) = cloud.respond(&[(&anyone, &first)]);
+        assert_eq!(replies[0].outcome, Outcome::Adapted);
+        // The same bytes again (a re-published request): the same reply, nothing generated.
+        let (again, elapsed) = cloud.respond(&[(&anyone, &first)]);
+        assert_eq!(again[0].outcome, Outcome::Repeated);
+        assert_eq!(again[0].bytes, replies[0].bytes);
+        assert!(elapsed.is_zero(), "a repeated request is not generated for");
+        // Another device's transport identity does not get device a's reply.
+        let other = Peer { identity: Some(DeviceId("b".into())), address: "test".into() };
+        let (stolen, _) = cloud.respond(&[(&other, &first)]);
+        assert_eq!(stolen[0].outcome, Outcome::Impersonation);
+        // A new nonce is a new request: refused as a replay of sequence 1.
+        let renonced = Envelope::decode(&first).expect("decodes").with_nonce(99).encode().expect("encodes");
+        let (replayed, _) = cloud.respond(&[(&anyone, &renonced)]);
+        assert_eq!(replayed[0].outcome, Outcome::Replayed);
+        // Once the device has moved on, a copy of its older request is a replay, remembered or not.
+        let newer = Envelope::decode(&request(&generator, "a", 2)).expect("decodes");
+        let newer = Envelope { sequence: 2, ..newer }.encode().expect("encodes");
+        assert_eq!(cloud.respond(&[(&anyone, &newer)]).0[0].outcome, Outcome::Adapted);
+        assert_eq!(cloud.respond(&[(&anyone, &first)]).0[0].outcome, Outcome::Replayed);
+        assert_eq!(cloud.respond(&[(&anyone, &newer)]).0[0].outcome, Outcome::Repeated);
     }
 
     #[test]

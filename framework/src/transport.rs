@@ -252,6 +252,106 @@ impl DeviceLink for Box<dyn DeviceLink> {
     }
 }
 
+/// Two cloud endpoints served as one: requests from either, each reply routed back through the
+/// endpoint its request came from (a cloud worker taking adaptation requests over a broker and
+/// over HTTP at once). Neither starves the other: they are asked in turn, and while both are
+/// idle each is waited on for at most [`Merged::SLICE`] at a time.
+#[derive(Debug)]
+pub struct Merged<A, B> {
+    a: A,
+    b: B,
+    /// Our ticket → (from `a`?, its ticket there).
+    routes: std::collections::HashMap<u64, (bool, u64)>,
+    next_ticket: u64,
+    a_first: bool,
+    closed: (bool, bool),
+}
+
+impl<A: CloudEndpoint, B: CloudEndpoint> Merged<A, B> {
+    /// The longest one endpoint is waited on while the other may have a request.
+    pub const SLICE: Duration = Duration::from_millis(2);
+
+    /// Serves `a` and `b` as one endpoint.
+    pub fn new(a: A, b: B) -> Self {
+        Self { a, b, routes: Default::default(), next_ticket: 0, a_first: true, closed: (false, false) }
+    }
+
+    /// Asks one endpoint, waiting at most `wait`; a closed one is remembered and skipped.
+    fn ask(&mut self, from_a: bool, wait: Duration) -> Result<Option<Request>, TransportError> {
+        let (endpoint, closed): (&mut dyn CloudEndpoint, &mut bool) =
+            if from_a { (&mut self.a, &mut self.closed.0) } else { (&mut self.b, &mut self.closed.1) };
+        if *closed {
+            return Ok(None);
+        }
+        match endpoint.next_request(wait) {
+            Ok(Some(mut request)) => {
+                self.next_ticket += 1;
+                self.routes.insert(self.next_ticket, (from_a, request.ticket));
+                request.ticket = self.next_ticket;
+                Ok(Some(request))
+            }
+            Ok(None) => Ok(None),
+            Err(TransportError::Closed(_)) => {
+                *closed = true;
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl<A: CloudEndpoint, B: CloudEndpoint> CloudEndpoint for Merged<A, B> {
+    fn next_request(&mut self, timeout: Duration) -> Result<Option<Request>, TransportError> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if self.closed == (true, true) {
+                return Err(TransportError::Closed("both endpoints closed".into()));
+            }
+            let first = self.a_first;
+            self.a_first = !first;
+            for from_a in [first, !first] {
+                if let Some(request) = self.ask(from_a, Duration::ZERO)? {
+                    return Ok(Some(request));
+                }
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            // Both idle: wait a slice on one (alternating), then look at both again.
+            let wait = if self.closed.0 || self.closed.1 { left } else { left.min(Self::SLICE) };
+            let from_a = if self.closed.0 {
+                false
+            } else if self.closed.1 {
+                true
+            } else {
+                first
+            };
+            if let Some(request) = self.ask(from_a, wait)? {
+                return Ok(Some(request));
+            }
+        }
+    }
+
+    fn reply(&mut self, ticket: u64, bytes: Vec<u8>) -> Result<(), TransportError> {
+        match self.routes.remove(&ticket) {
+            Some((true, inner)) => self.a.reply(inner, bytes),
+            Some((false, inner)) => self.b.reply(inner, bytes),
+            None => Ok(()),
+        }
+    }
+}
+
+impl CloudEndpoint for Box<dyn CloudEndpoint> {
+    fn next_request(&mut self, timeout: Duration) -> Result<Option<Request>, TransportError> {
+        (**self).next_request(timeout)
+    }
+
+    fn reply(&mut self, ticket: u64, bytes: Vec<u8>) -> Result<(), TransportError> {
+        (**self).reply(ticket, bytes)
+    }
+}
+
 /// What crosses the in-process channel: the request and where its reply goes.
 type Delivery = (Request, Sender<Result<Vec<u8>, TransportError>>);
 
@@ -370,6 +470,30 @@ mod tests {
     use super::*;
     use crate::slots::SchemaHash;
     use crate::wire::MessageKind;
+
+    #[test]
+    fn a_merged_endpoint_answers_each_request_through_the_endpoint_it_came_from() {
+        let (mut one, mut two) = (InProcess::new(), InProcess::new());
+        let mut merged = Merged::new(one.endpoint().expect("endpoint"), two.endpoint().expect("endpoint"));
+        let links = [one.link(&DeviceId("a".into())).expect("link"), two.link(&DeviceId("b".into())).expect("link")];
+        let asking: Vec<_> = links
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut link)| std::thread::spawn(move || link.exchange(vec![i as u8], Duration::from_secs(10))))
+            .collect();
+        for _ in 0..2 {
+            let request = loop {
+                if let Some(r) = merged.next_request(Duration::from_millis(100)).expect("serves") {
+                    break r;
+                }
+            };
+            let mut reply = request.peer.identity.map(|d| d.0.into_bytes()).unwrap_or_default();
+            reply.extend(&request.bytes);
+            merged.reply(request.ticket, reply).expect("replied");
+        }
+        let replies: Vec<Vec<u8>> = asking.into_iter().map(|t| t.join().expect("thread").expect("reply")).collect();
+        assert_eq!(replies, [b"a\x00".to_vec(), b"b\x01".to_vec()]);
+    }
 
     fn envelope(device: &str) -> Envelope {
         Envelope {

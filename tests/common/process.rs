@@ -84,9 +84,16 @@ listen = "127.0.0.1:{port}"
 /// Starts `mmpg cloud serve` and waits (bounded) until it serves; its stderr goes to
 /// `dir/cloud-<n>.log`.
 pub fn cloud(deployment: &Path, dir: &Path, n: usize) -> Proc {
+    cloud_with(deployment, dir, n, &[])
+}
+
+/// `mmpg cloud serve` with `extra` arguments, its stderr in `dir/cloud-<n>.log`; returns once it
+/// says it serves.
+pub fn cloud_with(deployment: &Path, dir: &Path, n: usize, extra: &[&str]) -> Proc {
     let log = std::fs::File::create(dir.join(format!("cloud-{n}.log"))).expect("log");
     let mut child = mmpg()
         .args(["cloud", "serve"])
+        .args(extra)
         .arg(deployment)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

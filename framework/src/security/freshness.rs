@@ -84,33 +84,7 @@ impl SequenceLedger {
             Err(std::fs::TryLockError::WouldBlock) => return Err(LedgerError::Locked { path: lock_path }),
             Err(std::fs::TryLockError::Error(error)) => return Err(LedgerError::Io { path: lock_path, error }),
         }
-        let text = match std::fs::read(path) {
-            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(io(e)),
-        };
-        let parse = |line: &str| {
-            line.split_once(' ').and_then(|(id, seq)| {
-                let device = identity::decode(id)?;
-                Some((device, seq.trim().parse::<u64>().ok()?))
-            })
-        };
-        // A cut-short last line is dropped only if it does not parse: one that does is at worst
-        // a smaller number than was written, which still refuses more than forgetting it.
-        let complete = match text.rfind('\n') {
-            Some(end) if parse(&text[end + 1..]).is_none() => &text[..end],
-            None if parse(&text).is_none() => "",
-            _ => text.as_str(),
-        };
-        let mut last = HashMap::new();
-        for (i, line) in complete.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-            let Some((device, sequence)) = parse(line) else {
-                let text = line.chars().take(80).collect();
-                return Err(LedgerError::Line { path: path.to_path_buf(), line: i + 1, text });
-            };
-            let entry = last.entry(device).or_insert(sequence);
-            *entry = (*entry).max(sequence);
-        }
+        let last = read_ledger(path)?;
         let mut compact: Vec<(&String, &u64)> = last.iter().collect();
         compact.sort();
         let body: String = compact.iter().map(|(d, s)| format!("{} {s}\n", identity::encode(d))).collect();
@@ -124,6 +98,52 @@ impl SequenceLedger {
         std::fs::rename(&temp, &target).map_err(io)?;
         let file = std::fs::OpenOptions::new().append(true).open(&target).map_err(io)?;
         Ok(Self { last: Mutex::new(last), file: Some((path.to_path_buf(), Mutex::new(file))), _lock: Some(lock) })
+    }
+
+    /// The ledger of one of several cloud workers sharing a kit (the MQTT transport's workers in
+    /// one shared subscription): the first of `<stem>-0.<ext>`, `<stem>-1.<ext>`, … beside `path`
+    /// that no other process holds, which it writes; every other worker's file is read (not
+    /// written) at start, so a worker also refuses what the others had answered by then. Returns
+    /// the ledger and its worker number.
+    ///
+    /// Between workers running at the same time a replay is refused only by a worker that saw
+    /// the sequence: the broker's ACL (a device publishes only to its own topic) is what keeps
+    /// others from sending as a device at all.
+    ///
+    /// # Errors
+    /// [`LedgerError`] naming the file (and line); [`LedgerError::Locked`] when all
+    /// [`MAX_WORKERS`](Self::MAX_WORKERS) are taken.
+    pub fn open_worker(path: &Path) -> Result<(Self, usize), LedgerError> {
+        let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let ext = path.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_default();
+        let of = |i: usize| path.with_file_name(format!("{stem}-{i}.{ext}"));
+        for i in 0..Self::MAX_WORKERS {
+            let ledger = match Self::open(&of(i)) {
+                Ok(ledger) => ledger,
+                Err(LedgerError::Locked { .. }) => continue,
+                Err(e) => return Err(e),
+            };
+            let others = (0..Self::MAX_WORKERS).filter(|j| *j != i).map(of).filter(|p| p.exists());
+            for other in std::iter::once(path.to_path_buf()).chain(others) {
+                let seen = read_ledger(&other)?;
+                if let Ok(mut last) = ledger.last.lock() {
+                    for (device, sequence) in seen {
+                        let entry = last.entry(device).or_insert(sequence);
+                        *entry = (*entry).max(sequence);
+                    }
+                }
+            }
+            return Ok((ledger, i));
+        }
+        Err(LedgerError::Locked { path: of(Self::MAX_WORKERS - 1).with_extension("lock") })
+    }
+
+    /// Most workers [`open_worker`](Self::open_worker) numbers.
+    pub const MAX_WORKERS: usize = 64;
+
+    /// The file it writes (`None` in memory).
+    pub fn path(&self) -> Option<&Path> {
+        self.file.as_ref().map(|(path, _)| path.as_path())
     }
 
     /// The last sequence accepted from `device`, if any.
@@ -171,6 +191,39 @@ impl SequenceLedger {
     }
 }
 
+/// The sequences a ledger file records, each device's largest (an absent file records none). A
+/// last line without its newline that does not parse (a write cut short by a crash) is dropped.
+fn read_ledger(path: &Path) -> Result<HashMap<String, u64>, LedgerError> {
+    let text = match std::fs::read(path) {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(error) => return Err(LedgerError::Io { path: path.to_path_buf(), error }),
+    };
+    let parse = |line: &str| {
+        line.split_once(' ').and_then(|(id, seq)| {
+            let device = identity::decode(id)?;
+            Some((device, seq.trim().parse::<u64>().ok()?))
+        })
+    };
+    // A cut-short last line is dropped only if it does not parse: one that does is at worst
+    // a smaller number than was written, which still refuses more than forgetting it.
+    let complete = match text.rfind('\n') {
+        Some(end) if parse(&text[end + 1..]).is_none() => &text[..end],
+        None if parse(&text).is_none() => "",
+        _ => text.as_str(),
+    };
+    let mut last = HashMap::new();
+    for (i, line) in complete.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let Some((device, sequence)) = parse(line) else {
+            let text = line.chars().take(80).collect();
+            return Err(LedgerError::Line { path: path.to_path_buf(), line: i + 1, text });
+        };
+        let entry = last.entry(device).or_insert(sequence);
+        *entry = (*entry).max(sequence);
+    }
+    Ok(last)
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -179,6 +232,24 @@ mod tests {
 
     fn id(s: &str) -> DeviceId {
         DeviceId(s.into())
+    }
+
+    #[test]
+    fn workers_take_their_own_files_and_read_each_others() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("cloud/sequences.log");
+        let (first, a) = SequenceLedger::open_worker(&path).expect("opens");
+        let (second, b) = SequenceLedger::open_worker(&path).expect("opens");
+        assert_eq!((a, b), (0, 1), "a held file is skipped");
+        first.record([(&id("d"), 4)]).expect("records");
+        second.record([(&id("e"), 9)]).expect("records");
+        assert_eq!(second.last(&id("d")), None, "running workers do not share memory");
+        drop(first);
+        // A restarted worker takes the free number and starts from every worker's record.
+        let (again, c) = SequenceLedger::open_worker(&path).expect("reopens");
+        assert_eq!(c, 0);
+        assert_eq!((again.last(&id("d")), again.last(&id("e"))), (Some(4), Some(9)));
+        assert!(dir.path().join("cloud/sequences-1.log").exists());
     }
 
     #[test]

@@ -152,6 +152,16 @@ impl Kit {
         self.root.join("audit.jsonl")
     }
 
+    /// The MQTT broker's files (`passwd`, `acl`), written by the mqtt transport's provisioning.
+    pub fn broker(&self) -> PathBuf {
+        self.root.join("broker")
+    }
+
+    /// The cloud workers' password on the MQTT broker.
+    pub fn cloud_broker_password(&self) -> PathBuf {
+        self.root.join("cloud").join("broker-password")
+    }
+
     /// The cloud's ledger of the last request sequence accepted from each device.
     pub fn sequences(&self) -> PathBuf {
         self.root.join("cloud").join("sequences.log")
@@ -190,6 +200,11 @@ impl DeviceKit {
     pub fn signing_public(&self) -> PathBuf {
         self.dir.join("signing.pub.pem")
     }
+
+    /// The device's password on the MQTT broker (under the mqtt transport).
+    pub fn broker_password(&self) -> PathBuf {
+        self.dir.join("broker-password")
+    }
 }
 
 /// What a provisioning run did.
@@ -207,15 +222,23 @@ pub struct Provisioned {
     pub kept: Vec<String>,
 }
 
-fn write_public(path: &Path, bytes: &[u8]) -> Result<(), ProvisionError> {
+/// Writes a file anyone may read (certificates, public keys, ACLs), creating its folder.
+///
+/// # Errors
+/// [`ProvisionError::Io`] naming the file or folder.
+pub fn write_public(path: &Path, bytes: &[u8]) -> Result<(), ProvisionError> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(io(parent))?;
     }
     std::fs::write(path, bytes).map_err(io(path))
 }
 
-/// Writes a private key: mode 0600 from the moment the file exists, in place atomically.
-fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), ProvisionError> {
+/// Writes a secret (a private key, a password): mode 0600 from the moment the file exists,
+/// synced, and renamed into place, so no reader ever sees it half-written or world-readable.
+///
+/// # Errors
+/// [`ProvisionError::Io`] naming the file or folder.
+pub fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), ProvisionError> {
     use std::io::Write as _;
     let parent = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io(parent))?;

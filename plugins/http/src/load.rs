@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use mmpg::data::DeviceId;
+use mmpg::load::{LoadReport, load_device};
 use mmpg::security::{DeviceKit, Kit};
 use mmpg::slots::SchemaHash;
 use mmpg::wire::{Envelope, MessageKind};
-use serde::Serialize;
 
 use crate::HttpError;
 use crate::server::OCTET_STREAM;
@@ -30,29 +30,6 @@ pub struct LoadSettings {
     pub duration: Duration,
     /// Per-request timeout.
     pub timeout: Duration,
-}
-
-/// What a load run measured.
-#[derive(Debug, Clone, Serialize)]
-pub struct LoadReport {
-    /// Concurrent devices.
-    pub devices: usize,
-    /// Seconds of load.
-    pub seconds: f64,
-    /// Requests answered with parameters.
-    pub adapted: u64,
-    /// Adaptations per second.
-    pub throughput: f64,
-    /// Latency percentiles of answered requests, in ms.
-    pub p50_ms: f64,
-    /// 90th percentile.
-    pub p90_ms: f64,
-    /// 99th percentile.
-    pub p99_ms: f64,
-    /// Slowest.
-    pub max_ms: f64,
-    /// Failed requests by kind (`status-503`, `timeout`, `refused`, …).
-    pub errors: BTreeMap<String, u64>,
 }
 
 /// One device's loop: its own client (so its own connection), envelopes with its id and
@@ -127,19 +104,6 @@ async fn device(
     (latencies, errors)
 }
 
-/// The id of the load's device `i`: `load-00000`, `load-00001`, …
-pub fn load_device(i: usize) -> String {
-    format!("load-{i:05}")
-}
-
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
-
 /// Runs the load: device `i` sends `templates[i % len]` (schema hash, summary payload).
 ///
 /// # Errors
@@ -201,28 +165,8 @@ pub fn run(settings: &LoadSettings, templates: &[(SchemaHash, Vec<u8>)]) -> Resu
             Err(_) => *errors.entry("task-panicked".into()).or_default() += 1,
         }
     }
-    latencies.sort_by(f64::total_cmp);
-    Ok(LoadReport {
-        devices: settings.devices,
-        seconds,
-        adapted: latencies.len() as u64,
-        throughput: latencies.len() as f64 / settings.duration.as_secs_f64().max(1e-9),
-        p50_ms: percentile(&latencies, 0.5),
-        p90_ms: percentile(&latencies, 0.9),
-        p99_ms: percentile(&latencies, 0.99),
-        max_ms: latencies.last().copied().unwrap_or(f64::NAN),
-        errors,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::percentile;
-
-    #[test]
-    fn percentiles_are_nearest_rank() {
-        let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!((percentile(&v, 0.5), percentile(&v, 0.99), percentile(&v, 1.0)), (50.0, 99.0, 100.0));
-        assert!(percentile(&[], 0.5).is_nan());
-    }
+    // Throughput over the load's set duration; `seconds` is the wall time it took.
+    let mut report = LoadReport::of(settings.devices, settings.duration.as_secs_f64(), latencies, errors);
+    report.seconds = seconds;
+    Ok(report)
 }

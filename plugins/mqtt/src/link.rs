@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 use mmpg::DeviceId;
 use mmpg::transport::{CloudEndpoint, DeviceLink, Peer, Request, TransportError};
 use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::ConnectReturnCode;
 use rumqttc::v5::mqttbytes::v5::{Packet, SubscribeReasonCode};
-use rumqttc::v5::{Client, Connection, Event, MqttOptions};
+use rumqttc::v5::{Client, Connection, ConnectionError, Event, MqttOptions};
+use rumqttc::{TlsConfiguration, Transport};
 
 use crate::chunk::{Reassembler, split};
 use crate::{BrokerSettings, MAX_MESSAGE, MAX_PACKET, REASSEMBLY_TIMEOUT, Topics};
@@ -44,6 +46,12 @@ impl Session {
         options.set_keep_alive(Duration::from_secs(30));
         options.set_clean_start(true);
         options.set_max_packet_size(Some(MAX_PACKET));
+        if let Some(tls) = &settings.tls {
+            options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls.clone())));
+        }
+        if let Some(c) = &settings.credentials {
+            options.set_credentials(c.username.clone(), c.password.clone());
+        }
         let (client, connection) = Client::new(options, 64);
         let (messages_tx, messages) = mpsc::channel();
         let (ready_tx, ready) = mpsc::channel();
@@ -55,10 +63,10 @@ impl Session {
             .map_err(|e| TransportError::Closed(format!("cannot start the MQTT thread: {e}")))?;
         let max_packet = settings.max_packet.min(MAX_PACKET as usize);
         let session = Self { client, messages, stop, max_packet, sent: AtomicU64::new(0) };
-        let address = format!("{}:{}", settings.host, settings.port);
+        let address = settings.url();
         match ready.recv_timeout(settings.connect_timeout) {
             Ok(Ok(())) => Ok(session),
-            Ok(Err(e)) => Err(TransportError::Unreachable(format!("MQTT broker {address}: {e}"))),
+            Ok(Err(e)) => Err(e.at(&address)),
             Err(_) => Err(TransportError::Unreachable(format!(
                 "MQTT broker {address}: no subscription granted within {:?}",
                 settings.connect_timeout
@@ -87,6 +95,66 @@ impl Drop for Session {
     }
 }
 
+/// Why a session could not start.
+enum Failure {
+    /// The network (refused, reset, timed out): worth trying again.
+    Network(String),
+    /// The broker's certificate was not trusted: trying again will not help.
+    Tls(String),
+    /// The broker refused this client (MQTT v5 reason code and name): not without new credentials.
+    Refused(u16, String),
+}
+
+impl Failure {
+    fn of(error: &ConnectionError) -> Self {
+        match error {
+            ConnectionError::Tls(e) => Failure::Tls(e.to_string()),
+            ConnectionError::ConnectionRefused(code) => Failure::Refused(reason_code(*code), format!("{code:?}")),
+            e => Failure::Network(e.to_string()),
+        }
+    }
+
+    fn at(self, address: &str) -> TransportError {
+        match self {
+            Failure::Network(e) => TransportError::Unreachable(format!("MQTT broker {address}: {e}")),
+            Failure::Tls(e) => TransportError::Tls(format!("MQTT broker {address}: {e}")),
+            Failure::Refused(status, why) => TransportError::Status {
+                status,
+                message: format!("MQTT broker {address} refused the connection: {why}"),
+            },
+        }
+    }
+}
+
+/// The MQTT v5 reason code of a refused connection (CONNACK), as the protocol numbers it.
+fn reason_code(code: ConnectReturnCode) -> u16 {
+    use ConnectReturnCode as C;
+    match code {
+        C::Success => 0x00,
+        C::RefusedProtocolVersion | C::UnsupportedProtocolVersion => 0x84,
+        C::BadClientId | C::ClientIdentifierNotValid => 0x85,
+        C::BadUserNamePassword => 0x86,
+        C::NotAuthorized => 0x87,
+        C::ServiceUnavailable | C::ServerUnavailable => 0x88,
+        C::ServerBusy => 0x89,
+        C::Banned => 0x8A,
+        C::BadAuthenticationMethod => 0x8C,
+        C::TopicNameInvalid => 0x90,
+        C::PacketTooLarge => 0x95,
+        C::QuotaExceeded => 0x97,
+        C::PayloadFormatInvalid => 0x99,
+        C::RetainNotSupported => 0x9A,
+        C::QoSNotSupported => 0x9B,
+        C::UseAnotherServer => 0x9C,
+        C::ServerMoved => 0x9D,
+        C::ConnectionRateExceeded => 0x9F,
+        C::MalformedPacket => 0x81,
+        C::ProtocolError => 0x82,
+        C::ImplementationSpecificError => 0x83,
+        C::UnspecifiedError => 0x80,
+    }
+}
+
 /// The network thread: drives the connection, renews the subscription after each connect, and
 /// forwards what arrives until stopped.
 fn run(
@@ -94,7 +162,7 @@ fn run(
     client: &Client,
     filter: &str,
     messages: &Sender<Message>,
-    ready: &Sender<Result<(), String>>,
+    ready: &Sender<Result<(), Failure>>,
     stop: &AtomicBool,
 ) {
     for event in connection.iter() {
@@ -104,14 +172,17 @@ fn run(
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 if let Err(e) = client.try_subscribe(filter, QoS::AtLeastOnce) {
-                    let _ = ready.send(Err(format!("subscribing to {filter}: {e}")));
+                    let _ = ready.send(Err(Failure::Network(format!("subscribing to {filter}: {e}"))));
                 }
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
                 let refused = ack.return_codes.iter().find(|c| !matches!(c, SubscribeReasonCode::Success(_)));
                 let _ = ready.send(match refused {
                     None => Ok(()),
-                    Some(code) => Err(format!("the broker refused the subscription to {filter}: {code:?}")),
+                    Some(code) => Err(Failure::Refused(
+                        0x87,
+                        format!("the broker refused the subscription to {filter}: {code:?}"),
+                    )),
                 });
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -122,7 +193,7 @@ fn run(
             }
             Ok(_) => {}
             Err(e) => {
-                let _ = ready.send(Err(e.to_string()));
+                let _ = ready.send(Err(Failure::of(&e)));
                 // rumqttc reconnects on the next poll; not in a tight loop.
                 std::thread::sleep(Duration::from_millis(500));
             }
@@ -193,6 +264,19 @@ pub struct MqttEndpoint {
     next_ticket: u64,
     /// Chunked summaries in reassembly, by device.
     partial: HashMap<DeviceId, Reassembler>,
+    gate: Option<Gate>,
+}
+
+/// Whether a request (its sender, its bytes) may be served at all.
+type Admit = dyn Fn(&Peer, &[u8]) -> bool + Send;
+
+/// Decides, before a request is handed on, whether its sender may be served at all.
+struct Gate(Box<Admit>);
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Gate")
+    }
 }
 
 impl MqttEndpoint {
@@ -208,7 +292,21 @@ impl MqttEndpoint {
     ) -> Result<Self, TransportError> {
         let client_id = format!("mmpg-cloud-{}", crate::topics::level(&DeviceId(format!("{group}-{worker}"))));
         let session = Session::open(settings, &client_id, topics.shared_summaries(group))?;
-        Ok(Self { session, topics: topics.clone(), waiting: HashMap::new(), next_ticket: 0, partial: HashMap::new() })
+        Ok(Self {
+            session,
+            topics: topics.clone(),
+            waiting: HashMap::new(),
+            next_ticket: 0,
+            partial: HashMap::new(),
+            gate: None,
+        })
+    }
+
+    /// The same endpoint handing on only requests `admit` accepts (a cloud's revocation list
+    /// and rate limits); the others are dropped unanswered — `admit` records why — and the
+    /// device's retries meet the same gate.
+    pub fn admitting(self, admit: impl Fn(&Peer, &[u8]) -> bool + Send + 'static) -> Self {
+        Self { gate: Some(Gate(Box::new(admit))), ..self }
     }
 }
 
@@ -227,9 +325,12 @@ impl CloudEndpoint for MqttEndpoint {
                         .or_insert_with(|| Reassembler::new(MAX_MESSAGE, REASSEMBLY_TIMEOUT));
                     // A malformed or partial chunked message is not a request (yet).
                     let Ok(Some(bytes)) = reassembler.push(&bytes, Instant::now()) else { continue };
+                    let peer = Peer { identity: Some(device.clone()), address: format!("mqtt {topic}") };
+                    if self.gate.as_ref().is_some_and(|gate| !(gate.0)(&peer, &bytes)) {
+                        continue;
+                    }
                     self.next_ticket += 1;
-                    self.waiting.insert(self.next_ticket, device.clone());
-                    let peer = Peer { identity: Some(device), address: format!("mqtt {topic}") };
+                    self.waiting.insert(self.next_ticket, device);
                     return Ok(Some(Request { ticket: self.next_ticket, peer, bytes }));
                 }
                 Err(RecvTimeoutError::Timeout) => return Ok(None),

@@ -2,65 +2,30 @@
 //! installs): each test starts its own broker on a free loopback port with a generated config,
 //! never the system service, and kills it (by pid) when it ends. Every wait is bounded.
 
-use std::net::{TcpListener, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mmpg::DeviceId;
+use mmpg::security::{DeviceKit, Kit};
 use mmpg::transport::{CloudEndpoint, DeviceLink, TransportError};
-use mmpg_mqtt::{BrokerSettings, MqttEndpoint, MqttLink, Topics};
+use mmpg_mqtt::credentials::{CLOUD_USER, read_password, write_broker_files};
+use mmpg_mqtt::mosquitto::{Mosquitto, Secured};
+use mmpg_mqtt::{BrokerSettings, Credentials, MqttEndpoint, MqttLink, Topics};
 
-/// A broker killed and reaped when dropped.
+/// A broker of the test's own and how to reach it.
 struct Broker {
-    child: Child,
     settings: BrokerSettings,
+    // Dropped (killed) before its folder.
+    _process: Mosquitto,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn mosquitto() -> &'static str {
-    ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("mosquitto is not installed: `scripts/test` installs it (apt package `mosquitto`)")
 }
 
 fn broker() -> Broker {
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
-    let config = dir.path().join("mosquitto.conf");
-    std::fs::write(&config, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"))
-        .expect("config");
-    let log = std::fs::File::create(dir.path().join("mosquitto.log")).expect("log");
-    let child = Command::new(mosquitto())
-        .arg("-c")
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("mosquitto starts");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "mosquitto did not listen on {port} within 10 s");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let settings = BrokerSettings {
-        host: "127.0.0.1".into(),
-        port,
-        connect_timeout: Duration::from_secs(10),
-        max_packet: mmpg_mqtt::MAX_PACKET as usize,
-    };
-    Broker { child, settings, _dir: dir }
+    let process = Mosquitto::start(dir.path(), None).expect("mosquitto starts (scripts/test installs it)");
+    let settings = BrokerSettings::plain("127.0.0.1", process.port());
+    Broker { settings, _process: process, _dir: dir }
 }
 
 /// A cloud worker answering every request with `name`, the device the topic named and the
@@ -152,4 +117,116 @@ fn without_a_worker_a_device_times_out_and_without_a_broker_it_is_unreachable() 
     drop(broker);
     let err = MqttLink::connect(&settings, &topics, &DeviceId("late".into())).expect_err("no broker");
     assert!(matches!(err, TransportError::Unreachable(_)), "{err}");
+}
+
+/// A broker secured with a provisioned kit: TLS with the kit's CA, its password file and ACL.
+struct SecuredBroker {
+    kit: Kit,
+    topics: Topics,
+    tls: BrokerSettings,
+    _process: Mosquitto,
+    _dir: tempfile::TempDir,
+}
+
+impl SecuredBroker {
+    fn start(devices: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kit = Kit::new(&dir.path().join("kit"));
+        let devices: Vec<String> = devices.iter().map(|d| (*d).to_string()).collect();
+        mmpg::security::provision(&kit, &["127.0.0.1".into()], &devices).expect("provisioned");
+        let topics = Topics::new("secure");
+        let files = write_broker_files(&kit, &topics, &devices, &Default::default()).expect("broker files");
+        let secured = Secured { cert: kit.server_cert(), key: kit.server_key(), files };
+        let process = Mosquitto::start(&dir.path().join("broker"), Some(&secured)).expect("mosquitto starts");
+        let tls = BrokerSettings {
+            tls: Some(mmpg_mqtt::tls::client_config(&kit.ca_cert()).expect("CA")),
+            connect_timeout: Duration::from_secs(5),
+            ..BrokerSettings::plain("127.0.0.1", process.port())
+        };
+        Self { kit, topics, tls, _process: process, _dir: dir }
+    }
+
+    fn as_device(&self, device: &str) -> BrokerSettings {
+        let password = read_password(&DeviceKit::new(&self.kit.device_dir(device)).broker_password()).expect("pw");
+        let username = mmpg_mqtt::topics::level(&DeviceId(device.into()));
+        BrokerSettings { credentials: Some(Credentials { username, password }), ..self.tls.clone() }
+    }
+
+    fn as_cloud(&self) -> BrokerSettings {
+        let password = read_password(&self.kit.cloud_broker_password()).expect("pw");
+        BrokerSettings { credentials: Some(Credentials { username: CLOUD_USER.into(), password }), ..self.tls.clone() }
+    }
+}
+
+#[test]
+fn the_acl_keeps_each_device_to_its_own_topics_over_tls() {
+    let broker = SecuredBroker::start(&["device-a", "device/b"]);
+    let (a, b) = (DeviceId("device-a".into()), DeviceId("device/b".into()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let endpoint = MqttEndpoint::connect(&broker.as_cloud(), &broker.topics, "cloud", "w").expect("the cloud connects");
+    let worker = worker(endpoint, "w", stop.clone());
+
+    // Device A subscribing to B's parameters is granted by Mosquitto, but nothing B receives is
+    // delivered to it (the ACL's read check is made at delivery); its own publish as B (first
+    // thing `exchange` does) is dropped.
+    let mut spy = MqttLink::connect(&broker.as_device("device-a"), &broker.topics, &b).expect("connects");
+    let spying = std::thread::spawn(move || spy.exchange(b"posing as b".to_vec(), Duration::from_secs(3)));
+    std::thread::sleep(Duration::from_millis(300));
+    // Each device, with its own password over TLS, exchanges through the worker.
+    for (device, id) in [(&a, "device-a"), (&b, "device/b")] {
+        let mut link = MqttLink::connect(&broker.as_device(id), &broker.topics, device).expect("connects");
+        let reply = link.exchange(b"hello".to_vec(), Duration::from_secs(10)).expect("a reply");
+        assert_eq!(reply, format!("w|{id}|hello").into_bytes());
+    }
+    let spied = spying.join().expect("spy");
+    assert!(matches!(spied, Err(TransportError::Timeout(_))), "A read B's parameters: {spied:?}");
+    // Publishing as B is refused by the broker (MQTT v5 PUBACK reason).
+    let reason = raw_publish(&broker.as_device("device-a"), &broker.topics.summary(&b), b"posing as b");
+    assert_eq!(reason.as_deref(), Some("NotAuthorized"), "the broker refuses the publish");
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(worker.join().expect("worker"), 2, "only the devices' own requests reached the worker");
+
+    // A wrong password, no password, and a broker whose certificate the client does not trust.
+    let wrong = BrokerSettings {
+        credentials: Some(Credentials { username: "device-a".into(), password: "guess".into() }),
+        ..broker.tls.clone()
+    };
+    let err = MqttLink::connect(&wrong, &broker.topics, &a).expect_err("wrong password");
+    assert!(matches!(err, TransportError::Status { status: 0x86 | 0x87, .. }), "{err}");
+    let err = MqttLink::connect(&broker.tls, &broker.topics, &a).expect_err("anonymous");
+    assert!(matches!(err, TransportError::Status { status: 0x86 | 0x87, .. }), "{err}");
+    let other = tempfile::tempdir().expect("tempdir");
+    let other_kit = Kit::new(other.path());
+    mmpg::security::provision(&other_kit, &["127.0.0.1".into()], &[]).expect("another CA");
+    let untrusting = BrokerSettings {
+        tls: Some(mmpg_mqtt::tls::client_config(&other_kit.ca_cert()).expect("CA")),
+        ..broker.as_device("device-a")
+    };
+    let err = MqttLink::connect(&untrusting, &broker.topics, &a).expect_err("untrusted broker");
+    assert!(matches!(err, TransportError::Tls(_)), "{err}");
+}
+
+/// Publishes one QoS 1 message as a bare rumqttc client and returns the broker's PUBACK reason.
+fn raw_publish(settings: &BrokerSettings, topic: &str, payload: &[u8]) -> Option<String> {
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::{Client, Event, MqttOptions};
+    let mut options = MqttOptions::new("raw-publisher", settings.host.clone(), settings.port);
+    if let Some(tls) = &settings.tls {
+        options.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls.clone())));
+    }
+    if let Some(c) = &settings.credentials {
+        options.set_credentials(c.username.clone(), c.password.clone());
+    }
+    let (client, mut connection) = Client::new(options, 8);
+    client.publish(topic, QoS::AtLeastOnce, false, payload.to_vec()).expect("queued");
+    for _ in 0..50 {
+        match connection.recv_timeout(Duration::from_millis(200)) {
+            Ok(Ok(Event::Incoming(Packet::PubAck(ack)))) => return Some(format!("{:?}", ack.reason)),
+            Ok(Err(_)) => return None,
+            _ => {}
+        }
+    }
+    None
 }
