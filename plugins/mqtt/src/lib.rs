@@ -106,6 +106,11 @@ pub const MAX_MESSAGE: usize = mmpg::wire::MAX_PAYLOAD + 4096;
 /// How long the chunks of one message may take to arrive.
 pub const REASSEMBLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// QoS 1 publishes a client keeps in flight (awaiting PUBACK) before it waits. rumqttc's default
+/// (65,535) preallocates a slot for each — about 13 MB per client, which 10,000 load devices
+/// cannot afford; a worker's replies and a chunked message's chunks need far fewer.
+pub const MAX_INFLIGHT: u16 = 256;
+
 /// Largest MQTT packet this client sends or accepts, in bytes: an envelope at the wire's limit
 /// plus the signed framing and MQTT's own header.
 pub const MAX_PACKET: u32 = (mmpg::wire::MAX_PAYLOAD + 64 * 1024) as u32;

@@ -46,6 +46,7 @@ impl Session {
         options.set_keep_alive(Duration::from_secs(30));
         options.set_clean_start(true);
         options.set_max_packet_size(Some(MAX_PACKET));
+        options.set_outgoing_inflight_upper_limit(crate::MAX_INFLIGHT);
         if let Some(tls) = &settings.tls {
             options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls.clone())));
         }

@@ -73,6 +73,8 @@ async fn connect(settings: &LoadSettings, i: usize, tally: &mut Tally) -> Option
     options.set_keep_alive(Duration::from_secs(60));
     options.set_clean_start(true);
     options.set_max_packet_size(Some(MAX_PACKET));
+    // One request at a time: a few in flight suffice (see MAX_INFLIGHT).
+    options.set_outgoing_inflight_upper_limit(16);
     if let Some(tls) = &b.tls {
         options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls.clone())));
     }
