@@ -33,7 +33,7 @@ struct Secured {
     /// Its gate before the cloud node.
     guard: Option<Arc<Guard>>,
     /// The key it signs replies and the bundle with.
-    signer: Option<CloudSigner>,
+    signer: Option<Arc<CloudSigner>>,
     /// The last sequence accepted from each device, kept across restarts.
     ledger: Option<SequenceLedger>,
 }
@@ -69,7 +69,7 @@ fn security(deployment: &Deployment, workers: bool) -> anyhow::Result<Secured> {
         let (ledger, file) = if workers {
             let (ledger, n) = SequenceLedger::open_worker(&kit.sequences())?;
             let file = ledger.path().unwrap_or(&kit.sequences()).display().to_string();
-            (ledger, format!("{file} (worker {n}; the other workers' files read at start)"))
+            (ledger, format!("the kit's worker ledgers; this worker, number {n}, writes {file}"))
         } else {
             (SequenceLedger::open(&kit.sequences())?, kit.sequences().display().to_string())
         };
@@ -81,7 +81,7 @@ fn security(deployment: &Deployment, workers: bool) -> anyhow::Result<Secured> {
         return Ok(Secured {
             tls: Some(Arc::new(tls)),
             guard: Some(Arc::new(guard)),
-            signer: Some(signer),
+            signer: Some(Arc::new(signer)),
             ledger: Some(ledger),
         });
     }
@@ -98,21 +98,44 @@ fn security(deployment: &Deployment, workers: bool) -> anyhow::Result<Secured> {
     Ok(Secured { tls, ..Secured::default() })
 }
 
-/// Joins the deployment's shared subscription as a new worker (a unique client id per process),
-/// passing only what `guard` admits under `[security]`.
-fn join_broker(
-    settings: &MqttSettings,
-    client: &BrokerSettings,
+/// What a worker answers a request its `Guard` refuses (revoked, over its rate): the cloud's
+/// error envelope for that request, signed, so the device learns why at once.
+struct Refusals {
     guard: Option<Arc<Guard>>,
-) -> anyhow::Result<MqttEndpoint> {
+    signer: Option<Arc<CloudSigner>>,
+    schema: mmpg::SchemaHash,
+}
+
+impl Refusals {
+    fn check(&self, peer: &mmpg::Peer, bytes: &[u8]) -> Result<(), Vec<u8>> {
+        let Some(guard) = &self.guard else { return Ok(()) };
+        let header = mmpg::wire::Header::peek(bytes).ok();
+        let identity = peer.identity.as_ref().map(|d| d.0.as_str());
+        let Err(denial) = guard.admit(identity, header.as_ref().map(|h| h.device), &peer.address) else {
+            return Ok(());
+        };
+        let (device, sequence, nonce) =
+            header.map_or((String::new(), 0, 0), |h| (h.device.to_string(), h.sequence, h.nonce));
+        let error =
+            mmpg::wire::Envelope::error(mmpg::DeviceId(device), sequence, self.schema, &denial.message(identity))
+                .with_nonce(nonce)
+                .encode()
+                .unwrap_or_default();
+        Err(match &self.signer {
+            Some(signer) => mmpg::wire::sign(&error, signer),
+            None => error,
+        })
+    }
+}
+
+/// Joins the deployment's shared subscription as a new worker (a unique client id per process),
+/// answering what the `Guard` refuses itself under `[security]`.
+fn join_broker(settings: &MqttSettings, client: &BrokerSettings, refusals: Refusals) -> anyhow::Result<MqttEndpoint> {
     let worker = format!("{}-{:08x}", std::process::id(), rand::random::<u32>());
     let mut endpoint = MqttEndpoint::connect(client, &settings.topics(), &settings.group, &worker)
         .with_context(|| format!("joining the broker {}", client.url()))?;
-    if let Some(guard) = guard {
-        endpoint = endpoint.admitting(move |peer, bytes| {
-            let claimed = mmpg::wire::Header::peek(bytes).ok().map(|h| h.device);
-            guard.admit(peer.identity.as_ref().map(|d| d.0.as_str()), claimed, &peer.address).is_ok()
-        });
+    if refusals.guard.is_some() {
+        endpoint = endpoint.admitting(move |peer, bytes| refusals.check(peer, bytes));
     }
     eprintln!(
         "mmpg cloud: worker {worker} in the shared subscription {} on {}",
@@ -177,7 +200,11 @@ pub fn serve(
     // A worker joins the shared subscription only once it can answer: the broker would hand it
     // summaries while it trained.
     let broker = match &mqtt {
-        Some((settings, client)) => Some(join_broker(settings, client, guard.clone())?),
+        Some((settings, client)) => {
+            let refusals =
+                Refusals { guard: guard.clone(), signer: signer.clone(), schema: cloud.generator.schema().hash() };
+            Some(join_broker(settings, client, refusals)?)
+        }
         None => None,
     };
     println!("{SERVING} {url}");
@@ -186,7 +213,7 @@ pub fn serve(
     let mut node = CloudNode::new(cloud.generator.as_ref(), deployment.cloud.download).with_reply_cache(&replies);
     if let Some(signer) = &signer {
         eprintln!("mmpg cloud: signing every reply (Ed25519 key {})", signer.public().fingerprint());
-        node = node.signed_by(signer);
+        node = node.signed_by(signer.as_ref());
     }
     if let Some(ledger) = &ledger {
         node = node.with_ledger(ledger);

@@ -20,7 +20,7 @@ use mmpg::transport::{DeviceLink, Metered, TransportError, Verified};
 use mmpg::wire::Envelope;
 use mmpg::{Clip, DeviceId, DomainSpec, Registry, Split, seed};
 use mmpg_http::CloudClient;
-use mmpg_mqtt::MqttLink;
+use mmpg_mqtt::ReconnectingLink;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
@@ -398,10 +398,10 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
         Some(mqtt) => {
             let url = crate::mqtt::broker(&deployment, &mqtt, options.broker.as_deref())?;
             let settings = crate::mqtt::device_client(&deployment, &mqtt, &url, &options.id, options.kit.as_deref())?;
-            let link = MqttLink::connect(&settings, &mqtt.topics(), &DeviceId(options.id.clone()))
-                .with_context(|| format!("connecting to the broker {url}"))?;
             log.event(json!({"event": "broker", "broker": url.to_string(), "max_packet": mqtt.max_packet}));
-            Box::new(link)
+            // Connected on first use: the device serves whether or not the broker is up, and a
+            // refusal is a failure of that request, in the log and the report.
+            Box::new(ReconnectingLink::new(settings, mqtt.topics(), DeviceId(options.id.clone())))
         }
         None if options.broker.is_some() => {
             anyhow::bail!("--broker: {} does not use the mqtt transport", deployment.file())

@@ -195,16 +195,18 @@ pub fn run(path: &Path, options: &LoadOptions, registry: &mut Registry) -> anyho
     let errors: u64 = report.errors.values().sum();
     println!("errors: {errors} {:?}", report.errors);
     if let Some(connect) = report.connect_seconds {
-        println!("connected every device in {connect:.1} s (before the timed load)");
+        let failed: u64 = report.errors.iter().filter(|(k, _)| k.starts_with("connect")).map(|(_, n)| n).sum();
+        let connected = report.devices as u64 - failed.min(report.devices as u64);
+        println!("{connected} of {} devices connected in {connect:.1} s (before the timed load)", report.devices);
     }
     if let Some(wire) = report.wire {
         println!(
-            "MQTT bytes on the wire (PUBLISH and PUBACK, framing included): {} up, {} down; {:.1} KB per adaptation \
-             ({} of them payload)",
+            "MQTT bytes on the wire (PUBLISH and PUBACK, framing included): {} up, {} down, {} of it payload; \
+             {:.1} KB per adaptation",
             wire.up,
             wire.down,
-            (wire.up + wire.down) as f64 / 1e3 / report.adapted.max(1) as f64,
-            wire.payload
+            wire.payload,
+            (wire.up + wire.down) as f64 / 1e3 / report.adapted.max(1) as f64
         );
     }
     // Cumulative counts → generation calls per batch-size range.
@@ -216,12 +218,15 @@ pub fn run(path: &Path, options: &LoadOptions, registry: &mut Registry) -> anyho
         }
         previous = *cumulative;
     }
-    println!("server batch sizes (generation calls): {}", shown.join(", "));
+    println!("server batch sizes (generation calls of the cloud at {}): {}", client.url(), shown.join(", "));
     if let Some(out) = &options.report {
         let json = serde_json::json!({ "load": report, "batch_size_buckets": batches });
         crate::create_parent(out)?;
         std::fs::write(out, serde_json::to_string_pretty(&json)?)
             .with_context(|| format!("writing {}", out.display()))?;
+    }
+    if report.adapted == 0 {
+        anyhow::bail!("no request was answered with parameters (errors above); a load that adapted nothing failed");
     }
     Ok(())
 }

@@ -56,7 +56,8 @@ pub fn run(path: &Path, options: &ProvisionOptions, registry: &mut Registry) -> 
         let files = crate::mqtt::provision_broker(&mqtt, &kit)?;
         println!(
             "broker (mqtt): password file {} and ACL {} (each device publishes only its own summary topic and reads \
-             only its own params topic); devices/<id>/broker-password is each device's",
+             only its own params topic); devices/<id>/broker-password is each device's; a running broker reads new \
+             devices once reloaded (Mosquitto: kill -HUP <pid>)",
             files.passwords.display(),
             files.acl.display()
         );

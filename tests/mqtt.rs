@@ -12,10 +12,11 @@ use common::process::{cloud_with, device, events, free_port, wait_for};
 use mmpg::report::DeviceReport;
 use mmpg_mqtt::mosquitto::Mosquitto;
 
-/// A deployment of two devices over the broker at `broker`, adapting every 8 clips at a
-/// camera's pace, retrying a request after 2 s.
-fn deployment(dir: &Path, broker: u16) -> std::path::PathBuf {
+/// A deployment of two devices over the broker at `broker` (none: `--broker` names it),
+/// adapting every 8 clips at a camera's pace, retrying a request after 2 s; `extra` is appended.
+fn deployment(dir: &Path, broker: Option<u16>, extra: &str) -> std::path::PathBuf {
     let d = dir.display();
+    let broker = broker.map(|port| format!("broker = \"mqtt://127.0.0.1:{port}\"")).unwrap_or_default();
     let text = format!(
         r#"
 seed = 5
@@ -38,7 +39,8 @@ shifts = [{{ kind = "contrast", severity = 4 }}, {{ kind = "brightness", severit
 plugin = "mqtt"
 [transport.settings]
 name = "kill-test"
-broker = "mqtt://127.0.0.1:{broker}"
+{broker}
+{extra}
 "#
     );
     let path = dir.join("deployment.toml");
@@ -68,7 +70,7 @@ fn a_killed_worker_loses_no_adaptation_and_none_is_made_twice() {
     let dir = tempfile::tempdir().expect("tempdir");
     let broker =
         Mosquitto::start(&dir.path().join("broker"), None).expect("mosquitto starts (scripts/test installs it)");
-    let file = deployment(dir.path(), broker.port());
+    let file = deployment(dir.path(), Some(broker.port()), "");
     let (port_1, port_2) = (free_port(), free_port());
     let listen = |port: u16| format!("127.0.0.1:{port}");
     // The first worker trains and writes the checkpoint; the second loads it.
@@ -123,4 +125,51 @@ fn a_killed_worker_loses_no_adaptation_and_none_is_made_twice() {
     // The second worker answered after the first was gone.
     let log = std::fs::read_to_string(dir.path().join("cloud-2.log")).expect("cloud log");
     assert!(log.contains("stopped after"), "{log}");
+}
+
+#[test]
+fn a_revoked_device_is_told_so_by_the_worker_at_once_over_a_secured_broker() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = deployment(dir.path(), None, &format!("[security]\ndir = \"{}/pki\"", dir.path().display()));
+    let out = common::process::mmpg().arg("provision").arg(&file).output().expect("provision");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("broker (mqtt): password file"), "{stdout}");
+    let kit = mmpg::security::Kit::new(&dir.path().join("pki"));
+    let secured = mmpg_mqtt::mosquitto::Secured {
+        cert: kit.server_cert(),
+        key: kit.server_key(),
+        files: mmpg_mqtt::credentials::BrokerFiles::of(&kit),
+    };
+    let broker = Mosquitto::start(&dir.path().join("broker"), Some(&secured)).expect("mosquitto starts");
+    let url = format!("mqtts://127.0.0.1:{}", broker.port());
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut worker = cloud_with(&file, dir.path(), 1, &["--listen", &listen, "--broker", &url]);
+    let cloud = format!("https://{listen}");
+    let run = |id: &str| {
+        let mut dev = device(&file, id, 1, &["--cloud", &cloud, "--broker", &url]);
+        assert!(dev.wait(Duration::from_secs(120)).success(), "{id} exits 0");
+    };
+    let state = |id: &str| dir.path().join("state").join(id);
+    for id in ["device-00", "device-01"] {
+        run(id);
+        assert_eq!(requested_and_adapted(&state(id)).1.len(), 1, "{id} adapted over TLS with its password");
+    }
+    // Revoked after the broker read its password file: the broker still lets it in, the worker
+    // does not — and says so in a signed reply, so the device does not wait out its timeouts.
+    let out =
+        common::process::mmpg().arg("provision").arg(&file).args(["--revoke", "device-01"]).output().expect("revoke");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    run("device-01");
+    let log = events(&state("device-01"));
+    let refused: Vec<_> = log.iter().filter(|e| e["event"] == "failure").collect();
+    assert!(
+        refused.iter().any(|e| e["message"].as_str().is_some_and(|m| m.contains("revoked"))),
+        "the worker's signed refusal names the revocation: {log:#?}"
+    );
+    assert!(!refused.iter().any(|e| e["kind"] == "timeout"), "told at once, not left to time out: {log:#?}");
+    assert_eq!(requested_and_adapted(&state("device-01")).1.len(), 1, "no adaptation after the revocation");
+    worker.sigterm();
+    assert!(worker.wait(Duration::from_secs(30)).success());
 }

@@ -51,6 +51,10 @@ pub enum TransportError {
     /// The peer or link is gone.
     #[error("link closed: {0}")]
     Closed(String),
+    /// A broker or gateway in between refused this client (bad credentials, not authorised,
+    /// banned): trying again will not help until its credentials or rights change.
+    #[error("refused: {0}")]
+    Denied(String),
     /// The peer answered something the protocol does not allow (not an error worth retrying).
     #[error("the cloud's answer is not valid: {0}")]
     Protocol(String),
@@ -70,6 +74,7 @@ impl TransportError {
             TransportError::Status { status, .. } => format!("status-{status}"),
             TransportError::Closed(_) => "closed".into(),
             TransportError::Protocol(_) => "protocol".into(),
+            TransportError::Denied(_) => "denied".into(),
         }
     }
 
@@ -82,7 +87,8 @@ impl TransportError {
             TransportError::Wire(_)
             | TransportError::TooLarge { .. }
             | TransportError::Tls(_)
-            | TransportError::Protocol(_) => false,
+            | TransportError::Protocol(_)
+            | TransportError::Denied(_) => false,
         }
     }
 }

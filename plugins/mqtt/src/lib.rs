@@ -26,7 +26,7 @@ pub mod settings;
 pub mod tls;
 pub mod topics;
 
-pub use link::{MqttEndpoint, MqttLink};
+pub use link::{MqttEndpoint, MqttLink, ReconnectingLink};
 pub use settings::{BrokerUrl, MqttSettings, MqttTransport};
 pub use topics::Topics;
 

@@ -102,7 +102,8 @@ enum Failure {
     Network(String),
     /// The broker's certificate was not trusted: trying again will not help.
     Tls(String),
-    /// The broker refused this client (MQTT v5 reason code and name): not without new credentials.
+    /// The broker refused this client (MQTT v5 reason code, and why): not without new
+    /// credentials or rights.
     Refused(u16, String),
 }
 
@@ -110,7 +111,9 @@ impl Failure {
     fn of(error: &ConnectionError) -> Self {
         match error {
             ConnectionError::Tls(e) => Failure::Tls(e.to_string()),
-            ConnectionError::ConnectionRefused(code) => Failure::Refused(reason_code(*code), format!("{code:?}")),
+            ConnectionError::ConnectionRefused(code) => {
+                Failure::Refused(reason_code(*code), format!("the connection was refused: {code:?}"))
+            }
             e => Failure::Network(e.to_string()),
         }
     }
@@ -119,10 +122,9 @@ impl Failure {
         match self {
             Failure::Network(e) => TransportError::Unreachable(format!("MQTT broker {address}: {e}")),
             Failure::Tls(e) => TransportError::Tls(format!("MQTT broker {address}: {e}")),
-            Failure::Refused(status, why) => TransportError::Status {
-                status,
-                message: format!("MQTT broker {address} refused the connection: {why}"),
-            },
+            Failure::Refused(code, why) => {
+                TransportError::Denied(format!("MQTT broker {address}: {why} (MQTT reason code {code:#04x})"))
+            }
         }
     }
 }
@@ -194,7 +196,15 @@ fn run(
             }
             Ok(_) => {}
             Err(e) => {
-                let _ = ready.send(Err(Failure::of(&e)));
+                let failure = Failure::of(&e);
+                // Refused credentials or rights (a revoked device): trying again will not help,
+                // and would only fill the broker's log. The session ends; its owner may open
+                // another later.
+                let permanent = matches!(failure, Failure::Refused(..) | Failure::Tls(_));
+                let _ = ready.send(Err(failure));
+                if permanent {
+                    return;
+                }
                 // rumqttc reconnects on the next poll; not in a tight loop.
                 std::thread::sleep(Duration::from_millis(500));
             }
@@ -252,6 +262,39 @@ impl DeviceLink for MqttLink {
     }
 }
 
+/// A device's link that connects to the broker when first used, and again after its connection
+/// has ended for good (the broker refused it, or its network thread stopped): a device starts
+/// and serves whether or not the broker is there, and a refusal (a revoked device) costs one
+/// connection attempt per request instead of a reconnection loop.
+#[derive(Debug)]
+pub struct ReconnectingLink {
+    settings: BrokerSettings,
+    topics: Topics,
+    device: DeviceId,
+    link: Option<MqttLink>,
+}
+
+impl ReconnectingLink {
+    /// A link for `device` that has not connected yet.
+    pub fn new(settings: BrokerSettings, topics: Topics, device: DeviceId) -> Self {
+        Self { settings, topics, device, link: None }
+    }
+}
+
+impl DeviceLink for ReconnectingLink {
+    fn exchange(&mut self, request: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, TransportError> {
+        let link = match &mut self.link {
+            Some(link) => link,
+            None => self.link.insert(MqttLink::connect(&self.settings, &self.topics, &self.device)?),
+        };
+        let result = link.exchange(request, timeout);
+        if matches!(result, Err(TransportError::Closed(_))) {
+            self.link = None;
+        }
+        result
+    }
+}
+
 /// A cloud worker's endpoint: one member of the shared subscription `group`, so the broker
 /// gives each summary to one worker.
 ///
@@ -268,8 +311,9 @@ pub struct MqttEndpoint {
     gate: Option<Gate>,
 }
 
-/// Whether a request (its sender, its bytes) may be served at all.
-type Admit = dyn Fn(&Peer, &[u8]) -> bool + Send;
+/// Whether a request (its sender, its bytes) may be served at all; if not, the reply that says
+/// why.
+type Admit = dyn Fn(&Peer, &[u8]) -> Result<(), Vec<u8>> + Send;
 
 /// Decides, before a request is handed on, whether its sender may be served at all.
 struct Gate(Box<Admit>);
@@ -304,9 +348,9 @@ impl MqttEndpoint {
     }
 
     /// The same endpoint handing on only requests `admit` accepts (a cloud's revocation list
-    /// and rate limits); the others are dropped unanswered — `admit` records why — and the
-    /// device's retries meet the same gate.
-    pub fn admitting(self, admit: impl Fn(&Peer, &[u8]) -> bool + Send + 'static) -> Self {
+    /// and rate limits); for the others `admit` returns the reply that says why (the cloud's
+    /// signed error envelope), which goes straight back to the device.
+    pub fn admitting(self, admit: impl Fn(&Peer, &[u8]) -> Result<(), Vec<u8>> + Send + 'static) -> Self {
         Self { gate: Some(Gate(Box::new(admit))), ..self }
     }
 }
@@ -327,7 +371,9 @@ impl CloudEndpoint for MqttEndpoint {
                     // A malformed or partial chunked message is not a request (yet).
                     let Ok(Some(bytes)) = reassembler.push(&bytes, Instant::now()) else { continue };
                     let peer = Peer { identity: Some(device.clone()), address: format!("mqtt {topic}") };
-                    if self.gate.as_ref().is_some_and(|gate| !(gate.0)(&peer, &bytes)) {
+                    if let Some(Err(refusal)) = self.gate.as_ref().map(|gate| (gate.0)(&peer, &bytes)) {
+                        // A reply the broker cannot take is that device's loss.
+                        let _ = self.session.publish(&self.topics.params(&device), &refusal);
                         continue;
                     }
                     self.next_ticket += 1;

@@ -100,11 +100,21 @@ async fn connect(settings: &LoadSettings, i: usize, tally: &mut Tally) -> Option
                         .return_codes
                         .iter()
                         .all(|c| matches!(c, rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)));
-                    let _ = ready_tx.send(if granted { Ok(()) } else { Err("subscription refused".to_string()) });
+                    let _ = ready_tx.send(if granted { Ok(()) } else { Err("subscribe-refused".to_string()) });
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    let _ = ready_tx.send(Err(e.to_string()));
+                    // The failure's kind, as the report counts it.
+                    let kind = match &e {
+                        rumqttc::v5::ConnectionError::ConnectionRefused(code) => format!("connect-refused-{code:?}"),
+                        rumqttc::v5::ConnectionError::Tls(_) => "connect-tls".to_string(),
+                        _ => "connect".to_string(),
+                    };
+                    let refused = matches!(e, rumqttc::v5::ConnectionError::ConnectionRefused(_));
+                    let _ = ready_tx.send(Err(kind));
+                    if refused {
+                        return;
+                    }
                     // The client is gone (the device finished) or the connection failed.
                     if matches!(e, rumqttc::v5::ConnectionError::RequestsDone) {
                         return;
@@ -121,7 +131,11 @@ async fn connect(settings: &LoadSettings, i: usize, tally: &mut Tally) -> Option
     }
     match tokio::time::timeout(b.connect_timeout, ready.recv()).await {
         Ok(Some(Ok(()))) => Some(Connected { client, replies, received }),
-        Ok(Some(Err(_)) | None) => {
+        Ok(Some(Err(kind))) => {
+            tally.error(&kind);
+            None
+        }
+        Ok(None) => {
             tally.error("connect");
             None
         }
