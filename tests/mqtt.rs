@@ -12,38 +12,18 @@ use common::process::{cloud_with, device, events, free_port, wait_for};
 use mmpg::report::DeviceReport;
 use mmpg_mqtt::mosquitto::Mosquitto;
 
-/// A deployment of two devices over the broker at `broker` (none: `--broker` names it),
-/// adapting every 8 clips at a camera's pace, retrying a request after 2 s; `extra` is appended.
+/// The deployment tests' two devices (`common::process::deployment`) over the broker at
+/// `broker` (none: `--broker` names it), adapting every 8 clips at a camera's pace, retrying a
+/// request after 2 s up to 8 times; `extra` is appended.
 fn deployment(dir: &Path, broker: Option<u16>, extra: &str) -> std::path::PathBuf {
-    let d = dir.display();
     let broker = broker.map(|port| format!("broker = \"mqtt://127.0.0.1:{port}\"")).unwrap_or_default();
-    let text = format!(
-        r#"
-seed = 5
-[cloud]
-checkpoint = "{d}/checkpoint"
-[cloud.training]
-pretrain_steps = 15
-generator_steps = 4
-source_domains = 16
-[fleet]
-window_clips = 16
-eval_clips = 160
-adapt_every = 8
-clip_interval_ms = 25
-request_timeout_ms = 2000
-max_attempts = 8
-state = "{d}/state"
-shifts = [{{ kind = "contrast", severity = 4 }}, {{ kind = "brightness", severity = 4 }}]
-[transport]
-plugin = "mqtt"
-[transport.settings]
-name = "kill-test"
-{broker}
-{extra}
-"#
-    );
-    let path = dir.join("deployment.toml");
+    let transport =
+        format!("[transport]\nplugin = \"mqtt\"\n[transport.settings]\nname = \"kill-test\"\n{broker}\n{extra}");
+    let path = common::process::deployment(dir, free_port(), "adapt_every = 8\nclip_interval_ms = 25", &transport);
+    let text = std::fs::read_to_string(&path).expect("deployment");
+    let text = text
+        .replace("request_timeout_ms = 1500", "request_timeout_ms = 2000")
+        .replace("max_attempts = 2", "max_attempts = 8");
     std::fs::write(&path, text).expect("deployment written");
     path
 }
