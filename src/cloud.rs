@@ -128,17 +128,48 @@ impl Refusals {
     }
 }
 
+/// The broker's requests as an endpoint whose replies refusing a replay are audited, as the HTTP
+/// server audits its own.
+struct AuditReplays<E> {
+    inner: E,
+    guard: Arc<Guard>,
+    /// Ticket → the peer's address, for the audit line.
+    peers: std::collections::HashMap<u64, String>,
+}
+
+impl<E: mmpg::CloudEndpoint> mmpg::CloudEndpoint for AuditReplays<E> {
+    fn next_request(&mut self, timeout: Duration) -> Result<Option<mmpg::Request>, mmpg::TransportError> {
+        let request = self.inner.next_request(timeout)?;
+        if let Some(r) = &request {
+            self.peers.insert(r.ticket, r.peer.address.clone());
+        }
+        Ok(request)
+    }
+
+    fn reply(&mut self, ticket: u64, bytes: Vec<u8>) -> Result<(), mmpg::TransportError> {
+        if let Some(address) = self.peers.remove(&ticket) {
+            self.guard.audit_if_replayed(&bytes, &address);
+        }
+        self.inner.reply(ticket, bytes)
+    }
+}
+
 /// Joins the deployment's shared subscription as a new worker (a unique client id per process),
 /// answering what the `Guard` refuses itself under `[security]`.
-fn join_broker(settings: &MqttSettings, client: &BrokerSettings, refusals: Refusals) -> anyhow::Result<MqttEndpoint> {
-    let worker = format!("{}-{:08x}", std::process::id(), rand::random::<u32>());
-    let mut endpoint = MqttEndpoint::connect(client, &settings.topics(), &settings.group, &worker)
+fn join_broker(
+    settings: &MqttSettings,
+    group: &str,
+    client: &BrokerSettings,
+    refusals: Refusals,
+) -> anyhow::Result<MqttEndpoint> {
+    let worker = std::process::id().to_string();
+    let mut endpoint = MqttEndpoint::connect(client, &settings.topics(), group, &worker)
         .with_context(|| format!("joining the broker {}", client.url()))?;
     if refusals.guard.is_some() {
         endpoint = endpoint.admitting(move |peer, bytes| refusals.check(peer, bytes));
     }
     eprintln!(
-        "mmpg cloud: worker {worker} in the shared subscription {} on {}",
+        "mmpg cloud: worker (pid {worker}) in the shared subscription {} on {}",
         settings.topics().shared_summaries(&settings.group),
         client.url()
     );
@@ -203,7 +234,12 @@ pub fn serve(
         Some((settings, client)) => {
             let refusals =
                 Refusals { guard: guard.clone(), signer: signer.clone(), schema: cloud.generator.schema().hash() };
-            Some(join_broker(settings, client, refusals)?)
+            // Under [security] the group's name carries the kit's secret (see `secret_group`).
+            let group = match deployment.secured() {
+                Some(security) => mmpg_mqtt::credentials::secret_group(&security.kit(), &settings.group)?,
+                None => settings.group.clone(),
+            };
+            Some(join_broker(settings, &group, client, refusals)?)
         }
         None => None,
     };
@@ -223,6 +259,12 @@ pub fn serve(
     let totals = match broker {
         // Adaptation over the broker and over HTTP at once.
         Some(broker) => {
+            let broker: Box<dyn mmpg::CloudEndpoint> = match &guard {
+                Some(guard) => {
+                    Box::new(AuditReplays { inner: broker, guard: guard.clone(), peers: Default::default() })
+                }
+                None => Box::new(broker),
+            };
             let mut both = Merged::new(broker, endpoint);
             node.serve(&mut both, &policy, &stop, metrics.as_ref())?
         }

@@ -314,6 +314,16 @@ fn main() -> ExitCode {
 /// Opens a deployment (loading its `[[plugins]]`) and warns about every unpinned library.
 pub(crate) fn open(path: &Path, registry: &mut Registry) -> Result<Deployment, mmpg::ConfigErrors> {
     let deployment = Deployment::open(path, registry)?;
+    // What the mqtt transport's settings cannot know alone: under [security] only TLS.
+    if let Ok(Some(settings)) = mqtt::settings(&deployment)
+        && let Some(url) = settings.broker.as_deref().and_then(|u| mmpg_mqtt::BrokerUrl::parse(u).ok())
+        && deployment.secured().is_some()
+        && !url.tls
+    {
+        let message =
+            format!("{url}: [security] allows only mqtts:// (TLS); set `insecure = true` to allow plain MQTT");
+        return Err(mmpg::ConfigErrors(vec![deployment.error_at("transport.settings.broker", message)]));
+    }
     for library in registry.libraries().filter(|l| !l.pinned) {
         eprintln!(
             "warning: plugin library {} is not pinned (sha256 {}): pin it in a [[plugins]] entry with `sha256 = \"{}\"`",

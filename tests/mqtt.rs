@@ -126,6 +126,21 @@ fn a_revoked_device_is_told_so_by_the_worker_at_once_over_a_secured_broker() {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let mut worker = cloud_with(&file, dir.path(), 1, &["--listen", &listen, "--broker", &url]);
+    // A device joining the workers' shared group by its configured name (with its own password)
+    // would be handed its share of everyone's summaries, which the broker then drops: the
+    // workers' group carries the kit's secret, so this thief is in a group of its own.
+    let password = mmpg_mqtt::credentials::read_password(
+        &mmpg::security::DeviceKit::new(&kit.device_dir("device-00")).broker_password(),
+    )
+    .expect("password");
+    let thief_settings = mmpg_mqtt::BrokerSettings {
+        tls: Some(mmpg_mqtt::tls::client_config(&kit.ca_cert()).expect("CA")),
+        credentials: Some(mmpg_mqtt::Credentials { username: "device-00".into(), password }),
+        ..mmpg_mqtt::BrokerSettings::plain("127.0.0.1", broker.port())
+    };
+    let _thief =
+        mmpg_mqtt::MqttEndpoint::connect(&thief_settings, &mmpg_mqtt::Topics::new("kill-test"), "mmpg-cloud", "thief")
+            .expect("Mosquitto grants the subscription (and delivers nothing)");
     let cloud = format!("https://{listen}");
     let run = |id: &str| {
         let mut dev = device(&file, id, 1, &["--cloud", &cloud, "--broker", &url]);
@@ -135,6 +150,8 @@ fn a_revoked_device_is_told_so_by_the_worker_at_once_over_a_secured_broker() {
     for id in ["device-00", "device-01"] {
         run(id);
         assert_eq!(requested_and_adapted(&state(id)).1.len(), 1, "{id} adapted over TLS with its password");
+        let log = events(&state(id));
+        assert!(!log.iter().any(|e| e["event"] == "failure"), "nothing swallowed by the thief: {log:#?}");
     }
     // Revoked after the broker read its password file: the broker still lets it in, the worker
     // does not — and says so in a signed reply, so the device does not wait out its timeouts.

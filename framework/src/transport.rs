@@ -34,7 +34,7 @@ pub enum TransportError {
     #[error("no reply within {0:?}")]
     Timeout(Duration),
     /// The peer could not be reached (connection refused, reset, DNS).
-    #[error("cannot reach the cloud: {0}")]
+    #[error("cannot reach {0}")]
     Unreachable(String),
     /// The peer's identity could not be verified (its certificate is not trusted, expired, or for
     /// another name). Trying again will not help.

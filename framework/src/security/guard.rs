@@ -50,7 +50,10 @@ impl Denial {
             Denial::Anonymous => "no client certificate identifies this peer".into(),
             Denial::Revoked => format!("device `{who}` is revoked"),
             Denial::Impersonation { claimed } => {
-                format!("the certificate identifies device `{who}`, the envelope names `{claimed}`")
+                format!(
+                    "the peer is authenticated as device `{who}` (its certificate, or its broker user), the envelope \
+                     names `{claimed}`"
+                )
             }
             Denial::RateLimited { retry_after } => {
                 format!("device `{who}` is over its request rate; retry after {} ms", retry_after.as_millis())
@@ -128,6 +131,16 @@ impl Guard {
             self.record(denial, identity, identity, address, Instant::now());
         }
         verdict
+    }
+
+    /// Audits `reply` (what the cloud node answered the peer at `address`) if it refuses a
+    /// replayed summary — an attack on the device's identity, or a device that lost its count.
+    pub fn audit_if_replayed(&self, reply: &[u8], address: &str) {
+        let envelope = crate::wire::unchecked_envelope(reply).and_then(|b| crate::wire::Envelope::decode(b).ok());
+        if let Some(envelope) = envelope.filter(|e| e.last_accepted().is_some()) {
+            let reason = format!("replayed: {}", envelope.to_error().unwrap_or_default());
+            self.audit_refusal(&envelope.device.0, &reason, address);
+        }
     }
 
     /// Audits a refusal the cloud node made itself (a replayed summary): `device`, `reason`,

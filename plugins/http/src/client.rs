@@ -54,7 +54,7 @@ fn transport_error(e: &reqwest::Error, timeout: Duration) -> TransportError {
     } else if e.is_timeout() {
         TransportError::Timeout(timeout)
     } else if e.is_connect() {
-        TransportError::Unreachable(chain)
+        TransportError::Unreachable(format!("the cloud: {chain}"))
     } else {
         TransportError::Closed(chain)
     }

@@ -23,7 +23,7 @@ use mmpg::DeviceId;
 use mmpg::bundle::Bundle;
 use mmpg::security::{Denial, Guard};
 use mmpg::transport::{CloudEndpoint, Peer, Request, TransportError};
-use mmpg::wire::{Envelope, Header, MessageKind};
+use mmpg::wire::{Header, MessageKind};
 use tokio::sync::oneshot;
 
 use crate::HttpError;
@@ -321,7 +321,7 @@ async fn adapt(
                 _ => StatusCode::UNPROCESSABLE_ENTITY,
             };
             if let Some(guard) = s.guard.as_ref().filter(|_| status != StatusCode::OK) {
-                audit_replay(guard, &bytes, &peer.to_string());
+                guard.audit_if_replayed(&bytes, &peer.to_string());
             }
             octets(status, bytes)
         }
@@ -330,16 +330,6 @@ async fn adapt(
             s.metrics.outcome("timeout");
             plain(StatusCode::GATEWAY_TIMEOUT, format!("no reply within {:?}", s.request_timeout))
         }
-    }
-}
-
-/// A summary the cloud refused as a replay (its sequence not newer than the last accepted) is an
-/// attack on the device's identity or a device that lost its count: either way, an audit line.
-fn audit_replay(guard: &Guard, reply: &[u8], address: &str) {
-    let Some(envelope) = mmpg::wire::unchecked_envelope(reply).and_then(|b| Envelope::decode(b).ok()) else { return };
-    if envelope.last_accepted().is_some() {
-        let reason = format!("replayed: {}", envelope.to_error().unwrap_or_default());
-        guard.audit_refusal(&envelope.device.0, &reason, address);
     }
 }
 

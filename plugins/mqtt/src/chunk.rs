@@ -97,12 +97,13 @@ fn header(chunk: &[u8]) -> Result<Header, ChunkError> {
     Ok(h)
 }
 
-/// The message being put back together.
+/// The message being put back together. Its parts are kept by index as they arrive, so what it
+/// holds is what was received (at most the announced total), whatever count a header claims.
 #[derive(Debug)]
 struct Partial {
     header: Header,
     started: Instant,
-    parts: Vec<Option<Vec<u8>>>,
+    parts: std::collections::BTreeMap<u32, Vec<u8>>,
     received: usize,
 }
 
@@ -157,23 +158,22 @@ impl Reassembler {
         let partial = self.partial.get_or_insert_with(|| Partial {
             header: h,
             started: now,
-            parts: vec![None; h.count as usize],
+            parts: std::collections::BTreeMap::new(),
             received: 0,
         });
         if partial.header.count != h.count || partial.header.total != h.total {
             return Err(ChunkError::Malformed(format!("chunk {} of message {} disagrees on its size", h.index, h.id)));
         }
-        let slot = &mut partial.parts[h.index as usize];
-        if slot.is_none() {
+        if let std::collections::btree_map::Entry::Vacant(slot) = partial.parts.entry(h.index) {
             let part = &packet[CHUNK_HEADER..];
             if partial.received + part.len() > total {
                 return Err(ChunkError::Malformed(format!("message {} overflows its {total} bytes", h.id)));
             }
             partial.received += part.len();
-            *slot = Some(part.to_vec());
+            slot.insert(part.to_vec());
         }
-        if partial.parts.iter().all(Option::is_some) {
-            let done = self.partial.take().map(|p| p.parts.into_iter().flatten().flatten().collect::<Vec<u8>>());
+        if partial.parts.len() == h.count as usize {
+            let done = self.partial.take().map(|p| p.parts.into_values().flatten().collect::<Vec<u8>>());
             return match done {
                 Some(message) if message.len() == total => Ok(Some(message)),
                 Some(message) => Err(ChunkError::Malformed(format!("{} bytes of an announced {total}", message.len()))),
@@ -219,6 +219,22 @@ mod tests {
         let chunks = split(&[0; 5000], 9, 1024).expect("chunks");
         let mut r = Reassembler::new(4096, Duration::from_secs(5));
         assert!(matches!(r.push(&chunks[0], Instant::now()), Err(ChunkError::OverLimit { total: 5000, .. })));
+    }
+
+    #[test]
+    fn a_header_claiming_millions_of_chunks_costs_only_what_arrived() {
+        // 29 bytes announcing a 64 MiB message in 64 Mi one-byte chunks: nothing is allocated
+        // for the chunks that never come.
+        let mut r = Reassembler::new(64 << 20, Duration::from_secs(5));
+        let mut bomb = Vec::from(&CHUNK_MAGIC[..]);
+        bomb.push(CHUNK_VERSION);
+        bomb.extend_from_slice(&1u64.to_le_bytes());
+        bomb.extend_from_slice(&0u32.to_le_bytes());
+        bomb.extend_from_slice(&(64u32 << 20).to_le_bytes());
+        bomb.extend_from_slice(&(64u32 << 20).to_le_bytes());
+        bomb.extend_from_slice(b"abcd");
+        assert_eq!(r.push(&bomb, Instant::now()), Ok(None));
+        assert_eq!(r.partial.as_ref().map(|p| p.parts.len()), Some(1));
     }
 
     proptest! {

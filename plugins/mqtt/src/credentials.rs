@@ -89,6 +89,24 @@ pub fn read_password(path: &Path) -> Result<String, ProvisionError> {
     }
 }
 
+/// Where a kit keeps the workers' secret shared-subscription group name.
+pub fn group_secret(kit: &Kit) -> PathBuf {
+    kit.root().join("cloud").join("broker-group")
+}
+
+/// The shared-subscription group the cloud workers of `kit` join: `group` and the kit's secret.
+///
+/// Why a secret: Mosquitto grants any client a subscription it may not read and checks read
+/// access only when delivering, so a device that joined the workers' group would receive its
+/// share of every device's summaries — and the broker would drop each one. A device cannot join
+/// a group it cannot name; the name never leaves the cloud's side of the kit.
+///
+/// # Errors
+/// [`ProvisionError`] naming the file when it cannot be read or written.
+pub fn secret_group(kit: &Kit, group: &str) -> Result<String, ProvisionError> {
+    Ok(format!("{group}-{}", password_in(&group_secret(kit))?))
+}
+
 /// The broker's files in a kit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerFiles {
@@ -145,6 +163,7 @@ pub fn write_broker_files(
         Ok(())
     };
     entry(CLOUD_USER, &password_in(&kit.cloud_broker_password())?)?;
+    password_in(&group_secret(kit))?;
     let mut seen = std::collections::BTreeSet::new();
     for device in devices.iter().filter(|d| !revoked.contains(*d)) {
         if seen.insert(device) {

@@ -75,10 +75,12 @@ impl Session {
         }
     }
 
-    /// Publishes `bytes` to `topic`, in chunks if they exceed the packet limit.
+    /// Publishes `bytes` to `topic`, in chunks if the PUBLISH packet would exceed the packet
+    /// limit (which counts MQTT's own header and the topic too).
     fn publish(&self, topic: &str, bytes: &[u8]) -> Result<(), TransportError> {
         let id = self.sent.fetch_add(1, Ordering::Relaxed);
-        let packets = split(bytes, id, self.max_packet).map_err(|e| TransportError::Protocol(e.to_string()))?;
+        let payload_limit = self.max_packet.saturating_sub(publish_overhead(topic));
+        let packets = split(bytes, id, payload_limit).map_err(|e| TransportError::Protocol(e.to_string()))?;
         for packet in packets {
             self.client
                 .publish(topic, QoS::AtLeastOnce, false, packet)
@@ -86,6 +88,21 @@ impl Session {
         }
         Ok(())
     }
+}
+
+/// Bytes a QoS 1 PUBLISH to `topic` adds to its payload in MQTT v5: the fixed header (at most 5
+/// bytes), the topic's length and bytes, the packet id, and an empty property length.
+pub fn publish_overhead(topic: &str) -> usize {
+    5 + 2 + topic.len() + 2 + 1
+}
+
+/// A client id no other client can guess and take over (a broker drops the older of two
+/// connections with one id): `prefix` and 64 random bits.
+fn unguessable(prefix: &str) -> Result<String, TransportError> {
+    let mut bytes = [0u8; 8];
+    getrandom::getrandom(&mut bytes)
+        .map_err(|e| TransportError::Closed(format!("no randomness for a client id: {e}")))?;
+    Ok(format!("{prefix}-{:016x}", u64::from_le_bytes(bytes)))
 }
 
 impl Drop for Session {
@@ -188,6 +205,9 @@ fn run(
                     )),
                 });
             }
+            // A retained message is one somebody left on the broker, not a live request or reply:
+            // replayed to every worker that subscribes, it would be served again and again.
+            Ok(Event::Incoming(Packet::Publish(p))) if p.retain => {}
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let topic = String::from_utf8_lossy(&p.topic).into_owned();
                 if messages.send((topic, p.payload.to_vec())).is_err() {
@@ -230,7 +250,7 @@ impl MqttLink {
     /// subscription within `settings.connect_timeout`.
     pub fn connect(settings: &BrokerSettings, topics: &Topics, device: &DeviceId) -> Result<Self, TransportError> {
         let params = topics.params(device);
-        let client_id = format!("mmpg-device-{}", crate::topics::level(device));
+        let client_id = unguessable(&format!("mmpg-device-{}", crate::topics::level(device)))?;
         let session = Session::open(settings, &client_id, params.clone())?;
         let reassembler = Reassembler::new(MAX_MESSAGE, REASSEMBLY_TIMEOUT);
         Ok(Self { session, summary: topics.summary(device), params, reassembler })
@@ -335,7 +355,7 @@ impl MqttEndpoint {
         group: &str,
         worker: &str,
     ) -> Result<Self, TransportError> {
-        let client_id = format!("mmpg-cloud-{}", crate::topics::level(&DeviceId(format!("{group}-{worker}"))));
+        let client_id = unguessable(&format!("mmpg-cloud-{}", crate::topics::level(&DeviceId(worker.into()))))?;
         let session = Session::open(settings, &client_id, topics.shared_summaries(group))?;
         Ok(Self {
             session,

@@ -174,7 +174,8 @@ async fn device(
             break;
         };
         message_id += 1;
-        let Ok(packets) = split(&body, message_id, settings.broker.max_packet) else {
+        let limit = settings.broker.max_packet.saturating_sub(crate::link::publish_overhead(&summary_topic));
+        let Ok(packets) = split(&body, message_id, limit) else {
             tally.error("chunk");
             break;
         };

@@ -90,6 +90,24 @@ fn devices_and_two_workers_in_a_shared_subscription_exchange_through_mosquitto()
 }
 
 #[test]
+fn a_retained_summary_is_not_served_to_workers_that_subscribe_later() {
+    let broker = broker();
+    let topics = Topics::new("test");
+    let device = DeviceId("left-behind".into());
+    let reason = raw_publish_retained(&broker.settings, &topics.summary(&device), b"stale summary", true);
+    // Acknowledged and kept (no one subscribes yet).
+    assert!(matches!(reason.as_deref(), Some("Success" | "NoMatchingSubscribers")), "{reason:?}");
+    let stop = Arc::new(AtomicBool::new(false));
+    let endpoint = MqttEndpoint::connect(&broker.settings, &topics, "cloud", "late").expect("worker connects");
+    let worker = worker(endpoint, "late", stop.clone());
+    // A live request is served; the retained one never was.
+    let mut link = MqttLink::connect(&broker.settings, &topics, &DeviceId("live".into())).expect("connects");
+    assert_eq!(link.exchange(b"now".to_vec(), Duration::from_secs(10)).expect("a reply"), b"late|live|now".to_vec());
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(worker.join().expect("worker"), 1, "the retained summary was not served");
+}
+
+#[test]
 fn messages_above_the_packet_limit_travel_as_chunks() {
     let broker = broker();
     let topics = Topics::new("test");
@@ -209,6 +227,11 @@ fn the_acl_keeps_each_device_to_its_own_topics_over_tls() {
 
 /// Publishes one QoS 1 message as a bare rumqttc client and returns the broker's PUBACK reason.
 fn raw_publish(settings: &BrokerSettings, topic: &str, payload: &[u8]) -> Option<String> {
+    raw_publish_retained(settings, topic, payload, false)
+}
+
+/// As [`raw_publish`], with the retain flag as given.
+fn raw_publish_retained(settings: &BrokerSettings, topic: &str, payload: &[u8], retain: bool) -> Option<String> {
     use rumqttc::v5::mqttbytes::QoS;
     use rumqttc::v5::mqttbytes::v5::Packet;
     use rumqttc::v5::{Client, Event, MqttOptions};
@@ -220,7 +243,7 @@ fn raw_publish(settings: &BrokerSettings, topic: &str, payload: &[u8]) -> Option
         options.set_credentials(c.username.clone(), c.password.clone());
     }
     let (client, mut connection) = Client::new(options, 8);
-    client.publish(topic, QoS::AtLeastOnce, false, payload.to_vec()).expect("queued");
+    client.publish(topic, QoS::AtLeastOnce, retain, payload.to_vec()).expect("queued");
     for _ in 0..50 {
         match connection.recv_timeout(Duration::from_millis(200)) {
             Ok(Ok(Event::Incoming(Packet::PubAck(ack)))) => return Some(format!("{:?}", ack.reason)),
