@@ -101,14 +101,14 @@ fn security(deployment: &Deployment, workers: bool) -> anyhow::Result<Secured> {
 /// What a worker answers a request its `Guard` refuses (revoked, over its rate): the cloud's
 /// error envelope for that request, signed, so the device learns why at once.
 struct Refusals {
-    guard: Option<Arc<Guard>>,
+    guard: Arc<Guard>,
     signer: Option<Arc<CloudSigner>>,
     schema: mmpg::SchemaHash,
 }
 
 impl Refusals {
     fn check(&self, peer: &mmpg::Peer, bytes: &[u8]) -> Result<(), Vec<u8>> {
-        let Some(guard) = &self.guard else { return Ok(()) };
+        let guard = &self.guard;
         let header = mmpg::wire::Header::peek(bytes).ok();
         let identity = peer.identity.as_ref().map(|d| d.0.as_str());
         let Err(denial) = guard.admit(identity, header.as_ref().map(|h| h.device), &peer.address) else {
@@ -160,12 +160,12 @@ fn join_broker(
     settings: &MqttSettings,
     group: &str,
     client: &BrokerSettings,
-    refusals: Refusals,
+    refusals: Option<Refusals>,
 ) -> anyhow::Result<MqttEndpoint> {
     let worker = std::process::id().to_string();
     let mut endpoint = MqttEndpoint::connect(client, &settings.topics(), group, &worker)
         .with_context(|| format!("joining the broker {}", client.url()))?;
-    if refusals.guard.is_some() {
+    if let Some(refusals) = refusals {
         endpoint = endpoint.admitting(move |peer, bytes| refusals.check(peer, bytes));
     }
     eprintln!(
@@ -186,13 +186,11 @@ pub fn serve(
 ) -> anyhow::Result<()> {
     let deployment = crate::open(path, registry).map_err(RunError::Config)?;
     let config = &deployment.serve;
-    let mqtt = match crate::mqtt::settings(&deployment)? {
-        Some(settings) => {
-            let url = crate::mqtt::broker(&deployment, &settings, broker)?;
+    let mqtt = match crate::mqtt::chosen(&deployment, broker)? {
+        Some((settings, url)) => {
             let client = crate::mqtt::cloud_client(&deployment, &settings, &url)?;
             Some((settings, client))
         }
-        None if broker.is_some() => anyhow::bail!("--broker: {} does not use the mqtt transport", deployment.file()),
         None => None,
     };
     let Secured { tls, guard, signer, ledger } = security(&deployment, mqtt.is_some())?;
@@ -232,8 +230,8 @@ pub fn serve(
     // summaries while it trained.
     let broker = match &mqtt {
         Some((settings, client)) => {
-            let refusals =
-                Refusals { guard: guard.clone(), signer: signer.clone(), schema: cloud.generator.schema().hash() };
+            let schema = cloud.generator.schema().hash();
+            let refusals = guard.clone().map(|guard| Refusals { guard, signer: signer.clone(), schema });
             // Under [security] the group's name carries the kit's secret (see `secret_group`).
             let group = match deployment.secured() {
                 Some(security) => mmpg_mqtt::credentials::secret_group(&security.kit(), &settings.group)?,

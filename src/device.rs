@@ -394,17 +394,13 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
     let (results, from_network) = mpsc::channel();
     // Adaptation over the broker under the mqtt transport (the bundle came over HTTP(S) or from
     // a folder); over HTTP(S) otherwise.
-    let link: Box<dyn DeviceLink> = match crate::mqtt::settings(&deployment)? {
-        Some(mqtt) => {
-            let url = crate::mqtt::broker(&deployment, &mqtt, options.broker.as_deref())?;
+    let link: Box<dyn DeviceLink> = match crate::mqtt::chosen(&deployment, options.broker.as_deref())? {
+        Some((mqtt, url)) => {
             let settings = crate::mqtt::device_client(&deployment, &mqtt, &url, &options.id, options.kit.as_deref())?;
             log.event(json!({"event": "broker", "broker": url.to_string(), "max_packet": mqtt.max_packet}));
             // Connected on first use: the device serves whether or not the broker is up, and a
             // refusal is a failure of that request, in the log and the report.
             Box::new(ReconnectingLink::new(settings, mqtt.topics(), DeviceId(options.id.clone())))
-        }
-        None if options.broker.is_some() => {
-            anyhow::bail!("--broker: {} does not use the mqtt transport", deployment.file())
         }
         None => Box::new(client),
     };

@@ -89,16 +89,16 @@ fn raise_open_files(devices: usize) {
 pub fn run(path: &Path, options: &LoadOptions, registry: &mut Registry) -> anyhow::Result<()> {
     let deployment = crate::open(path, registry).map_err(RunError::Config)?;
     let mqtt = match (options.transport.as_deref(), crate::mqtt::settings(&deployment)?) {
-        (None | Some("mqtt"), Some(settings)) => Some(settings),
+        (None | Some("mqtt"), Some(_)) => crate::mqtt::chosen(&deployment, options.broker.as_deref())?,
         (Some("mqtt"), None) => {
             anyhow::bail!("--transport mqtt: {} has no [transport] plugin = \"mqtt\"", deployment.file())
+        }
+        (None | Some("http"), _) if options.broker.is_some() => {
+            anyhow::bail!("--broker: the load runs over HTTP(S) here (--transport mqtt and the mqtt transport)")
         }
         (None | Some("http"), _) => None,
         (Some(other), _) => anyhow::bail!("--transport {other}: http or mqtt"),
     };
-    if mqtt.is_none() && options.broker.is_some() {
-        anyhow::bail!("--broker: the load runs over HTTP(S) here (--transport mqtt and the mqtt transport)");
-    }
     let composer = Composer::new(&deployment, registry)?;
     let url = options.cloud.clone().unwrap_or_else(|| deployment.device_url());
     // Under mutual TLS the load's first device fetches the bundle and metrics as itself.
@@ -130,10 +130,9 @@ pub fn run(path: &Path, options: &LoadOptions, registry: &mut Registry) -> anyho
     let duration = Duration::from_secs(options.seconds);
     let timeout = Duration::from_millis(deployment.fleet.request_timeout_ms);
     let report = match mqtt {
-        Some(settings) => {
-            let url = crate::mqtt::broker(&deployment, &settings, options.broker.as_deref())?;
+        Some((settings, url)) => {
             raise_open_files(options.devices);
-            let broker = crate::mqtt::device_client(&deployment, &settings, &url, &load_device(0), None)?;
+            let broker = crate::mqtt::load_client(&deployment, &settings, &url)?;
             let credentials = match deployment.secured() {
                 None => None,
                 Some(security) => Some(std::sync::Arc::new(load_credentials(&security.kit(), options.devices)?)),
@@ -145,7 +144,7 @@ pub fn run(path: &Path, options: &LoadOptions, registry: &mut Registry) -> anyho
                 client.url()
             );
             let settings = mmpg_mqtt::load::LoadSettings {
-                broker: mmpg_mqtt::BrokerSettings { credentials: None, ..broker },
+                broker,
                 topics: settings.topics(),
                 devices: options.devices,
                 duration,

@@ -20,9 +20,27 @@ pub fn settings(deployment: &Deployment) -> anyhow::Result<Option<MqttSettings>>
     Ok(Some(settings))
 }
 
+/// Why a plain `mqtt://` broker is refused under `[security]` (`validate` says it too).
+pub fn plain_under_security(url: &BrokerUrl) -> String {
+    format!("{url}: [security] allows only mqtts:// (TLS); set `insecure = true` to allow plain MQTT")
+}
+
+/// The mqtt transport's settings and broker when the deployment chose it (`--broker`, `flag`,
+/// overriding its `broker`); `None` over HTTP(S), where `--broker` is an error.
+pub fn chosen(deployment: &Deployment, flag: Option<&str>) -> anyhow::Result<Option<(MqttSettings, BrokerUrl)>> {
+    match settings(deployment)? {
+        Some(settings) => {
+            let url = broker(deployment, &settings, flag)?;
+            Ok(Some((settings, url)))
+        }
+        None if flag.is_some() => bail!("--broker: {} does not use the mqtt transport", deployment.file()),
+        None => Ok(None),
+    }
+}
+
 /// The broker: `--broker` when given, else `[transport.settings] broker`. Under `[security]`
 /// only `mqtts://` (TLS) is allowed.
-pub fn broker(deployment: &Deployment, settings: &MqttSettings, flag: Option<&str>) -> anyhow::Result<BrokerUrl> {
+fn broker(deployment: &Deployment, settings: &MqttSettings, flag: Option<&str>) -> anyhow::Result<BrokerUrl> {
     let Some(text) = flag.or(settings.broker.as_deref()) else {
         bail!(
             "{}: [transport.settings] broker is not set and no --broker was given (mmpg fleet starts a broker of its \
@@ -32,7 +50,7 @@ pub fn broker(deployment: &Deployment, settings: &MqttSettings, flag: Option<&st
     };
     let url = BrokerUrl::parse(text)?;
     if deployment.secured().is_some() && !url.tls {
-        bail!("broker {url}: [security] allows only mqtts:// (TLS); set `insecure = true` to allow plain MQTT");
+        bail!("broker {}", plain_under_security(&url));
     }
     Ok(url)
 }
@@ -67,6 +85,17 @@ pub fn cloud_client(
     let password = read_password(&kit.cloud_broker_password())
         .with_context(|| format!("the cloud's broker password; run `mmpg provision {}`", deployment.file()))?;
     client(settings, url, Some(&kit.ca_cert()), Some(Credentials { username: CLOUD_USER.into(), password }))
+}
+
+/// A client of the load's devices: under `[security]` TLS with the kit's CA; each device's
+/// password is its own (`mmpg_mqtt::load::LoadSettings::credentials`).
+pub fn load_client(
+    deployment: &Deployment,
+    settings: &MqttSettings,
+    url: &BrokerUrl,
+) -> anyhow::Result<BrokerSettings> {
+    let ca = deployment.secured().map(|security| security.kit().ca_cert());
+    client(settings, url, ca.as_deref(), None)
 }
 
 /// A device's client: under `[security]` its kit's CA and password; its user name is its id as

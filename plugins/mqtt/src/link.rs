@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use mmpg::DeviceId;
 use mmpg::transport::{CloudEndpoint, DeviceLink, Peer, Request, TransportError};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::ConnectReturnCode;
 use rumqttc::v5::mqttbytes::v5::{Packet, SubscribeReasonCode};
 use rumqttc::v5::{Client, Connection, ConnectionError, Event, MqttOptions};
 use rumqttc::{TlsConfiguration, Transport};
@@ -42,17 +41,7 @@ impl Session {
     /// clean start the broker forgets subscriptions, and rumqttc does not renew them), and
     /// returns once the broker has granted the subscription.
     fn open(settings: &BrokerSettings, client_id: &str, filter: String) -> Result<Self, TransportError> {
-        let mut options = MqttOptions::new(client_id, settings.host.clone(), settings.port);
-        options.set_keep_alive(Duration::from_secs(30));
-        options.set_clean_start(true);
-        options.set_max_packet_size(Some(MAX_PACKET));
-        options.set_outgoing_inflight_upper_limit(crate::MAX_INFLIGHT);
-        if let Some(tls) = &settings.tls {
-            options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls.clone())));
-        }
-        if let Some(c) = &settings.credentials {
-            options.set_credentials(c.username.clone(), c.password.clone());
-        }
+        let options = client_options(settings, client_id, settings.credentials.as_ref(), crate::MAX_INFLIGHT);
         let (client, connection) = Client::new(options, 64);
         let (messages_tx, messages) = mpsc::channel();
         let (ready_tx, ready) = mpsc::channel();
@@ -90,6 +79,29 @@ impl Session {
     }
 }
 
+/// How every mmpg client connects: MQTT v5 with a clean start (nothing is queued for it while it
+/// is away), a 30 s keep-alive, packets up to [`MAX_PACKET`], at most `inflight` QoS 1 publishes
+/// awaiting their PUBACK, TLS and `credentials` as given.
+pub(crate) fn client_options(
+    settings: &BrokerSettings,
+    client_id: &str,
+    credentials: Option<&crate::Credentials>,
+    inflight: u16,
+) -> MqttOptions {
+    let mut options = MqttOptions::new(client_id, settings.host.clone(), settings.port);
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_clean_start(true);
+    options.set_max_packet_size(Some(MAX_PACKET));
+    options.set_outgoing_inflight_upper_limit(inflight);
+    if let Some(tls) = &settings.tls {
+        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls.clone())));
+    }
+    if let Some(c) = credentials {
+        options.set_credentials(c.username.clone(), c.password.clone());
+    }
+    options
+}
+
 /// Bytes a QoS 1 PUBLISH to `topic` adds to its payload in MQTT v5: the fixed header (at most 5
 /// bytes), the topic's length and bytes, the packet id, and an empty property length.
 pub fn publish_overhead(topic: &str) -> usize {
@@ -119,9 +131,9 @@ enum Failure {
     Network(String),
     /// The broker's certificate was not trusted: trying again will not help.
     Tls(String),
-    /// The broker refused this client (MQTT v5 reason code, and why): not without new
-    /// credentials or rights.
-    Refused(u16, String),
+    /// The broker refused this client (its MQTT v5 reason): not without new credentials or
+    /// rights.
+    Refused(String),
 }
 
 impl Failure {
@@ -129,7 +141,7 @@ impl Failure {
         match error {
             ConnectionError::Tls(e) => Failure::Tls(e.to_string()),
             ConnectionError::ConnectionRefused(code) => {
-                Failure::Refused(reason_code(*code), format!("the connection was refused: {code:?}"))
+                Failure::Refused(format!("the connection was refused: {code:?}"))
             }
             e => Failure::Network(e.to_string()),
         }
@@ -139,39 +151,8 @@ impl Failure {
         match self {
             Failure::Network(e) => TransportError::Unreachable(format!("MQTT broker {address}: {e}")),
             Failure::Tls(e) => TransportError::Tls(format!("MQTT broker {address}: {e}")),
-            Failure::Refused(code, why) => {
-                TransportError::Denied(format!("MQTT broker {address}: {why} (MQTT reason code {code:#04x})"))
-            }
+            Failure::Refused(why) => TransportError::Denied(format!("MQTT broker {address}: {why}")),
         }
-    }
-}
-
-/// The MQTT v5 reason code of a refused connection (CONNACK), as the protocol numbers it.
-fn reason_code(code: ConnectReturnCode) -> u16 {
-    use ConnectReturnCode as C;
-    match code {
-        C::Success => 0x00,
-        C::RefusedProtocolVersion | C::UnsupportedProtocolVersion => 0x84,
-        C::BadClientId | C::ClientIdentifierNotValid => 0x85,
-        C::BadUserNamePassword => 0x86,
-        C::NotAuthorized => 0x87,
-        C::ServiceUnavailable | C::ServerUnavailable => 0x88,
-        C::ServerBusy => 0x89,
-        C::Banned => 0x8A,
-        C::BadAuthenticationMethod => 0x8C,
-        C::TopicNameInvalid => 0x90,
-        C::PacketTooLarge => 0x95,
-        C::QuotaExceeded => 0x97,
-        C::PayloadFormatInvalid => 0x99,
-        C::RetainNotSupported => 0x9A,
-        C::QoSNotSupported => 0x9B,
-        C::UseAnotherServer => 0x9C,
-        C::ServerMoved => 0x9D,
-        C::ConnectionRateExceeded => 0x9F,
-        C::MalformedPacket => 0x81,
-        C::ProtocolError => 0x82,
-        C::ImplementationSpecificError => 0x83,
-        C::UnspecifiedError => 0x80,
     }
 }
 
@@ -199,10 +180,7 @@ fn run(
                 let refused = ack.return_codes.iter().find(|c| !matches!(c, SubscribeReasonCode::Success(_)));
                 let _ = ready.send(match refused {
                     None => Ok(()),
-                    Some(code) => Err(Failure::Refused(
-                        0x87,
-                        format!("the broker refused the subscription to {filter}: {code:?}"),
-                    )),
+                    Some(code) => Err(Failure::Refused(format!("the subscription to {filter} was refused: {code:?}"))),
                 });
             }
             // A retained message is one somebody left on the broker, not a live request or reply:

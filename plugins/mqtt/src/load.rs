@@ -13,12 +13,12 @@ use mmpg::slots::SchemaHash;
 use mmpg::wire::{Envelope, MAX_SEQUENCE, MessageKind};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-use rumqttc::{TlsConfiguration, Transport};
+use rumqttc::v5::{AsyncClient, Event};
 use tokio::sync::mpsc;
 
 use crate::chunk::{Reassembler, split};
-use crate::{BrokerSettings, Credentials, MAX_MESSAGE, MAX_PACKET, MqttError, REASSEMBLY_TIMEOUT, Topics};
+use crate::link::client_options;
+use crate::{BrokerSettings, Credentials, MAX_MESSAGE, MqttError, REASSEMBLY_TIMEOUT, Topics};
 
 /// A PUBACK without properties: fixed header, packet id (MQTT v5 omits a success reason code).
 const PUBACK_BYTES: u64 = 4;
@@ -69,18 +69,9 @@ struct Connected {
 async fn connect(settings: &LoadSettings, i: usize, tally: &mut Tally) -> Option<Connected> {
     let id = DeviceId(load_device(i));
     let b = &settings.broker;
-    let mut options = MqttOptions::new(format!("mmpg-load-{}", crate::topics::level(&id)), b.host.clone(), b.port);
-    options.set_keep_alive(Duration::from_secs(60));
-    options.set_clean_start(true);
-    options.set_max_packet_size(Some(MAX_PACKET));
-    // One request at a time: a few in flight suffice (see MAX_INFLIGHT).
-    options.set_outgoing_inflight_upper_limit(16);
-    if let Some(tls) = &b.tls {
-        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls.clone())));
-    }
-    if let Some(c) = settings.credentials.as_ref().and_then(|all| all.get(i)) {
-        options.set_credentials(c.username.clone(), c.password.clone());
-    }
+    let credentials = settings.credentials.as_ref().and_then(|all| all.get(i));
+    // One request at a time: a few publishes in flight suffice (see MAX_INFLIGHT).
+    let options = client_options(b, &format!("mmpg-load-{}", crate::topics::level(&id)), credentials, 16);
     let (client, mut eventloop) = AsyncClient::new(options, 16);
     let (replies_tx, replies) = mpsc::unbounded_channel();
     let (ready_tx, mut ready) = mpsc::unbounded_channel();
