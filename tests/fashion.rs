@@ -44,3 +44,31 @@ fn a_missing_dataset_is_one_line_naming_the_install_command_and_exit_2() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("is missing: run `scripts/fetch-data.sh`"), "{stderr}");
 }
+
+/// The leak #16 closed: the FDA's episodes drew their windows from the stream pool (half the test
+/// photos), which is where devices' windows come from.
+#[test]
+fn the_cloud_trains_on_no_photo_of_a_device_pool() {
+    common::assert_the_cloud_never_sees_device_pools(
+        r#"
+seed = 3
+[data]
+plugin = "fashion"
+[data.settings]
+frames = 4
+[cloud.settings]
+reset = true
+reset_episodes = 4
+clean_fraction = 0.5
+[cloud.training]
+pretrain_steps = 10
+generator_steps = 10
+source_domains = 8
+[fleet]
+window_clips = 32
+eval_clips = 64
+shifts = [{ kind = "fog", severity = 3 }, { kind = "clean" }, { kind = "pixelate", severity = 4, class_mix_alpha = 0.5 }]
+"#,
+        200,
+    );
+}

@@ -232,3 +232,12 @@ fn the_reset_gate_sends_theta0_in_distribution_and_delta_far_away_and_survives_a
         assert_eq!(restored.generate(s).expect("restored"), served);
     }
 }
+
+#[test]
+fn the_cloud_trains_on_no_scene_of_a_device_pool() {
+    let text = format!(
+        "{}\n[cloud.settings]\nreset = true\nreset_episodes = 4\nclean_fraction = 0.5\n",
+        common::tiny_deployment(5, 10, 10, r#"{ kind = "contrast", severity = 4 }, { kind = "clean" }"#)
+    );
+    common::assert_the_cloud_never_sees_device_pools(&text, 100);
+}

@@ -205,3 +205,22 @@ fn the_msrvtt_example_without_data_says_what_to_place() {
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("place train_qa.json and test_qa.json in data/msrvtt-qa"), "{stderr}");
 }
+
+/// As in the released MSRVTT-QA and MSVD-QA, the fixture's training and test questions are about
+/// different videos here; the cloud then sees no video a device streams or is scored on.
+#[test]
+fn the_cloud_trains_on_no_video_of_a_device_pool() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_fixture(dir.path(), &[1, 2], 8);
+    for (file, keep) in [("train_qa.json", 0..12), ("test_qa.json", 12..24)] {
+        let path = dir.path().join(file);
+        let mut qa: Vec<serde_json::Value> =
+            serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("json");
+        qa.retain(|q| q["video_id"].as_u64().is_some_and(|v| keep.contains(&v)));
+        std::fs::write(&path, serde_json::to_vec(&qa).expect("json")).expect("write");
+    }
+    let text = videoqa_toml(&dir.path().display())
+        .replace("pretrain_steps = 300", "pretrain_steps = 10")
+        .replace("[cloud.training]", "[cloud.settings]\nreset = true\nreset_episodes = 4\n[cloud.training]");
+    common::assert_the_cloud_never_sees_device_pools(&text, 40);
+}

@@ -93,7 +93,8 @@ pub fn decode_clip(bytes: &[u8], task: &TaskSpec) -> Result<Clip, WireError> {
                 .ok_or_else(|| WireError::Content(format!("answer `{a}` is not in the task's vocabulary")))?,
         ),
     };
-    Ok(Clip { frames, question, caption: text("caption")?, answer })
+    // A clip file says nothing trustworthy about where its frames came from.
+    Ok(Clip { frames, question, caption: text("caption")?, answer, provenance: Vec::new() })
 }
 
 /// Every `*.safetensors` clip of `dir`, in file-name order.
@@ -137,6 +138,7 @@ mod tests {
             question: "is it?".into(),
             caption: "a thing".into(),
             answer,
+            provenance: Vec::new(),
         }
     }
 

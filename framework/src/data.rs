@@ -18,6 +18,13 @@ pub struct Clip {
     pub caption: String,
     /// Index into [`TaskSpec::answers`]; `None` on unlabelled device streams.
     pub answer: Option<usize>,
+    /// Where the clip's content comes from: ids of the source samples it was made of (a
+    /// Fashion-MNIST photo, an annotated video, a synthetic scene before its corruption), unique
+    /// within its data source across every split, so two clips that share an id share source
+    /// material whatever their shift. Empty when unknown (a clip file, a camera). Tests use it to
+    /// show that nothing the cloud trains on comes from a device's stream or test pool.
+    #[serde(default)]
+    pub provenance: Vec<u64>,
 }
 
 impl Clip {
@@ -25,6 +32,12 @@ impl Clip {
     pub fn unlabelled(&self) -> Clip {
         Clip { answer: None, ..self.clone() }
     }
+}
+
+/// A provenance id for source material named by bytes (a video's id, a scene's pixels): 64-bit
+/// FNV-1a, stable across builds and platforms, so ids can be compared between processes.
+pub fn provenance_id(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// Shape of the task a data source produces.
@@ -103,9 +116,10 @@ impl DomainSpec {
 /// Which part of a domain's data to draw from. Splits never share samples.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Split {
-    /// Labelled training data (cloud side).
+    /// Labelled training data: all the cloud learns from (pretraining, the generator's episode
+    /// windows and batches, the reset gate), and a device's own labelled pool for fine-tuning.
     Train,
-    /// The device's unlabelled stream that ADR summarises.
+    /// The device's unlabelled stream that ADR summarises; never drawn by the cloud.
     Stream,
     /// Held-out evaluation data.
     Test,
@@ -119,5 +133,18 @@ impl Split {
             Split::Stream => 0x7374_7265,
             Split::Test => 0x7465_7374,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provenance_ids_are_fnv1a_64() {
+        // The published FNV-1a test vectors: ids stay comparable across builds.
+        assert_eq!(provenance_id(*b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(provenance_id(*b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(provenance_id(*b"foobar"), 0x8594_4171_f739_67e8);
     }
 }

@@ -49,7 +49,7 @@ pub use adapt::{AdaptError, AdaptInput, AdaptOutcome, DeviceAdapter};
 pub use anchor::{AnchorError, AnchorReasoner, AnchorSummary, FeatureStats, Quantisation, QuantisedTensor};
 pub use backend::{BackendError, BackendProvider, DeviceDescriptor};
 pub use config::{ConfigError, ConfigErrors, Deployment};
-pub use data::{Clip, DeviceId, DomainSpec, Shift, Split, TaskSpec};
+pub use data::{Clip, DeviceId, DomainSpec, Shift, Split, TaskSpec, provenance_id};
 pub use generator::{GeneratorError, GeneratorTraining, ParameterGenerator};
 pub use model::{
     CloudModel, DeviceModel, FineTunable, FineTuner, LinearHead, LinearQaHead, ModelError, RetrievalEmbeddings,

@@ -793,7 +793,8 @@ mod tests {
     fn a_device_told_of_a_later_sequence_numbers_after_it() {
         let mut device = node();
         let frames = HostTensor::new(vec![1], vec![0.0]).expect("fits");
-        let window = [Clip { frames, question: String::new(), caption: String::new(), answer: None }];
+        let window =
+            [Clip { frames, question: String::new(), caption: String::new(), answer: None, provenance: Vec::new() }];
         let request = device.request(&device.summarise(&window, 1).expect("summary").summary).expect("request");
         let stale = Envelope::stale(request.device.clone(), request.sequence, request.schema_hash, 40)
             .with_nonce(request.nonce);
@@ -878,7 +879,7 @@ mod tests {
         fn only_the_answer_to_the_outstanding_request_is_installed(twist in twist(), value in -10.0f32..10.0) {
             let mut device = node();
             let frames = HostTensor::new(vec![1], vec![0.0]).expect("fits");
-            let window = [Clip { frames, question: String::new(), caption: String::new(), answer: None }];
+            let window = [Clip { frames, question: String::new(), caption: String::new(), answer: None, provenance: Vec::new() }];
             let summarised = device.summarise(&window, 1).expect("summary");
             let request = device.request(&summarised.summary).expect("request");
             let params = GeneratedParams {

@@ -448,6 +448,7 @@ mod tests {
             question: String::new(),
             caption: String::new(),
             answer: Some(answer),
+            provenance: Vec::new(),
         };
         let right = mean_cross_entropy(&Fixed, &[clip(0)]).expect("scored");
         let wrong = mean_cross_entropy(&Fixed, &[clip(1)]).expect("scored");

@@ -85,15 +85,22 @@ struct Pool {
     images: Vec<[u8; 784]>,
     /// Indices into `images`, per class.
     by_class: Vec<Vec<usize>>,
+    /// Provenance id of `images[0]`; the others follow in order.
+    first_id: u64,
 }
 
+/// Provenance ids of the training file's photos start here, the test file's at [`TEST_FILE_IDS`]:
+/// the id names the photo (file and index), whichever pool holds it.
+const TRAIN_FILE_IDS: u64 = 0;
+const TEST_FILE_IDS: u64 = 1 << 32;
+
 impl Pool {
-    fn new(images: Vec<[u8; 784]>, labels: &[u8]) -> Self {
+    fn new(images: Vec<[u8; 784]>, labels: &[u8], first_id: u64) -> Self {
         let mut by_class = vec![Vec::new(); CLASSES.len()];
         for (i, label) in labels.iter().enumerate() {
             by_class[usize::from(*label)].push(i);
         }
-        Self { images, by_class }
+        Self { images, by_class, first_id }
     }
 }
 
@@ -233,9 +240,9 @@ impl Fashion {
         let half = test_images.len() / 2;
         Self::from_pools(
             settings,
-            Pool::new(train_images, &train_labels),
-            Pool::new(test_images[..half].to_vec(), &test_labels[..half]),
-            Pool::new(test_images[half..].to_vec(), &test_labels[half..]),
+            Pool::new(train_images, &train_labels, TRAIN_FILE_IDS),
+            Pool::new(test_images[..half].to_vec(), &test_labels[..half], TEST_FILE_IDS),
+            Pool::new(test_images[half..].to_vec(), &test_labels[half..], TEST_FILE_IDS + half as u64),
         )
     }
 
@@ -287,9 +294,12 @@ impl Fashion {
         let t = self.settings.frames;
         let labels: Vec<usize> = (0..t).map(|_| weighted_pick(mix, rng)).collect();
         let mut values = Vec::with_capacity(t * 784);
+        let mut provenance = Vec::with_capacity(t);
         for &label in &labels {
             let candidates = &pool.by_class[label];
-            let image = &pool.images[candidates[rng.random_range(0..candidates.len())]];
+            let index = candidates[rng.random_range(0..candidates.len())];
+            provenance.push(pool.first_id + index as u64);
+            let image = &pool.images[index];
             let mut frame: Vec<f32> = image.iter().map(|p| f32::from(*p) / 255.0).collect();
             for shift in &domain.shifts {
                 corruptions::corrupt(&mut frame, 28, &shift.kind, shift.severity, rng)
@@ -304,6 +314,7 @@ impl Fashion {
             question,
             caption: caption(&labels),
             answer: Some(answer),
+            provenance,
         })
     }
 
@@ -442,13 +453,27 @@ mod tests {
 
     /// A tiny stand-in dataset: every class has a few flat images of its own grey level.
     fn source(frames: usize) -> Fashion {
-        let pool = || {
+        let pool = |first_id| {
             let images: Vec<[u8; 784]> = (0..30).map(|i| [(i % 10 * 25) as u8; 784]).collect();
             let labels: Vec<u8> = (0..30).map(|i| (i % 10) as u8).collect();
-            Pool::new(images, &labels)
+            Pool::new(images, &labels, first_id)
         };
         let settings = FashionSettings { frames, ..FashionSettings::default() };
-        Fashion::from_pools(settings, pool(), pool(), pool()).expect("valid")
+        Fashion::from_pools(settings, pool(0), pool(100), pool(200)).expect("valid")
+    }
+
+    #[test]
+    fn each_frame_names_its_photo_and_splits_share_none() {
+        let src = source(4);
+        let domain = DomainSpec { class_mix_alpha: Some(0.5), ..DomainSpec::clean("d", 3) };
+        let ids = |split| -> std::collections::BTreeSet<u64> {
+            let clips = src.clips(&domain, split, 40, 1).expect("clips");
+            assert!(clips.iter().all(|c| c.provenance.len() == 4), "one id per frame");
+            clips.iter().flat_map(|c| c.provenance.iter().copied()).collect()
+        };
+        let (train, stream, test) = (ids(Split::Train), ids(Split::Stream), ids(Split::Test));
+        assert!(train.iter().all(|id| *id < 30) && stream.iter().all(|id| (100..130).contains(id)), "{train:?}");
+        assert!(test.iter().all(|id| (200..230).contains(id)), "{test:?}");
     }
 
     #[test]

@@ -464,7 +464,10 @@ impl Fda {
     }
 
     /// An episode's window from `domain`, summarised exactly as a device does (text-side
-    /// anchors included).
+    /// anchors included). Drawn from the training split, as everything the cloud learns from:
+    /// the stream and test splits are the devices' pools (for `fashion` the test photos, for
+    /// `videoqa` the test questions), and a generator trained on them would be scored on what it
+    /// had seen.
     fn episode_summary(
         &self,
         ctx: &GeneratorTraining<'_>,
@@ -472,7 +475,7 @@ impl Fda {
         reference: &mmpg::FeatureStats,
         rng: &mut seed::Rng,
     ) -> Result<AnchorSummary, GeneratorError> {
-        let window = ctx.data.clips(domain, Split::Stream, ctx.window_clips, rng.random())?;
+        let window = ctx.data.clips(domain, Split::Train, ctx.window_clips, rng.random())?;
         let features = ctx.model.frame_features(&window)?;
         let mut summary = ctx.reasoner.summarise(&features, reference, window.len(), rng.random())?;
         if self.text_dim.is_some() && ctx.reasoner.text_anchor_count() > 0 {

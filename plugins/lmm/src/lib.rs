@@ -992,6 +992,7 @@ mod tests {
                 question: format!("what is shown {}", i % 3),
                 caption: format!("caption {}", i % 4),
                 answer: Some(i % 5),
+                provenance: Vec::new(),
             })
             .collect()
     }
@@ -1074,6 +1075,7 @@ mod tests {
                 question: "what happens".into(),
                 caption: format!("caption {i}"),
                 answer: Some(i % 5),
+                provenance: Vec::new(),
             })
             .collect();
         assert_eq!(device.answer_logits(&clips).expect("forward").shape(), &[4, 5]);

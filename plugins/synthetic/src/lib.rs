@@ -146,6 +146,13 @@ impl Synthetic {
         let plane = size * size;
         let mut values = vec![0f32; frames * 3 * plane];
         let texture: Vec<f32> = (0..plane).map(|_| rng.random_range(-0.03..0.03)).collect();
+        // The clean scene is a function of these draws: equal ids, equal scene before any shift.
+        let scene = [colour, shape, direction, count]
+            .into_iter()
+            .chain(starts.iter().flat_map(|&(x, y)| [x, y]))
+            .flat_map(|v| (v as u64).to_le_bytes())
+            .chain(texture.iter().flat_map(|t| t.to_le_bytes()));
+        let provenance = vec![mmpg::provenance_id(scene)];
         for t in 0..frames {
             let frame = &mut values[t * 3 * plane..(t + 1) * 3 * plane];
             for c in 0..3 {
@@ -192,6 +199,7 @@ impl Synthetic {
                 COUNTS[count], COLOURS[colour].0, SHAPES[shape], DIRECTIONS[direction].0
             ),
             answer: Some(answer),
+            provenance,
         }
     }
 }

@@ -314,6 +314,8 @@ impl VideoQa {
             question: entry.question.clone(),
             caption: entry.question.clone(),
             answer: entry.answer,
+            // The video is the source material: its frames are what a summary carries.
+            provenance: vec![mmpg::provenance_id(entry.video.bytes())],
         })
     }
 }
