@@ -158,6 +158,16 @@ fn kl_and_reconstruction_fall_when_weighted_and_the_objective_falls() {
 }
 
 #[test]
+fn the_retrieval_term_falls_when_weighted_and_is_absent_at_zero() {
+    let log = train("retrieval = 5.0", 40);
+    let c = curve(&log, "retrieval");
+    assert!(c.iter().all(|v| v.is_finite() && *v > 0.0), "InfoNCE of a batch is positive: {c:?}");
+    assert!(mean(&c[30..]) < mean(&c[..10]), "retrieval: {c:?}");
+    let off = train("retrieval = 0.0", 3);
+    assert!(curve(&off, "retrieval").iter().all(|v| *v == 0.0), "γ = 0 asks the model for nothing");
+}
+
+#[test]
 fn low_rank_changes_need_fewer_cloud_parameters() {
     let (basis, _) = fresh_generator(&deployment(""));
     let (low_rank, _) = fresh_generator(&deployment("[cloud.settings]\ndelta = \"low-rank\"\nrank = 4"));

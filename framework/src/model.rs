@@ -301,6 +301,16 @@ pub trait CloudModel: Send + Sync {
         Ok(self.task_vjp(slots, clips)?.loss)
     }
 
+    /// The retrieval objective, when the model has a video–text space: symmetric InfoNCE between
+    /// the video and caption embeddings of `clips` (each clip's caption its video's positive, the
+    /// batch's others its negatives) with the given slot values, and its gradient with respect to
+    /// them, a vector-Jacobian product as in [`CloudModel::task_vjp`] (slots that do not reach the
+    /// embeddings get zeros). `None` (the default): the model has no retrieval space. A batch of
+    /// one clip has no negatives; errors as [`CloudModel::task_vjp`].
+    fn retrieval_vjp(&self, _slots: &SlotValues, _clips: &[Clip]) -> Result<Option<SlotGradient>, ModelError> {
+        Ok(None)
+    }
+
     /// Number of trainable parameters in the cloud model (static part and θ0).
     fn parameter_count(&self) -> usize;
 

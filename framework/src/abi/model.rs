@@ -46,6 +46,8 @@ mod cloud {
     pub const SAVE: u32 = 11;
     /// `Vec<u8>` → `()`.
     pub const LOAD: u32 = 12;
+    /// `(SlotValues, Vec<Clip>)` → `Option<SlotGradient>`.
+    pub const RETRIEVAL_VJP: u32 = 13;
 }
 
 fn lock<T: ?Sized>(m: &Mutex<Box<T>>) -> MutexGuard<'_, Box<T>> {
@@ -63,6 +65,7 @@ fn serve_cloud(m: &dyn CloudModel, method: u32, input: &[u8]) -> Outcome {
         cloud::TEXT_FEATURES => with(input, |clips: Vec<Clip>| m.text_features(&clips)),
         cloud::TASK_VJP => with(input, |(slots, clips): (SlotValues, Vec<Clip>)| m.task_vjp(&slots, &clips)),
         cloud::TASK_LOSS => with(input, |(slots, clips): (SlotValues, Vec<Clip>)| m.task_loss(&slots, &clips)),
+        cloud::RETRIEVAL_VJP => with(input, |(slots, clips): (SlotValues, Vec<Clip>)| m.retrieval_vjp(&slots, &clips)),
         cloud::PARAMETER_COUNT => Outcome::value(m.parameter_count()),
         cloud::EXPORT => with_object(input, |device: DeviceDescriptor| {
             m.export(&device).map(|d| Box::new(OwnedDevice(Mutex::new(d))) as Box<dyn Serve>)
@@ -177,6 +180,10 @@ impl CloudModel for RemoteCloud {
 
     fn task_loss(&self, slots: &SlotValues, clips: &[Clip]) -> Result<f64, ModelError> {
         self.proxy.call(cloud::TASK_LOSS, &(slots, clips))
+    }
+
+    fn retrieval_vjp(&self, slots: &SlotValues, clips: &[Clip]) -> Result<Option<SlotGradient>, ModelError> {
+        self.proxy.call(cloud::RETRIEVAL_VJP, &(slots, clips))
     }
 
     fn parameter_count(&self) -> usize {

@@ -2,7 +2,8 @@
 //! set encoder over the anchors (DeepSets, permutation-invariant) with the window moments →
 //! μ_z, log σ²_z → z (μ_z when serving) → per-slot decoder θ = θ0 + b·tanh(W z + c), bounded.
 //! A reconstruction head predicts the window's standardised statistics from z.
-//! Loss = task loss with the generated slots + β·KL(q(z|anchors) ‖ N(0, I)) + λ·reconstruction.
+//! Loss = task loss with the generated slots + γ·retrieval (the model's InfoNCE, when it has a
+//! video–text space) + β·KL(q(z|anchors) ‖ N(0, I)) + λ·reconstruction.
 //!
 //! Reset (optional, `reset = true`): after training, the cloud fits a logistic gate on how far
 //! a window's moments are from the reference (two numbers every summary already carries),
@@ -51,6 +52,10 @@ pub struct FdaSettings {
     pub beta: f64,
     /// λ: weight of the reconstruction term (0 disables it).
     pub lambda: f64,
+    /// γ: weight of the retrieval term, the model's InfoNCE between the video and caption
+    /// projections of the episode's labelled batch through the slots that reach them (0 disables
+    /// it; a model without a retrieval space has none).
+    pub retrieval: f64,
     /// Source domains (episodes) per training step.
     pub episodes_per_step: usize,
     /// Share of episodes drawn from unshifted source domains: in-distribution windows teach the
@@ -86,6 +91,7 @@ impl Default for FdaSettings {
             slot_bounds: BTreeMap::from([("frame_film".to_string(), 2.0)]),
             beta: 0.01,
             lambda: 0.1,
+            retrieval: 0.5,
             episodes_per_step: 4,
             clean_fraction: 0.0,
             delta: DeltaForm::Basis,
@@ -107,6 +113,7 @@ impl Settings for FdaSettings {
         }
         check.real("beta", self.beta, 0.0..=1000.0);
         check.real("lambda", self.lambda, 0.0..=1000.0);
+        check.real("retrieval", self.retrieval, 0.0..=1000.0);
         check.within("episodes_per_step", self.episodes_per_step, 1..=256);
         check.real("clean_fraction", self.clean_fraction, 0.0..=1.0);
         check.within("rank", self.rank, 1..=256);
@@ -327,7 +334,15 @@ pub fn fast_tanh(x: f32) -> f32 {
 }
 
 /// Names of the loss terms, in the order training records them.
-const TERMS: [&str; 3] = ["task", "kl", "reconstruction"];
+const TERMS: [&str; 4] = ["task", "retrieval", "kl", "reconstruction"];
+
+/// The model's losses of a step's episodes with the generated slots, and the surrogate whose
+/// gradient is theirs (see [`Fda::objective_through_vjp`]).
+struct Objective {
+    task: f64,
+    retrieval: f64,
+    surrogate: Tensor<DB, 1>,
+}
 
 /// The FDA generator.
 #[derive(Debug)]
@@ -564,33 +579,38 @@ impl Fda {
         Ok(values)
     }
 
-    /// The task loss of each episode through the model's vector-Jacobian product, and the
-    /// surrogate `mean_e Σ_s sum(Δ_s[e] · stopgrad(∂L_e/∂θ_s))` whose gradient with respect to
-    /// the generator is the task loss's: θ0 is a constant, so ∂θ/∂φ = ∂Δ/∂φ.
-    fn task_through_vjp(
+    /// The task loss of each episode (and, with γ > 0, its retrieval loss) through the model's
+    /// vector-Jacobian products, and the surrogate `mean_e Σ_s sum(Δ_s[e] · stopgrad(∂L_e/∂θ_s))`
+    /// with `L_e = task_e + γ·retrieval_e`, whose gradient with respect to the generator is the
+    /// loss's: θ0 is a constant, so ∂θ/∂φ = ∂Δ/∂φ.
+    fn objective_through_vjp(
         &self,
         model: &dyn mmpg::CloudModel,
         deltas: &[Tensor<DB, 2>],
         batches: &[Vec<mmpg::Clip>],
         step: usize,
-    ) -> Result<(f64, Tensor<DB, 1>), GeneratorError> {
+    ) -> Result<Objective, GeneratorError> {
         let host: Vec<Option<HostTensor>> = deltas.iter().map(|d| Some(HostTensor::from_burn(d.clone()))).collect();
         let mut cotangents: Vec<Vec<f32>> = self.schema.slots().iter().map(|s| Vec::with_capacity(s.numel())).collect();
-        let mut loss = 0.0;
+        let (mut task, mut retrieval) = (0.0, 0.0);
+        let gamma = self.settings.retrieval;
+        let episodes = batches.len() as f64;
         for (e, clips) in batches.iter().enumerate() {
-            let vjp = model.task_vjp(&self.slot_values(&host, e)?, clips)?;
-            loss += vjp.loss / batches.len() as f64;
+            let slots = self.slot_values(&host, e)?;
+            let vjp = model.task_vjp(&slots, clips)?;
+            task += vjp.loss / episodes;
+            let nce = if gamma > 0.0 { model.retrieval_vjp(&slots, clips)? } else { None };
+            retrieval += nce.as_ref().map_or(0.0, |g| g.loss) / episodes;
             for (spec, rows) in self.schema.slots().iter().zip(&mut cotangents) {
-                let g = vjp.gradients.get(&spec.name).filter(|g| g.len() == spec.numel()).ok_or_else(|| {
-                    GeneratorError::Output(format!(
-                        "the model's gradient of slot `{}` is missing or mis-sized",
-                        spec.name
-                    ))
-                })?;
-                if !g.is_finite() {
-                    return Err(GeneratorError::Diverged { step, loss: f64::NAN });
+                let g = slot_gradient(&vjp, spec, step)?;
+                let n = batches.len() as f32;
+                match &nce {
+                    Some(nce) => {
+                        let r = slot_gradient(nce, spec, step)?;
+                        rows.extend(g.iter().zip(r).map(|(g, r)| (g + gamma as f32 * r) / n));
+                    }
+                    None => rows.extend(g.iter().map(|v| v / n)),
                 }
-                rows.extend(g.values().iter().map(|v| v / batches.len() as f32));
             }
         }
         let surrogate = deltas
@@ -602,8 +622,20 @@ impl Fda {
             })
             .reduce(|a, b| a + b)
             .ok_or_else(|| GeneratorError::Output("the model has no slots".into()))?;
-        Ok((loss, surrogate))
+        Ok(Objective { task, retrieval, surrogate })
     }
+}
+
+/// The model's gradient of slot `spec` in `vjp`, checked: present, of the slot's size, finite.
+fn slot_gradient<'a>(
+    vjp: &'a mmpg::SlotGradient,
+    spec: &mmpg::SlotSpec,
+    step: usize,
+) -> Result<&'a [f32], GeneratorError> {
+    let g = vjp.gradients.get(&spec.name).filter(|g| g.len() == spec.numel()).ok_or_else(|| {
+        GeneratorError::Output(format!("the model's gradient of slot `{}` is missing or mis-sized", spec.name))
+    })?;
+    if g.is_finite() { Ok(g.values()) } else { Err(GeneratorError::Diverged { step, loss: f64::NAN }) }
 }
 
 /// Standard normal draws from a seeded generator (Box–Muller), so sampling is reproducible
@@ -709,19 +741,23 @@ impl ParameterGenerator for Fda {
             );
             let z = enc.mu.clone() + (enc.logvar.clone() * 0.5).exp() * eps;
             let deltas = net.deltas(z.clone(), &self.bounds, &self.layouts);
-            let (task, task_surrogate) = self.task_through_vjp(ctx.model, &deltas, &batches, step)?;
+            let Objective { task, retrieval, surrogate } =
+                self.objective_through_vjp(ctx.model, &deltas, &batches, step)?;
             let kl = ((enc.logvar.clone().exp() + enc.mu.clone().powf_scalar(2.0) - enc.logvar.clone() - 1.0)
                 .sum_dim(1)
                 * 0.5)
                 .mean();
             let recon = (net.recon.forward(z) - enc.stats).powf_scalar(2.0).mean();
             let (kl_value, recon_value) = (f64::from(kl.clone().into_scalar()), f64::from(recon.clone().into_scalar()));
-            let value = task + kl_value * self.settings.beta + recon_value * self.settings.lambda;
+            let value = task
+                + retrieval * self.settings.retrieval
+                + kl_value * self.settings.beta
+                + recon_value * self.settings.lambda;
             if mmpg::loss_diverged(losses.first().copied().unwrap_or(value), value) {
                 return Err(GeneratorError::Diverged { step, loss: value });
             }
-            terms.push([task, kl_value, recon_value]);
-            let loss = task_surrogate + kl * self.settings.beta + recon * self.settings.lambda;
+            terms.push([task, retrieval, kl_value, recon_value]);
+            let loss = surrogate + kl * self.settings.beta + recon * self.settings.lambda;
             let grads = GradientsParams::from_grads::<DB, FdaNet<DB>>(loss.backward(), &net);
             net = optim.step(ctx.plan.learning_rate, net, grads);
             losses.push(value);

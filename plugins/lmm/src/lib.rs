@@ -309,7 +309,6 @@ struct Inputs<B: burn::tensor::backend::Backend> {
     questions: Tensor<B, 2>,
     captions: Tensor<B, 2>,
     answers: Option<Tensor<B, 1, Int>>,
-    n: usize,
 }
 
 fn inputs<B: burn::tensor::backend::Backend>(
@@ -354,8 +353,22 @@ fn inputs<B: burn::tensor::backend::Backend>(
         questions: bag(|c| c.question.as_str())?,
         captions: bag(|c| c.caption.as_str())?,
         answers,
-        n: clips.len(),
     })
+}
+
+/// Symmetric InfoNCE between a batch's `[n, r]` video and caption projections: cosine
+/// similarities at temperature 0.1, each clip's caption its video's positive and the batch's
+/// others its negatives (Oord et al. 2018; CLIP's symmetric form, Radford et al. 2021).
+fn info_nce<B: burn::tensor::backend::Backend>(
+    video: Tensor<B, 2>,
+    text: Tensor<B, 2>,
+    device: &B::Device,
+) -> Tensor<B, 1> {
+    let n = video.dims()[0];
+    let ce = CrossEntropyLossConfig::new().init(device);
+    let sim = l2_normalise(video).matmul(l2_normalise(text).transpose()) * 10.0;
+    let diag = Tensor::<B, 1, Int>::arange(0..n as i64, device);
+    (ce.forward(sim.clone(), diag.clone()) + ce.forward(sim.transpose(), diag)) * 0.5
 }
 
 fn l2_normalise<B: burn::tensor::backend::Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
@@ -513,6 +526,44 @@ impl LmmCloud {
         let q = net.text(x.questions);
         Ok(CrossEntropyLossConfig::new().init(device).forward(net.logits(v, q, &slots), targets))
     }
+
+    /// The retrieval objective of `clips` with `slots`: InfoNCE over their video and caption
+    /// embeddings (needs no labels).
+    fn retrieval_loss_with(
+        &self,
+        net: LmmNet<DB>,
+        slots: &SlotMap,
+        clips: &[Clip],
+        device: &BurnDevice,
+    ) -> Result<Tensor<DB, 1>, ModelError> {
+        let slots = slots_from_map(slots)?;
+        let x = inputs::<DB>(&self.geo, clips, device)?;
+        let v = net.video(net.frame_features(x.frames, slots.film), self.geo.frames);
+        Ok(info_nce(net.video_proj.forward(v), net.text_proj.forward(net.text(x.captions)), device))
+    }
+
+    /// `loss` at `slots` and its gradient with respect to them, the static part frozen.
+    fn vjp(
+        &self,
+        slots: &SlotValues,
+        loss: impl FnOnce(LmmNet<DB>, &SlotMap) -> Result<Tensor<DB, 1>, ModelError>,
+    ) -> Result<SlotGradient, ModelError> {
+        // Leaves of a graph of their own: the generator's graph never reaches this model.
+        let leaves: SlotMap =
+            self.slot_tensors(slots, &self.device)?.into_iter().map(|(k, t)| (k, t.require_grad())).collect();
+        let loss = loss(Module::<DB>::no_grad(self.net.clone()), &leaves)?;
+        let value = f64::from(loss.clone().into_scalar());
+        let grads = loss.backward();
+        let mut gradients = BTreeMap::new();
+        for spec in self.schema.slots() {
+            let leaf = &leaves[&spec.name];
+            let flat =
+                leaf.grad(&grads).map_or_else(|| vec![0.0; spec.numel()], |g| HostTensor::from_burn(g).into_values());
+            let g = HostTensor::new(spec.shape.clone(), flat).map_err(|e| ModelError::Training(e.to_string()))?;
+            gradients.insert(spec.name.clone(), g);
+        }
+        Ok(SlotGradient { loss: value, gradients })
+    }
 }
 
 impl CloudModel for LmmCloud {
@@ -549,12 +600,7 @@ impl CloudModel for LmmCloud {
             let v = net.video(features, self.geo.frames);
             let q = net.text(x.questions);
             let qa = ce.forward(net.logits(v.clone(), q, &net.base_slots()), targets);
-            // Retrieval: symmetric InfoNCE between video and caption embeddings of the batch.
-            let ve = l2_normalise(net.video_proj.forward(v));
-            let te = l2_normalise(net.text_proj.forward(net.text(x.captions)));
-            let sim = ve.matmul(te.transpose()) * 10.0;
-            let diag = Tensor::<DB, 1, Int>::arange(0..x.n as i64, &self.device);
-            let nce = (ce.forward(sim.clone(), diag.clone()) + ce.forward(sim.transpose(), diag)) * 0.5;
+            let nce = info_nce(net.video_proj.forward(v), net.text_proj.forward(net.text(x.captions)), &self.device);
             let loss = qa + nce * self.geo.settings.retrieval_weight;
             let value = f64::from(loss.clone().into_scalar());
             if mmpg::loss_diverged(losses.first().copied().unwrap_or(value), value) {
@@ -618,21 +664,11 @@ impl CloudModel for LmmCloud {
     }
 
     fn task_vjp(&self, slots: &SlotValues, clips: &[Clip]) -> Result<SlotGradient, ModelError> {
-        // Leaves of a graph of their own: the generator's graph never reaches this model.
-        let leaves: SlotMap =
-            self.slot_tensors(slots, &self.device)?.into_iter().map(|(k, t)| (k, t.require_grad())).collect();
-        let loss = self.loss_with(Module::<DB>::no_grad(self.net.clone()), &leaves, clips, &self.device)?;
-        let value = f64::from(loss.clone().into_scalar());
-        let grads = loss.backward();
-        let mut gradients = BTreeMap::new();
-        for spec in self.schema.slots() {
-            let leaf = &leaves[&spec.name];
-            let flat =
-                leaf.grad(&grads).map_or_else(|| vec![0.0; spec.numel()], |g| HostTensor::from_burn(g).into_values());
-            let g = HostTensor::new(spec.shape.clone(), flat).map_err(|e| ModelError::Training(e.to_string()))?;
-            gradients.insert(spec.name.clone(), g);
-        }
-        Ok(SlotGradient { loss: value, gradients })
+        self.vjp(slots, |net, leaves| self.loss_with(net, leaves, clips, &self.device))
+    }
+
+    fn retrieval_vjp(&self, slots: &SlotValues, clips: &[Clip]) -> Result<Option<SlotGradient>, ModelError> {
+        self.vjp(slots, |net, leaves| self.retrieval_loss_with(net, leaves, clips, &self.device)).map(Some)
     }
 
     fn task_loss(&self, slots: &SlotValues, clips: &[Clip]) -> Result<f64, ModelError> {
@@ -1102,12 +1138,16 @@ mod tests {
         }
     }
 
+    /// A loss and its gradient at some slot values.
+    type Objective<'a> = dyn Fn(&SlotValues) -> SlotGradient + 'a;
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(16))]
 
-        /// The vector-Jacobian product is the loss's derivative: along a random direction v,
-        /// ⟨∂L/∂θ, v⟩ matches the central difference (L(θ + εv) − L(θ − εv)) / 2ε wherever the
-        /// loss is smooth around θ, and the loss it reports is the forward-only `task_loss`.
+        /// The vector-Jacobian products (task and retrieval) are their losses' derivatives: along
+        /// a random direction v, ⟨∂L/∂θ, v⟩ matches the central difference
+        /// (L(θ + εv) − L(θ − εv)) / 2ε wherever the loss is smooth around θ, and the task loss
+        /// it reports is the forward-only `task_loss`.
         #[test]
         fn task_vjp_matches_central_differences(seed in 0u64..1000) {
             let cloud = mmpg_backends::with_burn_seed(seed, || LmmCloud::new(small(), &task(), &init_device())).expect("model");
@@ -1130,27 +1170,36 @@ mod tests {
                     })
                     .collect()
             };
-            let vjp = cloud.task_vjp(&theta, &batch).expect("vjp");
             let forward = cloud.task_loss(&theta, &batch).expect("loss");
-            proptest::prop_assert!((vjp.loss - forward).abs() < 1e-5, "{} vs {}", vjp.loss, forward);
-            let analytic: f64 = vjp
-                .gradients
-                .iter()
-                .map(|(k, g)| g.values().iter().zip(direction[k].values()).map(|(a, b)| f64::from(a * b)).sum::<f64>())
-                .sum();
-            let numeric = |eps: f32| {
-                (cloud.task_loss(&moved(eps), &batch).expect("+") - cloud.task_loss(&moved(-eps), &batch).expect("-"))
-                    / (2.0 * f64::from(eps))
-            };
-            let (wide, narrow) = (numeric(4e-4), numeric(2e-4));
-            // ReLU and max pooling have kinks: where one lies within a step of θ, the two central
-            // differences disagree and no derivative exists there to check.
-            proptest::prop_assume!((wide - narrow).abs() <= 1e-3 + 0.02 * narrow.abs());
-            let numeric = narrow;
-            proptest::prop_assert!(
-                (analytic - numeric).abs() <= 3e-3 + 0.05 * numeric.abs(),
-                "analytic {analytic} vs numeric {numeric}"
-            );
+            let task = |s: &SlotValues| cloud.task_vjp(s, &batch).expect("vjp");
+            let retrieval =
+                |s: &SlotValues| cloud.retrieval_vjp(s, &batch).expect("vjp").expect("the lmm has a retrieval space");
+            let objectives: [(&str, &Objective<'_>); 2] = [("task", &task), ("retrieval", &retrieval)];
+            for (name, vjp_of) in objectives {
+                let vjp = vjp_of(&theta);
+                if name == "task" {
+                    proptest::prop_assert!((vjp.loss - forward).abs() < 1e-5, "{} vs {}", vjp.loss, forward);
+                } else {
+                    // Only the FiLM slot reaches the video embedding; fusion and head do not.
+                    let silent = vjp.gradients.iter().filter(|(k, _)| k.as_str() != FILM);
+                    proptest::prop_assert!(silent.clone().all(|(_, g)| g.values().iter().all(|v| *v == 0.0)));
+                }
+                let analytic: f64 = vjp
+                    .gradients
+                    .iter()
+                    .map(|(k, g)| g.values().iter().zip(direction[k].values()).map(|(a, b)| f64::from(a * b)).sum::<f64>())
+                    .sum();
+                let numeric = |eps: f32| (vjp_of(&moved(eps)).loss - vjp_of(&moved(-eps)).loss) / (2.0 * f64::from(eps));
+                let (wide, narrow) = (numeric(4e-4), numeric(2e-4));
+                // ReLU and max pooling have kinks: where one lies within a step of θ, the two central
+                // differences disagree and no derivative exists there to check.
+                proptest::prop_assume!((wide - narrow).abs() <= 1e-3 + 0.02 * narrow.abs());
+                let numeric = narrow;
+                proptest::prop_assert!(
+                    (analytic - numeric).abs() <= 3e-3 + 0.05 * numeric.abs(),
+                    "{name}: analytic {analytic} vs numeric {numeric}"
+                );
+            }
         }
     }
 
