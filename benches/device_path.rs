@@ -19,8 +19,14 @@ use mmpg_synthetic::{Synthetic, SyntheticSettings};
 
 fn anchor_selection(c: &mut Criterion) {
     let mut group = c.benchmark_group("adr_summarise");
-    let adr = Adr::new(AdrSettings { k: 8, strategy: Strategy::KCenter, quantisation: Quantisation::F16, text_k: 0 })
-        .expect("valid settings");
+    let adr = Adr::new(AdrSettings {
+        k: 8,
+        strategy: Strategy::KCenter,
+        quantisation: Quantisation::F16,
+        text_k: 0,
+        privacy: None,
+    })
+    .expect("valid settings");
     for n in [64, 256, 1024] {
         let f = features(n, 64);
         let reference = FeatureStats { mean: vec![0.0; 64], std: vec![1.0; 64] };

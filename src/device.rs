@@ -64,6 +64,9 @@ impl StateDir {
     fn report(&self) -> PathBuf {
         self.0.join("report.json")
     }
+    fn privacy(&self) -> PathBuf {
+        self.0.join("privacy.json")
+    }
 }
 
 /// Writes `bytes` to `path` so that a crash leaves either the old file or the new one: a
@@ -251,6 +254,22 @@ fn bundle(
     }
 }
 
+/// Restores the privacy a device's earlier runs spent. A ledger that cannot be read is an
+/// error, not a fresh start: forgetting it would understate what the device has disclosed.
+fn restore_privacy(node: &mut DeviceNode, state: &StateDir) -> anyhow::Result<()> {
+    match std::fs::read_to_string(state.privacy()) {
+        Ok(text) => {
+            let ledger = mmpg::privacy::PrivacyAccountant::from_json(&text).map_err(|e| {
+                anyhow::anyhow!("{}: {e}; the privacy this device spent is unknown", state.privacy().display())
+            })?;
+            node.resume_privacy(ledger);
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(anyhow::anyhow!("reading {}: {e}", state.privacy().display())),
+    }
+}
+
 /// Restores the last good parameters and the request counter, if the state folder has them.
 fn restore(node: &mut DeviceNode, state: &StateDir, key: Option<&CloudKey>, log: &mut Log) -> bool {
     match std::fs::read_to_string(state.sequence()) {
@@ -380,6 +399,13 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
         }
     };
     let mut report = drawn.report;
+    restore_privacy(&mut node, &state)?;
+    if node.reasoner.privacy().is_some_and(|p| p.noise == mmpg::privacy::NoiseSource::Seeded) {
+        eprintln!(
+            "warning: [anchor.settings.privacy] noise = \"seeded\": whoever knows the deployment's seed can subtract \
+             the noise; a deployed device should use noise = \"os\" (the default)"
+        );
+    }
     let restored = restore(&mut node, &state, key.as_ref(), &mut log);
     if restored {
         report.adapted_accuracy = node.model.accuracy(&drawn.eval)?;
@@ -470,6 +496,13 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
                     Ok(s) => {
                         report.anchors = s.summary.anchor_count();
                         report.feature_ms = s.feature_ms;
+                        if s.summary.privacy.is_some() {
+                            // Kept before the upload leaves: a crash must not forget what it spent.
+                            let ledger = serde_json::to_string(&node.privacy_ledger())?;
+                            write_atomically(&state.privacy(), ledger.as_bytes())
+                                .with_context(|| format!("writing {}", state.privacy().display()))?;
+                            report.privacy = node.privacy_spent();
+                        }
                         // Out of sequence numbers, a device can never be answered again: an error
                         // for a person, not a failure to count on every window.
                         let request = node.request(&s.summary).context("making the adaptation request")?;

@@ -41,7 +41,7 @@ fn summaries(
 ) -> anyhow::Result<Vec<(mmpg::SchemaHash, Vec<u8>)>> {
     let bundle = client.bundle(Duration::from_secs(30), key).context("fetching the cloud's bundle")?;
     let data = composer.data_source()?;
-    let node = device_from_bundle(composer, data.as_ref(), &bundle, DeviceId("load".into()))?;
+    let mut node = device_from_bundle(composer, data.as_ref(), &bundle, DeviceId("load".into()))?;
     let mut out = Vec::new();
     for (_, domain) in composer.deployment.device_domains() {
         let window: Vec<mmpg::Clip> = data

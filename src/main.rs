@@ -487,6 +487,12 @@ pub(crate) fn print_table(report: &RunReport) {
         percent(f.static_accuracy),
         percent(f.adapted_accuracy)
     );
+    if let Some(p) = report.devices.iter().find_map(|d| d.privacy) {
+        println!(
+            "private summaries (Gaussian mechanism): ε {} per upload at δ {:e}; each device made {} upload(s), ε {:.3} in all",
+            p.epsilon_per_upload, p.delta, p.uploads, p.epsilon_total
+        );
+    }
     if let (Some(s), Some(a)) = (f.static_retrieval, f.adapted_retrieval) {
         println!(
             "retrieval (text → video, all devices): R@1 {:.1}% → {:.1}%, R@5 {:.1}% → {:.1}%, R@10 {:.1}% → {:.1}%, median rank {:.1} → {:.1}",

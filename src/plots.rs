@@ -117,6 +117,50 @@ fn upload_plot(report: &BenchReport, path: &Path) -> PlotResult {
     Ok(())
 }
 
+/// The ε sweep: QA accuracy and R@1 against the privacy budget of each upload, with CDC's
+/// non-private summaries and static as lines.
+fn epsilon_plot(report: &BenchReport, path: &Path) -> PlotResult {
+    let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (lo, hi) =
+        report.epsilon_sweep.iter().fold((f64::INFINITY, 0f64), |(lo, hi), p| (lo.min(p.epsilon), hi.max(p.epsilon)));
+    let (lo, hi) = (lo.min(hi) / 2.0, hi * 2.0);
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Private summaries: accuracy vs ε per upload (Gaussian mechanism)", ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d((lo..hi).log_scale(), 0f64..100f64)?;
+    chart.configure_mesh().x_desc("ε per upload (δ = the sweep's)").y_desc("% (shifted devices)").draw()?;
+    let qa: Vec<(f64, f64)> = report.epsilon_sweep.iter().map(|p| (p.epsilon, 100.0 * p.accuracy)).collect();
+    chart
+        .draw_series(LineSeries::new(qa.clone(), colour(0).stroke_width(2)))?
+        .label("QA accuracy, private")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour(0)));
+    chart.draw_series(qa.iter().map(|p| Circle::new(*p, 4, colour(0).filled())))?;
+    let r1: Vec<(f64, f64)> =
+        report.epsilon_sweep.iter().filter_map(|p| p.r1.map(|r| (p.epsilon, 100.0 * r))).collect();
+    if !r1.is_empty() {
+        chart
+            .draw_series(LineSeries::new(r1.clone(), colour(1).stroke_width(2)))?
+            .label("R@1, private")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour(1)));
+        chart.draw_series(r1.iter().map(|p| Circle::new(*p, 4, colour(1).filled())))?;
+    }
+    for (name, label, c) in [(mmpg_bench::CDC, "QA, CDC without noise", 2), ("static", "QA, static", 7)] {
+        if let Some(m) = report.methods.iter().find(|m| m.method == name) {
+            let y = 100.0 * m.accuracy.mean;
+            chart
+                .draw_series(LineSeries::new(vec![(lo, y), (hi, y)], colour(c).stroke_width(1)))?
+                .label(label)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour(c)));
+        }
+    }
+    chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).draw()?;
+    root.present()?;
+    Ok(())
+}
+
 /// FTA accuracy against its label budget, with CDC (no labels) and static as lines.
 fn labels_plot(report: &BenchReport, path: &Path) -> PlotResult {
     let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
@@ -178,6 +222,9 @@ pub fn draw_all(report: &BenchReport, dir: &Path) -> Result<Vec<PathBuf>, String
     draw("accuracy_vs_severity.png", severity_plot)?;
     if !report.k_sweep.is_empty() {
         draw("accuracy_vs_upload.png", upload_plot)?;
+    }
+    if !report.epsilon_sweep.is_empty() {
+        draw("accuracy_vs_epsilon.png", epsilon_plot)?;
     }
     if report.methods.iter().any(|m| m.labels_per_device > 0) {
         draw("fta_vs_labels.png", labels_plot)?;

@@ -21,6 +21,7 @@ shifts = [
 ]
 [bench]
 k_sweep = [2]
+epsilon_sweep = [2.0]
 generation_repeats = 20
 stream_eval_clips = 32
 stream = [{ kind = "blur", severity = 2 }, { kind = "blur", severity = 5 }]
@@ -62,12 +63,20 @@ fn bench_writes_every_row_table_and_plot() {
     assert!(out.status.success(), "{stderr}");
 
     let markdown = std::fs::read_to_string(out_dir.join("report.md")).expect("report.md");
-    for section in ["## Methods", "## Ablations", "## K sweep", "## Generation", "## Long stream", "## Targets"] {
+    for section in [
+        "## Methods",
+        "## Ablations",
+        "## K sweep",
+        "## Private summaries",
+        "## Generation",
+        "## Long stream",
+        "## Targets",
+    ] {
         assert!(markdown.contains(section), "{section} missing:\n{markdown}");
     }
     let report: BenchReport =
         serde_json::from_str(&std::fs::read_to_string(out_dir.join("report.json")).expect("json")).expect("parses");
-    for plot in ["accuracy_vs_severity.png", "accuracy_vs_upload.png", "fta_vs_labels.png"] {
+    for plot in ["accuracy_vs_severity.png", "accuracy_vs_upload.png", "accuracy_vs_epsilon.png", "fta_vs_labels.png"] {
         let bytes = std::fs::read(out_dir.join(plot)).unwrap_or_default();
         assert!(bytes.starts_with(b"\x89PNG"), "{plot} is not a PNG ({stderr})");
     }
@@ -107,11 +116,19 @@ fn bench_writes_every_row_table_and_plot() {
 
     // Ablations: the retrained variant, the serve-time one, the K sweep.
     let ablations: Vec<&str> = report.ablations.iter().map(|m| m.method.as_str()).collect();
-    assert_eq!(ablations, ["β = 0", "int8 (serve-time)", "K = 2"]);
+    assert_eq!(ablations, ["β = 0", "int8 (serve-time)", "K = 2", "private summaries, ε = 2"]);
     assert!(report.ablations[1].bytes_up < cdc.bytes_up, "int8 anchors upload less than f16");
     assert_eq!(report.k_sweep.len(), 1);
     assert_eq!(report.k_sweep[0].0, 2);
     assert!(report.k_sweep[0].1 < cdc.bytes_up);
+    // The ε sweep: every device made one private upload, so its total is the stated ε; the
+    // main row made none.
+    let private = &report.ablations[3];
+    assert!(private.devices.iter().all(|d| d.privacy.is_some_and(|p| p.uploads == 1 && p.epsilon_per_upload == 2.0)));
+    assert!(cdc.devices.iter().all(|d| d.privacy.is_none()));
+    let point = report.epsilon_sweep.first().expect("one budget");
+    assert_eq!((point.epsilon, point.delta), (2.0, 1e-5));
+    assert!((point.epsilon_total - 2.0).abs() < 1e-6, "{point:?}");
 
     // The backend table: the backends named, in order; the CPU timed; a backend not compiled
     // into this build (tch never is outside scripts/with-libtorch.sh) says so.

@@ -26,6 +26,7 @@ fn summary(values: &[f32], d: usize) -> AnchorSummary {
         frames: u32::try_from(k).expect("small"),
         clips: 1,
         text_anchors: None,
+        privacy: None,
     }
 }
 

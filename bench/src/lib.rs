@@ -218,6 +218,9 @@ pub struct BenchReport {
     pub ablations: Vec<MethodRow>,
     /// `(K, mean bytes up, mean accuracy)` of the K sweep.
     pub k_sweep: Vec<(usize, f64, f64)>,
+    /// The ε sweep of private summaries.
+    #[serde(default)]
+    pub epsilon_sweep: Vec<EpsilonPoint>,
     /// Generation latency and throughput.
     pub generation: GenerationStats,
     /// The long-stream check, when configured.
@@ -229,6 +232,26 @@ pub struct BenchReport {
     pub targets: Vec<Target>,
     /// Wall time of the bench, s.
     pub seconds: f64,
+}
+
+/// One budget of the ε sweep: CDC with private summaries, over the shifted devices.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct EpsilonPoint {
+    /// ε of each upload.
+    pub epsilon: f64,
+    /// δ of each upload.
+    pub delta: f64,
+    /// Mean over devices of ε spent over all their uploads (composed).
+    pub epsilon_total: f64,
+    /// Mean QA accuracy.
+    pub accuracy: f64,
+    /// Mean text → video R@1, when the model embeds.
+    pub r1: Option<f64>,
+}
+
+/// The ε sweep's row name for budget `epsilon`.
+fn epsilon_row(epsilon: f64) -> String {
+    format!("private summaries, ε = {epsilon}")
 }
 
 /// Name of the method's own row.
@@ -445,7 +468,7 @@ impl Harness<'_> {
         let mut summaries = Vec::with_capacity(fleet.len());
         // A device whose window cannot be summarised is reported in its CDC row; timing uses
         // the others.
-        for device in fleet.iter() {
+        for device in fleet.iter_mut() {
             let seed = seed::derive(device.domain.seed, 0xADE + 1);
             if let Ok(summarised) = device.node.summarise(&device.window, seed) {
                 summaries.push(summarised.summary);
@@ -657,8 +680,22 @@ pub fn bench(deployment: &Deployment, registry: &Registry, progress: &dyn Progre
             retrain: true,
         });
     }
+    for epsilon in &deployment.bench.epsilon_sweep {
+        let privacy = toml::Table::from_iter([
+            ("epsilon".to_string(), toml::Value::Float(*epsilon)),
+            ("noise".to_string(), toml::Value::String("seeded".into())),
+        ]);
+        variants.push(Variant {
+            name: epsilon_row(*epsilon),
+            anchor: toml::Table::from_iter([("privacy".to_string(), toml::Value::Table(privacy))]),
+            generator: toml::Table::new(),
+            download: None,
+            retrain: false,
+        });
+    }
     let mut ablations = Vec::with_capacity(variants.len());
     let mut k_sweep = Vec::new();
+    let mut epsilon_sweep = Vec::new();
     for variant in &variants {
         let varied = deployment.with_variant(variant);
         let composer = Composer::new(&varied, registry)?;
@@ -669,6 +706,16 @@ pub fn bench(deployment: &Deployment, registry: &Registry, progress: &dyn Progre
             row(variant.name.clone(), Family::Ablation, devices, cdc_costs(generator.parameter_count()), Vec::new());
         if let Some(k) = deployment.bench.k_sweep.iter().find(|k| variant.name == format!("K = {k}")) {
             k_sweep.push((*k, row.bytes_up, row.accuracy.mean));
+        }
+        if let Some(epsilon) = deployment.bench.epsilon_sweep.iter().find(|e| variant.name == epsilon_row(**e)) {
+            let spent: Vec<_> = row.devices.iter().filter_map(|d| d.privacy).collect();
+            epsilon_sweep.push(EpsilonPoint {
+                epsilon: *epsilon,
+                delta: spent.first().map_or(f64::NAN, |s| s.delta),
+                epsilon_total: finite_mean(spent.iter().map(|s| s.epsilon_total)),
+                accuracy: row.accuracy.mean,
+                r1: row.retrieval.as_ref().map(|r| r.r1.mean),
+            });
         }
         ablations.push(row);
     }
@@ -697,6 +744,7 @@ pub fn bench(deployment: &Deployment, registry: &Registry, progress: &dyn Progre
         methods,
         ablations,
         k_sweep,
+        epsilon_sweep,
         generation,
         stream,
         backends,
@@ -949,6 +997,24 @@ impl BenchReport {
             }
             out.push('\n');
         }
+        if !self.epsilon_sweep.is_empty() {
+            out.push_str(
+                "## Private summaries (ε sweep)\n\nThe Gaussian mechanism on every upload (anchors clipped to C, \
+                 moments of the clipped window; seeded noise), served by the main generator. Over the shifted devices.\n\n\
+                 | ε per upload | δ | ε over a device's uploads | QA acc % | R@1 % |\n|---|---|---|---|---|\n",
+            );
+            for p in &self.epsilon_sweep {
+                let r1 = p.r1.map_or("–".to_string(), pct);
+                out.push_str(&format!(
+                    "| {} | {:e} | {:.2} | {} | {r1} |\n",
+                    p.epsilon,
+                    p.delta,
+                    p.epsilon_total,
+                    pct(p.accuracy)
+                ));
+            }
+            out.push('\n');
+        }
         let g = &self.generation;
         out.push_str(&format!(
             "## Generation (cloud)\n\nOne device: p50 {:.3} ms, p99 {:.3} ms over {} generations. Batch of {} devices: \
@@ -1048,6 +1114,7 @@ mod tests {
             adaptation_peak_bytes: None,
             error: None,
             warning: None,
+            privacy: None,
         }
     }
 

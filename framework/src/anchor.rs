@@ -368,6 +368,10 @@ pub struct AnchorSummary {
     /// frame anchors; absent when the reasoner or the model does not provide them.
     #[serde(default)]
     pub text_anchors: Option<QuantisedTensor>,
+    /// What the upload costs in differential privacy when the device made it private
+    /// ([`crate::privacy`]); `None` for a summary sent as computed.
+    #[serde(default)]
+    pub privacy: Option<crate::privacy::PrivacyCost>,
 }
 
 impl AnchorSummary {
@@ -518,7 +522,14 @@ pub trait AnchorReasoner: Send + Sync {
             frames: u32::try_from(n).unwrap_or(u32::MAX),
             clips: u32::try_from(clips).unwrap_or(u32::MAX),
             text_anchors: None,
+            privacy: None,
         })
+    }
+
+    /// The Gaussian mechanism applied to every summary before it leaves the device, if any
+    /// (see [`crate::privacy`]); `None` by default.
+    fn privacy(&self) -> Option<crate::privacy::SummaryPrivacy> {
+        None
     }
 
     /// Text-side anchors uploaded beside the frame anchors (0: none).

@@ -527,6 +527,9 @@ pub struct BenchConfig {
     pub variants: Vec<Variant>,
     /// Anchor counts K to sweep (each a retrained variant), for accuracy against upload bytes.
     pub k_sweep: Vec<usize>,
+    /// Privacy budgets ε per upload to sweep (each a serve-time variant whose summaries go
+    /// through the Gaussian mechanism with seeded noise), for accuracy against ε.
+    pub epsilon_sweep: Vec<f64>,
     /// Stages of the long-stream check: one device drifts through these domains in order,
     /// re-adapting at each stage; empty skips the check.
     pub stream: Vec<DeviceDomain>,
@@ -555,6 +558,7 @@ impl Default for BenchConfig {
             ],
             variants: Vec::new(),
             k_sweep: Vec::new(),
+            epsilon_sweep: Vec::new(),
             stream: Vec::new(),
             stream_eval_clips: 128,
             generation_repeats: 200,
@@ -606,6 +610,9 @@ impl Settings for BenchConfig {
     fn check(&self, check: &mut Check) {
         for (i, k) in self.k_sweep.iter().enumerate() {
             check.within(&format!("k_sweep[{i}]"), *k, 1..=4096);
+        }
+        for (i, epsilon) in self.epsilon_sweep.iter().enumerate() {
+            check.real(&format!("epsilon_sweep[{i}]"), *epsilon, 0.01..=1e4);
         }
         check.within("stream_eval_clips", self.stream_eval_clips, 1..=1_000_000);
         check.within("generation_repeats", self.generation_repeats, 1..=1_000_000);

@@ -30,6 +30,7 @@ pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod node;
+pub mod privacy;
 pub mod registry;
 pub mod replies;
 pub mod report;
@@ -52,8 +53,8 @@ pub use config::{ConfigError, ConfigErrors, Deployment};
 pub use data::{Clip, DeviceId, DomainSpec, Shift, Split, TaskSpec, provenance_id};
 pub use generator::{GeneratorError, GeneratorTraining, ParameterGenerator};
 pub use model::{
-    CloudModel, DeviceModel, FineTunable, FineTuner, LinearHead, LinearQaHead, ModelError, RetrievalEmbeddings,
-    SlotGradient, SlotValues, StatisticsRecalibration, TrainingPlan, TuneScope,
+    CloudModel, DeviceModel, FineTunable, FineTuner, LinearHead, LinearQaHead, ModelError, ObjectiveGradient,
+    RetrievalEmbeddings, SlotGradient, SlotValues, StatisticsRecalibration, TrainingPlan, TuneScope,
 };
 pub use node::{BatchPolicy, CloudNode, DeviceNode, Outcome, Refusal};
 pub use registry::{

@@ -232,6 +232,19 @@ pub struct SlotGradient {
     pub gradients: SlotValues,
 }
 
+/// The episodic objective `task + γ·retrieval` at some slot values and its gradient with respect
+/// to them (see [`CloudModel::objective_vjp`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObjectiveGradient {
+    /// Mean QA cross-entropy of the batch, in nats.
+    pub task: f64,
+    /// Symmetric InfoNCE of the batch, in nats: `None` when γ = 0 or the model has no retrieval
+    /// space.
+    pub retrieval: Option<f64>,
+    /// `∂(task + γ·retrieval)/∂θ_s` for every slot `s`, shaped as the slot.
+    pub gradients: SlotValues,
+}
+
 /// Schedule of a training phase.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainingPlan {
@@ -309,6 +322,32 @@ pub trait CloudModel: Send + Sync {
     /// one clip has no negatives; errors as [`CloudModel::task_vjp`].
     fn retrieval_vjp(&self, _slots: &SlotValues, _clips: &[Clip]) -> Result<Option<SlotGradient>, ModelError> {
         Ok(None)
+    }
+
+    /// The generator's episodic objective `task + γ·retrieval` (γ = `retrieval_weight` ≥ 0) of
+    /// labelled `clips` and its gradient with respect to the slot values: the sum of
+    /// [`CloudModel::task_vjp`] and γ·[`CloudModel::retrieval_vjp`], the retrieval term omitted at
+    /// γ = 0 or when the model has none. Models override it to share one forward pass between the
+    /// two terms; errors as [`CloudModel::task_vjp`].
+    fn objective_vjp(
+        &self,
+        slots: &SlotValues,
+        clips: &[Clip],
+        retrieval_weight: f64,
+    ) -> Result<ObjectiveGradient, ModelError> {
+        let task = self.task_vjp(slots, clips)?;
+        let retrieval = if retrieval_weight > 0.0 { self.retrieval_vjp(slots, clips)? } else { None };
+        let mut gradients = task.gradients;
+        if let Some(r) = &retrieval {
+            for (name, g) in &mut gradients {
+                let rg = r.gradients.get(name).filter(|rg| rg.len() == g.len()).ok_or_else(|| {
+                    ModelError::Training(format!("the retrieval gradient of slot `{name}` is missing or mis-sized"))
+                })?;
+                let sum = g.values().iter().zip(rg.values()).map(|(a, b)| a + retrieval_weight as f32 * b).collect();
+                *g = HostTensor::new(g.shape().to_vec(), sum).map_err(|e| ModelError::Training(e.to_string()))?;
+            }
+        }
+        Ok(ObjectiveGradient { task: task.loss, retrieval: retrieval.map(|r| r.loss), gradients })
     }
 
     /// Number of trainable parameters in the cloud model (static part and θ0).

@@ -15,6 +15,7 @@ use crate::anchor::{AnchorReasoner, AnchorSummary, FeatureStats, Quantisation};
 use crate::data::{Clip, DeviceId};
 use crate::generator::{GeneratorError, ParameterGenerator};
 use crate::model::{DeviceModel, ModelError};
+use crate::privacy::{PrivacyAccountant, PrivacySpent};
 use crate::replies::ReplyCache;
 use crate::runtime::{SummaryError, summarise_window};
 use crate::security::{CloudSigner, SequenceLedger};
@@ -490,6 +491,8 @@ pub struct DeviceNode {
     sequence: u64,
     /// The request waiting for its reply: sequence and nonce.
     outstanding: Option<(u64, u64)>,
+    /// Differential privacy spent by the private summaries made so far.
+    privacy: PrivacyAccountant,
 }
 
 impl std::fmt::Debug for DeviceNode {
@@ -511,7 +514,7 @@ impl DeviceNode {
         reasoner: Box<dyn AnchorReasoner>,
         reference: FeatureStats,
     ) -> Self {
-        Self { id, model, reasoner, reference, sequence: 0, outstanding: None }
+        Self { id, model, reasoner, reference, sequence: 0, outstanding: None, privacy: PrivacyAccountant::default() }
     }
 
     /// The sequence number of the last request made.
@@ -535,13 +538,33 @@ impl DeviceNode {
     ///
     /// # Errors
     /// The model's or the reasoner's.
-    pub fn summarise(&self, window: &[Clip], seed: u64) -> Result<Summarised, SummaryError> {
+    pub fn summarise(&mut self, window: &[Clip], seed: u64) -> Result<Summarised, SummaryError> {
         let t0 = Instant::now();
         let features = self.model.frame_features(window)?;
         let feature_ms = t0.elapsed().as_secs_f64() * 1e3;
         let summary =
             summarise_window(self.model.as_ref(), self.reasoner.as_ref(), window, &features, &self.reference, seed)?;
+        // Every private summary drew fresh noise: counted once made, whether or not it is sent.
+        if let Some(cost) = summary.privacy {
+            self.privacy.record(cost);
+        }
         Ok(Summarised { summary, feature_ms })
+    }
+
+    /// The differential privacy this device's private summaries have spent together; `None`
+    /// before its first private summary.
+    pub fn privacy_spent(&self) -> Option<PrivacySpent> {
+        self.privacy.spent()
+    }
+
+    /// The ledger of privacy spent, to keep across restarts.
+    pub fn privacy_ledger(&self) -> PrivacyAccountant {
+        self.privacy
+    }
+
+    /// Continues from a kept ledger: what a restarted device spent before counts.
+    pub fn resume_privacy(&mut self, ledger: PrivacyAccountant) {
+        self.privacy = ledger;
     }
 
     /// The request carrying `summary`, under the next sequence number; it becomes the request
@@ -651,6 +674,7 @@ mod tests {
             frames: clips,
             clips,
             text_anchors: None,
+            privacy: None,
         }
     }
 
@@ -795,11 +819,13 @@ mod tests {
         let frames = HostTensor::new(vec![1], vec![0.0]).expect("fits");
         let window =
             [Clip { frames, question: String::new(), caption: String::new(), answer: None, provenance: Vec::new() }];
-        let request = device.request(&device.summarise(&window, 1).expect("summary").summary).expect("request");
+        let summary = device.summarise(&window, 1).expect("summary").summary;
+        let request = device.request(&summary).expect("request");
         let stale = Envelope::stale(request.device.clone(), request.sequence, request.schema_hash, 40)
             .with_nonce(request.nonce);
         assert!(matches!(device.accept(&stale), Err(Refusal::Cloud(_))));
-        let next = device.request(&device.summarise(&window, 1).expect("summary").summary).expect("request");
+        let summary = device.summarise(&window, 1).expect("summary").summary;
+        let next = device.request(&summary).expect("request");
         assert_eq!(next.sequence, 41);
     }
 

@@ -56,6 +56,9 @@ pub struct DeviceReport {
     /// encoding.
     #[serde(default)]
     pub warning: Option<String>,
+    /// Differential privacy the device's private summaries spent (none sent: `None`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<crate::privacy::PrivacySpent>,
 }
 
 /// JSON has no NaN: serde_json writes it as `null`; read it back as NaN.
@@ -196,6 +199,7 @@ mod tests {
             adaptation_peak_bytes: None,
             error: None,
             warning: None,
+            privacy: None,
         }
     }
 

@@ -452,6 +452,7 @@ pub fn score_device(
         adaptation_peak_bytes: None,
         error: None,
         warning: None,
+        privacy: None,
     };
     Ok(DrawnDevice { window, eval, report })
 }
@@ -487,6 +488,7 @@ pub fn adapt_fleet(
                 device.report.feature_ms = s.feature_ms;
                 device.report.anchors = s.summary.anchor_count();
                 device.report.warning = s.summary.saturation().map(|s| s.to_string());
+                device.report.privacy = device.node.privacy_spent();
                 device.node.request(&s.summary).map_err(|e| format!("upload: {e}"))
             }
             Err(e) => Err(format!("summarise: {e}")),
@@ -567,10 +569,14 @@ pub enum SummaryError {
     /// The model failed to embed the window's questions.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// The summary could not be made private.
+    #[error(transparent)]
+    Privacy(#[from] crate::privacy::PrivacyError),
 }
 
 /// A window's summary: frame anchors from `features`, and text-side anchors when the reasoner
-/// sends them and the model embeds questions (an optional capability of both).
+/// sends them and the model embeds questions (an optional capability of both); made private
+/// when the reasoner asks for it ([`AnchorReasoner::privacy`]).
 pub fn summarise_window(
     model: &dyn DeviceModel,
     reasoner: &dyn AnchorReasoner,
@@ -586,6 +592,9 @@ pub fn summarise_window(
             Err(ModelError::Unsupported { .. }) => {}
             Err(e) => return Err(e.into()),
         }
+    }
+    if let Some(privacy) = reasoner.privacy() {
+        privacy.privatise(&mut summary, &reference.standardise(features)?, seed::derive(seed, 0xD1FF))?;
     }
     Ok(summary)
 }

@@ -7,6 +7,7 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 use crate::anchor::{AnchorSummary, Quantisation, QuantisedTensor};
 use crate::data::DeviceId;
+use crate::privacy::PrivacyCost;
 use crate::slots::{GeneratedParams, SchemaHash};
 use crate::tensor::HostTensor;
 
@@ -601,7 +602,37 @@ pub fn encode_summary(summary: &AnchorSummary) -> Result<Vec<u8>, WireError> {
         entries.push(("text_anchors".to_string(), dtype_of(text.quantisation()), text.shape(), text.bytes()));
         metadata.insert("text_scale".to_string(), format!("{:e}", text.scale()));
     }
+    if let Some(cost) = &summary.privacy {
+        for (key, value) in [(PRIVACY_KEYS[0], cost.epsilon), (PRIVACY_KEYS[1], cost.delta), (PRIVACY_KEYS[2], cost.mu)]
+        {
+            metadata.insert(key.to_string(), value.to_string());
+        }
+    }
     serialize(&entries, metadata)
+}
+
+/// Metadata keys of a private summary's stated cost: ε, δ and μ.
+const PRIVACY_KEYS: [&str; 3] = ["privacy_epsilon", "privacy_delta", "privacy_mu"];
+
+/// The privacy cost a summary's metadata states: none of its keys, or all three, valid.
+fn privacy_of(meta: &BTreeMap<String, String>) -> Result<Option<PrivacyCost>, WireError> {
+    let values: Vec<Option<&String>> = PRIVACY_KEYS.iter().map(|k| meta.get(*k)).collect();
+    if values.iter().all(Option::is_none) {
+        return Ok(None);
+    }
+    let mut parsed = [0f64; 3];
+    for ((key, value), out) in PRIVACY_KEYS.iter().zip(values).zip(&mut parsed) {
+        let value = value.ok_or_else(|| WireError::Content(format!("metadata `{key}` missing")))?;
+        *out = value.parse().map_err(|_| WireError::Content(format!("metadata `{key}` is not a number")))?;
+    }
+    let cost = PrivacyCost { epsilon: parsed[0], delta: parsed[1], mu: parsed[2] };
+    if !cost.is_valid() {
+        return Err(WireError::Content(format!(
+            "privacy cost ε {}, δ {}, μ {} is not one a mechanism states",
+            cost.epsilon, cost.delta, cost.mu
+        )));
+    }
+    Ok(Some(cost))
 }
 
 /// Decodes and checks a summary payload.
@@ -634,6 +665,7 @@ pub fn decode_summary(payload: &[u8]) -> Result<AnchorSummary, WireError> {
                 Some(quantised(view, "text_anchors", scale)?)
             }
         },
+        privacy: privacy_of(&meta)?,
     };
     summary.decoded_anchors().map_err(|e| WireError::Content(e.to_string()))?;
     summary.decoded_text_anchors().map_err(|e| WireError::Content(e.to_string()))?;
@@ -660,6 +692,7 @@ mod tests {
             frames: 12,
             clips: 3,
             text_anchors: None,
+            privacy: None,
         }
     }
 
@@ -843,8 +876,9 @@ mod tests {
             (prop::collection::vec(-5f32..5.0, 5), prop::collection::vec(0f32..5.0, 5)),
             (any::<u32>(), any::<u32>()),
             (prop::option::of((1usize..4, 1usize..5)), prop::collection::vec(-3f32..3.0, 12)),
+            prop::option::of((0.01f64..100.0, 1e-12f64..0.1, 0.01f64..100.0)),
         )
-            .prop_map(|((k, d, q), values, (mean, var), (frames, clips), (text, text_values))| {
+            .prop_map(|((k, d, q), values, (mean, var), (frames, clips), (text, text_values), privacy)| {
                 let anchors = tensor(vec![k, d], values[..k * d].to_vec());
                 AnchorSummary {
                     anchors: QuantisedTensor::quantise(&anchors, q).expect("finite"),
@@ -856,6 +890,7 @@ mod tests {
                         QuantisedTensor::quantise(&tensor(vec![kt, e], text_values[..kt * e].to_vec()), q)
                             .expect("finite")
                     }),
+                    privacy: privacy.map(|(epsilon, delta, mu)| PrivacyCost { epsilon, delta, mu }),
                 }
             })
     }

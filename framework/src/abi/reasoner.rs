@@ -5,6 +5,7 @@ use super::ffi::Remote;
 use super::proxy::Proxy;
 use super::serve::{Outcome, Serve, with};
 use crate::anchor::{AnchorError, AnchorReasoner, AnchorSummary, FeatureStats, Quantisation, QuantisedTensor};
+use crate::privacy::SummaryPrivacy;
 use crate::tensor::HostTensor;
 
 /// Method numbers.
@@ -19,6 +20,8 @@ mod method {
     pub const TEXT_ANCHOR_COUNT: u32 = 4;
     /// `(HostTensor, u64)` → `Option<QuantisedTensor>`.
     pub const SUMMARISE_TEXT: u32 = 5;
+    /// `()` → `Option<SummaryPrivacy>`.
+    pub const PRIVACY: u32 = 6;
 }
 
 fn serve(r: &dyn AnchorReasoner, method: u32, input: &[u8]) -> Outcome {
@@ -32,6 +35,7 @@ fn serve(r: &dyn AnchorReasoner, method: u32, input: &[u8]) -> Outcome {
         }
         method::TEXT_ANCHOR_COUNT => Outcome::value(r.text_anchor_count()),
         method::SUMMARISE_TEXT => with(input, |(features, seed): (HostTensor, u64)| r.summarise_text(&features, seed)),
+        method::PRIVACY => Outcome::value(r.privacy()),
         other => Outcome::unknown(other),
     }
 }
@@ -59,6 +63,7 @@ pub(crate) struct RemoteReasoner {
     proxy: Proxy,
     quantisation: Quantisation,
     text_anchors: usize,
+    privacy: Option<SummaryPrivacy>,
 }
 
 impl RemoteReasoner {
@@ -66,7 +71,8 @@ impl RemoteReasoner {
     pub(crate) fn new(proxy: Proxy) -> Result<Self, AnchorError> {
         let quantisation = proxy.call::<_, _, AnchorError>(method::QUANTISATION, &())?;
         let text_anchors = proxy.call::<_, _, AnchorError>(method::TEXT_ANCHOR_COUNT, &())?;
-        Ok(Self { proxy, quantisation, text_anchors })
+        let privacy = proxy.call::<_, _, AnchorError>(method::PRIVACY, &())?;
+        Ok(Self { proxy, quantisation, text_anchors, privacy })
     }
 }
 
@@ -91,6 +97,10 @@ impl AnchorReasoner for RemoteReasoner {
 
     fn text_anchor_count(&self) -> usize {
         self.text_anchors
+    }
+
+    fn privacy(&self) -> Option<SummaryPrivacy> {
+        self.privacy
     }
 
     fn summarise_text(&self, text_features: &HostTensor, seed: u64) -> Result<Option<QuantisedTensor>, AnchorError> {

@@ -2,6 +2,7 @@
 //! standardised feature distribution of the device's recent window (k-center greedy by
 //! default) and uploads them quantised, beside the window's moments.
 
+use mmpg::privacy::SummaryPrivacy;
 use mmpg::seed;
 use mmpg::{
     AnchorError, AnchorReasoner, Build, BuildContext, Check, Factory, HostTensor, Plugin, PluginError, Quantisation,
@@ -42,11 +43,15 @@ pub struct AdrSettings {
     /// Text-side anchors: question embeddings of the window picked by the same strategy (at
     /// most `k`; 0 sends none).
     pub text_k: usize,
+    /// `[anchor.settings.privacy]`: the Gaussian mechanism on every upload (ε, δ, clip bound,
+    /// noise source; see `mmpg::privacy`). Absent: summaries are sent as computed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<SummaryPrivacy>,
 }
 
 impl Default for AdrSettings {
     fn default() -> Self {
-        Self { k: 8, strategy: Strategy::KCenter, quantisation: Quantisation::F16, text_k: 4 }
+        Self { k: 8, strategy: Strategy::KCenter, quantisation: Quantisation::F16, text_k: 4, privacy: None }
     }
 }
 
@@ -55,6 +60,9 @@ impl Settings for AdrSettings {
         check.within("k", self.k, 1..=4096);
         // More than k is allowed and means k: a K sweep keeps one text_k for every K.
         check.within("text_k", self.text_k, 0..=4096);
+        if let Some(privacy) = &self.privacy {
+            privacy.check(check, "privacy.");
+        }
     }
 }
 
@@ -201,6 +209,10 @@ impl AnchorReasoner for Adr {
     fn text_anchor_count(&self) -> usize {
         self.settings.text_k.min(self.settings.k)
     }
+
+    fn privacy(&self) -> Option<SummaryPrivacy> {
+        self.settings.privacy
+    }
 }
 
 fn build(settings: &toml::Table, _ctx: &BuildContext) -> Result<Box<dyn AnchorReasoner>, PluginError> {
@@ -261,9 +273,14 @@ mod tests {
 
     #[test]
     fn summaries_standardise_against_the_reference() {
-        let adr =
-            Adr::new(AdrSettings { k: 2, strategy: Strategy::KCenter, quantisation: Quantisation::F32, text_k: 0 })
-                .expect("valid");
+        let adr = Adr::new(AdrSettings {
+            k: 2,
+            strategy: Strategy::KCenter,
+            quantisation: Quantisation::F32,
+            text_k: 0,
+            privacy: None,
+        })
+        .expect("valid");
         let reference = FeatureStats { mean: vec![1.0, 1.0], std: vec![2.0, 2.0] };
         let s = adr.summarise(&features(2, 2, vec![1.0, 1.0, 5.0, 5.0]), &reference, 1, 0).expect("summary");
         let anchors = s.decoded_anchors().expect("decodes");
@@ -280,8 +297,14 @@ mod tests {
         // On this device that dimension sits ~10 higher: ~1e5 standard deviations, past f16's 65504.
         let window =
             features(5, 3, vec![0.0, 15.0, 0.0, 1.0, 15.2, -1.0, -1.0, 14.9, 0.5, 0.5, 15.1, 1.0, 0.2, 2.0, 0.2]);
-        let adr = Adr::new(AdrSettings { k: 5, strategy: Strategy::All, quantisation: Quantisation::F16, text_k: 0 })
-            .expect("valid");
+        let adr = Adr::new(AdrSettings {
+            k: 5,
+            strategy: Strategy::All,
+            quantisation: Quantisation::F16,
+            text_k: 0,
+            privacy: None,
+        })
+        .expect("valid");
         let summary = adr.summarise(&window, &reference, 2, 0).expect("a shifted device still summarises");
         let saturation = summary.saturation().expect("saturation is reported");
         // Rows 0–3 are beyond the range in dimension 1; row 4 ((2 − 5) / 1e-4 = −30000) is not.
@@ -332,7 +355,7 @@ mod tests {
             strategy in prop_oneof![Just(Strategy::KCenter), Just(Strategy::KmeansPlusPlus), Just(Strategy::Random)],
             values in prop::collection::vec(-3f32..3f32, 240),
         ) {
-            let adr = Adr::new(AdrSettings { k, strategy, quantisation: Quantisation::F16, text_k: 0 }).expect("valid");
+            let adr = Adr::new(AdrSettings { k, strategy, quantisation: Quantisation::F16, text_k: 0, privacy: None }).expect("valid");
             let picked = adr.select(&features(n, d, values[..n * d].to_vec()), seed).expect("non-empty");
             prop_assert!(picked.len() <= k.min(n) && !picked.is_empty());
             prop_assert!(picked.iter().all(|i| *i < n));

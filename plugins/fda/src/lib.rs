@@ -579,10 +579,10 @@ impl Fda {
         Ok(values)
     }
 
-    /// The task loss of each episode (and, with γ > 0, its retrieval loss) through the model's
-    /// vector-Jacobian products, and the surrogate `mean_e Σ_s sum(Δ_s[e] · stopgrad(∂L_e/∂θ_s))`
-    /// with `L_e = task_e + γ·retrieval_e`, whose gradient with respect to the generator is the
-    /// loss's: θ0 is a constant, so ∂θ/∂φ = ∂Δ/∂φ.
+    /// The objective `L_e = task_e + γ·retrieval_e` of each episode through the model's
+    /// vector-Jacobian product ([`mmpg::CloudModel::objective_vjp`]), and the surrogate
+    /// `mean_e Σ_s sum(Δ_s[e] · stopgrad(∂L_e/∂θ_s))`, whose gradient with respect to the
+    /// generator is the loss's: θ0 is a constant, so ∂θ/∂φ = ∂Δ/∂φ.
     fn objective_through_vjp(
         &self,
         model: &dyn mmpg::CloudModel,
@@ -593,24 +593,15 @@ impl Fda {
         let host: Vec<Option<HostTensor>> = deltas.iter().map(|d| Some(HostTensor::from_burn(d.clone()))).collect();
         let mut cotangents: Vec<Vec<f32>> = self.schema.slots().iter().map(|s| Vec::with_capacity(s.numel())).collect();
         let (mut task, mut retrieval) = (0.0, 0.0);
-        let gamma = self.settings.retrieval;
         let episodes = batches.len() as f64;
         for (e, clips) in batches.iter().enumerate() {
             let slots = self.slot_values(&host, e)?;
-            let vjp = model.task_vjp(&slots, clips)?;
-            task += vjp.loss / episodes;
-            let nce = if gamma > 0.0 { model.retrieval_vjp(&slots, clips)? } else { None };
-            retrieval += nce.as_ref().map_or(0.0, |g| g.loss) / episodes;
+            let objective = model.objective_vjp(&slots, clips, self.settings.retrieval)?;
+            task += objective.task / episodes;
+            retrieval += objective.retrieval.unwrap_or(0.0) / episodes;
             for (spec, rows) in self.schema.slots().iter().zip(&mut cotangents) {
-                let g = slot_gradient(&vjp, spec, step)?;
-                let n = batches.len() as f32;
-                match &nce {
-                    Some(nce) => {
-                        let r = slot_gradient(nce, spec, step)?;
-                        rows.extend(g.iter().zip(r).map(|(g, r)| (g + gamma as f32 * r) / n));
-                    }
-                    None => rows.extend(g.iter().map(|v| v / n)),
-                }
+                let g = slot_gradient(&objective.gradients, spec, step)?;
+                rows.extend(g.iter().map(|v| v / episodes as f32));
             }
         }
         let surrogate = deltas
@@ -628,11 +619,11 @@ impl Fda {
 
 /// The model's gradient of slot `spec` in `vjp`, checked: present, of the slot's size, finite.
 fn slot_gradient<'a>(
-    vjp: &'a mmpg::SlotGradient,
+    gradients: &'a mmpg::SlotValues,
     spec: &mmpg::SlotSpec,
     step: usize,
 ) -> Result<&'a [f32], GeneratorError> {
-    let g = vjp.gradients.get(&spec.name).filter(|g| g.len() == spec.numel()).ok_or_else(|| {
+    let g = gradients.get(&spec.name).filter(|g| g.len() == spec.numel()).ok_or_else(|| {
         GeneratorError::Output(format!("the model's gradient of slot `{}` is missing or mis-sized", spec.name))
     })?;
     if g.is_finite() { Ok(g.values()) } else { Err(GeneratorError::Diverged { step, loss: f64::NAN }) }
@@ -862,6 +853,7 @@ mod tests {
                 frames: 1,
                 clips: 1,
                 text_anchors: None,
+                privacy: None,
             };
             let at = shift_features(&summary(0.0, 1.0));
             prop_assert!(at.iter().all(|v| v.abs() < 1e-9));

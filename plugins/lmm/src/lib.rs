@@ -23,10 +23,10 @@ use burn::tensor::{Int, Tensor, TensorData};
 use mmpg::seed;
 use mmpg::{
     Build, Check, Clip, CloudModel, DataSource, DeviceDescriptor, DeviceModel, DomainSpec, Factory, FeatureStats,
-    FineTunable, FineTuner, GeneratedParams, HostTensor, LinearHead, LinearQaHead, ModelContext, ModelError, Plugin,
-    PluginError, Progress, RetrievalEmbeddings, Settings, SettingsSpec, SlotGradient, SlotSchema, SlotSpec, SlotValues,
-    Split, StaticPlugin, StatisticsRecalibration, TaskSpec, TextSource, TrainingLog, TrainingPlan, TuneScope,
-    ValidatedParams, parse_settings,
+    FineTunable, FineTuner, GeneratedParams, HostTensor, LinearHead, LinearQaHead, ModelContext, ModelError,
+    ObjectiveGradient, Plugin, PluginError, Progress, RetrievalEmbeddings, Settings, SettingsSpec, SlotGradient,
+    SlotSchema, SlotSpec, SlotValues, Split, StaticPlugin, StatisticsRecalibration, TaskSpec, TextSource, TrainingLog,
+    TrainingPlan, TuneScope, ValidatedParams, parse_settings,
 };
 use mmpg_backends::modules::{
     all_finite, inference_device, init_device, materialise, parameters, read_checkpoint, relocate, restore,
@@ -289,6 +289,69 @@ impl<B: burn::tensor::backend::Backend> LmmNet<B> {
         self.hidden(v, q, slots).matmul(slots.head_w.clone().reshape([hidden, answers]))
             + slots.head_b.clone().reshape([1, answers])
     }
+
+    /// The weighted objectives of `x` with `slots` installed, from one pass of the video branch:
+    /// the mean QA cross-entropy (which needs `x.answers`) and the symmetric InfoNCE between video
+    /// and caption projections. A zero weight skips its term, so retrieval alone needs no labels.
+    fn objectives(
+        &self,
+        x: Inputs<B>,
+        slots: &Slots<B>,
+        frames: usize,
+        weights: Weights,
+        device: &B::Device,
+    ) -> Result<Objectives<B>, ModelError> {
+        let v = self.video(self.frame_features(x.frames, slots.film.clone()), frames);
+        let task = match weights.task > 0.0 {
+            true => {
+                let targets =
+                    x.answers.ok_or_else(|| ModelError::Training("the task loss needs labelled clips".into()))?;
+                let logits = self.logits(v.clone(), self.text(x.questions), slots);
+                Some(CrossEntropyLossConfig::new().init(device).forward(logits, targets))
+            }
+            false => None,
+        };
+        let retrieval = (weights.retrieval > 0.0)
+            .then(|| info_nce(self.video_proj.forward(v), self.text_proj.forward(self.text(x.captions)), device));
+        Ok(Objectives { task, retrieval, weights })
+    }
+}
+
+/// Weights of the task and retrieval objectives; a zero weight skips its term.
+#[derive(Debug, Clone, Copy)]
+struct Weights {
+    task: f64,
+    retrieval: f64,
+}
+
+impl Weights {
+    const TASK: Self = Self { task: 1.0, retrieval: 0.0 };
+    const RETRIEVAL: Self = Self { task: 0.0, retrieval: 1.0 };
+}
+
+/// The terms [`LmmNet::objectives`] computed, each unweighted.
+struct Objectives<B: burn::tensor::backend::Backend> {
+    task: Option<Tensor<B, 1>>,
+    retrieval: Option<Tensor<B, 1>>,
+    weights: Weights,
+}
+
+impl<B: burn::tensor::backend::Backend> Objectives<B> {
+    /// `task·w_task + retrieval·w_retrieval` over the terms computed.
+    fn total(&self) -> Result<Tensor<B, 1>, ModelError> {
+        let task = self.task.clone().map(|t| t * self.weights.task);
+        let retrieval = self.retrieval.clone().map(|r| r * self.weights.retrieval);
+        match (task, retrieval) {
+            (Some(t), Some(r)) => Ok(t + r),
+            (Some(t), None) => Ok(t),
+            (None, Some(r)) => Ok(r),
+            (None, None) => Err(ModelError::Training("an objective with no term".into())),
+        }
+    }
+}
+
+fn scalar(t: &Option<Tensor<DB, 1>>) -> Option<f64> {
+    t.as_ref().map(|t| f64::from(t.clone().into_scalar()))
 }
 
 /// Hashed bag of words: lower-cased alphanumeric tokens, FNV-1a into `buckets`, mean-normalised.
@@ -511,49 +574,16 @@ impl LmmCloud {
             .collect()
     }
 
-    /// Mean QA cross-entropy of labelled `clips` through `net` with `slots` installed.
-    fn loss_with(
-        &self,
-        net: LmmNet<DB>,
-        slots: &SlotMap,
-        clips: &[Clip],
-        device: &BurnDevice,
-    ) -> Result<Tensor<DB, 1>, ModelError> {
-        let slots = slots_from_map(slots)?;
-        let x = inputs::<DB>(&self.geo, clips, device)?;
-        let targets = x.answers.ok_or_else(|| ModelError::Training("task loss needs labelled clips".into()))?;
-        let v = net.video(net.frame_features(x.frames, slots.film.clone()), self.geo.frames);
-        let q = net.text(x.questions);
-        Ok(CrossEntropyLossConfig::new().init(device).forward(net.logits(v, q, &slots), targets))
-    }
-
-    /// The retrieval objective of `clips` with `slots`: InfoNCE over their video and caption
-    /// embeddings (needs no labels).
-    fn retrieval_loss_with(
-        &self,
-        net: LmmNet<DB>,
-        slots: &SlotMap,
-        clips: &[Clip],
-        device: &BurnDevice,
-    ) -> Result<Tensor<DB, 1>, ModelError> {
-        let slots = slots_from_map(slots)?;
-        let x = inputs::<DB>(&self.geo, clips, device)?;
-        let v = net.video(net.frame_features(x.frames, slots.film), self.geo.frames);
-        Ok(info_nce(net.video_proj.forward(v), net.text_proj.forward(net.text(x.captions)), device))
-    }
-
-    /// `loss` at `slots` and its gradient with respect to them, the static part frozen.
-    fn vjp(
-        &self,
-        slots: &SlotValues,
-        loss: impl FnOnce(LmmNet<DB>, &SlotMap) -> Result<Tensor<DB, 1>, ModelError>,
-    ) -> Result<SlotGradient, ModelError> {
+    /// The weighted objective of `clips` at `slots` and its gradient with respect to them, the
+    /// static part frozen: one graph, so the two terms share the video branch's forward pass.
+    fn vjp(&self, slots: &SlotValues, clips: &[Clip], weights: Weights) -> Result<ObjectiveGradient, ModelError> {
         // Leaves of a graph of their own: the generator's graph never reaches this model.
         let leaves: SlotMap =
             self.slot_tensors(slots, &self.device)?.into_iter().map(|(k, t)| (k, t.require_grad())).collect();
-        let loss = loss(Module::<DB>::no_grad(self.net.clone()), &leaves)?;
-        let value = f64::from(loss.clone().into_scalar());
-        let grads = loss.backward();
+        let net = Module::<DB>::no_grad(self.net.clone());
+        let x = inputs::<DB>(&self.geo, clips, &self.device)?;
+        let objectives = net.objectives(x, &slots_from_map(&leaves)?, self.geo.frames, weights, &self.device)?;
+        let grads = objectives.total()?.backward();
         let mut gradients = BTreeMap::new();
         for spec in self.schema.slots() {
             let leaf = &leaves[&spec.name];
@@ -562,7 +592,8 @@ impl LmmCloud {
             let g = HostTensor::new(spec.shape.clone(), flat).map_err(|e| ModelError::Training(e.to_string()))?;
             gradients.insert(spec.name.clone(), g);
         }
-        Ok(SlotGradient { loss: value, gradients })
+        let task = scalar(&objectives.task).unwrap_or(0.0);
+        Ok(ObjectiveGradient { task, retrieval: scalar(&objectives.retrieval), gradients })
     }
 }
 
@@ -588,20 +619,14 @@ impl CloudModel for LmmCloud {
         let started = Instant::now();
         let mut rng = seed::rng(plan.seed, 1);
         let mut optim = AdamConfig::new().init::<DB, LmmNet<DB>>();
-        let ce = CrossEntropyLossConfig::new().init(&self.device);
         let mut losses = Vec::with_capacity(plan.steps);
         let mut net = self.net.clone();
         progress.start("cloud: pretrain device model", plan.steps as u64);
         for step in 1..=plan.steps {
             let clips = Self::sample_batch(data, domains, plan.batch, &mut rng)?;
             let x = inputs::<DB>(&self.geo, &clips, &self.device)?;
-            let targets = x.answers.ok_or_else(|| ModelError::Training("source clips must be labelled".into()))?;
-            let features = net.frame_features(x.frames, net.base_film.val());
-            let v = net.video(features, self.geo.frames);
-            let q = net.text(x.questions);
-            let qa = ce.forward(net.logits(v.clone(), q, &net.base_slots()), targets);
-            let nce = info_nce(net.video_proj.forward(v), net.text_proj.forward(net.text(x.captions)), &self.device);
-            let loss = qa + nce * self.geo.settings.retrieval_weight;
+            let weights = Weights { task: 1.0, retrieval: self.geo.settings.retrieval_weight };
+            let loss = net.objectives(x, &net.base_slots(), self.geo.frames, weights, &self.device)?.total()?;
             let value = f64::from(loss.clone().into_scalar());
             if mmpg::loss_diverged(losses.first().copied().unwrap_or(value), value) {
                 return Err(ModelError::Diverged { step, loss: value });
@@ -664,17 +689,30 @@ impl CloudModel for LmmCloud {
     }
 
     fn task_vjp(&self, slots: &SlotValues, clips: &[Clip]) -> Result<SlotGradient, ModelError> {
-        self.vjp(slots, |net, leaves| self.loss_with(net, leaves, clips, &self.device))
+        let o = self.vjp(slots, clips, Weights::TASK)?;
+        Ok(SlotGradient { loss: o.task, gradients: o.gradients })
     }
 
     fn retrieval_vjp(&self, slots: &SlotValues, clips: &[Clip]) -> Result<Option<SlotGradient>, ModelError> {
-        self.vjp(slots, |net, leaves| self.retrieval_loss_with(net, leaves, clips, &self.device)).map(Some)
+        let o = self.vjp(slots, clips, Weights::RETRIEVAL)?;
+        Ok(o.retrieval.map(|loss| SlotGradient { loss, gradients: o.gradients }))
+    }
+
+    fn objective_vjp(
+        &self,
+        slots: &SlotValues,
+        clips: &[Clip],
+        retrieval_weight: f64,
+    ) -> Result<ObjectiveGradient, ModelError> {
+        self.vjp(slots, clips, Weights { task: 1.0, retrieval: retrieval_weight.max(0.0) })
     }
 
     fn task_loss(&self, slots: &SlotValues, clips: &[Clip]) -> Result<f64, ModelError> {
         let device = inference_device(&self.device);
-        let slots = self.slot_tensors(slots, &device)?;
-        Ok(f64::from(self.loss_with(self.valid_net(), &slots, clips, &device)?.into_scalar()))
+        let slots = slots_from_map(&self.slot_tensors(slots, &device)?)?;
+        let x = inputs::<DB>(&self.geo, clips, &device)?;
+        let objectives = self.valid_net().objectives(x, &slots, self.geo.frames, Weights::TASK, &device)?;
+        scalar(&objectives.task).ok_or_else(|| ModelError::Training("the task loss was not computed".into()))
     }
 
     fn parameter_count(&self) -> usize {
