@@ -441,7 +441,9 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
 
     let adapt_every = fleet.adapt_every.unwrap_or(fleet.window_clips).max(1);
     let window_clips = fleet.window_clips;
-    let mut window: Vec<Clip> = Vec::with_capacity(window_clips);
+    // Serving keeps the features of the last window's clips; a summary reuses them.
+    node.keep_served(window_clips);
+    let mut serving_ms = 0.0;
     let mut served = 0u64;
     let mut sent = 0u64;
     let mut settled = 0u64;
@@ -467,12 +469,10 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
             }
             // Serving: one answer per clip, whatever the network is doing.
             std::thread::sleep(pace);
-            let _answer = node.model.answers(std::slice::from_ref(&clip))?;
+            let t0 = Instant::now();
+            let _answer = node.serve(std::slice::from_ref(&clip))?;
+            serving_ms += t0.elapsed().as_secs_f64() * 1e3;
             served += 1;
-            if window.len() == window_clips {
-                window.remove(0);
-            }
-            window.push(clip);
             settled += drain(
                 &mut node,
                 &from_network,
@@ -492,10 +492,11 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
             } else if due {
                 let t0 = Instant::now();
                 let seed = seed::derive(domain.seed, 0xADE + node.sequence() + 1);
-                match node.summarise(&window, seed) {
+                match node.summarise_served(seed) {
                     Ok(s) => {
                         report.anchors = s.summary.anchor_count();
-                        report.feature_ms = s.feature_ms;
+                        // The serving passes since the last summary (a window's, once due).
+                        report.serving_ms = std::mem::take(&mut serving_ms);
                         if s.summary.privacy.is_some() {
                             // Kept before the upload leaves: a crash must not forget what it spent.
                             let ledger = serde_json::to_string(&node.privacy_ledger())?;

@@ -532,6 +532,13 @@ pub trait AnchorReasoner: Send + Sync {
         None
     }
 
+    /// How many anchors this reasoner picks from a window of `frames` rows whatever their
+    /// values, when that is fixed by its settings; `None` (the default) when it depends on the
+    /// content. Private summaries pad to it, so the count discloses nothing.
+    fn anchor_count(&self, _frames: usize) -> Option<usize> {
+        None
+    }
+
     /// Text-side anchors uploaded beside the frame anchors (0: none).
     fn text_anchor_count(&self) -> usize {
         0

@@ -54,7 +54,7 @@ pub use data::{Clip, DeviceId, DomainSpec, Shift, Split, TaskSpec, provenance_id
 pub use generator::{GeneratorError, GeneratorTraining, ParameterGenerator};
 pub use model::{
     CloudModel, DeviceModel, FineTunable, FineTuner, LinearHead, LinearQaHead, ModelError, ObjectiveGradient,
-    RetrievalEmbeddings, SlotGradient, SlotValues, StatisticsRecalibration, TrainingPlan, TuneScope,
+    RetrievalEmbeddings, Served, SlotGradient, SlotValues, StatisticsRecalibration, TrainingPlan, TuneScope,
 };
 pub use node::{BatchPolicy, CloudNode, DeviceNode, Outcome, Refusal};
 pub use registry::{

@@ -66,6 +66,19 @@ pub struct RetrievalEmbeddings {
     pub text: HostTensor,
 }
 
+/// What serving clips computes: the answers, and what a summary of those clips needs, so that
+/// adaptation reuses the serving pass instead of running a second one (#16).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Served {
+    /// `[n, answers]` QA logits, as [`DeviceModel::answer_logits`].
+    pub logits: HostTensor,
+    /// `[n·T, d]` frame features under the base slot values, as [`DeviceModel::frame_features`].
+    pub frame_features: HostTensor,
+    /// `[n, e]` question embeddings, as [`DeviceModel::text_features`]; `None` when the model
+    /// does not embed questions.
+    pub text_features: Option<HostTensor>,
+}
+
 /// The model a device serves. Forward only: no method here computes a gradient.
 ///
 /// Implementors provide forward passes, their dynamic-slot schema and an all-or-nothing
@@ -123,6 +136,18 @@ pub trait DeviceModel: Send {
     fn apply(&mut self, params: GeneratedParams) -> Result<(), ModelError> {
         let validated = self.schema().validate(params)?;
         self.install(&validated)
+    }
+
+    /// Answers `clips` and keeps what summarising them needs ([`Served`]). Provided: the three
+    /// forward passes one after another; models override it to share them (the `lmm` computes
+    /// one pass while its base slot values are installed).
+    fn serve(&self, clips: &[Clip]) -> Result<Served, ModelError> {
+        let text_features = match self.text_features(clips) {
+            Ok(t) => Some(t),
+            Err(ModelError::Unsupported { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        Ok(Served { logits: self.answer_logits(clips)?, frame_features: self.frame_features(clips)?, text_features })
     }
 
     /// Predicted answer index per clip.
@@ -234,7 +259,7 @@ pub struct SlotGradient {
 
 /// The episodic objective `task + γ·retrieval` at some slot values and its gradient with respect
 /// to them (see [`CloudModel::objective_vjp`]).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ObjectiveGradient {
     /// Mean QA cross-entropy of the batch, in nats.
     pub task: f64,

@@ -17,9 +17,10 @@ use crate::generator::{GeneratorError, ParameterGenerator};
 use crate::model::{DeviceModel, ModelError};
 use crate::privacy::{PrivacyAccountant, PrivacySpent};
 use crate::replies::ReplyCache;
-use crate::runtime::{SummaryError, summarise_window};
+use crate::runtime::{SummaryError, summarise_features, summarise_window};
 use crate::security::{CloudSigner, SequenceLedger};
 use crate::slots::{GeneratedParams, SchemaHash};
+use crate::tensor::HostTensor;
 use crate::transport::{CloudEndpoint, Peer, TransportError};
 use crate::wire::{Envelope, MAX_SEQUENCE, MessageKind, WireError};
 
@@ -475,7 +476,7 @@ impl Refusal {
 pub struct Summarised {
     /// The summary to upload.
     pub summary: AnchorSummary,
-    /// Time computing frame features, in ms.
+    /// Time computing frame features, in ms (0 for a summary of served clips).
     pub feature_ms: f64,
 }
 
@@ -493,6 +494,49 @@ pub struct DeviceNode {
     outstanding: Option<(u64, u64)>,
     /// Differential privacy spent by the private summaries made so far.
     privacy: PrivacyAccountant,
+    /// What serving computed for the most recent clips, oldest first, for the next summary.
+    kept: KeptWindow,
+}
+
+/// The features serving computed for the last clips served, up to a capacity in clips.
+#[derive(Debug, Default)]
+struct KeptWindow {
+    capacity: usize,
+    clips: usize,
+    /// Per serving call: its clips, `[n·T, d]` frame features, `[n, e]` question embeddings.
+    batches: std::collections::VecDeque<(usize, HostTensor, Option<HostTensor>)>,
+}
+
+impl KeptWindow {
+    fn push(&mut self, clips: usize, frames: HostTensor, text: Option<HostTensor>) {
+        if self.capacity == 0 {
+            return;
+        }
+        self.clips += clips;
+        self.batches.push_back((clips, frames, text));
+        // Oldest batches go while the rest still fill the capacity.
+        while let Some((n, _, _)) = self.batches.front() {
+            if self.clips - n < self.capacity {
+                break;
+            }
+            self.clips -= n;
+            self.batches.pop_front();
+        }
+    }
+
+    /// The kept rows as one `[N, d]` matrix (and `[clips, e]` questions, when every batch has
+    /// them); `None` when nothing is kept.
+    fn window(&self) -> Option<(usize, HostTensor, Option<HostTensor>)> {
+        let (batches, clips) = (&self.batches, self.clips);
+        let stack = |parts: Vec<&HostTensor>| -> Option<HostTensor> {
+            let width = *parts.first()?.shape().get(1)?;
+            let values: Vec<f32> = parts.iter().flat_map(|t| t.values().iter().copied()).collect();
+            HostTensor::new(vec![values.len() / width.max(1), width], values).ok()
+        };
+        let frames = stack(batches.iter().map(|(_, f, _)| f).collect())?;
+        let text = batches.iter().map(|(_, _, t)| t.as_ref()).collect::<Option<Vec<_>>>().and_then(stack);
+        Some((clips, frames, text))
+    }
 }
 
 impl std::fmt::Debug for DeviceNode {
@@ -514,7 +558,16 @@ impl DeviceNode {
         reasoner: Box<dyn AnchorReasoner>,
         reference: FeatureStats,
     ) -> Self {
-        Self { id, model, reasoner, reference, sequence: 0, outstanding: None, privacy: PrivacyAccountant::default() }
+        Self {
+            id,
+            model,
+            reasoner,
+            reference,
+            sequence: 0,
+            outstanding: None,
+            privacy: PrivacyAccountant::default(),
+            kept: KeptWindow::default(),
+        }
     }
 
     /// The sequence number of the last request made.
@@ -544,11 +597,47 @@ impl DeviceNode {
         let feature_ms = t0.elapsed().as_secs_f64() * 1e3;
         let summary =
             summarise_window(self.model.as_ref(), self.reasoner.as_ref(), window, &features, &self.reference, seed)?;
+        Ok(self.summarised(summary, feature_ms))
+    }
+
+    fn summarised(&mut self, summary: AnchorSummary, feature_ms: f64) -> Summarised {
         // Every private summary drew fresh noise: counted once made, whether or not it is sent.
         if let Some(cost) = summary.privacy {
             self.privacy.record(cost);
         }
-        Ok(Summarised { summary, feature_ms })
+        Summarised { summary, feature_ms }
+    }
+
+    /// Keeps what serving computes for the last `clips` clips served (0: nothing), for
+    /// [`DeviceNode::summarise_served`].
+    pub fn keep_served(&mut self, clips: usize) {
+        self.kept = KeptWindow { capacity: clips, ..KeptWindow::default() };
+    }
+
+    /// Answers `clips` — the device's serving path — and keeps their frame features and
+    /// question embeddings for the next summary (see [`DeviceNode::keep_served`]).
+    ///
+    /// # Errors
+    /// The model's.
+    pub fn serve(&mut self, clips: &[Clip]) -> Result<Vec<usize>, ModelError> {
+        let served = self.model.serve(clips)?;
+        let rows = served.logits.rows().ok_or_else(|| ModelError::Input("logits are not 2-D".into()))?;
+        let answers = rows.map(crate::model::argmax).collect();
+        self.kept.push(clips.len(), served.frame_features, served.text_features);
+        Ok(answers)
+    }
+
+    /// Summarises the clips served last (the newest serving calls holding
+    /// [`DeviceNode::keep_served`]'s count) from what serving kept: no forward pass, so its cost
+    /// is what adaptation adds to serving. The window rolls on as clips are served.
+    ///
+    /// # Errors
+    /// [`crate::AnchorError::Empty`] when nothing was kept; the reasoner's.
+    pub fn summarise_served(&mut self, seed: u64) -> Result<Summarised, SummaryError> {
+        let (clips, features, text) = self.kept.window().ok_or(crate::AnchorError::Empty)?;
+        let summary =
+            summarise_features(self.reasoner.as_ref(), &features, text.as_ref(), clips, &self.reference, seed)?;
+        Ok(self.summarised(summary, 0.0))
     }
 
     /// The differential privacy this device's private summaries have spent together; `None`
@@ -873,6 +962,69 @@ mod tests {
         let schema = picky().0;
         let reference = FeatureStats { mean: vec![0.0], std: vec![1.0] };
         DeviceNode::new(DeviceId("a".into()), Box::new(OneSlot { schema, w: 0.0 }), Box::new(First), reference)
+    }
+
+    /// A model whose frame feature is each clip's one frame value.
+    struct Echo(SlotSchema);
+
+    impl DeviceModel for Echo {
+        fn schema(&self) -> &SlotSchema {
+            &self.0
+        }
+        fn answer_logits(&self, clips: &[Clip]) -> Result<HostTensor, ModelError> {
+            HostTensor::new(vec![clips.len(), 2], vec![0.0; 2 * clips.len()])
+                .map_err(|e| ModelError::Input(e.to_string()))
+        }
+        fn frame_features(&self, clips: &[Clip]) -> Result<HostTensor, ModelError> {
+            let values = clips.iter().map(|c| c.frames.values()[0]).collect();
+            HostTensor::new(vec![clips.len(), 1], values).map_err(|e| ModelError::Input(e.to_string()))
+        }
+        fn current_params(&self) -> GeneratedParams {
+            GeneratedParams { schema_hash: self.0.hash(), tensors: Default::default() }
+        }
+        fn install(&mut self, _params: &crate::ValidatedParams) -> Result<(), ModelError> {
+            Ok(())
+        }
+    }
+
+    fn clip(value: f32) -> Clip {
+        let frames = HostTensor::new(vec![1], vec![value]).expect("fits");
+        Clip { frames, question: String::new(), caption: String::new(), answer: None, provenance: Vec::new() }
+    }
+
+    proptest::proptest! {
+        /// Summarising what serving kept is summarising the last window served, without a
+        /// forward pass.
+        #[test]
+        fn a_summary_of_served_clips_is_the_summary_of_the_last_window(
+            batches in proptest::collection::vec(proptest::collection::vec(-5f32..5.0, 1..4), 1..8),
+            capacity in 1usize..8, seed in 0u64..1000,
+        ) {
+            let reference = FeatureStats { mean: vec![0.0], std: vec![1.0] };
+            let mut device = DeviceNode::new(DeviceId("a".into()), Box::new(Echo(picky().0)), Box::new(First), reference);
+            device.keep_served(capacity);
+            for batch in &batches {
+                let clips: Vec<Clip> = batch.iter().copied().map(clip).collect();
+                proptest::prop_assert_eq!(device.serve(&clips).expect("served").len(), clips.len());
+            }
+            // The newest batches that hold at least `capacity` clips (all of them if fewer).
+            let mut window: Vec<Clip> = Vec::new();
+            for batch in batches.iter().rev() {
+                if window.len() >= capacity {
+                    break;
+                }
+                window.splice(0..0, batch.iter().copied().map(clip));
+            }
+            let served = device.summarise_served(seed).expect("summary");
+            let direct = device.summarise(&window, seed).expect("summary");
+            proptest::prop_assert_eq!(served.summary, direct.summary);
+            // Nothing kept, nothing to summarise.
+            device.keep_served(capacity);
+            proptest::prop_assert!(matches!(
+                device.summarise_served(seed),
+                Err(SummaryError::Anchor(crate::AnchorError::Empty))
+            ));
+        }
     }
 
     /// How a reply differs from the right answer to the outstanding request.

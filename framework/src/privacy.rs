@@ -134,19 +134,23 @@ impl SummaryPrivacy {
         gaussian_mu(self.epsilon, self.delta)
     }
 
-    /// Makes `summary` private in place: its anchors and text anchors clipped to C and noised, its
-    /// moments replaced by noised moments of `standardised` (the window's `[N, d]` standardised
-    /// frame features, which the summary was made from) clipped to C, each block re-encoded in
-    /// its own quantisation. `seed` draws the noise under [`NoiseSource::Seeded`].
+    /// Makes `summary` private in place: its anchors and text anchors clipped to C, padded with
+    /// zero rows to the public counts of `shape` (so that how many the selection found, which
+    /// depends on the window, is not disclosed) and noised; its moments replaced by noised
+    /// moments of `standardised` (the window's `[N, d]` standardised frame features, from
+    /// `shape.clips` clips, which the summary was made from) clipped to C; each block re-encoded
+    /// in its own quantisation. `seed` draws the noise under [`NoiseSource::Seeded`].
     ///
     /// # Errors
     /// [`PrivacyError::Settings`] for settings out of range, [`PrivacyError::Anchor`] for a
-    /// window that does not match the summary or anchors that do not decode,
-    /// [`PrivacyError::Entropy`] if the operating system's generator fails.
+    /// window that does not match the summary, a non-finite feature, more anchors than the
+    /// public counts or anchors that do not decode, [`PrivacyError::Entropy`] if the operating
+    /// system's generator fails.
     pub fn privatise(
         &self,
         summary: &mut AnchorSummary,
         standardised: &HostTensor,
+        shape: PublicShape,
         seed: u64,
     ) -> Result<PrivacyCost, PrivacyError> {
         self.checked()?;
@@ -160,11 +164,14 @@ impl SummaryPrivacy {
         if n == 0 {
             return Err(AnchorError::Empty.into());
         }
+        if let Some(i) = standardised.values().iter().position(|v| !v.is_finite()) {
+            return Err(AnchorError::NonFiniteFeature { row: i / d.max(1), column: i % d.max(1) }.into());
+        }
         let c = self.clip;
-        let clips = (summary.clips as usize).clamp(1, n);
-        let per_clip = n.div_ceil(clips) as f64;
-        let anchors = summary.decoded_anchors()?;
-        let text = summary.decoded_text_anchors()?;
+        // Frames one clip contributes, at most (a window's clips have equal frame counts).
+        let per_clip = n.div_ceil(shape.clips.clamp(1, n)) as f64;
+        let anchors = padded(summary.decoded_anchors()?, shape.anchors)?;
+        let text = summary.decoded_text_anchors()?.map(|t| padded(t, shape.text_anchors)).transpose()?;
         let (k, kt) = (anchors.shape()[0], text.as_ref().map_or(0, |t| t.shape()[0]));
         let mut sensitivities = vec![
             2.0 * c * (k as f64).sqrt(),
@@ -185,22 +192,23 @@ impl SummaryPrivacy {
                 ChaCha20Rng::from_seed(bytes)
             }
         };
-        let mut noise = |values: &mut [f32], sigma: f64| {
-            // σ > 0 and finite: a positive sensitivity over a positive μ.
-            if let Ok(normal) = Normal::new(0.0, sigma) {
-                for v in values {
-                    *v = (f64::from(*v) + normal.sample(&mut rng)) as f32;
-                }
+        let mut noise = |values: &mut [f32], sigma: f64| -> Result<(), PrivacyError> {
+            // Never fails open: a block without its noise would leave unprotected.
+            let normal = Normal::new(0.0, sigma)
+                .map_err(|e| PrivacyError::Settings(format!("noise of standard deviation {sigma}: {e}")))?;
+            for v in values {
+                *v = (f64::from(*v) + normal.sample(&mut rng)) as f32;
             }
+            Ok(())
         };
 
         let mut frame = clipped(anchors, c)?;
-        noise(&mut frame, sigma[0]);
+        noise(&mut frame, sigma[0])?;
         summary.anchors = encode(vec![k, d], frame, summary.anchors.quantisation())?;
         if let (Some(text), Some(encoded)) = (text, summary.text_anchors.as_mut()) {
             let e = text.shape()[1];
             let mut values = clipped(text, c)?;
-            noise(&mut values, sigma[3]);
+            noise(&mut values, sigma[3])?;
             *encoded = encode(vec![kt, e], values, encoded.quantisation())?;
         }
         let (mut mean, mut second) = (vec![0f32; d], vec![0f32; d]);
@@ -212,8 +220,8 @@ impl SummaryPrivacy {
                 second[j] += x * x / n as f32;
             }
         }
-        noise(&mut mean, sigma[1]);
-        noise(&mut second, sigma[2]);
+        noise(&mut mean, sigma[1])?;
+        noise(&mut second, sigma[2])?;
         // Post-processing: a variance is at least the floor the reference's std has (1e-4²).
         summary.var = mean.iter().zip(&second).map(|(m, s)| (s - m * m).max(1e-8)).collect();
         summary.mean = mean;
@@ -221,6 +229,32 @@ impl SummaryPrivacy {
         summary.privacy = Some(cost);
         Ok(cost)
     }
+}
+
+/// What a private summary's shape discloses, fixed by the settings and the window size rather
+/// than by its content: the window's clips, and how many frame and text anchors it carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublicShape {
+    /// Clips in the window.
+    pub clips: usize,
+    /// Frame anchors uploaded; a selection that found fewer is padded with zero rows.
+    pub anchors: usize,
+    /// Text anchors uploaded (when any are); padded likewise.
+    pub text_anchors: usize,
+}
+
+/// `matrix` `[k, e]` with zero rows appended up to `rows`; more than `rows` is an error.
+fn padded(matrix: HostTensor, rows: usize) -> Result<HostTensor, AnchorError> {
+    let (k, e) = match matrix.shape() {
+        [k, e] => (*k, *e),
+        other => return Err(AnchorError::TextShape(other.to_vec())),
+    };
+    if k > rows {
+        return Err(AnchorError::Selection { index: k - 1, rows });
+    }
+    let mut values = matrix.into_values();
+    values.resize(rows * e, 0.0);
+    Ok(HostTensor::new(vec![rows, e], values)?)
 }
 
 fn encode(shape: Vec<usize>, values: Vec<f32>, quantisation: Quantisation) -> Result<QuantisedTensor, AnchorError> {
@@ -245,13 +279,15 @@ fn phi(x: f64) -> f64 {
     0.5 * libm::erfc(-x / std::f64::consts::SQRT_2)
 }
 
-/// ln Φ(x), accurate where Φ(x) underflows (Mills' ratio, three terms, below x = −30).
+/// ln Φ(x), accurate where Φ(x) underflows (Mills' ratio below x = −30, four terms: the
+/// series then ends on a negative term, so it never overstates Φ — the safe side for δ).
 fn ln_phi(x: f64) -> f64 {
     if x > -30.0 {
         return phi(x).ln();
     }
     let x2 = x * x;
-    -x2 / 2.0 - (-x).ln() - 0.5 * (2.0 * std::f64::consts::PI).ln() + (1.0 - 1.0 / x2 + 3.0 / (x2 * x2)).ln()
+    -x2 / 2.0 - (-x).ln() - 0.5 * (2.0 * std::f64::consts::PI).ln()
+        + (1.0 - 1.0 / x2 + 3.0 / (x2 * x2) - 15.0 / (x2 * x2 * x2)).ln()
 }
 
 /// The δ at which a Gaussian mechanism of sensitivity-to-noise ratio `mu` (μ-GDP) is ε-DP:
@@ -294,7 +330,10 @@ pub fn gaussian_epsilon(mu: f64, delta: f64) -> f64 {
         return 0.0;
     }
     let (mut lo, mut hi) = (0.0, 1.0);
-    while gaussian_delta(mu, hi) > delta && hi < 1e12 {
+    while gaussian_delta(mu, hi) > delta {
+        if hi >= 1e12 {
+            return f64::INFINITY;
+        }
         lo = hi;
         hi *= 2.0;
     }
@@ -359,7 +398,8 @@ impl PrivacyAccountant {
             && (0.0..1.0).contains(&a.delta)
             && a.last_epsilon.is_finite()
             && a.last_epsilon >= 0.0
-            && (a.uploads == 0) == (a.mu_squared == 0.0);
+            && (a.uploads == 0) == (a.mu_squared == 0.0)
+            && (a.uploads == 0 || (a.delta > 0.0 && a.last_epsilon > 0.0));
         if valid { Ok(a) } else { Err(format!("not a privacy ledger: {a:?}")) }
     }
 
@@ -397,6 +437,45 @@ mod tests {
         }
     }
 
+    /// `p` on `s`, whose public shape is its own counts.
+    fn as_built(
+        p: &SummaryPrivacy,
+        s: &mut AnchorSummary,
+        rows: &HostTensor,
+        seed: u64,
+    ) -> Result<PrivacyCost, PrivacyError> {
+        let public = PublicShape { clips: s.clips as usize, anchors: s.anchor_count(), text_anchors: 0 };
+        p.privatise(s, rows, public, seed)
+    }
+
+    #[test]
+    fn fewer_anchors_than_the_public_count_are_padded_and_more_are_refused() {
+        let rows = HostTensor::new(vec![4, 2], vec![1.0; 8]).expect("fits");
+        let mut s = summary(&rows, 2, 4, Quantisation::F32);
+        let public = PublicShape { clips: 4, anchors: 3, text_anchors: 0 };
+        privacy(10.0).privatise(&mut s, &rows, public, 1).expect("private");
+        assert_eq!(s.anchor_count(), 3);
+        let mut s = summary(&rows, 2, 4, Quantisation::F32);
+        let too_few = PublicShape { anchors: 1, ..public };
+        assert!(privacy(10.0).privatise(&mut s, &rows, too_few, 1).is_err());
+        let nan = HostTensor::new(vec![4, 2], vec![f32::NAN; 8]).expect("fits");
+        let mut s = summary(&rows, 2, 4, Quantisation::F32);
+        assert!(matches!(
+            privacy(10.0).privatise(&mut s, &nan, public, 1),
+            Err(PrivacyError::Anchor(AnchorError::NonFiniteFeature { .. }))
+        ));
+    }
+
+    #[test]
+    fn the_gaussian_tail_never_overstates_phi_where_the_series_takes_over() {
+        // Past −30 the series stays within 1e-9 of the direct value, and below it.
+        for x in [-30.5, -33.0, -37.0] {
+            let (series, direct) = (ln_phi(x), phi(x).ln());
+            assert!(series <= direct + 1e-12 && direct - series < 1e-9, "{x}: {series} vs {direct}");
+        }
+        assert_eq!(gaussian_epsilon(1e9, 1e-5), f64::INFINITY);
+    }
+
     #[test]
     fn the_classical_calibration_is_never_tighter_than_the_exact_one() {
         // Dwork & Roth, Theorem A.1: σ = Δ·√(2 ln(1.25/δ))/ε suffices for ε < 1.
@@ -420,7 +499,7 @@ mod tests {
         let rows = HostTensor::new(vec![6, 2], (0..12).map(|v| v as f32 / 4.0).collect()).expect("fits");
         let run = |p: SummaryPrivacy| {
             let mut s = summary(&rows, 2, 3, Quantisation::F32);
-            p.privatise(&mut s, &rows, 9).expect("private");
+            as_built(&p, &mut s, &rows, 9).expect("private");
             s
         };
         assert_eq!(run(privacy(1.0)), run(privacy(1.0)));
@@ -437,7 +516,7 @@ mod tests {
             SummaryPrivacy { clip: f64::NAN, ..privacy(1.0) },
         ] {
             let mut s = summary(&rows, 1, 1, Quantisation::F32);
-            assert!(matches!(bad.privatise(&mut s, &rows, 0), Err(PrivacyError::Settings(_))), "{bad:?}");
+            assert!(matches!(as_built(&bad, &mut s, &rows, 0), Err(PrivacyError::Settings(_))), "{bad:?}");
         }
     }
 
@@ -519,7 +598,7 @@ mod tests {
             let k = k.min(n);
             let rows = HostTensor::new(vec![n, d], values[..n * d].to_vec()).expect("fits");
             let mut s = summary(&rows, k, n as u32, q);
-            let cost = privacy(epsilon).privatise(&mut s, &rows, seed).expect("private");
+            let cost = as_built(&privacy(epsilon), &mut s, &rows, seed).expect("private");
             let decoded = s.decoded_anchors().expect("decodes");
             prop_assert_eq!(decoded.shape(), &[k, d]);
             prop_assert_eq!(s.anchors.quantisation(), q);
@@ -540,6 +619,7 @@ mod tests {
             r#"{"mu_squared":0.0,"uploads":3,"delta":1e-5,"last_epsilon":1.0}"#,
             r#"{"mu_squared":0.5,"uploads":1,"delta":2.0,"last_epsilon":1.0}"#,
             r#"{"mu_squared":0.5}"#,
+            r#"{"mu_squared":0.5,"uploads":1,"delta":0.0,"last_epsilon":1.0}"#,
         ] {
             assert!(PrivacyAccountant::from_json(bad).is_err(), "{bad}");
         }
@@ -553,7 +633,7 @@ mod tests {
         let rows = HostTensor::new(vec![k, d], vec![0.0; k * d]).expect("fits");
         let mut s = summary(&rows, k, k as u32, Quantisation::F32);
         let p = privacy(50.0);
-        p.privatise(&mut s, &rows, 3).expect("private");
+        as_built(&p, &mut s, &rows, 3).expect("private");
         let expected = 2.0 * p.clip * (k as f64).sqrt() * 3f64.sqrt() / p.mu();
         let noise = s.decoded_anchors().expect("decodes").into_values();
         let sd = (noise.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / noise.len() as f64).sqrt();

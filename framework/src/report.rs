@@ -41,12 +41,13 @@ pub struct DeviceReport {
     pub raw_window_bytes: u64,
     /// Anchors uploaded.
     pub anchors: usize,
-    /// Device-side adaptation time in ms: features, anchor reasoning and apply.
+    /// Device-side time adaptation adds to serving, in ms: anchor reasoning (selection,
+    /// standardisation, quantisation, privacy), the request, validate and install.
     pub adaptation_ms: f64,
-    /// Of `adaptation_ms`, the forward pass that computes the window's frame features (a device
-    /// serving that window computes them anyway).
-    #[serde(default)]
-    pub feature_ms: f64,
+    /// The serving forward pass over the window, in ms: answers, and the frame and question
+    /// features the summary reuses. Not part of `adaptation_ms`: a serving device runs it anyway.
+    #[serde(default, alias = "feature_ms")]
+    pub serving_ms: f64,
     /// Peak heap bytes the device allocated while adapting (when the binary counts them).
     #[serde(default)]
     pub adaptation_peak_bytes: Option<u64>,
@@ -195,7 +196,7 @@ mod tests {
             raw_window_bytes: 0,
             anchors: 1,
             adaptation_ms: 0.0,
-            feature_ms: 0.0,
+            serving_ms: 0.0,
             adaptation_peak_bytes: None,
             error: None,
             warning: None,

@@ -448,7 +448,7 @@ pub fn score_device(
         raw_window_bytes,
         anchors: 0,
         adaptation_ms: 0.0,
-        feature_ms: 0.0,
+        serving_ms: 0.0,
         adaptation_peak_bytes: None,
         error: None,
         warning: None,
@@ -478,14 +478,22 @@ pub fn adapt_fleet(
     // Devices: summarise, each measured alone.
     let mut requests = Vec::with_capacity(fleet.len());
     for device in fleet.iter_mut() {
+        // Serving the window: what the device computes to answer it, adapting or not. The
+        // summary reuses its features, so adaptation's time is what it adds.
+        let t0 = Instant::now();
+        device.node.keep_served(device.window.len());
+        let served = device.node.serve(&device.window);
+        device.report.serving_ms = t0.elapsed().as_secs_f64() * 1e3;
         let t0 = Instant::now();
         let seed = seed::derive(device.domain.seed, 0xADE + device.node.sequence() + 1);
-        let (summary, peak) = crate::memory::peak_during(|| device.node.summarise(&device.window, seed));
+        let (summary, peak) = crate::memory::peak_during(|| match served {
+            Ok(_) => device.node.summarise_served(seed),
+            Err(e) => Err(e.into()),
+        });
         device.report.adaptation_ms += t0.elapsed().as_secs_f64() * 1e3;
         device.report.adaptation_peak_bytes = peak;
         let request = match summary {
             Ok(s) => {
-                device.report.feature_ms = s.feature_ms;
                 device.report.anchors = s.summary.anchor_count();
                 device.report.warning = s.summary.saturation().map(|s| s.to_string());
                 device.report.privacy = device.node.privacy_spent();
@@ -585,16 +593,43 @@ pub fn summarise_window(
     reference: &crate::FeatureStats,
     seed: u64,
 ) -> Result<crate::AnchorSummary, SummaryError> {
-    let mut summary = reasoner.summarise(features, reference, window.len(), seed)?;
-    if reasoner.text_anchor_count() > 0 {
-        match model.text_features(window) {
-            Ok(text) => summary.text_anchors = reasoner.summarise_text(&text, seed::derive(seed, 0x7E77))?,
-            Err(ModelError::Unsupported { .. }) => {}
+    let text = match reasoner.text_anchor_count() {
+        0 => None,
+        _ => match model.text_features(window) {
+            Ok(text) => Some(text),
+            Err(ModelError::Unsupported { .. }) => None,
             Err(e) => return Err(e.into()),
-        }
+        },
+    };
+    summarise_features(reasoner, features, text.as_ref(), window.len(), reference, seed)
+}
+
+/// The summary of a window of `clips` clips from features already computed (by serving it):
+/// `[N, d]` frame features and, when the model embeds questions, `[clips, e]` question
+/// embeddings. No forward pass.
+pub fn summarise_features(
+    reasoner: &dyn AnchorReasoner,
+    features: &crate::HostTensor,
+    text: Option<&crate::HostTensor>,
+    clips: usize,
+    reference: &crate::FeatureStats,
+    seed: u64,
+) -> Result<crate::AnchorSummary, SummaryError> {
+    let mut summary = reasoner.summarise(features, reference, clips, seed)?;
+    if let Some(text) = text.filter(|_| reasoner.text_anchor_count() > 0) {
+        summary.text_anchors = reasoner.summarise_text(text, seed::derive(seed, 0x7E77))?;
     }
     if let Some(privacy) = reasoner.privacy() {
-        privacy.privatise(&mut summary, &reference.standardise(features)?, seed::derive(seed, 0xD1FF))?;
+        let frames = features.shape().first().copied().unwrap_or(0);
+        let shape = crate::privacy::PublicShape {
+            clips,
+            anchors: reasoner.anchor_count(frames).unwrap_or_else(|| summary.anchor_count()),
+            text_anchors: reasoner.anchor_count(clips).map_or_else(
+                || summary.text_anchors.as_ref().map_or(0, |t| t.shape().first().copied().unwrap_or(0)),
+                |k| k.min(reasoner.text_anchor_count()),
+            ),
+        };
+        privacy.privatise(&mut summary, &reference.standardise(features)?, shape, seed::derive(seed, 0xD1FF))?;
     }
     Ok(summary)
 }

@@ -12,8 +12,8 @@ use crate::anchor::FeatureStats;
 use crate::backend::DeviceDescriptor;
 use crate::data::{Clip, DomainSpec};
 use crate::model::{
-    CloudModel, DeviceModel, FineTunable, FineTuner, LinearHead, LinearQaHead, ModelError, RetrievalEmbeddings,
-    SlotGradient, SlotValues, StatisticsRecalibration, TrainingPlan, TuneScope,
+    CloudModel, DeviceModel, FineTunable, FineTuner, LinearHead, LinearQaHead, ModelError, ObjectiveGradient,
+    RetrievalEmbeddings, Served, SlotGradient, SlotValues, StatisticsRecalibration, TrainingPlan, TuneScope,
 };
 use crate::slots::{GeneratedParams, SlotSchema, ValidatedParams};
 use crate::source::DataSource;
@@ -48,6 +48,8 @@ mod cloud {
     pub const LOAD: u32 = 12;
     /// `(SlotValues, Vec<Clip>)` → `Option<SlotGradient>`.
     pub const RETRIEVAL_VJP: u32 = 13;
+    /// `(SlotValues, Vec<Clip>, f64)` → `ObjectiveGradient`.
+    pub const OBJECTIVE_VJP: u32 = 14;
 }
 
 fn lock<T: ?Sized>(m: &Mutex<Box<T>>) -> MutexGuard<'_, Box<T>> {
@@ -66,6 +68,9 @@ fn serve_cloud(m: &dyn CloudModel, method: u32, input: &[u8]) -> Outcome {
         cloud::TASK_VJP => with(input, |(slots, clips): (SlotValues, Vec<Clip>)| m.task_vjp(&slots, &clips)),
         cloud::TASK_LOSS => with(input, |(slots, clips): (SlotValues, Vec<Clip>)| m.task_loss(&slots, &clips)),
         cloud::RETRIEVAL_VJP => with(input, |(slots, clips): (SlotValues, Vec<Clip>)| m.retrieval_vjp(&slots, &clips)),
+        cloud::OBJECTIVE_VJP => {
+            with(input, |(slots, clips, weight): (SlotValues, Vec<Clip>, f64)| m.objective_vjp(&slots, &clips, weight))
+        }
         cloud::PARAMETER_COUNT => Outcome::value(m.parameter_count()),
         cloud::EXPORT => with_object(input, |device: DeviceDescriptor| {
             m.export(&device).map(|d| Box::new(OwnedDevice(Mutex::new(d))) as Box<dyn Serve>)
@@ -186,6 +191,15 @@ impl CloudModel for RemoteCloud {
         self.proxy.call(cloud::RETRIEVAL_VJP, &(slots, clips))
     }
 
+    fn objective_vjp(
+        &self,
+        slots: &SlotValues,
+        clips: &[Clip],
+        retrieval_weight: f64,
+    ) -> Result<ObjectiveGradient, ModelError> {
+        self.proxy.call(cloud::OBJECTIVE_VJP, &(slots, clips, retrieval_weight))
+    }
+
     fn parameter_count(&self) -> usize {
         self.proxy.call::<_, _, ModelError>(cloud::PARAMETER_COUNT, &()).unwrap_or(0)
     }
@@ -234,6 +248,8 @@ mod device {
     pub const RECALIBRATE: u32 = 9;
     /// `Vec<Clip>` → `HostTensor`.
     pub const QA_REPRESENTATIONS: u32 = 10;
+    /// `Vec<Clip>` → `Served`.
+    pub const SERVE: u32 = 11;
 }
 
 /// A library's device model, served.
@@ -263,6 +279,7 @@ impl Serve for OwnedDevice {
             }),
             device::TEXT_FEATURES => with(input, |clips: Vec<Clip>| m.text_features(&clips)),
             device::RETRIEVAL => with(input, |clips: Vec<Clip>| m.retrieval_embeddings(&clips)),
+            device::SERVE => with(input, |clips: Vec<Clip>| m.serve(&clips)),
             device::FINE_TUNER => with_object(input, |(scope, rate): (TuneScope, f64)| {
                 let tunable = m.as_fine_tunable().ok_or_else(|| unsupported(m.as_ref(), "fine-tuning"))?;
                 let tuner = tunable.fine_tuner(scope, rate)?;
@@ -328,6 +345,10 @@ impl DeviceModel for RemoteDevice {
 
     fn retrieval_embeddings(&self, clips: &[Clip]) -> Result<RetrievalEmbeddings, ModelError> {
         self.proxy.call(device::RETRIEVAL, clips)
+    }
+
+    fn serve(&self, clips: &[Clip]) -> Result<Served, ModelError> {
+        self.proxy.call(device::SERVE, clips)
     }
 
     fn name(&self) -> &str {

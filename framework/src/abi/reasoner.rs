@@ -22,6 +22,8 @@ mod method {
     pub const SUMMARISE_TEXT: u32 = 5;
     /// `()` → `Option<SummaryPrivacy>`.
     pub const PRIVACY: u32 = 6;
+    /// `usize` → `Option<usize>`.
+    pub const ANCHOR_COUNT: u32 = 7;
 }
 
 fn serve(r: &dyn AnchorReasoner, method: u32, input: &[u8]) -> Outcome {
@@ -36,6 +38,7 @@ fn serve(r: &dyn AnchorReasoner, method: u32, input: &[u8]) -> Outcome {
         method::TEXT_ANCHOR_COUNT => Outcome::value(r.text_anchor_count()),
         method::SUMMARISE_TEXT => with(input, |(features, seed): (HostTensor, u64)| r.summarise_text(&features, seed)),
         method::PRIVACY => Outcome::value(r.privacy()),
+        method::ANCHOR_COUNT => with(input, |frames: usize| Ok::<_, AnchorError>(r.anchor_count(frames))),
         other => Outcome::unknown(other),
     }
 }
@@ -101,6 +104,12 @@ impl AnchorReasoner for RemoteReasoner {
 
     fn privacy(&self) -> Option<SummaryPrivacy> {
         self.privacy
+    }
+
+    fn anchor_count(&self, frames: usize) -> Option<usize> {
+        // A reasoner that cannot answer is one whose count is not fixed: its summaries keep
+        // their own counts.
+        self.proxy.call::<_, _, AnchorError>(method::ANCHOR_COUNT, &frames).ok().flatten()
     }
 
     fn summarise_text(&self, text_features: &HostTensor, seed: u64) -> Result<Option<QuantisedTensor>, AnchorError> {

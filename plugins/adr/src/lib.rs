@@ -213,6 +213,13 @@ impl AnchorReasoner for Adr {
     fn privacy(&self) -> Option<SummaryPrivacy> {
         self.settings.privacy
     }
+
+    fn anchor_count(&self, frames: usize) -> Option<usize> {
+        Some(match self.settings.strategy {
+            Strategy::All => frames,
+            _ => self.settings.k.min(frames),
+        })
+    }
 }
 
 fn build(settings: &toml::Table, _ctx: &BuildContext) -> Result<Box<dyn AnchorReasoner>, PluginError> {

@@ -24,9 +24,9 @@ use mmpg::seed;
 use mmpg::{
     Build, Check, Clip, CloudModel, DataSource, DeviceDescriptor, DeviceModel, DomainSpec, Factory, FeatureStats,
     FineTunable, FineTuner, GeneratedParams, HostTensor, LinearHead, LinearQaHead, ModelContext, ModelError,
-    ObjectiveGradient, Plugin, PluginError, Progress, RetrievalEmbeddings, Settings, SettingsSpec, SlotGradient,
-    SlotSchema, SlotSpec, SlotValues, Split, StaticPlugin, StatisticsRecalibration, TaskSpec, TextSource, TrainingLog,
-    TrainingPlan, TuneScope, ValidatedParams, parse_settings,
+    ObjectiveGradient, Plugin, PluginError, Progress, RetrievalEmbeddings, Served, Settings, SettingsSpec,
+    SlotGradient, SlotSchema, SlotSpec, SlotValues, Split, StaticPlugin, StatisticsRecalibration, TaskSpec, TextSource,
+    TrainingLog, TrainingPlan, TuneScope, ValidatedParams, parse_settings,
 };
 use mmpg_backends::modules::{
     all_finite, inference_device, init_device, materialise, parameters, read_checkpoint, relocate, restore,
@@ -783,6 +783,12 @@ impl LmmDevice {
         }
     }
 
+    /// Whether the installed FiLM slot holds θ0's values.
+    fn film_is_base(&self) -> bool {
+        let base = HostTensor::from_burn(self.net.base_film.val());
+        self.current.tensors.get(FILM).is_some_and(|installed| installed.values() == base.values())
+    }
+
     fn video_and_question(&self, x: Inputs<DB>) -> (Tensor<DB, 2>, Tensor<DB, 2>) {
         (self.net.video(self.served_features(x.frames), self.geo.frames), self.net.text(x.questions))
     }
@@ -810,6 +816,24 @@ impl DeviceModel for LmmDevice {
     fn text_features(&self, clips: &[Clip]) -> Result<HostTensor, ModelError> {
         let x = inputs::<DB>(&self.geo, clips, &self.device)?;
         Ok(HostTensor::from_burn(self.net.text(x.questions)))
+    }
+
+    fn serve(&self, clips: &[Clip]) -> Result<Served, ModelError> {
+        let x = inputs::<DB>(&self.geo, clips, &self.device)?;
+        let base = self.net.frame_features(x.frames.clone(), self.net.base_film.val());
+        // θ0's FiLM installed and no recalibration: the served features are the base ones, one
+        // pass. Otherwise the frame branch runs again under the installed FiLM.
+        let served = match self.alignment.is_none() && self.film_is_base() {
+            true => base.clone(),
+            false => self.served_features(x.frames),
+        };
+        let q = self.net.text(x.questions);
+        let logits = self.net.logits(self.net.video(served, self.geo.frames), q.clone(), &self.slots);
+        Ok(Served {
+            logits: HostTensor::from_burn(logits),
+            frame_features: HostTensor::from_burn(base),
+            text_features: Some(HostTensor::from_burn(q)),
+        })
     }
 
     fn retrieval_embeddings(&self, clips: &[Clip]) -> Result<RetrievalEmbeddings, ModelError> {
@@ -1238,6 +1262,32 @@ mod tests {
                     "{name}: analytic {analytic} vs numeric {numeric}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn serving_returns_the_answers_and_the_base_features_whatever_film_is_installed() {
+        let cloud =
+            mmpg_backends::with_burn_seed(2, || LmmCloud::new(small(), &task(), &init_device())).expect("model");
+        let mut device = cloud.device_copy(&mmpg_backends::modules::inference_device(&init_device()));
+        let batch = clips(3, 4);
+        let close = |a: &HostTensor, b: &HostTensor| {
+            a.shape() == b.shape() && a.values().iter().zip(b.values()).all(|(x, y)| (x - y).abs() <= 1e-5)
+        };
+        let base_features = device.frame_features(&batch).expect("features");
+        for film_shift in [0.0f32, 0.3] {
+            let mut params = device.current_params();
+            if let Some(film) = params.tensors.get_mut(FILM) {
+                let shifted = film.values().iter().map(|v| v + film_shift).collect();
+                *film = HostTensor::new(film.shape().to_vec(), shifted).expect("shape");
+            }
+            device.apply(params).expect("installs");
+            assert_eq!(device.film_is_base(), film_shift == 0.0);
+            let served = device.serve(&batch).expect("served");
+            assert!(close(&served.logits, &device.answer_logits(&batch).expect("logits")), "film + {film_shift}");
+            assert!(close(&served.frame_features, &base_features), "film + {film_shift}");
+            let text = served.text_features.expect("the lmm embeds questions");
+            assert!(close(&text, &device.text_features(&batch).expect("text")));
         }
     }
 
