@@ -1368,13 +1368,16 @@ impl Deployment {
         cloud.training.hold_out = None;
         // How parameters travel does not change what training produces.
         cloud.download = Quantisation::F32;
+        // Nor does the noise on devices' uploads: the generator trains on summaries it makes.
+        let mut anchor = self.anchor.clone();
+        anchor.settings.remove("privacy");
         let canonical = serde_json::json!({
             // 2: summaries carry text-side anchors and the FDA encodes them.
             "version": 2,
             "seed": self.seed,
             "data": self.data,
             "model": self.model,
-            "anchor": self.anchor,
+            "anchor": anchor,
             "cloud": cloud,
             "window_clips": self.fleet.window_clips,
             "held_out": held_out,
