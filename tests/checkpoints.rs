@@ -120,14 +120,14 @@ fn the_training_fingerprint_covers_the_set_of_held_out_shifts_only() {
 }
 
 #[test]
-fn how_parameters_travel_and_the_noise_on_uploads_do_not_change_the_training() {
+fn how_parameters_travel_does_not_change_the_training_and_private_summaries_do() {
     let with = |extra: &str| {
         let text = format!("seed = 3\n[fleet]\ndevices = 2\n[cloud.training]\npretrain_steps = 5\n{extra}");
         Deployment::parse(&text, "f.toml", &common::registry()).expect("valid").training_fingerprint()
     };
     let base = with("");
     assert_eq!(with("[cloud]\ndownload = \"f32\"\n"), base);
-    assert_eq!(with("[anchor.settings.privacy]\nepsilon = 2.0\n"), base);
-    // What the generator trains on does.
+    // What the generator trains on does: private summaries are what it learns from then.
+    assert_ne!(with("[anchor.settings.privacy]\nepsilon = 2.0\n"), base);
     assert_ne!(with("[anchor.settings]\nk = 3\n"), base);
 }

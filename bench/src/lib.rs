@@ -689,7 +689,8 @@ pub fn bench(deployment: &Deployment, registry: &Registry, progress: &dyn Progre
             anchor: toml::Table::from_iter([("privacy".to_string(), toml::Value::Table(privacy))]),
             generator: toml::Table::new(),
             download: None,
-            retrain: false,
+            // The generator learns from summaries through the same mechanism.
+            retrain: true,
         });
     }
     let mut ablations = Vec::with_capacity(variants.len());
@@ -1003,7 +1004,8 @@ impl BenchReport {
         if !self.epsilon_sweep.is_empty() {
             out.push_str(
                 "## Private summaries (ε sweep)\n\nThe Gaussian mechanism on every upload (anchors clipped to C, \
-                 moments of the clipped window; seeded noise), served by the main generator. Over the shifted devices.\n\n\
+                 moments of the clipped window; seeded noise), each ε with its generator trained on summaries through \
+                 the same mechanism. Over the shifted devices.\n\n\
                  | ε per upload | δ | ε over a device's uploads | QA acc % | R@1 % |\n|---|---|---|---|---|\n",
             );
             for p in &self.epsilon_sweep {

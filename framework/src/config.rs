@@ -529,8 +529,9 @@ pub struct BenchConfig {
     pub variants: Vec<Variant>,
     /// Anchor counts K to sweep (each a retrained variant), for accuracy against upload bytes.
     pub k_sweep: Vec<usize>,
-    /// Privacy budgets ε per upload to sweep (each a serve-time variant whose summaries go
-    /// through the Gaussian mechanism with seeded noise), for accuracy against ε.
+    /// Privacy budgets ε per upload to sweep, for accuracy against ε: each a variant whose
+    /// summaries go through the Gaussian mechanism (seeded noise), its generator retrained on
+    /// summaries through the same mechanism.
     pub epsilon_sweep: Vec<f64>,
     /// Stages of the long-stream check: one device drifts through these domains in order,
     /// re-adapting at each stage; empty skips the check.
@@ -1368,16 +1369,14 @@ impl Deployment {
         cloud.training.hold_out = None;
         // How parameters travel does not change what training produces.
         cloud.download = Quantisation::F32;
-        // Nor does the noise on devices' uploads: the generator trains on summaries it makes.
-        let mut anchor = self.anchor.clone();
-        anchor.settings.remove("privacy");
+
         let canonical = serde_json::json!({
             // 2: summaries carry text-side anchors and the FDA encodes them.
             "version": 2,
             "seed": self.seed,
             "data": self.data,
             "model": self.model,
-            "anchor": anchor,
+            "anchor": self.anchor,
             "cloud": cloud,
             "window_clips": self.fleet.window_clips,
             "held_out": held_out,

@@ -31,7 +31,7 @@ use rand_chacha::ChaCha20Rng;
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
-use crate::anchor::{AnchorSummary, Quantisation, QuantisedTensor};
+use crate::anchor::{AnchorReasoner, AnchorSummary, Quantisation, QuantisedTensor};
 use crate::settings::Check;
 use crate::tensor::HostTensor;
 use crate::{AnchorError, seed};
@@ -241,6 +241,22 @@ pub struct PublicShape {
     pub anchors: usize,
     /// Text anchors uploaded (when any are); padded likewise.
     pub text_anchors: usize,
+}
+
+impl PublicShape {
+    /// The shape `reasoner` gives every summary of a window of `clips` clips and `frames` frames:
+    /// its fixed anchor counts ([`AnchorReasoner::anchor_count`]), else `summary`'s own.
+    pub fn of(reasoner: &dyn AnchorReasoner, frames: usize, clips: usize, summary: &AnchorSummary) -> Self {
+        let own_text = summary.text_anchors.as_ref().map_or(0, |t| t.shape().first().copied().unwrap_or(0));
+        Self {
+            clips,
+            anchors: reasoner.anchor_count(frames).unwrap_or_else(|| summary.anchor_count()),
+            text_anchors: match summary.text_anchors {
+                None => 0,
+                Some(_) => reasoner.anchor_count(clips).map_or(own_text, |k| k.min(reasoner.text_anchor_count())),
+            },
+        }
+    }
 }
 
 /// `matrix` `[k, e]` with zero rows appended up to `rows`; more than `rows` is an error.

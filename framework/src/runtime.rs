@@ -621,14 +621,7 @@ pub fn summarise_features(
     }
     if let Some(privacy) = reasoner.privacy() {
         let frames = features.shape().first().copied().unwrap_or(0);
-        let shape = crate::privacy::PublicShape {
-            clips,
-            anchors: reasoner.anchor_count(frames).unwrap_or_else(|| summary.anchor_count()),
-            text_anchors: reasoner.anchor_count(clips).map_or_else(
-                || summary.text_anchors.as_ref().map_or(0, |t| t.shape().first().copied().unwrap_or(0)),
-                |k| k.min(reasoner.text_anchor_count()),
-            ),
-        };
+        let shape = crate::privacy::PublicShape::of(reasoner, frames, clips, &summary);
         privacy.privatise(&mut summary, &reference.standardise(features)?, shape, seed::derive(seed, 0xD1FF))?;
     }
     Ok(summary)

@@ -18,6 +18,7 @@ use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::activation::{relu, tanh};
 use burn::tensor::{Tensor, TensorData};
+use mmpg::privacy::{NoiseSource, PublicShape, SummaryPrivacy};
 use mmpg::seed;
 use mmpg::{
     AnchorSummary, Build, Check, Factory, GeneratedParams, GeneratorContext, GeneratorError, GeneratorTraining,
@@ -495,6 +496,17 @@ impl Fda {
         let mut summary = ctx.reasoner.summarise(&features, reference, window.len(), rng.random())?;
         if self.text_dim.is_some() && ctx.reasoner.text_anchor_count() > 0 {
             summary.text_anchors = ctx.reasoner.summarise_text(&ctx.model.text_features(&window)?, rng.random())?;
+        }
+        if let Some(privacy) = ctx.reasoner.privacy() {
+            // Trained on what devices send: the same mechanism, its noise drawn from the
+            // training's seed so that training reproduces.
+            let seeded = SummaryPrivacy { noise: NoiseSource::Seeded, ..privacy };
+            let frames = features.shape().first().copied().unwrap_or(0);
+            let shape = PublicShape::of(ctx.reasoner, frames, window.len(), &summary);
+            let standardised = reference.standardise(&features).map_err(|e| GeneratorError::Output(e.to_string()))?;
+            seeded
+                .privatise(&mut summary, &standardised, shape, rng.random())
+                .map_err(|e| GeneratorError::Output(format!("private episode summary: {e}")))?;
         }
         Ok(summary)
     }
