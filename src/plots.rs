@@ -131,7 +131,11 @@ fn epsilon_plot(report: &BenchReport, path: &Path) -> PlotResult {
         .x_label_area_size(40)
         .y_label_area_size(50)
         .build_cartesian_2d((lo..hi).log_scale(), 0f64..100f64)?;
-    chart.configure_mesh().x_desc("ε per upload (δ = the sweep's)").y_desc("% (shifted devices)").draw()?;
+    chart
+        .configure_mesh()
+        .x_desc("ε per upload (log scale; δ as in the table)")
+        .y_desc("% (shifted devices)")
+        .draw()?;
     let qa: Vec<(f64, f64)> = report.epsilon_sweep.iter().map(|p| (p.epsilon, 100.0 * p.accuracy)).collect();
     chart
         .draw_series(LineSeries::new(qa.clone(), colour(0).stroke_width(2)))?
@@ -156,7 +160,12 @@ fn epsilon_plot(report: &BenchReport, path: &Path) -> PlotResult {
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour(c)));
         }
     }
-    chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).draw()?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
     root.present()?;
     Ok(())
 }

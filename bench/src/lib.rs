@@ -972,7 +972,7 @@ impl BenchReport {
         out.push_str(
             "\nDevice trainable: parameters updated by gradient on the device. Device changed: parameters or \
              statistics whose values change there. Cloud trainable: trained for this method beyond the shared \
-             static model. Device ms: adaptation only (CDC: features + anchors + validate/apply; FTA: all epochs).\n\n",
+             static model. Device ms: adaptation only (CDC: what adapting adds to serving — anchors, request, validate/apply; the serving pass whose features it reuses is serving_ms; FTA: all epochs).\n\n",
         );
         if !self.ablations.is_empty() {
             out.push_str("## Ablations\n\n");
