@@ -626,7 +626,9 @@ fn privacy_of(meta: &BTreeMap<String, String>) -> Result<Option<PrivacyCost>, Wi
         *out = value.parse().map_err(|_| WireError::Content(format!("metadata `{key}` is not a number")))?;
     }
     let cost = PrivacyCost { epsilon: parsed[0], delta: parsed[1], mu: parsed[2] };
-    if !cost.is_valid() {
+    // A stated cost must be one its noise gives: μ no larger than (ε, δ) allows.
+    let consistent = crate::privacy::gaussian_delta(cost.mu, cost.epsilon) <= cost.delta * (1.0 + 1e-6);
+    if !cost.is_valid() || !consistent {
         return Err(WireError::Content(format!(
             "privacy cost ε {}, δ {}, μ {} is not one a mechanism states",
             cost.epsilon, cost.delta, cost.mu
@@ -703,6 +705,18 @@ mod tests {
 
     fn id(name: &str) -> DeviceId {
         DeviceId(name.into())
+    }
+
+    #[test]
+    fn a_summary_stating_less_privacy_loss_than_its_noise_gives_is_refused() {
+        let honest = PrivacyCost { epsilon: 2.0, delta: 1e-5, mu: crate::privacy::gaussian_mu(2.0, 1e-5) };
+        let sent = AnchorSummary { privacy: Some(honest), ..summary(Quantisation::F32) };
+        assert_eq!(decode_summary(&encode_summary(&sent).expect("encodes")).expect("decodes"), sent);
+        // μ = 100 is nowhere near ε = 0.01 at δ = 1e-5.
+        let boast = PrivacyCost { epsilon: 0.01, mu: 100.0, ..honest };
+        let sent = AnchorSummary { privacy: Some(boast), ..summary(Quantisation::F32) };
+        let err = decode_summary(&encode_summary(&sent).expect("encodes")).expect_err("refused");
+        assert!(err.to_string().contains("not one a mechanism states"), "{err}");
     }
 
     #[test]
@@ -876,7 +890,7 @@ mod tests {
             (prop::collection::vec(-5f32..5.0, 5), prop::collection::vec(0f32..5.0, 5)),
             (any::<u32>(), any::<u32>()),
             (prop::option::of((1usize..4, 1usize..5)), prop::collection::vec(-3f32..3.0, 12)),
-            prop::option::of((0.01f64..100.0, 1e-12f64..0.1, 0.01f64..100.0)),
+            prop::option::of((0.01f64..100.0, 1e-12f64..0.1, 0.01f64..1.0)),
         )
             .prop_map(|((k, d, q), values, (mean, var), (frames, clips), (text, text_values), privacy)| {
                 let anchors = tensor(vec![k, d], values[..k * d].to_vec());
@@ -890,7 +904,11 @@ mod tests {
                         QuantisedTensor::quantise(&tensor(vec![kt, e], text_values[..kt * e].to_vec()), q)
                             .expect("finite")
                     }),
-                    privacy: privacy.map(|(epsilon, delta, mu)| PrivacyCost { epsilon, delta, mu }),
+                    privacy: privacy.map(|(epsilon, delta, share)| PrivacyCost {
+                        epsilon,
+                        delta,
+                        mu: share * crate::privacy::gaussian_mu(epsilon, delta),
+                    }),
                 }
             })
     }
