@@ -128,6 +128,9 @@ fn how_parameters_travel_does_not_change_the_training_and_private_summaries_do()
     let base = with("");
     assert_eq!(with("[cloud]\ndownload = \"f32\"\n"), base);
     // What the generator trains on does: private summaries are what it learns from then.
-    assert_ne!(with("[anchor.settings.privacy]\nepsilon = 2.0\n"), base);
+    let private = with("[anchor.settings.privacy]\nepsilon = 2.0\n");
+    assert_ne!(private, base);
+    // Where devices draw their noise does not: the generator always trains with seeded noise.
+    assert_eq!(with("[anchor.settings.privacy]\nepsilon = 2.0\nnoise = \"seeded\"\n"), private);
     assert_ne!(with("[anchor.settings]\nk = 3\n"), base);
 }

@@ -1369,6 +1369,11 @@ impl Deployment {
         cloud.training.hold_out = None;
         // How parameters travel does not change what training produces.
         cloud.download = Quantisation::F32;
+        // Nor where devices draw their noise: the generator always trains with seeded noise.
+        let mut anchor = self.anchor.clone();
+        if let Some(toml::Value::Table(privacy)) = anchor.settings.get_mut("privacy") {
+            privacy.remove("noise");
+        }
 
         let canonical = serde_json::json!({
             // 2: summaries carry text-side anchors and the FDA encodes them.
@@ -1376,7 +1381,7 @@ impl Deployment {
             "seed": self.seed,
             "data": self.data,
             "model": self.model,
-            "anchor": self.anchor,
+            "anchor": anchor,
             "cloud": cloud,
             "window_clips": self.fleet.window_clips,
             "held_out": held_out,

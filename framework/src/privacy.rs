@@ -61,9 +61,10 @@ pub enum NoiseSource {
     Seeded,
 }
 
-/// `[anchor.settings.privacy]`: the Gaussian mechanism on each upload.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// `[anchor.settings.privacy]`: the Gaussian mechanism on each upload. Only `epsilon` is
+/// required. In a configuration it must be a table (serde alone would also take an array of the
+/// values in field order).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct SummaryPrivacy {
     /// ε of each upload.
     pub epsilon: f64,
@@ -77,6 +78,40 @@ pub struct SummaryPrivacy {
     /// Where the noise comes from.
     #[serde(default)]
     pub noise: NoiseSource,
+}
+
+/// The fields of [`SummaryPrivacy`] as serde derives them.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, remote = "SummaryPrivacy")]
+struct Fields {
+    epsilon: f64,
+    #[serde(default = "default_delta")]
+    delta: f64,
+    #[serde(default = "default_clip")]
+    clip: f64,
+    #[serde(default)]
+    noise: NoiseSource,
+}
+
+impl<'de> Deserialize<'de> for SummaryPrivacy {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // Binary encodings (the plugin ABI) carry the struct as serialised; text ones must give
+        // a table.
+        if !deserializer.is_human_readable() {
+            return Fields::deserialize(deserializer);
+        }
+        struct Table;
+        impl<'de> serde::de::Visitor<'de> for Table {
+            type Value = SummaryPrivacy;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a table with `epsilon` (and optionally `delta`, `clip`, `noise`)")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<SummaryPrivacy, A::Error> {
+                Fields::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        deserializer.deserialize_map(Table)
+    }
 }
 
 fn default_delta() -> f64 {
@@ -622,6 +657,23 @@ mod tests {
             prop_assert_eq!(s.privacy, Some(cost));
             prop_assert!(cost.is_valid() && (cost.mu - gaussian_mu(epsilon, 1e-5)).abs() < 1e-12);
         }
+    }
+
+    #[test]
+    fn settings_are_a_table_and_only_epsilon_is_required() {
+        let table: SummaryPrivacy = toml::from_str("epsilon = 4.0").expect("a table");
+        assert_eq!(table, SummaryPrivacy { epsilon: 4.0, delta: 1e-5, clip: 8.0, noise: NoiseSource::Os });
+        #[derive(Debug, Deserialize)]
+        struct Outer {
+            #[allow(dead_code)]
+            privacy: SummaryPrivacy,
+        }
+        let err = toml::from_str::<Outer>("privacy = [4.0]").expect_err("an array is not a table");
+        assert!(err.to_string().contains("a table with `epsilon`"), "{err}");
+        assert!(toml::from_str::<SummaryPrivacy>("epsilon = 4.0\nsigma = 1.0").is_err());
+        // The plugin ABI's binary encoding carries the struct as serialised.
+        let bytes = postcard::to_stdvec(&table).expect("encodes");
+        assert_eq!(postcard::from_bytes::<SummaryPrivacy>(&bytes).expect("decodes"), table);
     }
 
     #[test]
