@@ -275,6 +275,15 @@ fn main() -> ExitCode {
                         deployment.display()
                     );
                 }
+                // Seeded noise reproduces a simulation; a deployed device must not use it.
+                let seeded = d.anchor.settings.get("privacy").and_then(|p| p.get("noise")).and_then(|n| n.as_str())
+                    == Some("seeded");
+                if seeded && d.secured().is_some() {
+                    println!(
+                        "warning: anchor.settings.privacy.noise = \"seeded\" in a deployment with [security]: whoever \
+                         knows the seed can subtract the noise; deployed devices should use \"os\" (the default)"
+                    );
+                }
                 ExitCode::SUCCESS
             }
             Err(errors) => {

@@ -110,3 +110,24 @@ fn an_unknown_shift_kind_names_its_line_and_the_supported_kinds() {
     assert_eq!(code, 2);
     assert!(stderr.contains("fog.toml:2:20: fleet.shifts[0].kind: unknown shift kind `fog`; this data source supports: noise, brightness, contrast, blur"), "{stderr}");
 }
+
+#[test]
+fn validate_warns_of_seeded_upload_noise_only_in_a_secured_deployment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let quickstart = std::fs::read_to_string("examples/quickstart.toml").expect("quickstart");
+    let private = |noise: &str, secured: bool| {
+        let mut text = quickstart.replace("[security]\ndir = \"pki\"\n", "");
+        if secured {
+            text.push_str(&format!("[security]\ndir = \"{}\"\n", dir.path().join("pki").display()));
+        }
+        text.push_str(&format!("[anchor.settings.privacy]\nepsilon = 4.0\nnoise = \"{noise}\"\n"));
+        let path = dir.path().join(format!("{noise}-{secured}.toml"));
+        std::fs::write(&path, text).expect("write");
+        let (code, stdout, stderr) = mmpg(&["validate", path.to_str().expect("utf-8")]);
+        assert_eq!(code, 0, "{stderr}");
+        stdout.contains("warning: anchor.settings.privacy.noise = \"seeded\"")
+    };
+    assert!(private("seeded", true));
+    assert!(!private("os", true));
+    assert!(!private("seeded", false));
+}
