@@ -164,6 +164,26 @@ impl SummaryPrivacy {
         }
     }
 
+    /// Makes the summary of a window private as a device of `reasoner` sends it: `features` the
+    /// window's `[N, d]` frame features, `clips` its clips, standardised with `reference`; the
+    /// public shape from [`PublicShape::of`]. See [`SummaryPrivacy::privatise`].
+    ///
+    /// # Errors
+    /// As [`SummaryPrivacy::privatise`].
+    pub fn apply(
+        &self,
+        reasoner: &dyn AnchorReasoner,
+        summary: &mut AnchorSummary,
+        features: &HostTensor,
+        reference: &crate::FeatureStats,
+        clips: usize,
+        seed: u64,
+    ) -> Result<PrivacyCost, PrivacyError> {
+        let frames = features.shape().first().copied().unwrap_or(0);
+        let shape = PublicShape::of(reasoner, frames, clips, summary);
+        self.privatise(summary, &reference.standardise(features)?, shape, seed)
+    }
+
     /// μ of each upload: the largest ratio whose mechanism is (ε, δ)-DP.
     pub fn mu(&self) -> f64 {
         gaussian_mu(self.epsilon, self.delta)

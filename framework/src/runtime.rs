@@ -620,9 +620,7 @@ pub fn summarise_features(
         summary.text_anchors = reasoner.summarise_text(text, seed::derive(seed, 0x7E77))?;
     }
     if let Some(privacy) = reasoner.privacy() {
-        let frames = features.shape().first().copied().unwrap_or(0);
-        let shape = crate::privacy::PublicShape::of(reasoner, frames, clips, &summary);
-        privacy.privatise(&mut summary, &reference.standardise(features)?, shape, seed::derive(seed, 0xD1FF))?;
+        privacy.apply(reasoner, &mut summary, features, reference, clips, seed::derive(seed, 0xD1FF))?;
     }
     Ok(summary)
 }

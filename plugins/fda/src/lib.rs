@@ -18,7 +18,7 @@ use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::activation::{relu, tanh};
 use burn::tensor::{Tensor, TensorData};
-use mmpg::privacy::{NoiseSource, PublicShape, SummaryPrivacy};
+use mmpg::privacy::{NoiseSource, SummaryPrivacy};
 use mmpg::seed;
 use mmpg::{
     AnchorSummary, Build, Check, Factory, GeneratedParams, GeneratorContext, GeneratorError, GeneratorTraining,
@@ -501,11 +501,8 @@ impl Fda {
             // Trained on what devices send: the same mechanism, its noise drawn from the
             // training's seed so that training reproduces.
             let seeded = SummaryPrivacy { noise: NoiseSource::Seeded, ..privacy };
-            let frames = features.shape().first().copied().unwrap_or(0);
-            let shape = PublicShape::of(ctx.reasoner, frames, window.len(), &summary);
-            let standardised = reference.standardise(&features).map_err(|e| GeneratorError::Output(e.to_string()))?;
             seeded
-                .privatise(&mut summary, &standardised, shape, rng.random())
+                .apply(ctx.reasoner, &mut summary, &features, reference, window.len(), rng.random())
                 .map_err(|e| GeneratorError::Output(format!("private episode summary: {e}")))?;
         }
         Ok(summary)
