@@ -149,8 +149,8 @@ fn trained(settings: &str, steps: usize) -> Trained {
 
 #[test]
 fn kl_and_reconstruction_fall_when_weighted_and_the_objective_falls() {
-    let log = train("beta = 1.0\nlambda = 1.0", 40);
-    let (head, tail) = (..10, 30..);
+    let log = train("beta = 1.0\nlambda = 1.0", 80);
+    let (head, tail) = (..10, 70..);
     for term in ["kl", "reconstruction"] {
         let c = curve(&log, term);
         assert!(mean(&c[tail.clone()]) < mean(&c[head]), "{term}: {:?}", c);

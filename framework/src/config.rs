@@ -1376,8 +1376,9 @@ impl Deployment {
         }
 
         let canonical = serde_json::json!({
-            // 2: summaries carry text-side anchors and the FDA encodes them.
-            "version": 2,
+            // 2: summaries carry text-side anchors and the FDA encodes them. 3: source domains
+            // include clean frames under label shift; the FDA's defaults stay at the reference.
+            "version": 3,
             "seed": self.seed,
             "data": self.data,
             "model": self.model,

@@ -88,6 +88,20 @@ pub trait DataSource: Send + Sync {
         let mut attempts = 0;
         while out.len() < count && attempts < count * 100 {
             attempts += 1;
+            // Unshifted frames under a label or language shift: a device can be in
+            // distribution visually and still not look like the pretraining mix, and the
+            // generator must learn what (not) to change for it.
+            if rng.random_bool(CLEAN_SOURCE_SHARE) {
+                let domain = DomainSpec {
+                    name: format!("source-{:02}-clean", out.len()),
+                    shifts: Vec::new(),
+                    class_mix_alpha: Some([0.1, 0.3, 1.0][rng.random_range(0..3)]),
+                    phrasing: rng.random_range(0..self.phrasings().max(1)),
+                    seed: rng.random(),
+                };
+                out.push(domain);
+                continue;
+            }
             let mut shifts = vec![Shift {
                 kind: kinds[rng.random_range(0..kinds.len())].to_string(),
                 severity: rng.random_range(1..=5),
@@ -118,6 +132,10 @@ pub trait DataSource: Send + Sync {
         out
     }
 }
+
+/// Share of the source domains after the first that keep clean frames under a label (and
+/// language) shift.
+pub const CLEAN_SOURCE_SHARE: f64 = 0.125;
 
 /// Index drawn with probability proportional to `weights` (the last index if rounding leaves
 /// the draw past the end).
@@ -163,6 +181,46 @@ mod tests {
         fn clips(&self, _: &DomainSpec, _: Split, _: usize, _: u64) -> Result<Vec<Clip>, DataError> {
             Ok(Vec::new())
         }
+    }
+
+    /// A source with two shift kinds and two phrasings.
+    struct Shifty(TaskSpec);
+
+    impl DataSource for Shifty {
+        fn task(&self) -> &TaskSpec {
+            &self.0
+        }
+
+        fn shift_kinds(&self) -> &[&'static str] {
+            &["fog", "blur"]
+        }
+
+        fn phrasings(&self) -> u32 {
+            2
+        }
+
+        fn clips(&self, _: &DomainSpec, _: Split, _: usize, _: u64) -> Result<Vec<Clip>, DataError> {
+            Ok(Vec::new())
+        }
+    }
+
+    #[test]
+    fn source_domains_start_at_the_reference_and_include_clean_frames_under_label_shift() {
+        let source = Shifty(TaskSpec { answers: vec!["a".into()], frames_per_clip: 1, frame_shape: [1, 4, 4] });
+        let held =
+            [DomainSpec { shifts: vec![Shift { kind: "fog".into(), severity: 2 }], ..DomainSpec::clean("d", 1) }];
+        let domains = source.source_domains(64, 5, &held);
+        assert_eq!(domains.len(), 64);
+        assert!(domains[0].shifts.is_empty() && domains[0].class_mix_alpha.is_none(), "the reference comes first");
+        let clean: Vec<&DomainSpec> = domains[1..].iter().filter(|d| d.shifts.is_empty()).collect();
+        assert!(!clean.is_empty() && clean.len() < domains.len() / 2, "{} clean domains", clean.len());
+        assert!(
+            clean.iter().all(|d| d.class_mix_alpha.is_some()),
+            "beyond the reference, clean frames come label-shifted"
+        );
+        assert!(domains.iter().all(|d| d.shift_label() != "fog@2"), "held-out shifts are never drawn");
+        let names: std::collections::BTreeSet<&str> = domains.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names.len(), domains.len(), "names are unique");
     }
 
     #[test]

@@ -3,7 +3,13 @@
 //! μ_z, log σ²_z → z (μ_z when serving) → per-slot decoder θ = θ0 + b·tanh(W z + c), bounded.
 //! A reconstruction head predicts the window's standardised statistics from z.
 //! Loss = task loss with the generated slots + γ·retrieval (the model's InfoNCE, when it has a
-//! video–text space) + β·KL(q(z|anchors) ‖ N(0, I)) + λ·reconstruction.
+//! video–text space) + β·KL(q(z|anchors) ‖ N(0, I)) + λ·reconstruction + η·mean (Δ/b)² on
+//! episodes from unshifted source domains (clean frames, any class mix).
+//!
+//! Staying at θ0 where nothing shifted (on by default): Δ is decoded relative to the reference
+//! latent, `raw(z) − raw(z_ref)`, `z_ref` the mean latent of windows from the pretraining
+//! domain, so a window like those gets θ0 exactly; and a quarter of the episodes come from
+//! unshifted source domains, where the η term asks for no change.
 //!
 //! Reset (optional, `reset = true`): after training, the cloud fits a logistic gate on how far
 //! a window's moments are from the reference (two numbers every summary already carries),
@@ -62,11 +68,18 @@ pub struct FdaSettings {
     /// Share of episodes drawn from unshifted source domains: in-distribution windows teach the
     /// generator to leave θ0 alone (0: every source domain equally likely).
     pub clean_fraction: f64,
+    /// η: weight of `mean (Δ/b)²` on episodes from unshifted source domains — in-distribution
+    /// frames, whatever their class mix, teach the generator to send θ0 (0 disables it).
+    pub stay: f64,
     /// How the decoder forms Δ(z): `basis` (Δ = W z + c, a learned basis per slot) or
     /// `low-rank` (matrix slots get Δ = U(z) V(z)ᵀ of rank `rank`; far fewer cloud parameters).
     pub delta: DeltaForm,
     /// Rank of `low-rank` changes.
     pub rank: usize,
+    /// Decode changes relative to the reference: `raw(z) − raw(z_ref)`, `z_ref` the latent of
+    /// windows from the reference domain (the pretraining one), so a window like those gets θ0
+    /// exactly and the change grows with the window's distance from them.
+    pub zero_at_reference: bool,
     /// Fit the reset gate after training: windows it judges in-distribution get θ0.
     pub reset: bool,
     /// Episodes that label the reset gate (half from unshifted source domains when there are any).
@@ -94,9 +107,11 @@ impl Default for FdaSettings {
             lambda: 0.1,
             retrieval: 0.5,
             episodes_per_step: 4,
-            clean_fraction: 0.0,
+            clean_fraction: 0.25,
+            stay: 1.0,
             delta: DeltaForm::Basis,
             rank: 4,
+            zero_at_reference: true,
             reset: false,
             reset_episodes: 128,
         }
@@ -117,6 +132,7 @@ impl Settings for FdaSettings {
         check.real("retrieval", self.retrieval, 0.0..=1000.0);
         check.within("episodes_per_step", self.episodes_per_step, 1..=256);
         check.real("clean_fraction", self.clean_fraction, 0.0..=1.0);
+        check.real("stay", self.stay, 0.0..=1000.0);
         check.within("rank", self.rank, 1..=256);
         check.within("reset_episodes", self.reset_episodes, 2..=100_000);
     }
@@ -140,6 +156,8 @@ pub struct FdaNet<B: burn::tensor::backend::Backend> {
     recon: Linear<B>,
     /// The reset gate: shift features → logit that Δ(z) beats θ0 (`reset = true` only).
     reset: Option<Linear<B>>,
+    /// `[1, z]`: the reference windows' latent, fixed after training (`zero_at_reference` only).
+    reference: Option<burn::module::Param<Tensor<B, 2>>>,
 }
 
 /// Number of shift features the reset gate reads.
@@ -234,6 +252,7 @@ fn solve<const P: usize>(mut a: [[f64; P]; P], mut b: [f64; P]) -> Option<[f64; 
 type Layout = Option<(usize, usize, usize)>;
 
 /// A summary's anchors, decoded and checked.
+#[derive(Clone)]
 struct Decoded {
     anchors: HostTensor,
     text: Option<HostTensor>,
@@ -297,9 +316,39 @@ impl<B: burn::tensor::backend::Backend> FdaNet<B> {
         Encoded { mu: self.mu.forward(h.clone()), logvar: self.logvar.forward(h).clamp(-8.0, 8.0), stats }
     }
 
-    /// `[S, z]` → one `[S, numel]` change per slot, bounded by `bounds`: `tanh(raw) · bound`.
-    fn deltas(&self, z: Tensor<B, 2>, bounds: &[f64], layouts: &[Layout]) -> Vec<Tensor<B, 2>> {
-        self.raw_deltas(z, layouts).into_iter().zip(bounds).map(|(raw, b)| tanh(raw) * *b).collect()
+    /// `[S, z]` → one `[S, numel]` change per slot, bounded by `bounds`: `tanh(raw) · bound`;
+    /// relative to `z_ref` (`[1, z]`) when given.
+    fn deltas(
+        &self,
+        z: Tensor<B, 2>,
+        z_ref: Option<Tensor<B, 2>>,
+        bounds: &[f64],
+        layouts: &[Layout],
+    ) -> Vec<Tensor<B, 2>> {
+        self.relative_raw_deltas(z, z_ref, layouts).into_iter().zip(bounds).map(|(raw, b)| tanh(raw) * *b).collect()
+    }
+
+    /// `raw(z) − raw(z_ref)` per slot (`raw(z)` without a reference).
+    fn relative_raw_deltas(
+        &self,
+        z: Tensor<B, 2>,
+        z_ref: Option<Tensor<B, 2>>,
+        layouts: &[Layout],
+    ) -> Vec<Tensor<B, 2>> {
+        let Some(z_ref) = z_ref else { return self.raw_deltas(z, layouts) };
+        let s = z.dims()[0];
+        self.raw_deltas(Tensor::cat(vec![z, z_ref], 0), layouts)
+            .into_iter()
+            .map(|raw| {
+                let n = raw.dims()[1];
+                raw.clone().slice([0..s, 0..n]) - raw.slice([s..s + 1, 0..n])
+            })
+            .collect()
+    }
+
+    /// The stored reference latent, when there is one.
+    fn reference_latent(&self) -> Option<Tensor<B, 2>> {
+        self.reference.as_ref().map(|r| r.val())
     }
 
     /// The changes before their bound: `[S, z]` → one `[S, numel]` per slot.
@@ -334,8 +383,21 @@ pub fn fast_tanh(x: f32) -> f32 {
     (e - 1.0) / (e + 1.0)
 }
 
+/// Reference-domain windows whose mean latent is `z_ref` (`zero_at_reference`).
+const REFERENCE_WINDOWS: usize = 8;
+
+/// `[1, z]`: the mean encoder latent of the reference windows.
+fn reference_latent(
+    net: &FdaNet<DB>,
+    (decoded, summaries): &(Vec<Decoded>, Vec<AnchorSummary>),
+    device: &BurnDevice,
+) -> Tensor<DB, 2> {
+    let pairs: Vec<(Decoded, &AnchorSummary)> = decoded.iter().cloned().zip(summaries).collect();
+    net.encode(&pairs, device).mu.mean_dim(0)
+}
+
 /// Names of the loss terms, in the order training records them.
-const TERMS: [&str; 4] = ["task", "retrieval", "kl", "reconstruction"];
+const TERMS: [&str; 5] = ["task", "retrieval", "kl", "reconstruction", "stay"];
 
 /// The model's losses of a step's episodes with the generated slots, and the surrogate whose
 /// gradient is theirs (see [`Fda::objective_through_vjp`]).
@@ -441,6 +503,9 @@ impl Fda {
             reset: settings.reset.then(|| {
                 LinearConfig::new(SHIFT_FEATURES, 1).with_initializer(burn::nn::Initializer::Zeros).init(device)
             }),
+            reference: settings
+                .zero_at_reference
+                .then(|| burn::module::Param::from_tensor(Tensor::zeros([1, z], device)).set_require_grad(false)),
         };
         let device = mmpg_backends::device(&ctx.base.device)?;
         Ok(Self {
@@ -543,7 +608,8 @@ impl Fda {
             let clips = ctx.data.clips(domain, Split::Train, ctx.plan.batch, rng.random())?;
             let anchors = self.check(std::slice::from_ref(&summary))?;
             let pairs: Vec<(Decoded, &AnchorSummary)> = anchors.into_iter().zip([&summary]).collect();
-            let deltas = net.deltas(net.encode(&pairs, &self.device).mu, &self.bounds, &self.layouts);
+            let deltas =
+                net.deltas(net.encode(&pairs, &self.device).mu, net.reference_latent(), &self.bounds, &self.layouts);
             let deltas: Vec<Option<HostTensor>> = deltas.into_iter().map(|d| Some(HostTensor::from_burn(d))).collect();
             let with_delta = ctx.model.task_loss(&self.slot_values(&deltas, 0)?, &clips)?;
             let without = ctx.model.task_loss(&static_slots, &clips)?;
@@ -564,6 +630,20 @@ impl Fda {
             bias: Some(burn::module::Param::from_tensor(bias)),
         };
         Ok(FdaNet { reset: Some(gate), ..net })
+    }
+
+    /// `mean over episodes and values of m_e (Δ_e/b)²`, `m_e` 1 for an episode from an unshifted
+    /// source domain and 0 otherwise.
+    fn stay_penalty(&self, deltas: &[Tensor<DB, 2>], unshifted: &[f32]) -> Tensor<DB, 1> {
+        let s = unshifted.len();
+        let mask = Tensor::<DB, 2>::from_data(TensorData::new(unshifted.to_vec(), [s, 1]), &self.device);
+        let slots = deltas.len().max(1) as f64;
+        deltas
+            .iter()
+            .zip(&self.bounds)
+            .map(|(d, b)| ((d.clone() / *b).powf_scalar(2.0).mean_dim(1) * mask.clone()).mean() / slots)
+            .reduce(|a, b| a + b)
+            .unwrap_or_else(|| Tensor::zeros([1], &self.device))
     }
 
     /// Slot values θ0 + Δ for every slot, Δ taken from row `row` of its `[s, n]` host deltas
@@ -690,7 +770,7 @@ impl ParameterGenerator for Fda {
         let pairs: Vec<(Decoded, &AnchorSummary)> = anchors.into_iter().zip(summaries).collect();
         let encoded = net.encode(&pairs, &device);
         // Bounded on the host: the same `tanh(raw) · bound` as training, with `fast_tanh`.
-        let raw = net.raw_deltas(encoded.mu, &self.layouts);
+        let raw = net.relative_raw_deltas(encoded.mu, net.reference_latent(), &self.layouts);
         let keep = self.keeps_delta(summaries);
         let mut out: Vec<BTreeMap<String, HostTensor>> = vec![BTreeMap::new(); summaries.len()];
         for (((spec, base), raw), bound) in self.schema.slots().iter().zip(&self.base).zip(raw).zip(&self.bounds) {
@@ -722,12 +802,27 @@ impl ParameterGenerator for Fda {
         let (mut losses, mut terms) = (Vec::new(), Vec::new());
         let episodes = self.settings.episodes_per_step;
         let clean: Vec<&mmpg::DomainSpec> = ctx.domains.iter().filter(|d| d.shifts.is_empty()).collect();
+        // The reference domain is the first source domain, the one the model was pretrained on
+        // and its reference statistics come from; its windows are summarised once (the model
+        // is fixed while the generator trains).
+        let references = if self.settings.zero_at_reference {
+            let mut summaries = Vec::with_capacity(REFERENCE_WINDOWS);
+            for _ in 0..REFERENCE_WINDOWS {
+                summaries.push(self.episode_summary(ctx, &ctx.domains[0], &reference, &mut rng)?);
+            }
+            let decoded = self.check(&summaries)?;
+            Some((decoded, summaries))
+        } else {
+            None
+        };
         ctx.progress.start("cloud: train generator (FDA)", ctx.plan.steps as u64);
         for step in 1..=ctx.plan.steps {
             let mut summaries = Vec::with_capacity(episodes);
             let mut batches = Vec::with_capacity(episodes);
+            let mut unshifted = Vec::with_capacity(episodes);
             for _ in 0..episodes {
                 let domain = pick_domain(ctx.domains, &clean, self.settings.clean_fraction, &mut rng);
+                unshifted.push(if domain.shifts.is_empty() { 1.0f32 } else { 0.0 });
                 summaries.push(self.episode_summary(ctx, domain, &reference, &mut rng)?);
                 batches.push(ctx.data.clips(domain, Split::Train, ctx.plan.batch, rng.random())?);
             }
@@ -740,7 +835,8 @@ impl ParameterGenerator for Fda {
                 &self.device,
             );
             let z = enc.mu.clone() + (enc.logvar.clone() * 0.5).exp() * eps;
-            let deltas = net.deltas(z.clone(), &self.bounds, &self.layouts);
+            let z_ref = references.as_ref().map(|r| reference_latent(&net, r, &self.device));
+            let deltas = net.deltas(z.clone(), z_ref, &self.bounds, &self.layouts);
             let Objective { task, retrieval, surrogate } =
                 self.objective_through_vjp(ctx.model, &deltas, &batches, step)?;
             let kl = ((enc.logvar.clone().exp() + enc.mu.clone().powf_scalar(2.0) - enc.logvar.clone() - 1.0)
@@ -749,15 +845,18 @@ impl ParameterGenerator for Fda {
                 .mean();
             let recon = (net.recon.forward(z) - enc.stats).powf_scalar(2.0).mean();
             let (kl_value, recon_value) = (f64::from(kl.clone().into_scalar()), f64::from(recon.clone().into_scalar()));
+            let stay = self.stay_penalty(&deltas, &unshifted);
+            let stay_value = f64::from(stay.clone().into_scalar());
             let value = task
                 + retrieval * self.settings.retrieval
                 + kl_value * self.settings.beta
-                + recon_value * self.settings.lambda;
+                + recon_value * self.settings.lambda
+                + stay_value * self.settings.stay;
             if mmpg::loss_diverged(losses.first().copied().unwrap_or(value), value) {
                 return Err(GeneratorError::Diverged { step, loss: value });
             }
-            terms.push([task, retrieval, kl_value, recon_value]);
-            let loss = surrogate + kl * self.settings.beta + recon * self.settings.lambda;
+            terms.push([task, retrieval, kl_value, recon_value, stay_value]);
+            let loss = surrogate + kl * self.settings.beta + recon * self.settings.lambda + stay * self.settings.stay;
             let grads = GradientsParams::from_grads::<DB, FdaNet<DB>>(loss.backward(), &net);
             net = optim.step(ctx.plan.learning_rate, net, grads);
             losses.push(value);
@@ -767,6 +866,10 @@ impl ParameterGenerator for Fda {
         // The last step's update can overflow after a finite loss.
         if !all_finite(&net) {
             return Err(GeneratorError::Diverged { step: ctx.plan.steps, loss: f64::NAN });
+        }
+        if let Some(references) = &references {
+            let z_ref = reference_latent(&net, references, &self.device).detach();
+            net.reference = Some(burn::module::Param::from_tensor(z_ref).set_require_grad(false));
         }
         if self.settings.reset {
             net = self.fit_reset(ctx, net, &reference, &clean, &mut rng)?;
@@ -844,6 +947,107 @@ mod tests {
         let logit = |x: [f64; 2]| w[0] * x[0] + w[1] * x[1] + w[2];
         assert!(logit([0.0, 0.0]) < 0.0, "{w:?}");
         assert!(logit([1.5, 0.0]) > 0.0, "{w:?}");
+    }
+
+    /// A generator for a two-slot schema (a vector and a 3×4 matrix) over 4-wide features.
+    fn small_fda(settings: FdaSettings) -> Fda {
+        let schema = SlotSchema::new(vec![mmpg::SlotSpec::f32("v", vec![5]), mmpg::SlotSpec::f32("m", vec![3, 4])])
+            .expect("schema");
+        let tensors = schema
+            .slots()
+            .iter()
+            .map(|s| (s.name.clone(), HostTensor::new(s.shape.clone(), vec![0.25; s.numel()]).expect("shape")))
+            .collect();
+        let ctx = GeneratorContext {
+            base: mmpg::BuildContext { seed: 3, device: mmpg::DeviceDescriptor::cpu().training() },
+            base_params: GeneratedParams { schema_hash: schema.hash(), tensors },
+            schema,
+            feature_dim: 4,
+            text_dim: None,
+        };
+        let settings = FdaSettings { slot_bounds: BTreeMap::from([("m".to_string(), 2.0)]), ..settings };
+        mmpg_backends::with_burn_seed(3, || Fda::new(settings, &ctx)).expect("generator")
+    }
+
+    fn summary(shift: f32) -> AnchorSummary {
+        let anchors: Vec<f32> = (0..12).map(|i| (i as f32 * 0.37).sin() + shift).collect();
+        AnchorSummary {
+            anchors: mmpg::QuantisedTensor::quantise(
+                &HostTensor::new(vec![3, 4], anchors).expect("shape"),
+                mmpg::Quantisation::F32,
+            )
+            .expect("finite"),
+            mean: vec![shift; 4],
+            var: vec![1.0 + shift.abs(); 4],
+            frames: 3,
+            clips: 3,
+            text_anchors: None,
+            privacy: None,
+        }
+    }
+
+    /// Makes the decoder's changes large, so that any Δ shows.
+    fn widen_decoders(fda: &mut Fda) {
+        let mut net = fda.net.clone();
+        net.decoders = net
+            .decoders
+            .into_iter()
+            .map(|d| {
+                let w = d.weight.val();
+                Linear { weight: burn::module::Param::from_tensor(w.ones_like()), bias: d.bias }
+            })
+            .collect();
+        fda.net = net;
+        fda.serving = std::sync::OnceLock::new();
+    }
+
+    #[test]
+    fn a_window_at_the_reference_latent_gets_theta0_exactly_and_others_do_not() {
+        for delta in [DeltaForm::Basis, DeltaForm::LowRank] {
+            let mut fda = small_fda(FdaSettings { zero_at_reference: true, delta, rank: 1, ..FdaSettings::default() });
+            widen_decoders(&mut fda);
+            let at = summary(0.0);
+            let decoded = fda.check(std::slice::from_ref(&at)).expect("valid");
+            let z = fda.net.encode(&[(decoded[0].clone(), &at)], &fda.device).mu.detach();
+            fda.net.reference = Some(burn::module::Param::from_tensor(z).set_require_grad(false));
+            fda.serving = std::sync::OnceLock::new();
+            let base: Vec<Vec<f32>> = fda.base.iter().map(|b| b.values().to_vec()).collect();
+            let values = |p: &GeneratedParams| -> Vec<Vec<f32>> {
+                fda.schema.slots().iter().map(|s| p.tensors[&s.name].values().to_vec()).collect()
+            };
+            assert_eq!(values(&fda.generate(&at).expect("generates")), base, "{delta:?}");
+            assert_ne!(values(&fda.generate(&summary(2.0)).expect("generates")), base, "{delta:?}");
+
+            // The reference latent travels with the checkpoint.
+            let mut restored =
+                small_fda(FdaSettings { zero_at_reference: true, delta, rank: 1, ..FdaSettings::default() });
+            restored.load(&fda.save().expect("saves")).expect("loads");
+            assert_eq!(values(&restored.generate(&at).expect("generates")), base, "{delta:?}");
+        }
+    }
+
+    #[test]
+    fn the_stay_penalty_is_the_mean_squared_bounded_change_of_unshifted_episodes_only() {
+        let fda = small_fda(FdaSettings::default());
+        let device = &fda.device;
+        // Two episodes: Δ/b = 0.5 everywhere for the first, 1.0 for the second.
+        let deltas: Vec<Tensor<DB, 2>> = fda
+            .schema
+            .slots()
+            .iter()
+            .zip(&fda.bounds)
+            .map(|(s, b)| {
+                let n = s.numel();
+                let rows: Vec<f32> = [0.5, 1.0].iter().flat_map(|r| vec![(r * b) as f32; n]).collect();
+                Tensor::from_data(TensorData::new(rows, [2, n]), device)
+            })
+            .collect();
+        let value = |mask: [f32; 2]| f64::from(fda.stay_penalty(&deltas, &mask).into_scalar());
+        assert!(value([0.0, 0.0]).abs() < 1e-12);
+        // Mean over episodes (shifted ones count as 0) and over slots.
+        assert!((value([1.0, 0.0]) - 0.25 / 2.0).abs() < 1e-6, "{}", value([1.0, 0.0]));
+        assert!((value([0.0, 1.0]) - 1.0 / 2.0).abs() < 1e-6, "{}", value([0.0, 1.0]));
+        assert!((value([1.0, 1.0]) - 1.25 / 2.0).abs() < 1e-6);
     }
 
     proptest! {
