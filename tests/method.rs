@@ -252,3 +252,57 @@ fn the_cloud_trains_on_no_scene_of_a_device_pool() {
     );
     common::assert_the_cloud_never_sees_device_pools(&text, 100);
 }
+
+#[test]
+fn the_trained_generator_stays_near_theta0_on_reference_windows_and_keeps_its_reference_in_the_checkpoint() {
+    // The defaults: Δ decoded relative to the reference latent, the stay penalty on in-distribution episodes.
+    let t = trained("", 40);
+    let registry = common::registry();
+    let composer = Composer::new(&t.deployment, &registry).expect("composer");
+    let data = composer.data_source().expect("data");
+    let reasoner = composer.anchor_reasoner().expect("reasoner");
+    let reference_domain = &data.source_domains(4, 9, &[])[0];
+    let shifted = mmpg::DomainSpec {
+        shifts: vec![mmpg::Shift { kind: "contrast".into(), severity: 5 }],
+        ..mmpg::DomainSpec::clean("shifted", 77)
+    };
+    let mean_change = |domain: &mmpg::DomainSpec| -> f64 {
+        let changes: Vec<f64> = (0..4u64)
+            .map(|seed| {
+                let window = data.clips(domain, mmpg::Split::Train, 8, 100 + seed).expect("clips");
+                let features = t.model.frame_features(&window).expect("features");
+                let s = reasoner.summarise(&features, &t.model.reference_stats(), window.len(), seed).expect("summary");
+                let generated = t.generator.generate(&s).expect("generates");
+                let (sum, n) = generated.tensors.iter().fold((0.0, 0usize), |(sum, n), (name, v)| {
+                    let d: f64 = v
+                        .values()
+                        .iter()
+                        .zip(t.theta0.tensors[name].values())
+                        .map(|(a, b)| f64::from((a - b).abs()))
+                        .sum();
+                    (sum + d, n + v.len())
+                });
+                sum / n as f64
+            })
+            .collect();
+        mean(&changes)
+    };
+    let (at_reference, away) = (mean_change(reference_domain), mean_change(&shifted));
+    assert!(at_reference < away, "mean |Δ| at the reference {at_reference} vs shifted {away}");
+
+    // The reference latent is learnt, saved and restored.
+    let saved = t.generator.save().expect("save");
+    let tensors = mmpg::wire::decode_f32_tensors(&saved).expect("tensors");
+    let reference = tensors.get("reference").expect("the checkpoint keeps the reference latent");
+    assert!(reference.values().iter().any(|v| *v != 0.0), "a trained reference latent is not the initial zeros");
+    let mut restored = t.blank();
+    restored.load(&saved).expect("load");
+    let s = summary_with_moments(t.feature_dim, 0.5, 1.5);
+    assert_eq!(restored.generate(&s).expect("restored"), t.generator.generate(&s).expect("trained"));
+
+    // A generator set up without it refuses the checkpoint, naming the setting, rather than
+    // dropping the reference silently.
+    let (mut other, _) = fresh_generator(&deployment("[cloud.settings]\nzero_at_reference = false"));
+    let error = other.load(&saved).expect_err("a checkpoint of another decoding");
+    assert!(error.to_string().contains("zero_at_reference"), "{error}");
+}

@@ -1,15 +1,17 @@
 //! `fda`: the Fast Domain Adaptor. A variational parameter generator:
 //! set encoder over the anchors (DeepSets, permutation-invariant) with the window moments →
-//! μ_z, log σ²_z → z (μ_z when serving) → per-slot decoder θ = θ0 + b·tanh(W z + c), bounded.
+//! μ_z, log σ²_z → z (μ_z when serving) → per-slot decoder θ = θ0 + b·tanh(W (z − z_ref)), bounded
+//! (`+ c` and z alone with `zero_at_reference = false`).
 //! A reconstruction head predicts the window's standardised statistics from z.
 //! Loss = task loss with the generated slots + γ·retrieval (the model's InfoNCE, when it has a
 //! video–text space) + β·KL(q(z|anchors) ‖ N(0, I)) + λ·reconstruction + η·mean (Δ/b)² on
-//! episodes from unshifted source domains (clean frames, any class mix).
+//! episodes whose frames are in distribution (unshifted source domains, any class mix).
 //!
 //! Staying at θ0 where nothing shifted (on by default): Δ is decoded relative to the reference
-//! latent, `raw(z) − raw(z_ref)`, `z_ref` the mean latent of windows from the pretraining
-//! domain, so a window like those gets θ0 exactly; and a quarter of the episodes come from
-//! unshifted source domains, where the η term asks for no change.
+//! latent, `raw(z) − raw(z_ref)`, `z_ref` the mean latent of windows from the first source
+//! domain (the reference: the pretraining one under `pretrain_on = "clean"`), so a window whose
+//! latent is z_ref gets θ0 exactly and windows of that domain a change near 0; and at least a
+//! quarter of the episodes have in-distribution frames, where the η term asks for no change.
 //!
 //! Reset (optional, `reset = true`): after training, the cloud fits a logistic gate on how far
 //! a window's moments are from the reference (two numbers every summary already carries),
@@ -172,6 +174,13 @@ fn shift_features(summary: &AnchorSummary) -> [f64; SHIFT_FEATURES] {
     let mean = summary.mean.iter().map(|m| f64::from(*m).powi(2)).sum::<f64>() / d;
     let var = summary.var.iter().map(|v| ((f64::from(*v) + 0.1) / 1.1).ln().powi(2)).sum::<f64>() / d;
     [mean.ln_1p(), var.ln_1p()]
+}
+
+/// Whether `domain` is the source distribution once its class mix and phrasing are set aside:
+/// clean frames under a label or language shift count, a video category (a content shift the
+/// source names through [`mmpg::DataSource::is_shifted`]) does not.
+fn frames_in_distribution(data: &dyn mmpg::DataSource, domain: &mmpg::DomainSpec) -> bool {
+    !data.is_shifted(&mmpg::DomainSpec { class_mix_alpha: None, phrasing: 0, ..domain.clone() })
 }
 
 /// An episode's source domain: an unshifted one with probability `clean_fraction` (when there
@@ -755,6 +764,18 @@ impl ParameterGenerator for Fda {
     fn load(&mut self, bytes: &[u8]) -> Result<(), GeneratorError> {
         let bad = |e: CheckpointError| GeneratorError::Checkpoint(e.to_string());
         let tensors = read_checkpoint("fda", &self.schema, bytes).map_err(bad)?;
+        // A network without a part the checkpoint has would drop it silently: say which setting differs.
+        for (setting, on, prefix) in [
+            ("zero_at_reference", self.settings.zero_at_reference, "reference"),
+            ("reset", self.settings.reset, "reset."),
+        ] {
+            let saved = tensors.keys().any(|k| k.starts_with(prefix));
+            if saved != on {
+                return Err(GeneratorError::Checkpoint(format!(
+                    "the checkpoint was trained with `{setting} = {saved}`, this generator has `{setting} = {on}`"
+                )));
+            }
+        }
         self.net = restore(self.net.clone(), &tensors, &self.device).map_err(bad)?;
         self.serving = std::sync::OnceLock::new();
         Ok(())
@@ -801,7 +822,8 @@ impl ParameterGenerator for Fda {
         let mut net = self.net.clone();
         let (mut losses, mut terms) = (Vec::new(), Vec::new());
         let episodes = self.settings.episodes_per_step;
-        let clean: Vec<&mmpg::DomainSpec> = ctx.domains.iter().filter(|d| d.shifts.is_empty()).collect();
+        let clean: Vec<&mmpg::DomainSpec> =
+            ctx.domains.iter().filter(|d| frames_in_distribution(ctx.data, d)).collect();
         // The reference domain is the first source domain, the one the model was pretrained on
         // and its reference statistics come from; its windows are summarised once (the model
         // is fixed while the generator trains).
@@ -822,7 +844,7 @@ impl ParameterGenerator for Fda {
             let mut unshifted = Vec::with_capacity(episodes);
             for _ in 0..episodes {
                 let domain = pick_domain(ctx.domains, &clean, self.settings.clean_fraction, &mut rng);
-                unshifted.push(if domain.shifts.is_empty() { 1.0f32 } else { 0.0 });
+                unshifted.push(if frames_in_distribution(ctx.data, domain) { 1.0f32 } else { 0.0 });
                 summaries.push(self.episode_summary(ctx, domain, &reference, &mut rng)?);
                 batches.push(ctx.data.clips(domain, Split::Train, ctx.plan.batch, rng.random())?);
             }
