@@ -218,6 +218,46 @@ fn labels_plot(report: &BenchReport, path: &Path) -> PlotResult {
     Ok(())
 }
 
+/// The curves the training baselines recorded on their first device (FTA: held-out loss per
+/// epoch, epoch 0 the model as it came), one line per method and curve.
+fn curves_plot(report: &BenchReport, path: &Path) -> PlotResult {
+    let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let lines: Vec<(String, &Vec<f64>)> = report
+        .methods
+        .iter()
+        .filter_map(|m| m.example_curves.as_ref().map(|(device, curves)| (m, device, curves)))
+        .flat_map(|(m, device, curves)| {
+            curves.iter().map(move |(name, values)| (format!("{} on {device}: {name}", m.method), values))
+        })
+        .filter(|(_, values)| !values.is_empty())
+        .collect();
+    let epochs = lines.iter().map(|(_, v)| v.len()).max().unwrap_or(1).max(2) as f64 - 1.0;
+    let finite = || lines.iter().flat_map(|(_, v)| v.iter().copied()).filter(|v| v.is_finite());
+    let (lo, hi) = (finite().fold(f64::INFINITY, f64::min), finite().fold(f64::NEG_INFINITY, f64::max));
+    let (lo, hi) = if lo < hi { (lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo)) } else { (0.0, 1.0) };
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Fine-tuning on one device: held-out loss per epoch (epoch 0: the static model)", ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..epochs, lo..hi)?;
+    chart.configure_mesh().x_desc("epoch").y_desc("mean cross-entropy").draw()?;
+    for (i, (label, values)) in lines.iter().enumerate() {
+        let points: Vec<(f64, f64)> =
+            values.iter().enumerate().filter(|(_, v)| v.is_finite()).map(|(e, v)| (e as f64, *v)).collect();
+        let c = colour(i + 1);
+        chart
+            .draw_series(LineSeries::new(points.clone(), c.stroke_width(2)))?
+            .label(label.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+        chart.draw_series(points.iter().map(|p| Circle::new(*p, 3, c.filled())))?;
+    }
+    chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).draw()?;
+    root.present()?;
+    Ok(())
+}
+
 /// Draws every plot the report has data for into `dir`; returns the files written.
 pub fn draw_all(report: &BenchReport, dir: &Path) -> Result<Vec<PathBuf>, String> {
     ensure_font()?;
@@ -237,6 +277,13 @@ pub fn draw_all(report: &BenchReport, dir: &Path) -> Result<Vec<PathBuf>, String
     }
     if report.methods.iter().any(|m| m.labels_per_device > 0) {
         draw("fta_vs_labels.png", labels_plot)?;
+    }
+    if report
+        .methods
+        .iter()
+        .any(|m| m.example_curves.as_ref().is_some_and(|(_, c)| c.iter().any(|(_, v)| !v.is_empty())))
+    {
+        draw("fta_held_out_loss.png", curves_plot)?;
     }
     Ok(written)
 }

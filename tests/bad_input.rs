@@ -65,6 +65,30 @@ fn learning_rates_must_be_finite_and_positive() {
 }
 
 #[test]
+fn a_baselines_tune_candidates_are_checked_one_by_one_and_an_oracle_needs_them() {
+    let fta = |extra: &str| errors(&with(&format!("[[bench.baselines]]\nplugin = \"fta\"\n{extra}\n")));
+    let errs = fta("tune = { learning_rate = [0.01, -1.0] }");
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].contains("bench.baselines[0].tune.learning_rate: expected a finite number"), "{errs:?}");
+    let errs = fta("tune = { learning_rate = [] }");
+    assert!(errs.len() == 1 && errs[0].contains("tune.learning_rate: needs at least one candidate"), "{errs:?}");
+    let errs = fta("tune = { learning_rate = 0.01 }");
+    assert!(errs.len() == 1 && errs[0].contains("bench.baselines[0].tune"), "{errs:?}");
+    let many: Vec<String> = (1..=9).map(|i| format!("{}", f64::from(i) * 1e-3)).collect();
+    let errs =
+        fta(&format!("tune = {{ learning_rate = [{0}], patience = [1, 2, 3, 4, 5, 6, 7, 8] }}", many.join(", ")));
+    assert!(errs.len() == 1 && errs[0].contains("more than 64 combinations"), "{errs:?}");
+    let errs = fta("oracle = true");
+    assert!(
+        errs.len() == 1 && errs[0].contains("bench.baselines[0].oracle: an oracle row chooses among `tune`"),
+        "{errs:?}"
+    );
+    assert!(fta("tune = { learning_rate = [0.001, 0.01] }\noracle = true").is_empty());
+    let errs = errors(&with("[bench]\ntune_domains = 0\n"));
+    assert!(errs.len() == 1 && errs[0].contains("bench.tune_domains"), "{errs:?}");
+}
+
+#[test]
 fn max_tokens_is_bounded_by_the_special_tokens_and_the_models_positions() {
     for (value, expected) in [(0, "found 0"), (1, "found 1"), (513, "found 513")] {
         let errs = errors(&with(&format!("[text]\nplugin = \"minilm\"\n[text.settings]\nmax_tokens = {value}\n")));

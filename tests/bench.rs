@@ -32,6 +32,8 @@ plugin = "static"
 [[bench.baselines]]
 plugin = "fta"
 settings = { labels = 4, max_epochs = 2 }
+tune = { learning_rate = [0.0001, 0.01] }
+oracle = true
 [[bench.baselines]]
 plugin = "fta"
 name = "FTA all"
@@ -76,13 +78,22 @@ fn bench_writes_every_row_table_and_plot() {
     }
     let report: BenchReport =
         serde_json::from_str(&std::fs::read_to_string(out_dir.join("report.json")).expect("json")).expect("parses");
-    for plot in ["accuracy_vs_severity.png", "accuracy_vs_upload.png", "accuracy_vs_epsilon.png", "fta_vs_labels.png"] {
+    for plot in [
+        "accuracy_vs_severity.png",
+        "accuracy_vs_upload.png",
+        "accuracy_vs_epsilon.png",
+        "fta_vs_labels.png",
+        "fta_held_out_loss.png",
+    ] {
         let bytes = std::fs::read(out_dir.join(plot)).unwrap_or_default();
         assert!(bytes.starts_with(b"\x89PNG"), "{plot} is not a PNG ({stderr})");
     }
 
     let names: Vec<&str> = report.methods.iter().map(|m| m.method.as_str()).collect();
-    assert_eq!(names, [CDC, "static", "FTA@4 (slots)", "FTA all", "BN / feature stats", "T3A"]);
+    assert_eq!(
+        names,
+        [CDC, "static", "FTA@4 (slots)", "FTA@4 (slots), oracle (upper bound)", "FTA all", "BN / feature stats", "T3A"]
+    );
     let row = |name: &str| report.methods.iter().find(|m| m.method == name).expect("row");
     let (cdc, stat, fta, fta_all) = (row(CDC), row("static"), row("FTA@4 (slots)"), row("FTA all"));
     assert_eq!(report.devices, 3);
@@ -113,6 +124,42 @@ fn bench_writes_every_row_table_and_plot() {
     assert_eq!(fta.device_trainable_parameters, report.cloud.slot_parameters);
     assert!(fta_all.device_trainable_parameters > fta.device_trainable_parameters);
     assert!(fta.device_peak_bytes.is_some_and(|b| b > 0), "the binary counts heap bytes");
+    // FTA says how many devices it left at the initial weights, and shows one device's held-out
+    // loss per epoch: epoch 0 and at most max_epochs = 2 more.
+    let (unchanged, of) = fta.unchanged_devices.expect("a training baseline counts them");
+    assert_eq!(of, 3);
+    assert!(unchanged <= of);
+    let (device, curves) = fta.example_curves.as_ref().expect("FTA's curves");
+    assert_eq!(device, &stat.devices[0].device);
+    let (name, loss) = &curves[0];
+    assert_eq!(name, "held-out loss");
+    assert!((2..=3).contains(&loss.len()) && loss.iter().all(|v| v.is_finite() && *v > 0.0), "{loss:?}");
+    assert!(markdown.contains("devices ended at the initial weights"), "{markdown}");
+
+    // FTA's learning rate is chosen on source domains, and the oracle row, choosing per device on
+    // its own scored clips among the same candidates (its chosen runs seeded as the row's), is
+    // never below the tuned row on any device.
+    let tuning = fta.tuning.as_ref().expect("tuned on source domains");
+    let labels: Vec<&str> = tuning.candidates.iter().map(|(c, _)| c.as_str()).collect();
+    assert_eq!(labels, ["learning_rate = 0.0001", "learning_rate = 0.01"]);
+    assert!(labels.contains(&tuning.chosen.as_str()) && tuning.domains > 0, "{tuning:?}");
+    let oracle = row("FTA@4 (slots), oracle (upper bound)");
+    assert_eq!(oracle.family, Family::Oracle);
+    assert_eq!(oracle.labels_per_device, 4);
+    for (o, t) in oracle.devices.iter().zip(&fta.devices) {
+        assert!(
+            o.adapted_accuracy >= t.adapted_accuracy,
+            "{}: {} < {}",
+            o.device,
+            o.adapted_accuracy,
+            t.adapted_accuracy
+        );
+    }
+    assert!(markdown.contains("an upper bound, not deployable"), "{markdown}");
+    assert!(
+        report.targets.iter().any(|t| t.name == "accuracy ≥ FTA@4 (slots), oracle (upper bound) (shifted devices)")
+    );
+    assert_eq!(stat.unchanged_devices, Some((3, 3)), "the static model changes nothing");
 
     // Ablations: the retrained variant, the serve-time one, the K sweep.
     let ablations: Vec<&str> = report.ablations.iter().map(|m| m.method.as_str()).collect();

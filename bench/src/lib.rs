@@ -81,6 +81,26 @@ pub enum Family {
     Baseline,
     /// An ablation of the method.
     Ablation,
+    /// A baseline with a setting chosen per device on that device's own scored clips: an upper
+    /// bound, not a method a deployment could run.
+    Oracle,
+}
+
+/// Named curves of one adaptation, e.g. `("held-out loss", per-epoch values)`.
+pub type Curves = Vec<(String, Vec<f64>)>;
+
+/// One adapter per `tune` candidate, with the candidate as `key = value, …`.
+type Candidates = Vec<(String, Box<dyn DeviceAdapter>)>;
+
+/// How a baseline's `tune` settings were chosen on the cloud's source domains.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tuning {
+    /// The winning candidate, `key = value, …`.
+    pub chosen: String,
+    /// Each candidate with its mean QA accuracy over the tuning domains (NaN when it failed).
+    pub candidates: Vec<(String, f64)>,
+    /// Source domains it was chosen on.
+    pub domains: usize,
 }
 
 /// Retrieval figures of a method over the shifted devices.
@@ -129,6 +149,17 @@ pub struct MethodRow {
     pub failures: usize,
     /// Method-specific figures, averaged over devices (epochs, anchors, …).
     pub detail: Vec<(String, f64)>,
+    /// Devices the method adapted without error but left as they came (it changed no
+    /// parameter: for FTA, early stopping kept epoch 0), out of those it adapted.
+    #[serde(default)]
+    pub unchanged_devices: Option<(usize, usize)>,
+    /// The method's curves on its first device (e.g. FTA's held-out loss per epoch), with
+    /// that device's name.
+    #[serde(default)]
+    pub example_curves: Option<(String, Curves)>,
+    /// Settings chosen on source domains before the row ran (`tune`).
+    #[serde(default)]
+    pub tuning: Option<Tuning>,
     /// Per device (static figures are the shared static model's).
     pub devices: Vec<DeviceReport>,
 }
@@ -297,6 +328,9 @@ fn row(
         device_peak_bytes: devices.iter().filter_map(|d| d.adaptation_peak_bytes).max(),
         failures: devices.iter().filter(|d| d.error.is_some()).count(),
         detail,
+        unchanged_devices: None,
+        example_curves: None,
+        tuning: None,
         devices,
     }
 }
@@ -333,21 +367,26 @@ impl Harness<'_> {
         Ok(fleet.into_iter().map(|d| d.report).collect())
     }
 
+    /// The row of `adapter` over the fleet; each device's adaptation is seeded from its domain
+    /// and `seed_name` (an oracle's candidate runs share their row's, so the candidate the row
+    /// chose reproduces it).
     fn baseline(
         &self,
         adapter: &dyn DeviceAdapter,
         name: String,
+        seed_name: &str,
         progress: &dyn Progress,
     ) -> Result<MethodRow, RunError> {
         let mut fleet = self.fresh_fleet(&self.composer)?;
         let needed = adapter.labels_needed();
         let (mut trainable, mut changed, mut detail_sum, mut detail_n) = (0, 0, Vec::<(String, f64)>::new(), 0usize);
+        let (mut unchanged, mut example) = (0usize, None);
         progress.start(&format!("bench: {name}"), fleet.len() as u64);
         for (device, labelled) in fleet.iter_mut().zip(&self.labelled) {
             let input = AdaptInput {
                 window: &device.window,
                 labelled: &labelled[..needed.min(labelled.len())],
-                seed: seed::derive_str(device.domain.seed, &name),
+                seed: seed::derive_str(device.domain.seed, seed_name),
             };
             let t0 = Instant::now();
             let (outcome, peak) = mmpg::memory::peak_during(|| adapter.adapt(&mut device.node.model, &input));
@@ -357,6 +396,10 @@ impl Harness<'_> {
                 Ok(outcome) => {
                     trainable = trainable.max(outcome.trainable_parameters);
                     changed = changed.max(outcome.changed_parameters);
+                    unchanged += usize::from(outcome.changed_parameters == 0);
+                    if example.is_none() && !outcome.curves.is_empty() {
+                        example = Some((device.node.id.to_string(), outcome.curves.clone()));
+                    }
                     for (key, value) in outcome.detail {
                         match detail_sum.iter_mut().find(|(k, _)| *k == key) {
                             Some((_, sum)) => *sum += value,
@@ -376,7 +419,109 @@ impl Harness<'_> {
         let detail = detail_sum.into_iter().map(|(k, v)| (k, v / detail_n.max(1) as f64)).collect();
         let reports = fleet.into_iter().map(|d| d.report).collect();
         let costs = Costs { device_trainable: trainable, device_changed: changed, cloud_trainable: 0, labels: needed };
-        Ok(row(name, Family::Baseline, reports, costs, detail))
+        Ok(MethodRow {
+            unchanged_devices: Some((unchanged, detail_n)),
+            example_curves: example,
+            ..row(name, Family::Baseline, reports, costs, detail)
+        })
+    }
+
+    /// Chooses among `adapters` (one per `tune` candidate) the one with the best mean QA accuracy
+    /// on shifted source domains of the cloud's training data: each adapts a fresh static model
+    /// from the domain's labelled clips and unlabelled window (training split), and is scored on
+    /// further labelled clips of the same domain. No test device is involved.
+    fn tune(
+        &self,
+        adapters: &Candidates,
+        progress: &dyn Progress,
+    ) -> Result<(usize, Tuning), RunError> {
+        let bench = &self.composer.deployment.bench;
+        let shifted: Vec<&DomainSpec> = self.cloud.sources.iter().filter(|d| self.data.is_shifted(d)).collect();
+        let pool = if shifted.is_empty() { self.cloud.sources.iter().collect() } else { shifted };
+        let domains: Vec<&DomainSpec> = pool.into_iter().take(bench.tune_domains).collect();
+        let labels = adapters.iter().map(|(_, a)| a.labels_needed()).max().unwrap_or(0);
+        let window = self.composer.deployment.fleet.window_clips;
+        let mut drawn = Vec::with_capacity(domains.len());
+        for domain in &domains {
+            let clips = self.data.clips(
+                domain,
+                Split::Train,
+                labels + bench.tune_eval_clips + window,
+                seed::derive_str(domain.seed, "tune"),
+            )?;
+            let (labelled, rest) = clips.split_at(labels.min(clips.len()));
+            let (eval, window) = rest.split_at(bench.tune_eval_clips.min(rest.len()));
+            drawn.push((
+                labelled.to_vec(),
+                eval.to_vec(),
+                window.iter().map(Clip::unlabelled).collect::<Vec<_>>(),
+                domain.seed,
+            ));
+        }
+        progress.start("bench: tune on source domains", (adapters.len() * drawn.len()) as u64);
+        let mut candidates = Vec::with_capacity(adapters.len());
+        for (label, adapter) in adapters {
+            let mut scores = Vec::with_capacity(drawn.len());
+            for (labelled, eval, window, domain_seed) in &drawn {
+                let mut model = self.cloud.model.export(&self.composer.device)?;
+                let input = AdaptInput {
+                    window,
+                    labelled: &labelled[..adapter.labels_needed().min(labelled.len())],
+                    seed: seed::derive_str(*domain_seed, label),
+                };
+                // A candidate that fails on a source domain is never chosen.
+                let score = match adapter.adapt(&mut model, &input) {
+                    Ok(_) => model.accuracy(eval)?,
+                    Err(_) => f64::NAN,
+                };
+                scores.push(score);
+                progress.step(None);
+            }
+            candidates.push((label.clone(), scores.iter().sum::<f64>() / scores.len().max(1) as f64));
+        }
+        progress.finish();
+        let best = candidates
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, score))| score.is_finite())
+            .fold(None, |best: Option<(usize, f64)>, (i, (_, score))| match best {
+                Some((_, b)) if b >= *score => best,
+                _ => Some((i, *score)),
+            })
+            .map_or(0, |(i, _)| i);
+        Ok((best, Tuning { chosen: candidates[best].0.clone(), candidates, domains: drawn.len() }))
+    }
+
+    /// The oracle row over `rows` (one full run per candidate): each device takes the candidate
+    /// that scored best on its own scored clips.
+    fn oracle(name: String, rows: Vec<MethodRow>, labels: &[String]) -> Option<MethodRow> {
+        let first = rows.first()?;
+        let costs = Costs {
+            device_trainable: first.device_trainable_parameters,
+            device_changed: first.device_changed_parameters,
+            cloud_trainable: 0,
+            labels: first.labels_per_device,
+        };
+        let mut chosen = vec![0usize; labels.len()];
+        let devices: Vec<DeviceReport> = (0..first.devices.len())
+            .map(|i| {
+                let best = (0..rows.len())
+                    .filter(|j| rows[*j].devices[i].adapted_accuracy.is_finite())
+                    .max_by(|a, b| {
+                        rows[*a].devices[i].adapted_accuracy.total_cmp(&rows[*b].devices[i].adapted_accuracy)
+                    })
+                    .unwrap_or(0);
+                chosen[best] += 1;
+                rows[best].devices[i].clone()
+            })
+            .collect();
+        let candidates = labels.iter().zip(&rows).map(|(l, r)| (l.clone(), r.accuracy.mean)).collect();
+        let picked: Vec<String> =
+            labels.iter().zip(&chosen).filter(|(_, n)| **n > 0).map(|(l, n)| format!("{l} ×{n}")).collect();
+        Some(MethodRow {
+            tuning: Some(Tuning { chosen: format!("per device: {}", picked.join("; ")), candidates, domains: 0 }),
+            ..row(name, Family::Oracle, devices, costs, Vec::new())
+        })
     }
 
     /// A variant's generator: the main one (serve-time variants), a checkpointed one, or
@@ -612,7 +757,8 @@ pub fn bench(deployment: &Deployment, registry: &Registry, progress: &dyn Progre
     let composer = Composer::new(deployment, registry)?;
     let data = composer.data_source()?;
     let cloud = train_cloud(&composer, data.as_ref(), progress)?;
-    let adapters: Vec<(Box<dyn DeviceAdapter>, Option<String>)> = deployment
+    // Per baseline, one adapter per `tune` candidate (one without `tune`).
+    let adapters: Vec<(&mmpg::config::BaselineChoice, Candidates)> = deployment
         .bench
         .baselines
         .iter()
@@ -620,15 +766,24 @@ pub fn bench(deployment: &Deployment, registry: &Registry, progress: &dyn Progre
             let factory = registry.adapter(&b.plugin)?;
             let ctx =
                 BuildContext { seed: seed::derive_str(deployment.seed, "adapter"), device: composer.device.clone() };
-            let adapter = factory.build(&b.settings, &ctx).map_err(|error| RunError::Plugin {
-                kind: PluginKind::Adapter,
-                name: b.plugin.clone(),
-                error,
-            })?;
-            Ok((adapter, b.name.clone()))
+            let built = b
+                .candidates()
+                .iter()
+                .map(|candidate| {
+                    let settings = mmpg::config::merge_tables(&b.settings, candidate);
+                    let adapter = factory.build(&settings, &ctx).map_err(|error| RunError::Plugin {
+                        kind: PluginKind::Adapter,
+                        name: b.plugin.clone(),
+                        error,
+                    })?;
+                    let label: Vec<String> = candidate.iter().map(|(k, v)| format!("{k} = {v}")).collect();
+                    Ok((label.join(", "), adapter))
+                })
+                .collect::<Result<Vec<_>, RunError>>()?;
+            Ok((b, built))
         })
         .collect::<Result<_, RunError>>()?;
-    let max_labels = adapters.iter().map(|(a, _)| a.labels_needed()).max().unwrap_or(0);
+    let max_labels = adapters.iter().flat_map(|(_, a)| a.iter().map(|(_, a)| a.labels_needed())).max().unwrap_or(0);
 
     let domains = deployment.device_domains();
     progress.start("bench: draw devices, score static", domains.len() as u64);
@@ -661,9 +816,24 @@ pub fn bench(deployment: &Deployment, registry: &Registry, progress: &dyn Progre
     ];
     let cdc_costs = |cloud_trainable| Costs { device_changed: slots, cloud_trainable, ..Costs::default() };
     let mut methods = vec![row(CDC.into(), Family::Cdc, cdc_devices, cdc_costs(generator_parameters), cdc_detail)];
-    for (adapter, name) in &adapters {
-        let name = name.clone().unwrap_or_else(|| adapter.label());
-        methods.push(harness.baseline(adapter.as_ref(), name, progress)?);
+    for (choice, candidates) in &adapters {
+        let (chosen, tuning) = if choice.tune.is_empty() {
+            (0, None)
+        } else {
+            harness.tune(candidates, progress).map(|(i, t)| (i, Some(t)))?
+        };
+        let Some((_, adapter)) = candidates.get(chosen) else { continue };
+        let name = choice.name.clone().unwrap_or_else(|| adapter.label());
+        let row = harness.baseline(adapter.as_ref(), name.clone(), &name, progress)?;
+        methods.push(MethodRow { tuning, ..row });
+        if choice.oracle {
+            let rows = candidates
+                .iter()
+                .map(|(label, a)| harness.baseline(a.as_ref(), format!("{name} [{label}]"), &name, progress))
+                .collect::<Result<Vec<_>, RunError>>()?;
+            let labels: Vec<String> = candidates.iter().map(|(l, _)| l.clone()).collect();
+            methods.extend(Harness::oracle(format!("{name}, oracle (upper bound)"), rows, &labels));
+        }
     }
 
     // Ablations: named variants, then the K sweep.
@@ -764,7 +934,7 @@ pub fn targets(report: &BenchReport) -> Vec<Target> {
     let fta16 = report
         .methods
         .iter()
-        .filter(|m| m.method.starts_with("FTA@16"))
+        .filter(|m| m.family == Family::Baseline && m.method.starts_with("FTA@16"))
         .max_by(|a, b| a.accuracy.mean.total_cmp(&b.accuracy.mean));
     if let Some(fta) = fta16 {
         out.push(Target {
@@ -808,6 +978,15 @@ pub fn targets(report: &BenchReport) -> Vec<Target> {
     });
     out.extend(never_below_static(&cdc.devices, &report.stream));
     out.extend(retrieval_targets(&cdc.devices));
+    // CDC's margin against every labelled row, the oracles included (#17).
+    for m in report.methods.iter().filter(|m| m.labels_per_device > 0 && fta16.is_none_or(|f| f.method != m.method)) {
+        let margin = 100.0 * (cdc.accuracy.mean - m.accuracy.mean);
+        out.push(Target {
+            name: format!("accuracy ≥ {} (shifted devices)", m.method),
+            measured: format!("{}% vs {}% ({} points)", pct(cdc.accuracy.mean), pct(m.accuracy.mean), signed(margin)),
+            met: margin >= 0.0,
+        });
+    }
     out
 }
 
@@ -968,6 +1147,27 @@ impl BenchReport {
         for r in self.methods.iter().filter(|r| !r.detail.is_empty()) {
             let detail: Vec<String> = r.detail.iter().map(|(k, v)| format!("{k} {v:.3}")).collect();
             out.push_str(&format!("- {}: {} (means over devices)\n", r.method, detail.join(", ")));
+        }
+        for r in &self.methods {
+            if let Some(t) = &r.tuning {
+                let scores: Vec<String> = t.candidates.iter().map(|(c, a)| format!("{c}: {}%", pct(*a))).collect();
+                let over = if r.family == Family::Oracle {
+                    "chosen on each device's own scored clips — an upper bound, not deployable; candidates' fleet means"
+                        .to_string()
+                } else {
+                    format!("chosen on {} shifted source domains (training split, never a test device)", t.domains)
+                };
+                out.push_str(&format!("- {}: {}; {over}: {}\n", r.method, t.chosen, scores.join(", ")));
+            }
+        }
+        // Training methods that kept the model as it came did not adapt those devices at all.
+        for r in self.methods.iter().filter(|r| r.device_trainable_parameters > 0) {
+            if let Some((unchanged, of)) = r.unchanged_devices {
+                out.push_str(&format!(
+                    "- {}: {unchanged} of {of} devices ended at the initial weights (nothing changed; for FTA, best epoch 0)\n",
+                    r.method
+                ));
+            }
         }
         out.push_str(
             "\nDevice trainable: parameters updated by gradient on the device. Device changed: parameters or \

@@ -31,6 +31,9 @@ pub struct AdaptOutcome {
     pub labels_used: usize,
     /// Method-specific figures (epochs run, best held-out accuracy, …).
     pub detail: Vec<(String, f64)>,
+    /// Method-specific curves by name, e.g. FTA's held-out loss per epoch (epoch 0 first).
+    #[serde(default)]
+    pub curves: Vec<(String, Vec<f64>)>,
 }
 
 /// Why an adaptation failed. The harness keeps (and scores) the device's previous model.

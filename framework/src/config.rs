@@ -2,6 +2,7 @@
 //! every error names the file, line, column and key path, e.g.
 //! `deploy.toml:14:12: fleet.shifts[2].severity: expected 1..=5, found 7`.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -485,12 +486,50 @@ pub struct BaselineChoice {
     /// Row name; the adapter's own label when absent.
     #[serde(default)]
     pub name: Option<String>,
+    /// Settings to choose on the cloud's source domains before the row runs: each key's
+    /// candidate values (every combination is tried; the best mean accuracy over
+    /// `[bench] tune_domains` source domains wins, ties to the earlier). Never chosen on a
+    /// test device.
+    #[serde(default)]
+    pub tune: BTreeMap<String, Vec<toml::Value>>,
+    /// Also report an oracle row: per device the candidate best on that device's own scored
+    /// clips — an upper bound no deployment could reach. Needs `tune`.
+    #[serde(default)]
+    pub oracle: bool,
 }
+
+/// Most combinations one baseline's `tune` may ask for.
+pub const MAX_TUNE_CANDIDATES: usize = 64;
 
 impl BaselineChoice {
     fn new(plugin: &str, settings: &str) -> Self {
         let settings = toml::from_str(settings).expect("built-in baseline settings are valid TOML");
-        Self { plugin: plugin.into(), settings, name: None }
+        Self { plugin: plugin.into(), settings, name: None, tune: BTreeMap::new(), oracle: false }
+    }
+
+    /// With the learning rate chosen on source domains among 1e-3, 3e-3, 1e-2 and 3e-2.
+    fn tuned(self) -> Self {
+        let rates = [1e-3, 3e-3, 1e-2, 3e-2].map(toml::Value::Float).to_vec();
+        Self { tune: BTreeMap::from([("learning_rate".to_string(), rates)]), ..self }
+    }
+
+    /// Every combination of the `tune` candidates as a settings table to merge over
+    /// `settings`, in order (the last key varies fastest); one empty table without `tune`.
+    pub fn candidates(&self) -> Vec<toml::Table> {
+        let mut out = vec![toml::Table::new()];
+        for (key, values) in &self.tune {
+            out = out
+                .iter()
+                .flat_map(|base| {
+                    values.iter().map(move |v| {
+                        let mut t = base.clone();
+                        t.insert(key.clone(), v.clone());
+                        t
+                    })
+                })
+                .collect();
+        }
+        out
     }
 }
 
@@ -538,6 +577,10 @@ pub struct BenchConfig {
     pub stream: Vec<DeviceDomain>,
     /// Labelled clips scored per stream stage.
     pub stream_eval_clips: usize,
+    /// Shifted source domains a baseline's `tune` is chosen on.
+    pub tune_domains: usize,
+    /// Labelled clips of each of them that score a candidate (beside the ones it trains on).
+    pub tune_eval_clips: usize,
     /// Single-device generations timed for the latency percentiles.
     pub generation_repeats: usize,
     /// Backends the backend table times, by kind (default: every registered one; those not
@@ -552,10 +595,10 @@ impl Default for BenchConfig {
         Self {
             baselines: vec![
                 BaselineChoice::new("static", ""),
-                BaselineChoice::new("fta", "labels = 4"),
-                BaselineChoice::new("fta", "labels = 16"),
-                BaselineChoice::new("fta", "labels = 64"),
-                BaselineChoice::new("fta", "labels = 16\nscope = \"all\""),
+                BaselineChoice::new("fta", "labels = 4").tuned(),
+                BaselineChoice { oracle: true, ..BaselineChoice::new("fta", "labels = 16").tuned() },
+                BaselineChoice::new("fta", "labels = 64").tuned(),
+                BaselineChoice::new("fta", "labels = 16\nscope = \"all\"").tuned(),
                 BaselineChoice::new("feature-stats", ""),
                 BaselineChoice::new("t3a", ""),
             ],
@@ -564,6 +607,8 @@ impl Default for BenchConfig {
             epsilon_sweep: Vec::new(),
             stream: Vec::new(),
             stream_eval_clips: 128,
+            tune_domains: 4,
+            tune_eval_clips: 128,
             generation_repeats: 200,
             backends: None,
             out: None,
@@ -618,6 +663,8 @@ impl Settings for BenchConfig {
             check.real(&format!("epsilon_sweep[{i}]"), *epsilon, 0.01..=1e4);
         }
         check.within("stream_eval_clips", self.stream_eval_clips, 1..=1_000_000);
+        check.within("tune_domains", self.tune_domains, 1..=256);
+        check.within("tune_eval_clips", self.tune_eval_clips, 1..=100_000);
         check.within("generation_repeats", self.generation_repeats, 1..=1_000_000);
     }
 }
@@ -1264,6 +1311,29 @@ impl Deployment {
         for (i, b) in bench.baselines.iter().enumerate() {
             let at = format!("bench.baselines[{i}]");
             p.plugin(PluginKind::Adapter, &b.plugin, &format!("{at}.plugin"), &b.settings, &format!("{at}.settings"));
+            // Each candidate alone, so that an error names the tuned key.
+            for (key, values) in &b.tune {
+                if values.is_empty() {
+                    p.fail(KeyPath::parse(&format!("{at}.tune.{key}")), "needs at least one candidate value");
+                }
+                for value in values {
+                    let one = toml::Table::from_iter([(key.clone(), value.clone())]);
+                    p.plugin(PluginKind::Adapter, &b.plugin, &format!("{at}.plugin"), &one, &format!("{at}.tune"));
+                }
+            }
+            let combinations = b.tune.values().map(Vec::len).try_fold(1usize, |n, k| n.checked_mul(k));
+            if combinations.is_none_or(|n| n > MAX_TUNE_CANDIDATES) {
+                p.fail(
+                    KeyPath::parse(&format!("{at}.tune")),
+                    format!("asks for more than {MAX_TUNE_CANDIDATES} combinations; tune fewer values"),
+                );
+            }
+            if b.oracle && b.tune.is_empty() {
+                p.fail(
+                    KeyPath::parse(&format!("{at}.oracle")),
+                    "an oracle row chooses among `tune` candidates: add `tune`",
+                );
+            }
         }
         for (i, v) in bench.variants.iter().enumerate() {
             let at = format!("bench.variants[{i}]");

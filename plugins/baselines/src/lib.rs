@@ -79,6 +79,9 @@ impl Settings for FtaSettings {
     }
 }
 
+/// Name of FTA's curve of the held-out loss per epoch (epoch 0: the model as it came).
+pub const HELD_OUT_LOSS: &str = "held-out loss";
+
 /// On-device fine-tuning with labels.
 #[derive(Debug, Clone)]
 pub struct Fta {
@@ -151,6 +154,7 @@ impl DeviceAdapter for Fta {
         let mut best = None;
         let mut best_loss =
             if held_out.is_empty() { f64::INFINITY } else { mean_cross_entropy(model.as_ref(), &held_out)? };
+        let mut curve = if held_out.is_empty() { Vec::new() } else { vec![best_loss] };
         let (mut best_epoch, mut epochs, mut steps, mut stale) = (0usize, 0usize, 0usize, 0usize);
         while epochs < s.max_epochs && stale < s.patience.max(1) {
             epochs += 1;
@@ -163,6 +167,9 @@ impl DeviceAdapter for Fta {
             // Without held-out clips there is nothing to stop on: the last epoch is kept.
             let loss =
                 if held_out.is_empty() { f64::NEG_INFINITY } else { mean_cross_entropy(snapshot.as_ref(), &held_out)? };
+            if !held_out.is_empty() {
+                curve.push(loss);
+            }
             if loss < best_loss {
                 (best_loss, best_epoch, stale) = (loss, epochs, 0);
                 best = Some(snapshot);
@@ -185,6 +192,7 @@ impl DeviceAdapter for Fta {
                 ("held_out_clips".into(), held as f64),
                 ("best_held_out_loss".into(), best_loss),
             ],
+            curves: vec![(HELD_OUT_LOSS.into(), curve)],
         })
     }
 }
