@@ -84,6 +84,23 @@ fn a_baselines_tune_candidates_are_checked_one_by_one_and_an_oracle_needs_them()
         "{errs:?}"
     );
     assert!(fta("tune = { learning_rate = [0.001, 0.01] }\noracle = true").is_empty());
+    let named = |a: &str, b: &str| {
+        errors(&with(&format!(
+            "[[bench.baselines]]\nplugin = \"t3a\"\nname = \"{a}\"\n[[bench.baselines]]\nplugin = \"fta\"\nname = \"{b}\"\n"
+        )))
+    };
+    for (a, b, expected) in [
+        ("T", "T", "bench.baselines[1].name: another baseline is already named `T`"),
+        ("static", "F", "bench.baselines[0].name: `static` names the static model's row"),
+        ("T", "FTA@16 (slots), oracle (upper bound)", "is a name the bench gives its own rows"),
+        ("T", "a | b", "without `|`"),
+        ("", "F", "must not be empty"),
+    ] {
+        let errs = named(a, b);
+        assert!(errs.len() == 1 && errs[0].contains(expected), "{a}, {b}: {errs:?}");
+    }
+    let errs = fta("tune = { \"learning_rate.x\" = [0.1] }");
+    assert!(errs.len() == 1 && errs[0].contains("`learning_rate.x` is not a setting name"), "{errs:?}");
     let errs = errors(&with("[bench]\ntune_domains = 0\n"));
     assert!(errs.len() == 1 && errs[0].contains("bench.tune_domains"), "{errs:?}");
 }

@@ -101,6 +101,10 @@ pub struct Tuning {
     pub candidates: Vec<(String, f64)>,
     /// Source domains it was chosen on.
     pub domains: usize,
+    /// How many of them were shifted (all, unless the cloud trained on fewer shifted domains
+    /// than `[bench] tune_domains`).
+    #[serde(default)]
+    pub shifted_domains: usize,
 }
 
 /// Retrieval figures of a method over the shifted devices.
@@ -430,15 +434,13 @@ impl Harness<'_> {
     /// on shifted source domains of the cloud's training data: each adapts a fresh static model
     /// from the domain's labelled clips and unlabelled window (training split), and is scored on
     /// further labelled clips of the same domain. No test device is involved.
-    fn tune(
-        &self,
-        adapters: &Candidates,
-        progress: &dyn Progress,
-    ) -> Result<(usize, Tuning), RunError> {
+    fn tune(&self, adapters: &Candidates, progress: &dyn Progress) -> Result<(usize, Tuning), RunError> {
         let bench = &self.composer.deployment.bench;
-        let shifted: Vec<&DomainSpec> = self.cloud.sources.iter().filter(|d| self.data.is_shifted(d)).collect();
-        let pool = if shifted.is_empty() { self.cloud.sources.iter().collect() } else { shifted };
-        let domains: Vec<&DomainSpec> = pool.into_iter().take(bench.tune_domains).collect();
+        // Shifted domains first; clean ones only where there are too few shifted ones.
+        let (shifted, clean): (Vec<&DomainSpec>, Vec<&DomainSpec>) =
+            self.cloud.sources.iter().partition(|d| self.data.is_shifted(d));
+        let shifted_domains = shifted.len().min(bench.tune_domains);
+        let domains: Vec<&DomainSpec> = shifted.into_iter().chain(clean).take(bench.tune_domains).collect();
         let labels = adapters.iter().map(|(_, a)| a.labels_needed()).max().unwrap_or(0);
         let window = self.composer.deployment.fleet.window_clips;
         let mut drawn = Vec::with_capacity(domains.len());
@@ -489,7 +491,7 @@ impl Harness<'_> {
                 _ => Some((i, *score)),
             })
             .map_or(0, |(i, _)| i);
-        Ok((best, Tuning { chosen: candidates[best].0.clone(), candidates, domains: drawn.len() }))
+        Ok((best, Tuning { chosen: candidates[best].0.clone(), candidates, domains: drawn.len(), shifted_domains }))
     }
 
     /// The oracle row over `rows` (one full run per candidate): each device takes the candidate
@@ -519,7 +521,12 @@ impl Harness<'_> {
         let picked: Vec<String> =
             labels.iter().zip(&chosen).filter(|(_, n)| **n > 0).map(|(l, n)| format!("{l} ×{n}")).collect();
         Some(MethodRow {
-            tuning: Some(Tuning { chosen: format!("per device: {}", picked.join("; ")), candidates, domains: 0 }),
+            tuning: Some(Tuning {
+                chosen: format!("per device: {}", picked.join("; ")),
+                candidates,
+                domains: 0,
+                shifted_domains: 0,
+            }),
             ..row(name, Family::Oracle, devices, costs, Vec::new())
         })
     }
@@ -816,6 +823,16 @@ pub fn bench(deployment: &Deployment, registry: &Registry, progress: &dyn Progre
     ];
     let cdc_costs = |cloud_trainable| Costs { device_changed: slots, cloud_trainable, ..Costs::default() };
     let mut methods = vec![row(CDC.into(), Family::Cdc, cdc_devices, cdc_costs(generator_parameters), cdc_detail)];
+    // Rows are found by name (targets, plots): a derived name another row already has gets a
+    // number (explicit names are unique, checked by validate).
+    let mut used = std::collections::BTreeSet::from([CDC.to_string()]);
+    let mut unique = |name: String| -> String {
+        let free =
+            (1..).map(|n| if n == 1 { name.clone() } else { format!("{name} #{n}") }).find(|n| !used.contains(n));
+        let free = free.unwrap_or(name);
+        used.insert(free.clone());
+        free
+    };
     for (choice, candidates) in &adapters {
         let (chosen, tuning) = if choice.tune.is_empty() {
             (0, None)
@@ -823,7 +840,7 @@ pub fn bench(deployment: &Deployment, registry: &Registry, progress: &dyn Progre
             harness.tune(candidates, progress).map(|(i, t)| (i, Some(t)))?
         };
         let Some((_, adapter)) = candidates.get(chosen) else { continue };
-        let name = choice.name.clone().unwrap_or_else(|| adapter.label());
+        let name = unique(choice.name.clone().unwrap_or_else(|| adapter.label()));
         let row = harness.baseline(adapter.as_ref(), name.clone(), &name, progress)?;
         methods.push(MethodRow { tuning, ..row });
         if choice.oracle {
@@ -832,7 +849,7 @@ pub fn bench(deployment: &Deployment, registry: &Registry, progress: &dyn Progre
                 .map(|(label, a)| harness.baseline(a.as_ref(), format!("{name} [{label}]"), &name, progress))
                 .collect::<Result<Vec<_>, RunError>>()?;
             let labels: Vec<String> = candidates.iter().map(|(l, _)| l.clone()).collect();
-            methods.extend(Harness::oracle(format!("{name}, oracle (upper bound)"), rows, &labels));
+            methods.extend(Harness::oracle(unique(format!("{name}, oracle (upper bound)")), rows, &labels));
         }
     }
 
@@ -1155,7 +1172,10 @@ impl BenchReport {
                     "chosen on each device's own scored clips — an upper bound, not deployable; candidates' fleet means"
                         .to_string()
                 } else {
-                    format!("chosen on {} shifted source domains (training split, never a test device)", t.domains)
+                    format!(
+                        "chosen on {} source domains, {} of them shifted (training split, never a test device)",
+                        t.domains, t.shifted_domains
+                    )
                 };
                 out.push_str(&format!("- {}: {}; {over}: {}\n", r.method, t.chosen, scores.join(", ")));
             }

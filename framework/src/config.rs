@@ -987,6 +987,34 @@ impl Parser<'_> {
         }
     }
 
+    /// A bench row's explicit name: unique among the named rows, printable in a Markdown table,
+    /// and not one the bench gives its own rows (the method, the static model for another
+    /// plugin, an oracle row), since targets find rows by name.
+    fn row_name(
+        &mut self,
+        name: &str,
+        baseline: &BaselineChoice,
+        at: &str,
+        seen: &mut std::collections::BTreeSet<String>,
+    ) {
+        let problem = if name.trim().is_empty() {
+            Some("a row name must not be empty".to_string())
+        } else if name.chars().count() > 80 || name.chars().any(|c| c == '|' || c.is_control()) {
+            Some("a row name must be at most 80 characters, without `|` or control characters".to_string())
+        } else if name == "CDC-MMPG (ours)" || name.ends_with(", oracle (upper bound)") {
+            Some(format!("`{name}` is a name the bench gives its own rows"))
+        } else if name == "static" && baseline.plugin != "static" {
+            Some("`static` names the static model's row (the targets compare with it)".to_string())
+        } else if !seen.insert(name.to_string()) {
+            Some(format!("another baseline is already named `{name}`"))
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            self.fail(KeyPath::parse(at), problem);
+        }
+    }
+
     /// `[[plugins]]`: each pin well-formed, each library loaded (by [`Deployment::open`]).
     fn libraries(&mut self, plugins: &[PluginLibraryConfig], base: &Path) {
         for (i, library) in plugins.iter().enumerate() {
@@ -1046,9 +1074,21 @@ impl Parser<'_> {
         let Some(clip_bytes) = plugin.settings().and_then(|s| s.clip_bytes(&data.settings)) else { return };
         let Some(available) = available_memory() else { return };
         let count = fleet.devices.unwrap_or(fleet.shifts.len()) + devices.len();
-        let pool = bench.baselines.iter().filter_map(|b| b.settings.get("labels")?.as_integer()).max().unwrap_or(0);
-        let per_device = fleet.window_clips + fleet.eval_clips + usize::try_from(pool).unwrap_or(0);
-        let needed = fleet_clip_bytes(count, per_device, clip_bytes);
+        // Labels a baseline may ask for: its settings' or any tuned candidate's.
+        let labels = |b: &BaselineChoice| -> Vec<i64> {
+            let tuned = b.tune.get("labels").into_iter().flatten().filter_map(toml::Value::as_integer);
+            b.settings.get("labels").and_then(toml::Value::as_integer).into_iter().chain(tuned).collect()
+        };
+        let pool = bench.baselines.iter().flat_map(labels).max().unwrap_or(0);
+        let pool = usize::try_from(pool).unwrap_or(0);
+        let per_device = fleet.window_clips + fleet.eval_clips + pool;
+        // Tuning holds, besides, its source domains' labelled, scored and window clips.
+        let tuning = if bench.baselines.iter().any(|b| !b.tune.is_empty()) {
+            fleet_clip_bytes(bench.tune_domains, pool + bench.tune_eval_clips + fleet.window_clips, clip_bytes)
+        } else {
+            0
+        };
+        let needed = fleet_clip_bytes(count, per_device, clip_bytes) + tuning;
         if needed > u128::from(available) {
             let path = if fleet.devices.is_some() { "fleet.devices" } else { "fleet" };
             self.fail(
@@ -1308,11 +1348,21 @@ impl Deployment {
             "transport.settings",
         );
 
+        let mut names = std::collections::BTreeSet::new();
         for (i, b) in bench.baselines.iter().enumerate() {
             let at = format!("bench.baselines[{i}]");
             p.plugin(PluginKind::Adapter, &b.plugin, &format!("{at}.plugin"), &b.settings, &format!("{at}.settings"));
-            // Each candidate alone, so that an error names the tuned key.
-            for (key, values) in &b.tune {
+            if let Some(name) = &b.name {
+                p.row_name(name, b, &format!("{at}.name"), &mut names);
+            }
+            // Each candidate alone, so that an error names the tuned key; an unknown plugin is
+            // reported once, above.
+            let known = p.registry.get(PluginKind::Adapter, &b.plugin).is_ok();
+            for (key, values) in b.tune.iter().filter(|_| known) {
+                if !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') || key.is_empty() {
+                    p.fail(KeyPath::parse(&format!("{at}.tune")), format!("`{key}` is not a setting name"));
+                    continue;
+                }
                 if values.is_empty() {
                     p.fail(KeyPath::parse(&format!("{at}.tune.{key}")), "needs at least one candidate value");
                 }
