@@ -842,15 +842,26 @@ pub fn bench(deployment: &Deployment, registry: &Registry, progress: &dyn Progre
         let Some((_, adapter)) = candidates.get(chosen) else { continue };
         let name = unique(choice.name.clone().unwrap_or_else(|| adapter.label()));
         let row = harness.baseline(adapter.as_ref(), name.clone(), &name, progress)?;
-        methods.push(MethodRow { tuning, ..row });
-        if choice.oracle {
+        let oracle = if choice.oracle {
+            // The chosen candidate's run is the row itself (same seeds): only the others run.
             let rows = candidates
                 .iter()
-                .map(|(label, a)| harness.baseline(a.as_ref(), format!("{name} [{label}]"), &name, progress))
+                .enumerate()
+                .map(|(j, (label, a))| {
+                    if j == chosen {
+                        Ok(row.clone())
+                    } else {
+                        harness.baseline(a.as_ref(), format!("{name} [{label}]"), &name, progress)
+                    }
+                })
                 .collect::<Result<Vec<_>, RunError>>()?;
             let labels: Vec<String> = candidates.iter().map(|(l, _)| l.clone()).collect();
-            methods.extend(Harness::oracle(unique(format!("{name}, oracle (upper bound)")), rows, &labels));
-        }
+            Harness::oracle(unique(format!("{name}, oracle (upper bound)")), rows, &labels)
+        } else {
+            None
+        };
+        methods.push(MethodRow { tuning, ..row });
+        methods.extend(oracle);
     }
 
     // Ablations: named variants, then the K sweep.
