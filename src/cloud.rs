@@ -15,7 +15,7 @@ use mmpg::security::{AuditLog, CloudSigner, Guard, Revocations, SequenceLedger};
 use mmpg::transport::Merged;
 use mmpg::{Deployment, Progress, Registry};
 use mmpg_http::tls::ServerConfig;
-use mmpg_http::{CloudServer, Published, ServerSettings};
+use mmpg_http::{CloudServer, Limits, Published, ServerSettings};
 use mmpg_mqtt::{BrokerSettings, MqttEndpoint, MqttSettings};
 
 /// Printed on stdout once the cloud answers adaptation requests, followed by its URL: what
@@ -57,7 +57,9 @@ fn security(deployment: &Deployment, workers: bool) -> anyhow::Result<Secured> {
         }
         let tls = mmpg_http::tls::server_config(&kit.server_cert(), &kit.server_key(), Some(&kit.ca_cert()))?;
         let audit = AuditLog::open(&kit.audit()).with_context(|| format!("opening {}", kit.audit().display()))?;
-        let guard = Guard::new(Revocations::watch(&kit.revoked()), audit, security.rate_per_s, security.burst);
+        // A list that cannot be taken now stops the cloud: serving with none would revoke no one.
+        let revocations = Revocations::open(&kit.revoked())?;
+        let guard = Guard::new(revocations, audit, security.rate_per_s, security.burst);
         eprintln!(
             "mmpg cloud: mutual TLS with the kit in {}; audit log {}",
             kit.root().display(),
@@ -205,6 +207,14 @@ pub fn serve(
             request_timeout: Duration::from_millis(config.request_timeout_ms),
             queue: config.max_batch * QUEUE_PER_BATCH_SLOT,
             guard: guard.clone(),
+            limits: Limits {
+                connections: config.max_connections,
+                handshakes: (config.max_connections / 4).max(1),
+                connections_per_peer: config.max_connections_per_peer,
+                requests_per_peer: config.max_requests_per_peer,
+                buffered_bytes: config.buffered_bytes(),
+                idle: Duration::from_millis(config.request_timeout_ms),
+            },
         },
         published.clone(),
     )?;

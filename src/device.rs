@@ -53,10 +53,10 @@ impl StateDir {
         self.0.join("bundle")
     }
     fn params(&self) -> PathBuf {
-        self.0.join("params.envelope")
+        self.0.join(mmpg::state::PARAMS)
     }
     fn sequence(&self) -> PathBuf {
-        self.0.join("sequence")
+        self.0.join(mmpg::state::SEQUENCE)
     }
     fn log(&self) -> PathBuf {
         self.0.join("log.jsonl")
@@ -65,25 +65,8 @@ impl StateDir {
         self.0.join("report.json")
     }
     fn privacy(&self) -> PathBuf {
-        self.0.join("privacy.json")
+        self.0.join(mmpg::state::PRIVACY)
     }
-}
-
-/// Writes `bytes` to `path` so that a crash leaves either the old file or the new one: a
-/// temporary file in the same folder, fsynced, renamed over the old one.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        // The rename itself is durable once the folder is.
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }
 
 /// The JSON-lines log.
@@ -257,52 +240,43 @@ fn bundle(
 /// Restores the privacy a device's earlier runs spent. A ledger that cannot be read is an
 /// error, not a fresh start: forgetting it would understate what the device has disclosed.
 fn restore_privacy(node: &mut DeviceNode, state: &StateDir) -> anyhow::Result<()> {
-    match std::fs::read_to_string(state.privacy()) {
-        Ok(text) => {
-            let ledger = mmpg::privacy::PrivacyAccountant::from_json(&text).map_err(|e| {
-                anyhow::anyhow!("{}: {e}; the privacy this device spent is unknown", state.privacy().display())
-            })?;
-            node.resume_privacy(ledger);
-            Ok(())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(anyhow::anyhow!("reading {}: {e}", state.privacy().display())),
-    }
+    let unknown = "the privacy this device spent is unknown";
+    let Some(bytes) = mmpg::state::read_sealed(&state.privacy(), mmpg::state::MAX_SMALL)
+        .map_err(|e| anyhow::anyhow!("{e}; {unknown}"))?
+    else {
+        return Ok(());
+    };
+    let text =
+        String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("{}: not UTF-8; {unknown}", state.privacy().display()))?;
+    let ledger = mmpg::privacy::PrivacyAccountant::from_json(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}; {unknown}", state.privacy().display()))?;
+    node.resume_privacy(ledger);
+    Ok(())
 }
 
 /// Restores the last good parameters and the request counter, if the state folder has them.
+/// A damaged counter is logged and dropped: the cloud's refusal of a stale or far-ahead request
+/// names where to continue.
 fn restore(node: &mut DeviceNode, state: &StateDir, key: Option<&CloudKey>, log: &mut Log) -> bool {
-    match std::fs::read_to_string(state.sequence()) {
-        Ok(text) => match text.trim().parse::<u64>() {
-            Ok(sequence) if sequence <= mmpg::wire::MAX_SEQUENCE => node.resume_after(sequence),
-            _ => {
-                let message =
-                    format!("{}: not a sequence number up to 2^48: {:?}", state.sequence().display(), text.trim());
-                log.event(json!({"event": "failure", "kind": "restore", "message": message}));
-            }
-        },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+    match mmpg::state::read_sequence(&state.sequence()) {
+        Ok(Some(sequence)) => node.resume_after(sequence),
+        Ok(None) => {}
         Err(e) => log.event(json!({"event": "failure", "kind": "restore", "message": e.to_string()})),
     }
-    let bytes = match std::fs::read(state.params()) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return false,
-        Err(e) => {
-            log.event(json!({"event": "failure", "kind": "restore", "message": e.to_string()}));
-            return false;
-        }
+    let sealed = match mmpg::state::read_sealed(&state.params(), mmpg::state::MAX_PARAMS) {
+        Ok(Some(bytes)) => Ok(bytes),
+        Ok(None) => return false,
+        Err(e) => Err(format!("saved parameters: {e}")),
     };
-    let checked = match bytes.len().checked_sub(64).map(|n| bytes.split_at(n)) {
-        Some((envelope, sum)) if mmpg::bundle::sha256_hex(envelope).as_bytes() == sum => Ok(envelope),
-        _ => Err("saved parameters fail their checksum".to_string()),
-    };
-    let restored = checked
+    let restored = sealed
         .and_then(|bytes| match key {
             // Saved as it arrived: the cloud's signature is checked again.
-            Some(key) => mmpg::wire::open_signed(bytes, key).map_err(|e| format!("saved parameters: {e}")),
+            Some(key) => {
+                mmpg::wire::open_signed(&bytes, key).map(<[u8]>::to_vec).map_err(|e| format!("saved parameters: {e}"))
+            }
             None => Ok(bytes),
         })
-        .and_then(|bytes| Envelope::decode(bytes).map_err(|e| e.to_string()))
+        .and_then(|bytes| Envelope::decode(&bytes).map_err(|e| e.to_string()))
         .and_then(|e| {
             if e.device != node.id || e.schema_hash != node.model.schema().hash() {
                 return Err("saved parameters are for another device or schema".to_string());
@@ -500,15 +474,14 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
                         if s.summary.privacy.is_some() {
                             // Kept before the upload leaves: a crash must not forget what it spent.
                             let ledger = serde_json::to_string(&node.privacy_ledger())?;
-                            write_atomically(&state.privacy(), ledger.as_bytes())
-                                .with_context(|| format!("writing {}", state.privacy().display()))?;
+                            mmpg::state::write_sealed(&state.privacy(), ledger.as_bytes())?;
                             report.privacy = node.privacy_spent();
                         }
                         // Out of sequence numbers, a device can never be answered again: an error
                         // for a person, not a failure to count on every window.
                         let request = node.request(&s.summary).context("making the adaptation request")?;
                         resync.summary = Some(s.summary);
-                        let _ = write_atomically(&state.sequence(), request.sequence.to_string().as_bytes());
+                        let _ = mmpg::state::write_sealed(&state.sequence(), request.sequence.to_string().as_bytes());
                         log.event(json!({"event": "request", "sequence": request.sequence, "served": served}));
                         report.adaptation_ms = t0.elapsed().as_secs_f64() * 1e3;
                         sent += 1;
@@ -594,12 +567,9 @@ fn drain(
                         report.adaptation_ms += t0.elapsed().as_secs_f64() * 1e3;
                         // As it arrived: under [security] the cloud's signature is checked
                         // again on restore.
-                        if let Some(mut bytes) = signed.or_else(|| envelope.encode().ok()) {
-                            // A checksum after the envelope: a file damaged at rest is refused on
-                            // restore, not installed.
-                            let sum = mmpg::bundle::sha256_hex(&bytes);
-                            bytes.extend_from_slice(sum.as_bytes());
-                            let _ = write_atomically(&state.params(), &bytes);
+                        if let Some(bytes) = signed.or_else(|| envelope.encode().ok()) {
+                            // Sealed: a file damaged at rest is refused on restore, not installed.
+                            let _ = mmpg::state::write_sealed(&state.params(), &bytes);
                         }
                         match node.model.accuracy(eval) {
                             Ok(a) => report.adapted_accuracy = a,
@@ -618,7 +588,10 @@ fn drain(
                         let resent = resync.summary.take().map(|s| node.request(&s));
                         match resent {
                             Some(Ok(request)) => {
-                                let _ = write_atomically(&state.sequence(), request.sequence.to_string().as_bytes());
+                                let _ = mmpg::state::write_sealed(
+                                    &state.sequence(),
+                                    request.sequence.to_string().as_bytes(),
+                                );
                                 log.event(json!({
                                     "event": "resync", "sequence": request.sequence,
                                     "cloud_last": envelope.last_accepted(),

@@ -110,7 +110,13 @@ fn summary(kit: &Kit, security: &SecurityConfig, done: &mmpg::security::Provisio
         done.kept.len(),
         kit.root().join("devices").display()
     );
-    let revoked = mmpg::security::revocation::read(&kit.revoked()).unwrap_or_default();
+    let revoked = match mmpg::security::revocation::read(&kit.revoked()) {
+        Ok(revoked) => revoked,
+        Err(e) => {
+            let _ = writeln!(out, "  revoked            CANNOT BE READ: {e}");
+            Default::default()
+        }
+    };
     if !revoked.is_empty() {
         let _ = writeln!(
             out,

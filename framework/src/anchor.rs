@@ -396,9 +396,16 @@ impl AnchorSummary {
 
     /// Checks internal consistency of a summary received from a peer and decodes its anchors.
     pub fn decoded_anchors(&self) -> Result<HostTensor, AnchorError> {
-        let d = self.dim();
-        if self.var.len() != d || self.anchors.shape.len() != 2 || self.anchors.shape[1] != d {
-            return Err(AnchorError::FeatureShape { expected_dim: d, found: self.anchors.shape.clone() });
+        // The anchors are `[K, d]`; each moment must then have d values. Each disagreement names
+        // the tensor at fault, not the anchors for a moment's length.
+        if self.anchors.shape.len() != 2 {
+            return Err(AnchorError::FeatureShape { expected_dim: self.dim(), found: self.anchors.shape.clone() });
+        }
+        let d = self.anchors.shape[1];
+        for (tensor, values) in [("mean", &self.mean), ("var", &self.var)] {
+            if values.len() != d {
+                return Err(AnchorError::MomentLength { tensor: tensor.into(), expected: d, found: values.len() });
+            }
         }
         if self.anchor_count() == 0 {
             return Err(AnchorError::Empty);
@@ -466,6 +473,16 @@ pub enum AnchorError {
     /// did not decode); the message names the plugin and its library.
     #[error("{0}")]
     Plugin(String),
+    /// A moment tensor (`mean` or `var`) whose length is not the anchors' feature dimension.
+    #[error("summary `{tensor}` has {found} values; the anchors have {expected} features")]
+    MomentLength {
+        /// `mean` or `var`.
+        tensor: String,
+        /// The anchors' feature dimension d.
+        expected: usize,
+        /// Its length.
+        found: usize,
+    },
 }
 
 /// The device-side reasoner that picks anchor frames. Implementors choose which rows of a
@@ -574,6 +591,28 @@ pub trait AnchorReasoner: Send + Sync {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 28: a summary whose `mean` has the wrong length was reported as an anchors shape
+    /// error. The tensor at fault is named.
+    #[test]
+    fn a_moment_of_the_wrong_length_is_named() {
+        let anchors = QuantisedTensor::from_parts(Quantisation::F32, vec![1, 2], vec![0; 8], 1.0).expect("anchors");
+        let summary = |mean: usize, var: usize| AnchorSummary {
+            anchors: anchors.clone(),
+            mean: vec![0.0; mean],
+            var: vec![1.0; var],
+            frames: 1,
+            clips: 1,
+            text_anchors: None,
+            privacy: None,
+        };
+        let err = summary(3, 2).decoded_anchors().expect_err("refused");
+        assert_eq!(err, AnchorError::MomentLength { tensor: "mean".into(), expected: 2, found: 3 });
+        assert!(err.to_string().starts_with("summary `mean` has 3 values"), "{err}");
+        let err = summary(2, 1).decoded_anchors().expect_err("refused");
+        assert!(matches!(err, AnchorError::MomentLength { ref tensor, .. } if tensor == "var"), "{err}");
+        assert!(summary(2, 2).decoded_anchors().is_ok());
+    }
     use proptest::prelude::*;
 
     const ALL: [Quantisation; 3] = [Quantisation::F32, Quantisation::F16, Quantisation::Int8];

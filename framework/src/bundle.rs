@@ -42,6 +42,9 @@ pub const SIGNATURE: &str = "manifest.sig";
 pub const FILES: [&str; 3] = [MODEL, REFERENCE, SCHEMA];
 /// Largest manifest accepted, in bytes.
 pub const MAX_MANIFEST: usize = 1 << 20;
+/// Largest file of a bundle other than its manifest, in bytes: what one reply of the wire may
+/// carry, so a bundle that can be served can be read, and nothing larger is ever allocated.
+pub const MAX_FILE: u64 = crate::wire::MAX_PAYLOAD as u64;
 
 /// Why a bundle was refused.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +57,10 @@ pub enum BundleError {
         /// Cause.
         error: std::io::Error,
     },
+    /// A file was refused before it was read (not a regular file, a link out of the bundle's
+    /// folder, over its limit).
+    #[error(transparent)]
+    File(crate::files::FileError),
     /// The manifest is not a valid manifest.
     #[error("{MANIFEST}: {0}")]
     Manifest(String),
@@ -245,22 +252,24 @@ impl Bundle {
     /// Reads and verifies the bundle in `dir`; with the cloud's `key`, only a bundle it signed.
     ///
     /// # Errors
-    /// As [`Bundle::from_parts`], and [`BundleError::Io`] for a file that cannot be read.
+    /// As [`Bundle::from_parts`], and [`BundleError::File`] for a file refused before reading
+    /// ([`crate::files::read`]: not a regular file, a link out of the folder, over [`MAX_FILE`]).
     pub fn open(dir: &Path, key: Option<&CloudKey>) -> Result<Self, BundleError> {
-        let read = |name: &str| {
-            let path = dir.join(name);
-            std::fs::read(&path).map_err(|error| match error.kind() {
-                std::io::ErrorKind::NotFound => BundleError::Missing(path.display().to_string()),
-                _ => BundleError::Io { path, error },
+        // Links are allowed only inside the bundle's folder: a `model.safetensors` pointing at
+        // `/dev/zero` or another folder's file is refused before a byte is read.
+        let read = |name: &str, limit: u64| {
+            crate::files::read(&dir.join(name), limit, crate::files::Links::Within(dir)).map_err(|e| match e {
+                crate::files::FileError::NotFound { path } => BundleError::Missing(path.display().to_string()),
+                e => BundleError::File(e),
             })
         };
-        let manifest = read(MANIFEST)?;
-        let signature = match read(SIGNATURE) {
+        let manifest = read(MANIFEST, MAX_MANIFEST as u64)?;
+        let signature = match read(SIGNATURE, SIGNATURE_LEN as u64) {
             Ok(sig) => Some(sig),
             Err(BundleError::Missing(_)) => None,
             Err(e) => return Err(e),
         };
-        let files = FILES.iter().map(|name| Ok((name.to_string(), read(name)?))).collect::<Result<_, _>>()?;
+        let files = FILES.iter().map(|name| Ok((name.to_string(), read(name, MAX_FILE)?))).collect::<Result<_, _>>()?;
         Self::from_parts(&manifest, signature.as_deref(), key, files)
     }
 
@@ -436,6 +445,33 @@ mod tests {
         let err = Bundle::open(dir.path(), Some(&key)).expect_err("refused");
         assert!(matches!(err, BundleError::Signature(_)), "{err}");
         assert!(err.to_string().starts_with("manifest.sig: "), "{err}");
+    }
+
+    /// Issue 28's example: a bundle whose model is a link to `/dev/zero` made a device read until
+    /// it was out of memory.
+    #[test]
+    fn a_file_that_is_a_device_a_fifo_or_a_link_out_of_the_bundle_is_refused_before_reading() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        bundle().write(dir.path()).expect("written");
+        let model = dir.path().join(MODEL);
+        std::fs::remove_file(&model).expect("removed");
+        std::os::unix::fs::symlink("/dev/zero", &model).expect("linked");
+        let err = Bundle::open(dir.path(), None).expect_err("refused");
+        assert!(matches!(err, BundleError::File(crate::files::FileError::Link { .. })), "{err}");
+        std::fs::remove_file(&model).expect("removed");
+        let made = std::process::Command::new("mkfifo").arg(&model).status().expect("mkfifo runs");
+        assert!(made.success());
+        let err = Bundle::open(dir.path(), None).expect_err("refused");
+        assert!(matches!(err, BundleError::File(crate::files::FileError::NotRegular { .. })), "{err}");
+        // A link inside the folder is what the format allows.
+        std::fs::remove_file(&model).expect("removed");
+        std::fs::write(dir.path().join("blob"), [1, 2, 3]).expect("written");
+        std::os::unix::fs::symlink(dir.path().join("blob"), &model).expect("linked");
+        Bundle::open(dir.path(), None).expect("a link inside the bundle's folder opens");
+        // A signature longer than a signature is not read in full either.
+        std::fs::write(dir.path().join(SIGNATURE), vec![0u8; 1 << 16]).expect("written");
+        let err = Bundle::open(dir.path(), None).expect_err("refused");
+        assert!(matches!(err, BundleError::File(crate::files::FileError::TooLarge { .. })), "{err}");
     }
 
     #[test]

@@ -118,7 +118,8 @@ pub fn read_clip_dir(dir: &Path, task: &TaskSpec) -> Result<Vec<Clip>, ClipFileE
     files
         .iter()
         .map(|path| {
-            let bytes = std::fs::read(path).map_err(io(path))?;
+            let bytes = crate::files::read(path, crate::wire::MAX_PAYLOAD as u64, crate::files::Links::Within(dir))
+                .map_err(|e| ClipFileError::Invalid { path: path.clone(), message: e.to_string() })?;
             decode_clip(&bytes, task).map_err(|e| ClipFileError::Invalid { path: path.clone(), message: e.to_string() })
         })
         .collect()

@@ -340,6 +340,16 @@ pub struct ServeConfig {
     /// Serve HTTPS with this certificate chain and key (PEM files, relative to the working
     /// directory); devices trust `ca` (the certificate itself when absent).
     pub tls: Option<TlsConfig>,
+    /// Most connections held at once, all devices together (a quarter of them may be in their
+    /// TLS handshake).
+    pub max_connections: usize,
+    /// Most connections one authenticated device holds at once (mutual TLS).
+    pub max_connections_per_peer: usize,
+    /// Most adaptation requests one authenticated device has in flight at once (429 beyond).
+    pub max_requests_per_peer: usize,
+    /// Most request bytes buffered at once, all devices together, in bytes (503 beyond);
+    /// default 64 × `body_limit`.
+    pub max_buffered_bytes: Option<usize>,
 }
 
 impl Default for ServeConfig {
@@ -352,11 +362,20 @@ impl Default for ServeConfig {
             body_limit: 1 << 20,
             request_timeout_ms: 10_000,
             tls: None,
+            max_connections: 8192,
+            max_connections_per_peer: 16,
+            max_requests_per_peer: 4,
+            max_buffered_bytes: None,
         }
     }
 }
 
 impl ServeConfig {
+    /// Request bytes buffered at once: `max_buffered_bytes`, or 64 × `body_limit`.
+    pub fn buffered_bytes(&self) -> usize {
+        self.max_buffered_bytes.unwrap_or(self.body_limit.saturating_mul(64))
+    }
+
     /// The URL devices use.
     pub fn device_url(&self) -> String {
         self.url.clone().unwrap_or_else(|| {
@@ -1126,6 +1145,17 @@ impl Parser<'_> {
         check.within("serve.max_wait_ms", serve.max_wait_ms, 0..=10_000);
         check.within("serve.body_limit", serve.body_limit, 1024..=crate::wire::MAX_PAYLOAD);
         check.within("serve.request_timeout_ms", serve.request_timeout_ms, 1..=600_000);
+        check.within("serve.max_connections", serve.max_connections, 16..=1 << 20);
+        check.within(
+            "serve.max_connections_per_peer",
+            serve.max_connections_per_peer,
+            1..=serve.max_connections.max(1),
+        );
+        check.within("serve.max_requests_per_peer", serve.max_requests_per_peer, 1..=4096);
+        if let Some(bytes) = serve.max_buffered_bytes {
+            // Room for at least one request of the largest size.
+            check.within("serve.max_buffered_bytes", bytes, serve.body_limit.max(1)..=1 << 36);
+        }
         check.within("fleet.request_timeout_ms", fleet.request_timeout_ms, 1..=600_000);
         check.within("fleet.max_attempts", fleet.max_attempts, 1..=100);
         check.within("fleet.clip_interval_ms", fleet.clip_interval_ms, 0..=60_000);

@@ -22,7 +22,7 @@ use crate::security::{CloudSigner, SequenceLedger};
 use crate::slots::{GeneratedParams, SchemaHash};
 use crate::tensor::HostTensor;
 use crate::transport::{CloudEndpoint, Peer, TransportError};
-use crate::wire::{Envelope, MAX_SEQUENCE, MessageKind, WireError};
+use crate::wire::{Envelope, MAX_AHEAD, MAX_SEQUENCE, MessageKind, WireError};
 
 /// How the cloud groups concurrent requests into one generation call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -235,9 +235,9 @@ impl<'a> CloudNode<'a> {
             let reason = format!("summary for slot schema {}, this cloud serves {schema}", envelope.schema_hash);
             return Err(refuse(e, Outcome::WrongSchema, reason));
         }
-        if envelope.sequence > MAX_SEQUENCE {
+        if envelope.sequence >= MAX_SEQUENCE {
             let reason =
-                format!("sequence {} is beyond {MAX_SEQUENCE} (2^48), the largest a device may use", envelope.sequence);
+                format!("sequence {} is not below {MAX_SEQUENCE} (2^48), the bound of sequences", envelope.sequence);
             return Err(refuse(e, Outcome::Malformed, reason));
         }
         if let Some(ledger) = self.ledger {
@@ -248,6 +248,12 @@ impl<'a> CloudNode<'a> {
                 let stale = Envelope::stale(envelope.device.clone(), envelope.sequence, schema, last);
                 let bytes = stale.with_nonce(envelope.nonce).encode().unwrap_or_default();
                 return Err(Reply { bytes, outcome: Outcome::Replayed });
+            }
+            let from = last.unwrap_or(0);
+            if envelope.sequence - from > MAX_AHEAD {
+                let ahead = Envelope::ahead(envelope.device.clone(), envelope.sequence, schema, from);
+                let bytes = ahead.with_nonce(envelope.nonce).encode().unwrap_or_default();
+                return Err(Reply { bytes, outcome: Outcome::Malformed });
             }
         }
         let summary =
@@ -578,7 +584,7 @@ impl DeviceNode {
     /// Continues numbering requests after `sequence` (a device restarting from its saved state,
     /// so that the cloud never sees a sequence number twice).
     pub fn resume_after(&mut self, sequence: u64) {
-        self.sequence = self.sequence.max(sequence.min(MAX_SEQUENCE));
+        self.sequence = self.sequence.max(sequence.min(MAX_SEQUENCE - 1));
     }
 
     /// The reference statistics summaries are standardised with.
@@ -664,7 +670,7 @@ impl DeviceNode {
     pub fn request(&mut self, summary: &AnchorSummary) -> Result<Envelope, WireError> {
         // A device that has used every sequence number cannot make a request the cloud would
         // take as newer.
-        let sequence = self.sequence.checked_add(1).filter(|s| *s <= MAX_SEQUENCE).ok_or_else(|| {
+        let sequence = self.sequence.checked_add(1).filter(|s| *s < MAX_SEQUENCE).ok_or_else(|| {
             WireError::Content(format!(
                 "request sequence numbers exhausted ({} of {MAX_SEQUENCE}); the cloud's ledger (cloud/sequences.log) \
                  must forget this device before it can ask again",
@@ -697,10 +703,12 @@ impl DeviceNode {
         match reply.kind {
             MessageKind::Params => {}
             MessageKind::Error => {
-                // A cloud that remembers a later sequence from this device (the device lost its
-                // count): the next request numbers after it.
+                // The cloud names the last sequence it accepted from this device: a later one than
+                // the device's (it lost its count), or one far behind a request that jumped ahead
+                // (a damaged count). Either way the next request numbers right after it; this
+                // reply answers the outstanding request, so it is the cloud's word.
                 if let Some(last) = reply.last_accepted() {
-                    self.resume_after(last);
+                    self.sequence = last.min(MAX_SEQUENCE - 1);
                 }
                 return Err(Refusal::Cloud(reply.to_error().unwrap_or_else(|e| format!("unreadable reason ({e})"))));
             }
@@ -843,6 +851,37 @@ mod tests {
         assert_eq!(cloud.respond(&[(&anyone, &newer)]).0[0].outcome, Outcome::Adapted);
         assert_eq!(cloud.respond(&[(&anyone, &first)]).0[0].outcome, Outcome::Replayed);
         assert_eq!(cloud.respond(&[(&anyone, &newer)]).0[0].outcome, Outcome::Repeated);
+    }
+
+    /// Issue 28: the cloud recorded sequence 2^48, after which its device had no valid sequence
+    /// left. Bounds are exact (below 2^48 on both sides), and a jump past the last accepted by
+    /// more than 2^24 is refused naming where to continue — so from any sequence the cloud holds
+    /// the device resynchronises.
+    #[test]
+    fn sequence_bounds_are_exact_and_a_jump_is_refused_naming_where_to_continue() {
+        let generator = picky();
+        let ledger = SequenceLedger::in_memory();
+        let cloud = CloudNode::new(&generator, Quantisation::F32).with_ledger(&ledger);
+        let anyone = Peer::default();
+        let numbered = |sequence: u64| {
+            Envelope::summary(DeviceId("a".into()), sequence, generator.0.hash(), &summary(2))
+                .map(|e| e.with_nonce(sequence ^ 0x5a))
+                .and_then(|e| e.encode())
+                .expect("encodes")
+        };
+        for at_or_beyond in [MAX_SEQUENCE, MAX_SEQUENCE + 1, u64::MAX] {
+            assert_eq!(cloud.respond(&[(&anyone, &numbered(at_or_beyond))]).0[0].outcome, Outcome::Malformed);
+        }
+        assert_eq!(ledger.last(&DeviceId("a".into())), None, "nothing recorded");
+        // A flipped high bit of a device's counter: refused, naming 0 (nothing accepted yet).
+        let (replies, _) = cloud.respond(&[(&anyone, &numbered(1 << 40))]);
+        let ahead = Envelope::decode(&replies[0].bytes).expect("decodes");
+        assert_eq!((replies[0].outcome, ahead.last_accepted()), (Outcome::Malformed, Some(0)));
+        assert_eq!(cloud.respond(&[(&anyone, &numbered(MAX_AHEAD))]).0[0].outcome, Outcome::Adapted);
+        let (replies, _) = cloud.respond(&[(&anyone, &numbered(2 * MAX_AHEAD + 1))]);
+        let ahead = Envelope::decode(&replies[0].bytes).expect("decodes");
+        assert_eq!(ahead.last_accepted(), Some(MAX_AHEAD));
+        assert_eq!(cloud.respond(&[(&anyone, &numbered(2 * MAX_AHEAD))]).0[0].outcome, Outcome::Adapted);
     }
 
     #[test]

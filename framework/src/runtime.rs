@@ -701,6 +701,9 @@ pub fn checkpoint_error(dir: &str, file: &str, error: impl std::fmt::Display) ->
     RunError::Checkpoint { path: format!("{dir}/{file}"), message: error.to_string() }
 }
 
+/// Largest checkpoint file read, in bytes.
+pub const MAX_CHECKPOINT: u64 = 4 << 30;
+
 /// The model's and the generator's checkpoint bytes.
 type CheckpointBytes = (Vec<u8>, Vec<u8>);
 
@@ -717,12 +720,17 @@ impl CheckpointDir<'_> {
 
     /// Both checkpoints, if the folder holds a checkpoint of the training with `fingerprint`.
     pub fn read(&self, fingerprint: &str) -> Result<Option<CheckpointBytes>, RunError> {
-        match std::fs::read_to_string(self.0.join(FINGERPRINT_FILE)) {
+        // Checkpoints may come from an operator's copy: read as regular files (links only within
+        // the folder), bounded.
+        let links = crate::files::Links::Within(self.0);
+        match crate::files::read_text(&self.0.join(FINGERPRINT_FILE), 4096, links) {
             Ok(found) if found.trim() == fingerprint => {}
             _ => return Ok(None),
         }
-        let read =
-            |file: &str| std::fs::read(self.0.join(file)).map_err(|e| checkpoint_error(&self.display(), file, e));
+        let read = |file: &str| {
+            crate::files::read(&self.0.join(file), MAX_CHECKPOINT, links)
+                .map_err(|e| checkpoint_error(&self.display(), file, e))
+        };
         Ok(Some((read(MODEL_FILE)?, read(GENERATOR_FILE)?)))
     }
 

@@ -16,10 +16,16 @@ const MAGIC: &[u8; 4] = b"MMPG";
 pub const WIRE_VERSION: u8 = 2;
 /// Largest payload a receiver accepts, in bytes.
 pub const MAX_PAYLOAD: usize = 64 << 20;
-/// Largest request sequence a device may use (2^48: a request a millisecond for 8,900 years).
-/// The cloud refuses larger ones, so no sequence it records can lock a device out by leaving no
-/// newer number to use.
+/// Request sequences are below this bound (2^48: a request a millisecond for 8,900 years); the
+/// device and the cloud apply the same exclusive bound.
 pub const MAX_SEQUENCE: u64 = 1 << 48;
+/// Furthest a request's sequence may lie past the last one the cloud accepted from its device
+/// (or past 0 for a device it has not heard from): a device steps by one and skips only the
+/// requests it lost, so a larger jump is damage or an attack. Bounding the jump keeps the end of
+/// the sequence space out of reach — from any sequence the cloud can record, a device has at
+/// least 2^48 − 2^24·k numbers left after k accepted requests — so no request can lock its device
+/// out of the cloud.
+pub const MAX_AHEAD: u64 = 1 << 24;
 /// Longest device id, in bytes, a message can carry.
 pub const MAX_DEVICE_ID: usize = 256;
 
@@ -43,6 +49,7 @@ pub const MAX_ERROR: usize = 4096;
 
 /// How a stale-sequence error reply's reason begins; the last accepted sequence follows.
 const STALE: &str = "stale sequence: not newer than the last this cloud accepted from the device, ";
+const AHEAD: &str = "sequence too far ahead of the last this cloud accepted from the device, ";
 
 /// A message: header plus safetensors payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -261,10 +268,18 @@ impl Envelope {
         Self::error(device, sequence, schema_hash, &reason)
     }
 
-    /// The last sequence the cloud accepted, if this is its stale-sequence error reply.
+    /// The cloud's refusal of a request whose sequence jumps more than [`MAX_AHEAD`] past `last`,
+    /// the last it accepted from the device: the device continues after `last`.
+    pub fn ahead(device: DeviceId, sequence: u64, schema_hash: SchemaHash, last: u64) -> Self {
+        let reason = format!("{AHEAD}{last} (this request is {sequence}, more than {MAX_AHEAD} past it)");
+        Self::error(device, sequence, schema_hash, &reason)
+    }
+
+    /// The last sequence the cloud accepted, if this is its refusal of a stale sequence or of
+    /// one too far ahead ([`Envelope::stale`], [`Envelope::ahead`]): the device continues after it.
     pub fn last_accepted(&self) -> Option<u64> {
         let reason = self.to_error().ok()?;
-        let rest = reason.strip_prefix(STALE)?;
+        let rest = reason.strip_prefix(STALE).or_else(|| reason.strip_prefix(AHEAD))?;
         rest.split(' ').next()?.parse().ok()
     }
 

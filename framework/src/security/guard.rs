@@ -5,8 +5,13 @@
 //! for, a request with no authenticated identity, from a revoked device, whose envelope names
 //! another device than the certificate (impersonation), or beyond the device's rate (a token
 //! bucket per device, so one device cannot starve the fleet).
+//!
+//! Audit lines are throttled per peer and reason: the first refusal of a kind is written at
+//! once, repeats within [`AUDIT_INTERVAL`] are counted and the next line written states how many
+//! were left out, so that a flood of refusals cannot fill the disk and nothing goes uncounted
+//! ([`Guard::suppressed`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -69,6 +74,20 @@ struct Bucket {
     at: Instant,
 }
 
+/// Shortest time between two audit lines for the same peer and reason.
+pub const AUDIT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Most (peer, reason) pairs whose throttling is remembered; past it, pairs quiet for a whole
+/// interval are forgotten (they would be audited at once anyway).
+const MAX_THROTTLED: usize = 1 << 16;
+
+/// When a (peer, reason) pair was last audited, and how many refusals were left out since.
+#[derive(Debug, Clone, Copy)]
+struct Throttle {
+    at: Instant,
+    suppressed: u64,
+}
+
 /// The gate. Shared by every connection of a cloud.
 #[derive(Debug)]
 pub struct Guard {
@@ -77,9 +96,8 @@ pub struct Guard {
     rate_per_s: f64,
     burst: f64,
     buckets: Mutex<HashMap<String, Bucket>>,
-    /// When each device's last rate-limit refusal was audited: one line per device per second,
-    /// so a flooding device cannot flood the log too.
-    rate_audited: Mutex<HashMap<String, Instant>>,
+    throttled: Mutex<HashMap<(String, &'static str), Throttle>>,
+    suppressed: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Guard {
@@ -92,13 +110,71 @@ impl Guard {
             rate_per_s: rate_per_s.max(f64::MIN_POSITIVE),
             burst: f64::from(burst.max(1)),
             buckets: Mutex::new(HashMap::new()),
-            rate_audited: Mutex::new(HashMap::new()),
+            throttled: Mutex::new(HashMap::new()),
+            suppressed: Mutex::new(BTreeMap::new()),
         }
     }
 
     /// The audit log it writes.
     pub fn audit(&self) -> &AuditLog {
         &self.audit
+    }
+
+    /// The revocation list it reads.
+    pub fn revocations(&self) -> &Revocations {
+        &self.revocations
+    }
+
+    /// Refusals left out of the audit log by its throttling, by reason, since the cloud started.
+    pub fn suppressed(&self) -> BTreeMap<&'static str, u64> {
+        self.suppressed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Whether a refusal of `peer` for `reason` is written now; `Some(n)`: yes, `n` left out
+    /// since the last line. Counted when not.
+    fn throttle(&self, peer: &str, reason: &'static str, now: Instant) -> Option<u64> {
+        let mut throttled = self.throttled.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if throttled.len() >= MAX_THROTTLED {
+            throttled.retain(|_, t| now.saturating_duration_since(t.at) < AUDIT_INTERVAL);
+        }
+        let key = (peer.to_string(), reason);
+        match throttled.get_mut(&key) {
+            Some(t) if now.saturating_duration_since(t.at) < AUDIT_INTERVAL => {
+                t.suppressed += 1;
+                drop(throttled);
+                *self
+                    .suppressed
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .entry(reason)
+                    .or_default() += 1;
+                None
+            }
+            Some(t) => {
+                let left_out = t.suppressed;
+                *t = Throttle { at: now, suppressed: 0 };
+                Some(left_out)
+            }
+            None => {
+                // Past the cap even after forgetting the quiet pairs: audited, not remembered.
+                if throttled.len() < MAX_THROTTLED {
+                    throttled.insert(key, Throttle { at: now, suppressed: 0 });
+                }
+                Some(0)
+            }
+        }
+    }
+
+    fn write(&self, device: Option<&str>, reason: String, address: &str, left_out: u64) {
+        let reason = if left_out > 0 {
+            format!("{reason} (and {left_out} like it left out of this log since the last line)")
+        } else {
+            reason
+        };
+        // The refusal stands even if the log cannot be written; the failure is said here.
+        if let Err(e) = self.audit.record(&AuditEvent::now("refused", device, reason, Some(address))) {
+            eprintln!("audit log {}: {e}", self.audit.path().display());
+        }
     }
 
     /// Admits a request from the peer at `address`, authenticated as `identity`, whose envelope
@@ -112,6 +188,24 @@ impl Guard {
         let verdict = self.judge(identity, claimed, now);
         if let Err(denial) = &verdict {
             self.record(denial, identity.or(claimed), identity, address, now);
+        }
+        verdict
+    }
+
+    /// Checks, once a request's body is read, that its envelope names the device the transport
+    /// authenticated (`claimed`); a transport admits the peer itself first with
+    /// [`Guard::admit`] and no claim, before reading the body. A refusal is audited.
+    ///
+    /// # Errors
+    /// [`Denial::Anonymous`], [`Denial::Impersonation`].
+    pub fn admit_claim(&self, identity: Option<&str>, claimed: &str, address: &str) -> Result<(), Denial> {
+        let verdict = match identity {
+            None => Err(Denial::Anonymous),
+            Some(id) if id != claimed => Err(Denial::Impersonation { claimed: claimed.to_string() }),
+            Some(_) => Ok(()),
+        };
+        if let Err(denial) = &verdict {
+            self.record(denial, identity, identity, address, Instant::now());
         }
         verdict
     }
@@ -144,26 +238,19 @@ impl Guard {
     }
 
     /// Audits a refusal the cloud node made itself (a replayed summary): `device`, `reason`,
-    /// the peer's `address`.
+    /// the peer's `address`; throttled like the gate's own.
     pub fn audit_refusal(&self, device: &str, reason: &str, address: &str) {
-        if let Err(e) = self.audit.record(&AuditEvent::now("refused", Some(device), reason, Some(address))) {
-            eprintln!("audit log {}: {e}", self.audit.path().display());
+        if let Some(left_out) = self.throttle(device, "replayed", Instant::now()) {
+            self.write(Some(device), reason.to_string(), address, left_out);
         }
     }
 
     fn record(&self, denial: &Denial, device: Option<&str>, identity: Option<&str>, address: &str, now: Instant) {
-        if matches!(denial, Denial::RateLimited { .. }) {
-            let mut audited = self.rate_audited.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let key = device.unwrap_or_default().to_string();
-            if audited.get(&key).is_some_and(|t| now.saturating_duration_since(*t) < Duration::from_secs(1)) {
-                return;
-            }
-            audited.insert(key, now);
-        }
-        let reason = format!("{}: {}", denial.label(), denial.message(identity));
-        // The refusal stands even if the log cannot be written; the failure is said here.
-        if let Err(e) = self.audit.record(&AuditEvent::now("refused", device, reason, Some(address))) {
-            eprintln!("audit log {}: {e}", self.audit.path().display());
+        // Throttled by the authenticated identity (or, without one, the address): a name an
+        // envelope claims costs the attacker nothing, so it must not cost the cloud memory.
+        let peer = identity.unwrap_or(address);
+        if let Some(left_out) = self.throttle(peer, denial.label(), now) {
+            self.write(device, format!("{}: {}", denial.label(), denial.message(identity)), address, left_out);
         }
     }
 
@@ -237,6 +324,38 @@ mod tests {
         std::fs::write(dir.path().join("revoked.txt"), "f # lost\n").expect("writes");
         assert_eq!(g.admit_reader(Some("f"), "p"), Err(Denial::Revoked));
         assert_eq!(g.admit_reader(Some("g"), "p"), Ok(()));
+        // The first was admitted (a burst of 1), the next 49 refused: one line, 48 counted.
+        assert_eq!(g.suppressed().get("rate_limited"), Some(&48));
+    }
+
+    /// Issue 28: repeated refusals (impersonation, revoked, replayed) are throttled per peer and
+    /// reason and counted; another peer's, or another reason's, are written at once; the line
+    /// after a quiet interval says how many were left out.
+    #[test]
+    fn refusal_storms_are_throttled_per_peer_and_reason_and_counted() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let g = guard(dir.path(), 1000.0, 1000);
+        let start = Instant::now();
+        for i in 0..500 {
+            // A different claimed name each time: still one peer.
+            let claimed = format!("victim-{i}");
+            assert!(g.judge(Some("mallory"), Some(&claimed), start).is_err());
+            g.record(&Denial::Impersonation { claimed }, Some("mallory"), Some("mallory"), "p", start);
+        }
+        g.record(&Denial::Impersonation { claimed: "x".into() }, Some("eve"), Some("eve"), "p", start);
+        g.record(&Denial::Revoked, Some("mallory"), Some("mallory"), "p", start);
+        for _ in 0..20 {
+            g.audit_refusal("mallory", "replayed: stale", "p");
+        }
+        let later = start + AUDIT_INTERVAL;
+        g.record(&Denial::Impersonation { claimed: "y".into() }, Some("mallory"), Some("mallory"), "p", later);
+        let events = AuditLog::read(&dir.path().join("audit.jsonl")).expect("reads");
+        let lines: Vec<_> = events.iter().map(|e| (e.device.clone().unwrap_or_default(), e.reason.clone())).collect();
+        assert_eq!(lines.len(), 5, "{lines:#?}");
+        assert!(lines[4].1.contains("and 499 like it left out"), "{lines:#?}");
+        let suppressed = g.suppressed();
+        assert_eq!((suppressed.get("impersonation"), suppressed.get("replayed")), (Some(&499), Some(&19)));
+        assert!(g.throttled.lock().expect("lock").len() <= 4, "claimed names are not remembered");
     }
 
     #[test]

@@ -68,6 +68,13 @@ pub enum ProvisionError {
     /// The signing key.
     #[error(transparent)]
     Signing(#[from] SignatureError),
+    /// The kit's revocation list cannot be taken: revoking into it would hide the new line
+    /// behind the bad one.
+    #[error(transparent)]
+    Revocations(#[from] super::revocation::RevocationError),
+    /// A file of the kit was refused before reading (not a regular file, a link, too large).
+    #[error(transparent)]
+    File(#[from] crate::files::FileError),
     /// `--revoke` named a device the kit has no certificate for.
     #[error("device `{device}` was never provisioned in {kit}")]
     UnknownDevice {
@@ -254,7 +261,7 @@ pub fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), ProvisionError> {
 }
 
 fn read_key(path: &Path) -> Result<KeyPair, ProvisionError> {
-    let pem = std::fs::read_to_string(path).map_err(io(path))?;
+    let pem = crate::files::read_kit_text(path)?;
     KeyPair::from_pem(&pem).map_err(|e| ProvisionError::Key { path: path.to_path_buf(), message: e.to_string() })
 }
 
@@ -303,7 +310,7 @@ fn authority(kit: &Kit, done: &mut Provisioned) -> Result<Authority, ProvisionEr
     if pair_exists(&cert_path, &key_path)? {
         let key = read_key(&key_path)?;
         let cert = ca_params().self_signed(&key).map_err(cert_error)?;
-        let pem = std::fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
+        let pem = crate::files::read_kit_text(&cert_path)?;
         return Ok(Authority { cert, key, pem });
     }
     let key = KeyPair::generate().map_err(cert_error)?;
@@ -340,7 +347,7 @@ fn issue(
 fn server_cert(kit: &Kit, ca: &Authority, names: &[String], done: &mut Provisioned) -> Result<(), ProvisionError> {
     let listed = names.join("\n") + "\n";
     let (cert_path, key_path) = (kit.server_cert(), kit.server_key());
-    let same_names = std::fs::read_to_string(kit.server_names()).is_ok_and(|n| n == listed);
+    let same_names = crate::files::read_kit_text(&kit.server_names()).is_ok_and(|n| n == listed);
     if pair_exists(&cert_path, &key_path)? && same_names && !done.new_ca {
         return Ok(());
     }
@@ -394,9 +401,9 @@ fn device_cert(kit: &Kit, ca: &Authority, device: &str, fresh_ca: bool) -> Resul
         true
     };
     // What the device trusts is copied into its kit every time, so it follows the cloud's.
-    let ca_pem = std::fs::read(kit.ca_cert()).map_err(io(&kit.ca_cert()))?;
+    let ca_pem = crate::files::read_kit_text(&kit.ca_cert())?.into_bytes();
     write_public(&dir.ca(), &ca_pem)?;
-    let public = std::fs::read(kit.signing_public()).map_err(io(&kit.signing_public()))?;
+    let public = crate::files::read_kit_text(&kit.signing_public())?.into_bytes();
     write_public(&dir.signing_public(), &public)?;
     Ok(created)
 }
@@ -445,10 +452,15 @@ pub fn revoke(kit: &Kit, device: &str) -> Result<bool, ProvisionError> {
         return Err(ProvisionError::UnknownDevice { device: device.into(), kit: kit.root.clone() });
     }
     let path = kit.revoked();
-    if revocation::read(&path).map_err(io(&path))?.contains(device) {
+    if revocation::read(&path)?.contains(device) {
         return Ok(false);
     }
-    let mut text = std::fs::read_to_string(&path).unwrap_or_else(|_| "# revoked devices, one per line\n".into());
+    // `read` above took the whole file, so what is appended to is a valid list.
+    let mut text = match crate::files::read_text(&path, revocation::MAX_LIST, crate::files::Links::Refuse) {
+        Ok(text) => text,
+        Err(e) if e.is_not_found() => "# revoked devices, one per line\n".into(),
+        Err(e) => return Err(e.into()),
+    };
     if !text.ends_with('\n') {
         text.push('\n');
     }

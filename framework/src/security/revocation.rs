@@ -1,33 +1,94 @@
 //! The revocation list: device ids the cloud refuses although their certificates are valid.
 //!
-//! A text file, one encoded device id ([`identity::encode`](super::identity::encode)) per line,
-//! `#` comments. `mmpg provision --revoke` appends to it; a running cloud notices the change (by
-//! modification time and length, checked on every lookup: one `stat`) and re-reads it, so a
-//! revocation takes effect without a restart.
+//! A text file, one encoded device id ([`identity::encode`](super::identity::encode), the form
+//! the cloud reads from a certificate's URI) per line, `#` comments, blank lines, and a UTF-8
+//! byte-order mark at its very start (editors add one). `mmpg provision --revoke` appends to it.
+//!
+//! It is security state, so it fails closed: any other line — an id in another spelling (`a/b`
+//! for `a%2Fb`, `%61` for `a`), a byte-order mark elsewhere, a control character — is an error
+//! naming the line, never a silent skip. A running cloud re-reads the file when its metadata
+//! changes and at least once a second whatever the metadata says (an edit within one timestamp
+//! tick, of the same length, is still seen); a list that cannot be read or parsed keeps the
+//! previous one in force and is reported ([`Revocations::problem`]: the cloud's log, `/readyz`
+//! and metrics).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use super::identity;
+use crate::files::{FileError, Links};
+
+/// Largest revocation list read, in bytes (a million revoked devices of 60-byte ids).
+pub const MAX_LIST: u64 = 64 << 20;
+
+/// How often a running cloud re-reads the list even if its metadata looks unchanged.
+const REREAD: Duration = Duration::from_secs(1);
+
+/// Why a revocation list was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum RevocationError {
+    /// The file was refused before reading, or could not be read.
+    #[error(transparent)]
+    File(#[from] FileError),
+    /// A line that is not a device id in the form certificates carry.
+    #[error("{path}:{line}: {message}")]
+    Line {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong, with the line as written.
+        message: String,
+    },
+}
+
+/// The ids a revocation list's text names.
+///
+/// # Errors
+/// The 1-based number of the first line that is not a comment, blank, or one canonical encoded
+/// device id, and what is wrong with it.
+pub fn parse(text: &str) -> Result<BTreeSet<String>, (usize, String)> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut ids = BTreeSet::new();
+    for (n, raw) in text.split('\n').enumerate() {
+        let raw = raw.strip_suffix('\r').unwrap_or(raw);
+        // `device-03  # lost on 2026-11-30`: what follows `#` is a comment.
+        let entry = raw.split('#').next().unwrap_or("").trim_matches([' ', '\t']);
+        if entry.is_empty() {
+            continue;
+        }
+        let shown: String = entry.chars().take(80).collect();
+        let Some(id) = identity::decode(entry).filter(|id| !id.is_empty()) else {
+            let hint = match identity::decode(&identity::encode(entry)) {
+                Some(_) if entry.chars().all(|c| !c.is_control() && c != '\u{feff}') => {
+                    format!("; if the device id is `{shown}`, write it as `{}`", identity::encode(entry))
+                }
+                _ => String::new(),
+            };
+            return Err((
+                n + 1,
+                format!("{shown:?} is not a device id as certificates carry it (percent-encoded){hint}"),
+            ));
+        };
+        ids.insert(id);
+    }
+    Ok(ids)
+}
 
 /// Reads a revocation list; a missing file is an empty list.
 ///
 /// # Errors
-/// The file exists but cannot be read.
-pub fn read(path: &Path) -> std::io::Result<BTreeSet<String>> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => Ok(text
-            .lines()
-            // `device-03  # lost on 2026-11-30`: what follows `#` is a comment.
-            .map(|l| l.split('#').next().unwrap_or("").trim())
-            .filter(|l| !l.is_empty())
-            .filter_map(identity::decode)
-            .collect()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeSet::new()),
-        Err(e) => Err(e),
-    }
+/// [`RevocationError`]: the file is not a regular file, over [`MAX_LIST`], unreadable, not
+/// UTF-8, or has a line [`parse`] refuses.
+pub fn read(path: &Path) -> Result<BTreeSet<String>, RevocationError> {
+    let text = match crate::files::read_text(path, MAX_LIST, Links::Refuse) {
+        Ok(text) => text,
+        Err(e) if e.is_not_found() => return Ok(BTreeSet::new()),
+        Err(e) => return Err(e.into()),
+    };
+    parse(&text).map_err(|(line, message)| RevocationError::Line { path: path.to_path_buf(), line, message })
 }
 
 /// The line a revoked device takes.
@@ -38,7 +99,10 @@ pub fn line(id: &str) -> String {
 #[derive(Debug, Default)]
 struct Seen {
     stamp: Option<(SystemTime, u64)>,
+    read_at: Option<Instant>,
     ids: BTreeSet<String>,
+    problem: Option<String>,
+    failures: u64,
 }
 
 /// A revocation list kept current with its file.
@@ -49,22 +113,53 @@ pub struct Revocations {
 }
 
 impl Revocations {
-    /// Watches `path` (which need not exist yet).
+    /// Watches `path` (which need not exist yet). A list that cannot be taken now is an empty
+    /// list with a [`problem`](Self::problem); a cloud that must not start so uses
+    /// [`Revocations::open`].
     pub fn watch(path: &Path) -> Self {
         let revocations = Self { path: path.to_path_buf(), seen: Mutex::new(Seen::default()) };
-        drop(revocations.refresh());
+        drop(revocations.refresh(Instant::now()));
         revocations
     }
 
-    fn refresh(&self) -> std::sync::MutexGuard<'_, Seen> {
+    /// Watches `path`, which must hold a valid list now (or not exist).
+    ///
+    /// # Errors
+    /// As [`read`]: starting with a list that cannot be read would revoke no one.
+    pub fn open(path: &Path) -> Result<Self, RevocationError> {
+        let ids = read(path)?;
+        let stamp = metadata_stamp(path);
+        let seen = Seen { stamp, read_at: Some(Instant::now()), ids, ..Seen::default() };
+        Ok(Self { path: path.to_path_buf(), seen: Mutex::new(seen) })
+    }
+
+    /// The file it follows.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn refresh(&self, now: Instant) -> std::sync::MutexGuard<'_, Seen> {
         let mut seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let stamp = std::fs::metadata(&self.path).ok().and_then(|m| Some((m.modified().ok()?, m.len())));
-        if stamp != seen.stamp {
-            // A list that cannot be read now keeps the last one read: a permissions slip must
-            // not un-revoke anyone, nor lock the fleet out.
-            if let Ok(ids) = read(&self.path) {
-                seen.ids = ids;
-                seen.stamp = stamp;
+        let stamp = metadata_stamp(&self.path);
+        let due = seen.read_at.is_none_or(|at| now.saturating_duration_since(at) >= REREAD);
+        if stamp != seen.stamp || due {
+            seen.read_at = Some(now);
+            seen.stamp = stamp;
+            match read(&self.path) {
+                Ok(ids) => {
+                    seen.ids = ids;
+                    seen.problem = None;
+                }
+                // A list that cannot be taken keeps the last one in force, and says so: neither
+                // a slip of the editor nor of permissions un-revokes anyone.
+                Err(e) => {
+                    let problem = format!("{e}; the previous list ({} revoked) stays in force", seen.ids.len());
+                    if seen.problem.as_deref() != Some(problem.as_str()) {
+                        eprintln!("mmpg cloud: revocation list: {problem}");
+                        seen.failures += 1;
+                    }
+                    seen.problem = Some(problem);
+                }
             }
         }
         seen
@@ -72,13 +167,27 @@ impl Revocations {
 
     /// Whether `device` is revoked, as the file says now.
     pub fn is_revoked(&self, device: &str) -> bool {
-        self.refresh().ids.contains(device)
+        self.refresh(Instant::now()).ids.contains(device)
     }
 
     /// Every revoked device, as the file says now.
     pub fn all(&self) -> BTreeSet<String> {
-        self.refresh().ids.clone()
+        self.refresh(Instant::now()).ids.clone()
     }
+
+    /// Why the file's current content is not in force, if it is not (the previous list is).
+    pub fn problem(&self) -> Option<String> {
+        self.refresh(Instant::now()).problem.clone()
+    }
+
+    /// How many times a new content of the file was refused.
+    pub fn failures(&self) -> u64 {
+        self.refresh(Instant::now()).failures
+    }
+}
+
+fn metadata_stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    std::fs::metadata(path).ok().and_then(|m| Some((m.modified().ok()?, m.len())))
 }
 
 #[cfg(test)]
@@ -97,5 +206,70 @@ mod tests {
         std::fs::write(&path, format!("# revoked devices\n{}\n{}  # stolen\n", line("a/b"), line("c")))
             .expect("writes");
         assert_eq!(list.all().into_iter().collect::<Vec<_>>(), ["a/b", "c"]);
+    }
+
+    /// Issue 28's examples: a byte-order mark before an id, and an id written unescaped, were
+    /// silently skipped and the revoked device kept full access.
+    #[test]
+    fn a_bad_line_is_an_error_that_keeps_the_previous_list() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("revoked.txt");
+        // A mark at the start of the file is what editors write: taken.
+        std::fs::write(&path, "\u{feff}a%2Fb\r\nc\n").expect("writes");
+        let list = Revocations::open(&path).expect("a valid list");
+        assert_eq!(list.all().into_iter().collect::<Vec<_>>(), ["a/b", "c"]);
+        for bad in ["a%2Fb\n\u{feff}d\n", "a%2Fb\nc\na/b\n", "%61\n", "a%2Fb\nd\u{0}\n", "a b\n"] {
+            std::fs::write(&path, bad).expect("writes");
+            assert!(list.is_revoked("a/b") && list.is_revoked("c"), "{bad:?}: the previous list stays");
+            let problem = list.problem().expect("reported");
+            assert!(problem.contains("revoked.txt:") && problem.contains("stays in force"), "{problem}");
+            assert!(matches!(read(&path), Err(RevocationError::Line { .. })), "{bad:?}");
+            assert!(Revocations::open(&path).is_err(), "{bad:?}: a cloud does not start on it");
+        }
+        let unescaped = parse("a/b\n").expect_err("refused");
+        assert_eq!(unescaped.0, 1);
+        assert!(unescaped.1.contains("write it as `a%2Fb`"), "{}", unescaped.1);
+        std::fs::write(&path, "d\n").expect("writes");
+        assert!(list.is_revoked("d") && !list.is_revoked("c"));
+        assert_eq!(list.problem(), None);
+        assert!(list.failures() >= 1);
+    }
+
+    /// The content is followed, not the metadata: an edit keeping the size and the timestamp is
+    /// seen within a second.
+    #[test]
+    fn an_edit_that_keeps_size_and_time_is_still_seen() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("revoked.txt");
+        std::fs::write(&path, "aa\n").expect("writes");
+        let list = Revocations::open(&path).expect("valid");
+        let modified = std::fs::metadata(&path).and_then(|m| m.modified()).expect("mtime");
+        std::fs::write(&path, "bb\n").expect("writes");
+        std::fs::File::options().write(true).open(&path).and_then(|f| f.set_modified(modified)).expect("touched");
+        let later = Instant::now() + REREAD;
+        assert!(list.refresh(later).ids.contains("bb"));
+    }
+
+    proptest::proptest! {
+        /// A list of encoded ids, with comments and blank lines, parses back to exactly those ids.
+        #[test]
+        fn written_lists_parse_back(ids in proptest::collection::btree_set("\\PC{1,20}", 0..8), bom: bool) {
+            let mut text = if bom { "\u{feff}".to_string() } else { String::new() };
+            text.push_str("# revoked devices\n\n");
+            for id in &ids {
+                text.push_str(&format!("{}  # why\n", line(id)));
+            }
+            proptest::prop_assert_eq!(parse(&text).expect("parses"), ids);
+        }
+
+        /// Parsing never panics, and every id it returns is one a certificate can carry.
+        #[test]
+        fn parsing_anything_yields_only_certificate_ids(text in "\\PC{0,200}") {
+            if let Ok(ids) = parse(&text) {
+                for id in ids {
+                    proptest::prop_assert_eq!(identity::device_from_uri(&identity::device_uri(&id)), Some(id));
+                }
+            }
+        }
     }
 }

@@ -76,7 +76,14 @@ pub enum SignatureError {
 }
 
 fn read(path: &Path) -> Result<String, SignatureError> {
-    std::fs::read_to_string(path).map_err(|error| SignatureError::Io { path: path.to_path_buf(), error })
+    crate::files::read_kit_text(path).map_err(|e| {
+        let error = match e {
+            crate::files::FileError::Io { error, .. } => error,
+            crate::files::FileError::NotFound { .. } => std::io::ErrorKind::NotFound.into(),
+            other => std::io::Error::other(other.to_string()),
+        };
+        SignatureError::Io { path: path.to_path_buf(), error }
+    })
 }
 
 /// The cloud's signing key (secret).

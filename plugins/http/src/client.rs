@@ -90,10 +90,15 @@ impl CloudClient {
             Err(e) => return Err(HttpError::Client(format!("`{url}` is not a URL: {e}"))),
         }
         let mut builder = reqwest::blocking::Client::builder()
+            // The device talks to the cloud it was configured with, whatever the peer answers: a
+            // redirect (to another host, or from https:// to http://) is an error, not followed.
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(5))
             .pool_idle_timeout(Duration::from_secs(90))
             .user_agent(concat!("mmpg-device/", env!("CARGO_PKG_VERSION")));
         if let Some(ca) = &trust.ca {
+            // Trusting a CA means TLS, on every request this client makes.
+            builder = builder.https_only(true);
             let identity = trust.identity.as_ref().map(|(cert, key)| (cert.as_path(), key.as_path()));
             builder = builder.use_preconfigured_tls(crate::tls::client_config(ca, identity)?);
         }
@@ -211,5 +216,37 @@ impl From<TransportError> for HttpError {
 impl From<BundleError> for HttpError {
     fn from(e: BundleError) -> Self {
         HttpError::Bundle(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read as _, Write as _};
+
+    use super::*;
+
+    /// Issue 28: a device talks only to the cloud it was configured with. A peer answering with a
+    /// redirect elsewhere gets an error, and the other address is never contacted.
+    #[test]
+    fn a_redirect_is_an_error_not_followed() {
+        let elsewhere = std::net::TcpListener::bind("127.0.0.1:0").expect("binds");
+        elsewhere.set_nonblocking(true).expect("non-blocking");
+        let target = elsewhere.local_addr().expect("address");
+        let cloud = std::net::TcpListener::bind("127.0.0.1:0").expect("binds");
+        let url = format!("http://{}", cloud.local_addr().expect("address"));
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = cloud.accept().expect("a connection");
+            let mut head = [0u8; 4096];
+            let _ = stream.read(&mut head);
+            let reply = format!(
+                "HTTP/1.1 307 Temporary Redirect\r\nlocation: http://{target}/v1/adapt\r\ncontent-length: 0\r\n\r\n"
+            );
+            stream.write_all(reply.as_bytes()).expect("answers");
+        });
+        let mut client = CloudClient::new(&url, &ClientTrust::default()).expect("client");
+        let answer = client.exchange(vec![1, 2, 3], Duration::from_secs(10));
+        assert!(matches!(answer, Err(TransportError::Status { status: 307, .. })), "{answer:?}");
+        server.join().expect("server thread");
+        assert!(elsewhere.accept().is_err(), "the redirect's target was contacted");
     }
 }

@@ -17,7 +17,7 @@ pub mod tls;
 
 pub use client::CloudClient;
 pub use metrics::Metrics;
-pub use server::{CloudServer, HttpEndpoint, Published, ServerSettings};
+pub use server::{CloudServer, HttpEndpoint, Limits, Published, ServerSettings};
 
 /// Why the HTTP layer failed.
 #[derive(Debug, thiserror::Error)]

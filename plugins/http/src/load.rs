@@ -46,7 +46,7 @@ async fn device(
     let mut errors = BTreeMap::new();
     let mut sequence = 0u64;
     while Instant::now() < until {
-        let Some(next) = sequence.checked_add(1).filter(|s| *s <= mmpg::wire::MAX_SEQUENCE) else {
+        let Some(next) = sequence.checked_add(1).filter(|s| *s < mmpg::wire::MAX_SEQUENCE) else {
             *errors.entry("sequence-exhausted".to_string()).or_default() += 1;
             break;
         };
@@ -82,7 +82,7 @@ async fn device(
                         let last = mmpg::wire::unchecked_envelope(&bytes)
                             .and_then(|b| Envelope::decode(b).ok())
                             .and_then(|e| e.last_accepted());
-                        if let Some(last) = last.filter(|l| *l >= sequence && *l < mmpg::wire::MAX_SEQUENCE) {
+                        if let Some(last) = last.filter(|l| *l >= sequence && *l + 1 < mmpg::wire::MAX_SEQUENCE) {
                             sequence = last;
                             continue;
                         }

@@ -7,6 +7,7 @@ use mmpg::node::{Outcome, ServeObserver};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -28,6 +29,15 @@ pub struct Metrics {
     request_seconds: Histogram,
     bytes_in: Counter,
     bytes_out: Counter,
+    revocation_list_valid: Gauge,
+    audit_suppressed: Family<ReasonLabel, Gauge>,
+}
+
+/// An audit reason, as a label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// `impersonation`, `revoked`, `rate_limited`, `anonymous`, `replayed`.
+    pub reason: &'static str,
 }
 
 impl Default for Metrics {
@@ -51,7 +61,29 @@ impl Default for Metrics {
         registry.register("request_bytes", "Bytes of adaptation requests received", bytes_in.clone());
         let bytes_out = Counter::default();
         registry.register("reply_bytes", "Bytes of adaptation replies sent", bytes_out.clone());
-        Self { registry, requests, batch_size, generation_seconds, request_seconds, bytes_in, bytes_out }
+        let revocation_list_valid = Gauge::default();
+        registry.register(
+            "revocation_list_valid",
+            "1 when the revocation list's current content is in force, 0 when it was refused (the previous list is)",
+            revocation_list_valid.clone(),
+        );
+        let audit_suppressed = Family::<ReasonLabel, Gauge>::default();
+        registry.register(
+            "audit_suppressed",
+            "Refusals left out of the audit log by its per-peer throttling, by reason, since start",
+            audit_suppressed.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            batch_size,
+            generation_seconds,
+            request_seconds,
+            bytes_in,
+            bytes_out,
+            revocation_list_valid,
+            audit_suppressed,
+        }
     }
 }
 
@@ -70,6 +102,15 @@ impl Metrics {
     pub fn replied(&self, size: usize, elapsed: Duration) {
         self.bytes_out.inc_by(size as u64);
         self.request_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    /// The security state as the gate sees it now: whether the revocation list is in force, and
+    /// how many refusals its throttling left out of the audit log.
+    pub fn security(&self, revocations_valid: bool, suppressed: &std::collections::BTreeMap<&'static str, u64>) {
+        self.revocation_list_valid.set(i64::from(revocations_valid));
+        for (reason, count) in suppressed {
+            self.audit_suppressed.get_or_create(&ReasonLabel { reason }).set(i64::try_from(*count).unwrap_or(i64::MAX));
+        }
     }
 
     /// The text exposition.

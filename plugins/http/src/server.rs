@@ -12,7 +12,6 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::Bytes;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Extension, Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -33,8 +32,82 @@ use crate::tls::device_identity;
 /// The content type of envelopes.
 pub const OCTET_STREAM: &str = "application/octet-stream";
 
-/// Most connections the server holds at once.
+/// Most connections the server holds at once, by default.
 pub const MAX_CONNECTIONS: usize = 8192;
+
+/// What one peer, and all peers together, may hold of the server at once. A peer is the device
+/// its client certificate names (mutual TLS); without mutual TLS devices cannot be told apart and
+/// only the totals apply.
+///
+/// With these bounds the server's own memory beyond the cloud's model is at most
+/// `connections × PER_CONNECTION + buffered_bytes` ([`Limits::worst_case_bytes`]), and one
+/// peer's share of it at most `connections_per_peer × PER_CONNECTION + requests_per_peer ×
+/// body_limit` ([`Limits::per_peer_bytes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections held at once, all peers together (beyond it, closed at once).
+    pub connections: usize,
+    /// Connections not yet authenticated (TLS handshakes in progress), at once: the rest of
+    /// `connections` stays for devices that have authenticated.
+    pub handshakes: usize,
+    /// Connections one authenticated peer holds at once.
+    pub connections_per_peer: usize,
+    /// Adaptation requests one authenticated peer has in flight at once (429 beyond).
+    pub requests_per_peer: usize,
+    /// Request bytes buffered at once, all peers together (503 beyond): each request reserves
+    /// its declared length (or `body_limit` when it declares none) before its body is read.
+    pub buffered_bytes: usize,
+    /// A connection with no request in flight for this long is closed (the TLS handshake
+    /// included), whatever its protocol: hyper's header timeout alone starts only with a first
+    /// byte (hyper#3178).
+    pub idle: Duration,
+}
+
+/// Worst-case bytes one connection holds in the server besides request bodies: the TLS
+/// record buffers (rustls: 2 × 16 KiB and overhead), hyper's HTTP/1.1 read buffer
+/// ([`H1_BUFFER`]) or HTTP/2's receive window ([`H2_WINDOW`]) and its headers
+/// ([`H2_STREAMS`] × [`MAX_HEADERS`]).
+pub const PER_CONNECTION: usize = 40 * 1024 + H2_WINDOW as usize + H2_STREAMS as usize * MAX_HEADERS;
+
+/// hyper's HTTP/1.1 read buffer, at most (bytes).
+const H1_BUFFER: usize = 64 * 1024;
+/// HTTP/2 receive window per connection and per stream (bytes): what a peer may send ahead.
+const H2_WINDOW: u32 = 256 * 1024;
+/// HTTP/2 streams one connection may open at once.
+const H2_STREAMS: u32 = 16;
+/// Largest header block accepted (bytes).
+const MAX_HEADERS: usize = 16 * 1024;
+const _: () = assert!(H1_BUFFER <= H2_WINDOW as usize);
+
+impl Limits {
+    /// Defaults for a body limit and request timeout: 8,192 connections, a quarter of them in
+    /// handshakes, 16 per peer, 4 requests in flight per peer, 64 request bodies buffered, idle
+    /// after the request timeout.
+    pub fn new(body_limit: usize, request_timeout: Duration) -> Self {
+        Self {
+            connections: MAX_CONNECTIONS,
+            handshakes: MAX_CONNECTIONS / 4,
+            connections_per_peer: 16,
+            requests_per_peer: 4,
+            buffered_bytes: 64 * body_limit,
+            idle: request_timeout,
+        }
+    }
+
+    /// The server's worst-case memory beyond the cloud's model, in bytes:
+    /// `connections × PER_CONNECTION + buffered_bytes`.
+    pub fn worst_case_bytes(&self) -> usize {
+        self.connections.saturating_mul(PER_CONNECTION).saturating_add(self.buffered_bytes)
+    }
+
+    /// One authenticated peer's worst case, in bytes:
+    /// `connections_per_peer × PER_CONNECTION + requests_per_peer × body_limit`.
+    pub fn per_peer_bytes(&self, body_limit: usize) -> usize {
+        self.connections_per_peer
+            .saturating_mul(PER_CONNECTION)
+            .saturating_add(self.requests_per_peer.saturating_mul(body_limit))
+    }
+}
 
 /// How the server listens and what it accepts.
 #[derive(Debug, Clone)]
@@ -53,6 +126,8 @@ pub struct ServerSettings {
     /// The gate every adaptation request passes (mutual TLS deployments): identity,
     /// revocation, impersonation, per-device rate.
     pub guard: Option<Arc<Guard>>,
+    /// What one peer, and all together, may hold.
+    pub limits: Limits,
 }
 
 /// The device a connection's client certificate identifies (`None` without mutual TLS).
@@ -105,6 +180,104 @@ struct Shared {
     published: Arc<Published>,
     request_timeout: Duration,
     guard: Option<Arc<Guard>>,
+    body_limit: usize,
+    limits: Limits,
+    peers: Arc<Peers>,
+    /// Request bytes that may still be buffered (permits are bytes).
+    buffered: Arc<tokio::sync::Semaphore>,
+}
+
+/// What each authenticated peer holds now: connections and requests in flight. An entry lives
+/// while the peer holds something, so the map is never larger than the connections held.
+#[derive(Debug, Default)]
+struct Peers(std::sync::Mutex<HashMap<String, (usize, usize)>>);
+
+/// One unit a peer holds (a connection, or a request in flight); given back on drop.
+#[derive(Debug)]
+struct PeerSlot {
+    peers: Arc<Peers>,
+    peer: String,
+    request: bool,
+}
+
+impl Peers {
+    /// Takes a connection (`request = false`) or a request slot for `peer`, if it holds fewer
+    /// than `max`.
+    fn take(self: &Arc<Self>, peer: &str, request: bool, max: usize) -> Option<PeerSlot> {
+        let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let held = map.entry(peer.to_string()).or_default();
+        let count = if request { &mut held.1 } else { &mut held.0 };
+        if *count >= max {
+            if *held == (0, 0) {
+                map.remove(peer);
+            }
+            return None;
+        }
+        *count += 1;
+        Some(PeerSlot { peers: self.clone(), peer: peer.to_string(), request })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut map = self.peers.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(held) = map.get_mut(&self.peer) {
+            let count = if self.request { &mut held.1 } else { &mut held.0 };
+            *count = count.saturating_sub(1);
+            if *held == (0, 0) {
+                map.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// A connection's requests in flight and when it last finished one: what the idle watchdog reads.
+#[derive(Debug)]
+struct Activity {
+    in_flight: std::sync::atomic::AtomicUsize,
+    last: std::sync::Mutex<Instant>,
+}
+
+impl Activity {
+    fn new() -> Arc<Self> {
+        Arc::new(Self { in_flight: 0.into(), last: std::sync::Mutex::new(Instant::now()) })
+    }
+
+    /// A request started; it ends when the returned value is dropped (its response sent, or
+    /// the connection gone).
+    fn start(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+
+    /// How long the connection has had nothing in flight (zero while it has).
+    fn idle_for(&self, now: Instant) -> Duration {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return Duration::ZERO;
+        }
+        let last = *self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        now.saturating_duration_since(last)
+    }
+}
+
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        *self.0.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Instant::now();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Returns once `activity` has been idle for `idle`: the connection is then dropped.
+async fn idle_watch(activity: Arc<Activity>, idle: Duration) {
+    loop {
+        let waited = activity.idle_for(Instant::now());
+        if waited >= idle {
+            return;
+        }
+        tokio::time::sleep((idle - waited).max(Duration::from_millis(10))).await;
+    }
 }
 
 /// The cloud's end of the HTTP exchange: requests that reached `POST /v1/adapt`.
@@ -171,20 +344,26 @@ impl CloudServer {
         let address = listener.local_addr().map_err(|e| HttpError::Runtime(e.to_string()))?;
         let (queue, requests) = mpsc::sync_channel(settings.queue.max(1));
         let metrics = Arc::new(Metrics::default());
+        let limits = settings.limits;
+        let peers = Arc::new(Peers::default());
         let shared = Arc::new(Shared {
             queue,
             metrics: metrics.clone(),
             published,
             request_timeout: settings.request_timeout,
             guard: settings.guard.clone(),
+            body_limit: settings.body_limit,
+            limits,
+            peers: peers.clone(),
+            buffered: Arc::new(tokio::sync::Semaphore::new(limits.buffered_bytes.max(settings.body_limit))),
         });
         let app = router(shared, settings.body_limit);
         let (stop, stopped) = oneshot::channel();
         let tls = settings.tls.clone().map(tokio_rustls::TlsAcceptor::from);
-        let timeout = settings.request_timeout;
+        let accept = Accept { app, tls, timeout: settings.request_timeout, limits, peers, metrics: metrics.clone() };
         let thread = std::thread::Builder::new()
             .name("mmpg-http-accept".into())
-            .spawn(move || runtime.block_on(accept_loop(listener, app, tls, timeout, stopped)))
+            .spawn(move || runtime.block_on(accept_loop(listener, accept, stopped)))
             .map_err(|e| HttpError::Runtime(e.to_string()))?;
         let endpoint = HttpEndpoint { requests, waiting: HashMap::new(), next_ticket: 0 };
         Ok((Self { address, stop: Some(stop), thread: Some(thread), metrics }, endpoint))
@@ -277,35 +456,77 @@ fn denied(denial: &Denial, identity: Option<&str>) -> Response {
     }
 }
 
+/// `POST /v1/adapt`. What is cheap and needs no body is checked before a byte of the body is
+/// read: readiness, the declared length, the peer's identity, revocation and rate, its requests
+/// in flight, and the server's room for buffered bytes. Only then is the body read (bounded), and
+/// the envelope's claimed device checked against the identity.
 async fn adapt(
     State(s): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Extension(Identity(identity)): Extension<Identity>,
-    body: Bytes,
+    request: axum::extract::Request,
 ) -> Response {
     let started = Instant::now();
-    s.metrics.received(body.len());
     if !s.published.is_ready() {
         s.metrics.outcome("not_ready");
         return not_ready();
     }
+    let declared =
+        request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if let Some(length) = declared.filter(|l| *l > s.body_limit as u64) {
+        s.metrics.outcome("too_large");
+        let message = format!("a body of {length} bytes is over this cloud's limit of {} bytes", s.body_limit);
+        return plain(StatusCode::PAYLOAD_TOO_LARGE, message);
+    }
     let address = peer.to_string();
-    if let Some(guard) = &s.guard {
-        let claimed = Header::peek(&body).ok().map(|h| h.device);
-        if let Err(denial) = guard.admit(identity.as_deref(), claimed, &address) {
-            s.metrics.outcome(denial.label());
-            return denied(&denial, identity.as_deref());
-        }
+    if let Some(guard) = &s.guard
+        && let Err(denial) = guard.admit(identity.as_deref(), None, &address)
+    {
+        s.metrics.outcome(denial.label());
+        return denied(&denial, identity.as_deref());
+    }
+    let _request_slot = match identity.as_deref() {
+        Some(id) => match s.peers.take(id, true, s.limits.requests_per_peer) {
+            Some(slot) => Some(slot),
+            None => {
+                s.metrics.outcome("peer_requests");
+                let message = format!("device `{id}` already has {} requests in flight", s.limits.requests_per_peer);
+                return retry_later(StatusCode::TOO_MANY_REQUESTS, message);
+            }
+        },
+        None => None,
+    };
+    // Bytes reserved before reading: the declared length, or the limit for a body that declares
+    // none (chunked); given back when the reply is sent.
+    let reserve = declared.and_then(|l| usize::try_from(l).ok()).unwrap_or(s.body_limit).max(1);
+    let Ok(_reserved) = s.buffered.clone().try_acquire_many_owned(u32::try_from(reserve).unwrap_or(u32::MAX)) else {
+        s.metrics.outcome("busy");
+        return retry_later(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the cloud is at capacity for request bodies; retry later",
+        );
+    };
+    let Ok(body) = axum::body::to_bytes(request.into_body(), s.body_limit).await else {
+        s.metrics.outcome("too_large");
+        let message = format!("the body is over this cloud's limit of {} bytes, or was cut short", s.body_limit);
+        return plain(StatusCode::PAYLOAD_TOO_LARGE, message);
+    };
+    s.metrics.received(body.len());
+    if let Some(guard) = &s.guard
+        && let Some(claimed) = Header::peek(&body).ok().map(|h| h.device)
+        && let Err(denial) = guard.admit_claim(identity.as_deref(), claimed, &address)
+    {
+        s.metrics.outcome(denial.label());
+        return denied(&denial, identity.as_deref());
     }
     let (reply, replied) = oneshot::channel();
     let delivery = Delivery { peer: Peer { identity: identity.map(DeviceId), address }, bytes: body.to_vec(), reply };
+    drop(body);
     match s.queue.try_send(delivery) {
         Ok(()) => {}
         Err(TrySendError::Full(_)) => {
             s.metrics.outcome("busy");
-            let mut r = plain(StatusCode::SERVICE_UNAVAILABLE, "the cloud is at capacity; retry later");
-            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            return r;
+            return retry_later(StatusCode::SERVICE_UNAVAILABLE, "the cloud is at capacity; retry later");
         }
         Err(TrySendError::Disconnected(_)) => {
             s.metrics.outcome("not_ready");
@@ -331,6 +552,13 @@ async fn adapt(
             plain(StatusCode::GATEWAY_TIMEOUT, format!("no reply within {:?}", s.request_timeout))
         }
     }
+}
+
+/// A refusal the peer may retry after a second.
+fn retry_later(status: StatusCode, message: impl Into<String>) -> Response {
+    let mut r = plain(status, message);
+    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
 }
 
 /// Under mutual TLS, what is not adaptation (info, bundle, metrics) is still only for an
@@ -376,30 +604,56 @@ async fn bundle_file(State(s): State<Arc<Shared>>, Path(file): Path<String>) -> 
     }
 }
 
+/// Ready once the cloud serves; a revocation list that cannot be taken is said here too (the
+/// previous list stays in force, so the cloud still serves).
 async fn readyz(State(s): State<Arc<Shared>>) -> Response {
-    if s.published.is_ready() { plain(StatusCode::OK, "ready") } else { not_ready() }
+    if !s.published.is_ready() {
+        return not_ready();
+    }
+    match s.guard.as_ref().and_then(|g| g.revocations().problem()) {
+        Some(problem) => plain(StatusCode::OK, format!("ready; degraded: revocation list: {problem}")),
+        None => plain(StatusCode::OK, "ready"),
+    }
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+    if let Some(guard) = &s.guard {
+        s.metrics.security(guard.revocations().problem().is_none(), &guard.suppressed());
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.metrics.render()).into_response()
 }
 
-async fn accept_loop(
-    listener: tokio::net::TcpListener,
+/// What the accept loop needs for every connection.
+struct Accept {
     app: Router,
     tls: Option<tokio_rustls::TlsAcceptor>,
     timeout: Duration,
-    mut stopped: oneshot::Receiver<()>,
-) {
+    limits: Limits,
+    peers: Arc<Peers>,
+    metrics: Arc<Metrics>,
+}
+
+async fn accept_loop(listener: tokio::net::TcpListener, accept: Accept, mut stopped: oneshot::Receiver<()>) {
+    let Accept { app, tls, timeout, limits, peers, metrics } = accept;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // A client that sends its headers too slowly is cut off, not waited for.
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(timeout);
-    // An HTTP/2 peer that stops answering pings is dropped.
-    builder.http2().timer(TokioTimer::new()).keep_alive_interval(timeout).keep_alive_timeout(timeout);
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(timeout).max_buf_size(H1_BUFFER);
+    // What one HTTP/2 connection may make the server hold: streams, window, headers. Idle
+    // connections are closed by the idle watchdog, not by pings (a peer answering pings would
+    // keep an idle connection forever).
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(H2_STREAMS)
+        .initial_stream_window_size(H2_WINDOW)
+        .initial_connection_window_size(H2_WINDOW)
+        .max_header_list_size(MAX_HEADERS as u32)
+        .max_send_buf_size(H2_WINDOW as usize);
     let builder = Arc::new(builder);
-    // Connections beyond this are closed at once, so that a flood of idle sockets cannot take
-    // every file descriptor the process has.
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    // Connections beyond this are closed at once, so that a flood of sockets cannot take every
+    // file descriptor the process has; unauthenticated ones have a smaller share of their own.
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.connections));
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(limits.handshakes.max(1)));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -414,14 +668,24 @@ async fn accept_loop(
             _ = &mut stopped => break,
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            drop(stream);
+            metrics.outcome("connections");
+            continue;
+        };
+        let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
+            metrics.outcome("handshakes");
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let app = app.clone();
-        let builder = builder.clone();
+        let connection = Connection {
+            app: app.clone(),
+            builder: builder.clone(),
+            watcher: graceful.watcher(),
+            peer,
+            limits,
+            peers: peers.clone(),
+            metrics: metrics.clone(),
+        };
         let tls = tls.clone();
-        let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _slot = slot;
             // hyper's header timeout starts with the first byte: a client that sends nothing at
@@ -430,25 +694,18 @@ async fn accept_loop(
             if !matches!(tokio::time::timeout(timeout, stream.peek(&mut first)).await, Ok(Ok(1..))) {
                 return;
             }
-            let service = move |identity: Identity| {
-                hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
-                    request.extensions_mut().insert(ConnectInfo(peer));
-                    request.extensions_mut().insert(identity.clone());
-                    tower::ServiceExt::oneshot(app.clone(), request)
-                })
-            };
             match tls {
                 None => {
-                    let service = service(Identity(None));
-                    let _ = watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await;
+                    drop(handshake);
+                    connection.serve(stream, None).await;
                 }
                 Some(tls) => {
                     // Under mutual TLS a client without a valid certificate fails right here.
                     let Ok(Ok(stream)) = tokio::time::timeout(timeout, tls.accept(stream)).await else { return };
+                    drop(handshake);
                     let identity =
                         stream.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(device_identity);
-                    let service = service(Identity(identity));
-                    let _ = watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await;
+                    connection.serve(stream, identity).await;
                 }
             }
         });
@@ -457,13 +714,72 @@ async fn accept_loop(
     let _ = tokio::time::timeout(timeout, graceful.shutdown()).await;
 }
 
+/// One accepted connection, ready to serve once its peer is known.
+struct Connection {
+    app: Router,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    watcher: hyper_util::server::graceful::Watcher,
+    peer: SocketAddr,
+    limits: Limits,
+    peers: Arc<Peers>,
+    metrics: Arc<Metrics>,
+}
+
+impl Connection {
+    /// Serves HTTP/1.1 or HTTP/2 on `io` until the peer closes it, the server stops, or it has
+    /// been idle for `limits.idle`; an authenticated peer over its connection count is closed
+    /// at once.
+    async fn serve<Io>(self, io: Io, identity: Option<String>)
+    where
+        Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let Connection { app, builder, watcher, peer, limits, peers, metrics } = self;
+        let _peer_slot = match identity.as_deref() {
+            Some(id) => match peers.take(id, false, limits.connections_per_peer) {
+                Some(slot) => Some(slot),
+                None => {
+                    metrics.outcome("peer_connections");
+                    return;
+                }
+            },
+            None => None,
+        };
+        let activity = Activity::new();
+        let identity = Identity(identity);
+        let watched = activity.clone();
+        let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+            request.extensions_mut().insert(ConnectInfo(peer));
+            request.extensions_mut().insert(identity.clone());
+            let in_flight = watched.start();
+            let app = app.clone();
+            async move {
+                let response = tower::ServiceExt::oneshot(app, request).await?;
+                // In flight until the response's body is sent (or the connection drops).
+                Ok::<_, std::convert::Infallible>(response.map(|body| {
+                    axum::body::Body::new(http_body_util::BodyExt::map_frame(body, move |frame| {
+                        let _ = &in_flight;
+                        frame
+                    }))
+                }))
+            }
+        });
+        let serve = watcher.watch(builder.serve_connection(TokioIo::new(io), service).into_owned());
+        tokio::select! {
+            _ = serve => {}
+            () = idle_watch(activity, limits.idle) => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::{Read as _, Write as _};
 
+    use proptest::prelude::*;
+
     use super::*;
 
-    fn server() -> (CloudServer, HttpEndpoint) {
+    fn server_with(limits: Limits, ready: bool) -> (CloudServer, HttpEndpoint) {
         let settings = ServerSettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             tls: None,
@@ -471,8 +787,21 @@ mod tests {
             request_timeout: Duration::from_millis(300),
             queue: 4,
             guard: None,
+            limits,
         };
-        CloudServer::start(settings, Arc::new(Published::default())).expect("server starts")
+        let published = Arc::new(Published::default());
+        if ready {
+            let schema = mmpg::SlotSchema::new(vec![mmpg::SlotSpec::f32("w", vec![1])]).expect("schema");
+            let entry = |p: &str| mmpg::bundle::PluginEntry { plugin: p.into(), settings: mmpg::toml::Table::new() };
+            let reference = mmpg::FeatureStats { mean: vec![0.0], std: vec![1.0] };
+            let bundle = Bundle::new(vec![1], reference, schema, (entry("m"), entry("a")), "t".into());
+            published.ready(b"{}".to_vec(), &bundle);
+        }
+        CloudServer::start(settings, published).expect("server starts")
+    }
+
+    fn server() -> (CloudServer, HttpEndpoint) {
+        server_with(Limits::new(1 << 20, Duration::from_millis(300)), true)
     }
 
     /// Reads until the server closes the connection (bounded); returns what it sent.
@@ -499,5 +828,76 @@ mod tests {
         stream.write_all(head.as_bytes()).expect("sent");
         let answer = until_closed(&mut stream);
         assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    }
+
+    /// Issue 28: a length over the limit is refused on its declaration, before any body byte.
+    #[test]
+    fn an_oversized_declared_length_is_refused_at_once() {
+        let (server, _endpoint) = server();
+        let mut stream = std::net::TcpStream::connect(server.address()).expect("connects");
+        let head = "POST /v1/adapt HTTP/1.1\r\nhost: x\r\ncontent-length: 900000000\r\n\r\n";
+        stream.write_all(head.as_bytes()).expect("sent");
+        stream.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout set");
+        let mut answer = [0u8; 12];
+        stream.read_exact(&mut answer).expect("an answer without the body");
+        assert_eq!(&answer, b"HTTP/1.1 413");
+    }
+
+    /// Issue 28 (hyper#3178): a keep-alive connection that finished its request and then sends
+    /// nothing is closed after the idle time, not held forever.
+    #[test]
+    fn a_keep_alive_connection_left_idle_is_closed() {
+        let (server, _endpoint) = server();
+        let mut stream = std::net::TcpStream::connect(server.address()).expect("connects");
+        stream.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").expect("sent");
+        let answer = until_closed(&mut stream);
+        assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("ok\n"), "{answer}");
+    }
+
+    /// Issue 28: request bodies are reserved against the server's total before they are read;
+    /// past it, a request is refused at once (503), and the room comes back when they end.
+    #[test]
+    fn buffered_bytes_are_bounded_in_total() {
+        let limits = Limits { buffered_bytes: 1 << 20, ..Limits::new(1 << 20, Duration::from_secs(5)) };
+        let (server, _endpoint) = server_with(limits, true);
+        let open = |n: usize| {
+            let mut stream = std::net::TcpStream::connect(server.address()).expect("connects");
+            let head = format!("POST /v1/adapt HTTP/1.1\r\nhost: x\r\ncontent-length: {n}\r\n\r\nM");
+            stream.write_all(head.as_bytes()).expect("sent");
+            stream
+        };
+        let held = [open(500_000), open(500_000)];
+        std::thread::sleep(Duration::from_millis(200));
+        let mut third = open(500_000);
+        third.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout set");
+        let mut answer = [0u8; 12];
+        third.read_exact(&mut answer).expect("an answer at once");
+        assert_eq!(&answer, b"HTTP/1.1 503");
+        drop(held);
+    }
+
+    proptest! {
+        /// Whatever the order of takes and releases, no peer holds more than its maximum, and
+        /// the map forgets a peer that holds nothing.
+        #[test]
+        fn peers_never_hold_more_than_their_share(ops in proptest::collection::vec((0u8..3, any::<bool>(), any::<bool>()), 1..200), max in 1usize..5) {
+            let peers = Arc::new(Peers::default());
+            let mut held: Vec<PeerSlot> = Vec::new();
+            for (peer, request, release) in ops {
+                if release && !held.is_empty() {
+                    held.remove(0);
+                } else if let Some(slot) = peers.take(&peer.to_string(), request, max) {
+                    held.push(slot);
+                }
+                for p in 0u8..3 {
+                    for r in [false, true] {
+                        let n = held.iter().filter(|s| s.peer == p.to_string() && s.request == r).count();
+                        prop_assert!(n <= max);
+                    }
+                }
+            }
+            held.clear();
+            prop_assert!(peers.0.lock().expect("lock").is_empty());
+        }
     }
 }

@@ -26,8 +26,9 @@ pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// # Errors
 /// [`HttpError::Tls`] naming the file when it cannot be read or holds no certificate.
 pub fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, HttpError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| tls_error(path, e))?
+    // A kit's file, read bounded and as a regular file before it is parsed.
+    let pem = mmpg::files::read_kit_text(path).map_err(|e| tls_error(path, e))?;
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| tls_error(path, e))?;
     if certs.is_empty() {
@@ -45,7 +46,8 @@ fn roots(ca: &Path) -> Result<rustls::RootCertStore, HttpError> {
 }
 
 fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, HttpError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| tls_error(path, e))
+    let pem = mmpg::files::read_kit_text(path).map_err(|e| tls_error(path, e))?;
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| tls_error(path, e))
 }
 
 /// The server's TLS configuration: HTTP/2 and HTTP/1.1 offered over ALPN. With `client_ca`,

@@ -64,15 +64,15 @@ fn new_password() -> Result<String, ProvisionError> {
 
 /// The password in `path`, made and written (mode 0600) if absent.
 fn password_in(path: &Path) -> Result<String, ProvisionError> {
-    match std::fs::read_to_string(path) {
+    match mmpg::files::read_kit_text(path) {
         Ok(p) if !p.trim().is_empty() => Ok(p.trim().to_string()),
         Ok(_) => Err(ProvisionError::Key { path: path.to_path_buf(), message: "empty password file".into() }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        Err(e) if e.is_not_found() => {
             let password = new_password()?;
             write_secret(path, password.as_bytes())?;
             Ok(password)
         }
-        Err(error) => Err(ProvisionError::Io { path: path.to_path_buf(), error }),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -82,7 +82,7 @@ fn password_in(path: &Path) -> Result<String, ProvisionError> {
 /// [`ProvisionError::Io`] naming the file when it cannot be read, [`ProvisionError::Key`] when
 /// it is empty.
 pub fn read_password(path: &Path) -> Result<String, ProvisionError> {
-    let text = std::fs::read_to_string(path).map_err(|error| ProvisionError::Io { path: path.to_path_buf(), error })?;
+    let text = mmpg::files::read_kit_text(path)?;
     match text.trim() {
         "" => Err(ProvisionError::Key { path: path.to_path_buf(), message: "empty password file".into() }),
         p => Ok(p.to_string()),

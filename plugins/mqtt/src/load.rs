@@ -153,7 +153,7 @@ async fn device(
     let mut sequence = 0u64;
     let mut message_id = 0u64;
     while Instant::now() < until {
-        let Some(next) = sequence.checked_add(1).filter(|s| *s <= MAX_SEQUENCE) else {
+        let Some(next) = sequence.checked_add(1).filter(|s| *s < MAX_SEQUENCE) else {
             tally.error("sequence-exhausted");
             break;
         };
@@ -217,7 +217,7 @@ async fn device(
             }
             // A cloud remembering this device's later sequences (an earlier load): number after
             // them, as a device does.
-            Some(e) if e.last_accepted().is_some_and(|l| l >= sequence && l < MAX_SEQUENCE) => {
+            Some(e) if e.last_accepted().is_some_and(|l| l >= sequence && l + 1 < MAX_SEQUENCE) => {
                 sequence = e.last_accepted().unwrap_or(sequence);
             }
             Some(e) if e.kind == MessageKind::Error => tally.error("refused"),
