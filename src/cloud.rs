@@ -109,6 +109,16 @@ struct Refusals {
 }
 
 impl Refusals {
+    /// The cloud's signed refusal of a message the transport could not take (sequence 0: it
+    /// answers no request, and ends the device's outstanding one saying why).
+    fn transport(&self, device: &mmpg::DeviceId, reason: &str) -> Vec<u8> {
+        let error = mmpg::wire::Envelope::error(device.clone(), 0, self.schema, reason).encode().unwrap_or_default();
+        match &self.signer {
+            Some(signer) => mmpg::wire::sign(&error, signer),
+            None => error,
+        }
+    }
+
     fn check(&self, peer: &mmpg::Peer, bytes: &[u8]) -> Result<(), Vec<u8>> {
         let guard = &self.guard;
         let header = mmpg::wire::Header::peek(bytes).ok();
@@ -168,7 +178,11 @@ fn join_broker(
     let mut endpoint = MqttEndpoint::connect(client, &settings.topics(), group, &worker)
         .with_context(|| format!("joining the broker {}", client.url()))?;
     if let Some(refusals) = refusals {
-        endpoint = endpoint.admitting(move |peer, bytes| refusals.check(peer, bytes));
+        let refusals = Arc::new(refusals);
+        let transport = refusals.clone();
+        endpoint = endpoint
+            .admitting(move |peer, bytes| refusals.check(peer, bytes))
+            .refusing(move |device, reason| transport.transport(device, reason));
     }
     eprintln!(
         "mmpg cloud: worker (pid {worker}) in the shared subscription {} on {}",

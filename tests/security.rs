@@ -128,6 +128,24 @@ fn mutual_tls_refuses_strangers_impostors_revoked_and_greedy_devices_and_honest_
     // counted (throttled per peer and reason, so a refusal storm cannot fill the disk).
     assert_eq!(refusals(&kit, "revoked").len(), 1);
 
+    // Issue 28: the list edited by hand, a byte-order mark before an id (it was skipped, and the
+    // device kept full access). Now the line is an error naming it: the running cloud keeps the
+    // previous list (device-01 stays revoked) and says so in its metrics; validate refuses it.
+    let revoked = kit.revoked();
+    let previous = std::fs::read_to_string(&revoked).expect("list");
+    std::fs::write(&revoked, format!("{previous}\u{feff}device-00\n")).expect("edited");
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(status(one.exchange(envelope("device-01", 11, 16), Duration::from_secs(10))), 403);
+    let metrics = client(&url, &kit, &ca, Some("device-00")).metrics(Duration::from_secs(10)).expect("metrics");
+    assert!(metrics.contains("mmpg_revocation_list_valid 0"), "{metrics}");
+    let out = mmpg().arg("validate").arg(&file).output().expect("validate");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && said.contains("revoked.txt:3"), "{said}");
+    std::fs::write(&revoked, &previous).expect("restored");
+    std::thread::sleep(Duration::from_millis(1100));
+    let metrics = client(&url, &kit, &ca, Some("device-00")).metrics(Duration::from_secs(10)).expect("metrics");
+    assert!(metrics.contains("mmpg_revocation_list_valid 1"), "{metrics}");
+
     // A client that sends one byte per second is cut off by the server's timeout (2 s).
     let mut slow = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connects");
     slow.set_read_timeout(Some(Duration::from_millis(1000))).expect("timeout");

@@ -1210,6 +1210,11 @@ impl Parser<'_> {
         if let Some(url) = serve.url.as_ref().filter(|u| !security.insecure && u.starts_with("http://")) {
             self.fail(KeyPath::parse("serve.url"), format!("[security] serves HTTPS, but the URL is `{url}`"));
         }
+        // The cloud refuses to start on a revocation list it cannot take (it would revoke no
+        // one): so does validate, once the kit exists.
+        if let Err(e) = crate::security::revocation::read(&security.kit().revoked()) {
+            self.fail(KeyPath::parse("security.dir"), format!("the kit's revocation list: {e}"));
+        }
     }
 
     fn domain(&mut self, domain: &DeviceDomain, path: &KeyPath) {

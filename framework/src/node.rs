@@ -695,6 +695,12 @@ impl DeviceNode {
         if reply.device != self.id {
             return Err(Refusal::OtherDevice(reply.device.clone()));
         }
+        // Sequence 0 numbers no request: the transport refused the device's message before the
+        // cloud could read it (a chunk it could not take). The request outstanding is over.
+        if reply.sequence == 0 && reply.kind == MessageKind::Error && self.outstanding.is_some() {
+            self.outstanding = None;
+            return Err(Refusal::Cloud(reply.to_error().unwrap_or_else(|e| format!("unreadable reason ({e})"))));
+        }
         if self.outstanding != Some((reply.sequence, reply.nonce)) {
             return Err(Refusal::Stale { expected: self.outstanding.map(|(s, _)| s), found: reply.sequence });
         }
@@ -760,6 +766,14 @@ mod tests {
 
     fn picky() -> Picky {
         Picky(SlotSchema::new(vec![SlotSpec::f32("w", vec![1])]).expect("schema"))
+    }
+
+    /// Device `a`'s summary request under `sequence`, with a nonce derived from it.
+    fn numbered(generator: &Picky, sequence: u64) -> Vec<u8> {
+        Envelope::summary(DeviceId("a".into()), sequence, generator.0.hash(), &summary(2))
+            .map(|e| e.with_nonce(sequence.wrapping_mul(11)))
+            .and_then(|e| e.encode())
+            .expect("encodes")
     }
 
     fn summary(clips: u32) -> AnchorSummary {
@@ -863,12 +877,7 @@ mod tests {
         let ledger = SequenceLedger::in_memory();
         let cloud = CloudNode::new(&generator, Quantisation::F32).with_ledger(&ledger);
         let anyone = Peer::default();
-        let numbered = |sequence: u64| {
-            Envelope::summary(DeviceId("a".into()), sequence, generator.0.hash(), &summary(2))
-                .map(|e| e.with_nonce(sequence ^ 0x5a))
-                .and_then(|e| e.encode())
-                .expect("encodes")
-        };
+        let numbered = |sequence: u64| numbered(&generator, sequence);
         for at_or_beyond in [MAX_SEQUENCE, MAX_SEQUENCE + 1, u64::MAX] {
             assert_eq!(cloud.respond(&[(&anyone, &numbered(at_or_beyond))]).0[0].outcome, Outcome::Malformed);
         }
@@ -890,12 +899,7 @@ mod tests {
         let ledger = SequenceLedger::in_memory();
         let cloud = CloudNode::new(&generator, Quantisation::F32).with_ledger(&ledger);
         let anyone = Peer::default();
-        let numbered = |sequence: u64| {
-            Envelope::summary(DeviceId("a".into()), sequence, generator.0.hash(), &summary(2))
-                .map(|e| e.with_nonce(sequence * 11))
-                .and_then(|e| e.encode())
-                .expect("encodes")
-        };
+        let numbered = |sequence: u64| numbered(&generator, sequence);
         let (first, second, old) = (numbered(5), numbered(6), numbered(5));
         // Copies arriving in one batch: only the first is answered.
         let (replies, _) = cloud.respond(&[(&anyone, &first), (&anyone, &first), (&anyone, &numbered(4))]);
@@ -955,6 +959,33 @@ mod tests {
         let summary = device.summarise(&window, 1).expect("summary").summary;
         let next = device.request(&summary).expect("request");
         assert_eq!(next.sequence, 41);
+    }
+
+    /// Issue 28: a device whose counter jumped far ahead is told the last sequence accepted and
+    /// continues right after it (back down); a transport's refusal (sequence 0) ends its request
+    /// with the reason instead of leaving it to time out.
+    #[test]
+    fn a_device_told_its_counter_is_far_ahead_continues_after_the_clouds_and_a_transport_refusal_ends_its_request() {
+        let mut device = node();
+        let frames = HostTensor::new(vec![1], vec![0.0]).expect("fits");
+        let window =
+            [Clip { frames, question: String::new(), caption: String::new(), answer: None, provenance: Vec::new() }];
+        device.resume_after(1 << 40);
+        let summary = device.summarise(&window, 1).expect("summary").summary;
+        let request = device.request(&summary).expect("request");
+        let ahead = Envelope::ahead(request.device.clone(), request.sequence, request.schema_hash, 12)
+            .with_nonce(request.nonce);
+        assert!(matches!(device.accept(&ahead), Err(Refusal::Cloud(_))));
+        let request = device.request(&summary).expect("request");
+        assert_eq!(request.sequence, 13);
+        let refused = Envelope::error(request.device.clone(), 0, request.schema_hash, "chunk refused: malformed chunk");
+        match device.accept(&refused) {
+            Err(Refusal::Cloud(reason)) => assert!(reason.contains("malformed chunk"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        // Nothing is outstanding any more: a late reply to sequence 13 is stale.
+        let late = Envelope::error(request.device.clone(), 13, request.schema_hash, "late").with_nonce(request.nonce);
+        assert!(matches!(device.accept(&late), Err(Refusal::Stale { .. })));
     }
 
     /// A one-slot model: its "answer" is the slot's value.

@@ -128,6 +128,17 @@ impl Reassembler {
         self.discarded
     }
 
+    /// Bytes held for the message in reassembly (0 when none is).
+    pub fn held(&self) -> usize {
+        self.partial.as_ref().map_or(0, |p| p.received)
+    }
+
+    /// Whether it holds nothing that could still complete at `now` (no message, or one past
+    /// its timeout).
+    pub fn is_idle(&self, now: Instant) -> bool {
+        self.partial.as_ref().is_none_or(|p| now.saturating_duration_since(p.started) > self.timeout)
+    }
+
     /// Takes one packet received at `now`: a whole message (not a chunk) is returned as it is; a
     /// chunk completes its message or waits for the rest (`None`). A repeated chunk (QoS 1
     /// delivers at least once) changes nothing.

@@ -126,19 +126,19 @@ impl BrokerFiles {
 /// The ACL of one deployment: the cloud reads every summary and writes every params topic; a
 /// device writes only its own summary topic and reads only its own params topic.
 pub fn acl(topics: &Topics) -> String {
-    let every = mmpg::DeviceId("+".into());
-    let own = |topic: String| topic.replace("/%2B", "/%u");
     let mut out = String::from(
         "# Written by `mmpg provision`: each device publishes only its own summary and reads only its own\n\
          # parameters (%u is its user name, its id as one topic level); the cloud workers read every\n\
          # summary (shared subscription) and write every device's parameters.\n",
     );
     let _ = writeln!(out, "user {CLOUD_USER}");
-    let _ = writeln!(out, "topic read {}", topics.summary(&every).replace("%2B", "+"));
-    let _ = writeln!(out, "topic write {}", topics.params(&every).replace("%2B", "+"));
+    // Wildcards and `%u` are written as the last level itself, never found by replacing text in
+    // an encoded topic: a deployment named `+` is `%2B` on the broker and stays so here.
+    let _ = writeln!(out, "topic read {}", topics.summary_level("+"));
+    let _ = writeln!(out, "topic write {}", topics.params_level("+"));
     let _ = writeln!(out);
-    let _ = writeln!(out, "pattern write {}", own(topics.summary(&every)));
-    let _ = writeln!(out, "pattern read {}", own(topics.params(&every)));
+    let _ = writeln!(out, "pattern write {}", topics.summary_level("%u"));
+    let _ = writeln!(out, "pattern read {}", topics.params_level("%u"));
     out
 }
 
@@ -198,6 +198,22 @@ mod tests {
         assert!(acl.contains("pattern read mmpg/quick%20start/params/%u\n"), "{acl}");
         assert!(acl.contains("user @cloud\ntopic read mmpg/quick%20start/summary/+\n"), "{acl}");
         assert!(acl.contains("topic write mmpg/quick%20start/params/+\n"), "{acl}");
+    }
+
+    /// Issue 28: `name = "+"` validated, then the ACL matched no device topic (the name's `%2B`
+    /// was replaced like a wildcard) and every device was locked out.
+    #[test]
+    fn a_name_that_looks_like_a_wildcard_stays_the_name() {
+        let topics = Topics::new("+");
+        let acl = acl(&topics);
+        let device = mmpg::DeviceId("cam-7".into());
+        assert_eq!(topics.summary(&device), "mmpg/%2B/summary/cam-7");
+        assert!(acl.contains("pattern write mmpg/%2B/summary/%u\n"), "{acl}");
+        assert!(acl.contains("pattern read mmpg/%2B/params/%u\n"), "{acl}");
+        assert!(acl.contains("topic read mmpg/%2B/summary/+\n"), "{acl}");
+        // What the device publishes to is what its pattern allows (with %u its user name).
+        let own = topics.summary_level("%u").replace("%u", &level(&device));
+        assert_eq!(own, topics.summary(&device));
     }
 
     #[test]

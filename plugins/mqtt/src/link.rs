@@ -105,7 +105,12 @@ pub(crate) fn client_options(
 /// Bytes a QoS 1 PUBLISH to `topic` adds to its payload in MQTT v5: the fixed header (at most 5
 /// bytes), the topic's length and bytes, the packet id, and an empty property length.
 pub fn publish_overhead(topic: &str) -> usize {
-    5 + 2 + topic.len() + 2 + 1
+    publish_overhead_of(topic.len())
+}
+
+/// [`publish_overhead`] of a topic of `topic_len` bytes.
+pub const fn publish_overhead_of(topic_len: usize) -> usize {
+    5 + 2 + topic_len + 2 + 1
 }
 
 /// A client id no other client can guess and take over (a broker drops the older of two
@@ -241,17 +246,24 @@ impl DeviceLink for MqttLink {
         while self.session.messages.try_recv().is_ok() {}
         let deadline = Instant::now() + timeout;
         self.session.publish(&self.summary, &request)?;
+        let mut refused = None;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.session.messages.recv_timeout(left) {
-                // A malformed chunk is dropped; the reply's own chunks may still complete it.
-                Ok((topic, bytes)) if topic == self.params => {
-                    if let Ok(Some(message)) = self.reassembler.push(&bytes, Instant::now()) {
-                        return Ok(message);
-                    }
-                }
+                // A malformed chunk is dropped; the reply's own chunks may still complete it. If
+                // none does, the timeout names the chunk at fault.
+                Ok((topic, bytes)) if topic == self.params => match self.reassembler.push(&bytes, Instant::now()) {
+                    Ok(Some(message)) => return Ok(message),
+                    Ok(None) => {}
+                    Err(e) => refused = Some(e),
+                },
                 Ok(_) => {}
-                Err(RecvTimeoutError::Timeout) => return Err(TransportError::Timeout(timeout)),
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(match refused {
+                        Some(e) => TransportError::Protocol(format!("the cloud's reply, within {timeout:?}: {e}")),
+                        None => TransportError::Timeout(timeout),
+                    });
+                }
                 Err(RecvTimeoutError::Disconnected) => {
                     return Err(TransportError::Closed("the MQTT connection's thread stopped".into()));
                 }
@@ -293,8 +305,19 @@ impl DeviceLink for ReconnectingLink {
     }
 }
 
+/// Most senders a worker holds chunked messages of at once.
+pub const MAX_SENDERS_IN_REASSEMBLY: usize = 4096;
+/// Most bytes of chunked messages a worker holds at once, all senders together.
+pub const MAX_REASSEMBLY_BYTES: usize = 256 << 20;
+
 /// A cloud worker's endpoint: one member of the shared subscription `group`, so the broker
 /// gives each summary to one worker.
+///
+/// What it holds is bounded per sender (one message of at most [`MAX_MESSAGE`] in reassembly)
+/// and in total ([`MAX_SENDERS_IN_REASSEMBLY`], [`MAX_REASSEMBLY_BYTES`]); a chunk refused — its
+/// header malformed, its message over a bound — is answered (the device learns why at once, not
+/// by timing out) and said on stderr (at most [`REFUSAL_LINES_PER_S`] lines a second, the rest
+/// counted).
 ///
 /// The device a request comes from is read from its topic; it is an authenticated identity only
 /// where the broker's ACL lets a device publish to its own summary topic alone.
@@ -306,7 +329,35 @@ pub struct MqttEndpoint {
     next_ticket: u64,
     /// Chunked summaries in reassembly, by device.
     partial: HashMap<DeviceId, Reassembler>,
+    /// Bytes `partial` holds.
+    buffered: usize,
     gate: Option<Gate>,
+    refuse: Option<Refuser>,
+    /// Refused chunks, and the stderr lines this second: (second's start, lines, left out).
+    refused_chunks: u64,
+    said: (Instant, u32, u64),
+}
+
+/// An unsigned error envelope refusing `device`'s message at the transport: sequence 0, so it
+/// answers no request of the device's but ends the one outstanding, saying why
+/// ([`mmpg::DeviceNode::accept`]).
+pub fn refusal(device: &DeviceId, reason: &str) -> Vec<u8> {
+    mmpg::wire::Envelope::error(device.clone(), 0, mmpg::SchemaHash(0), reason).encode().unwrap_or_default()
+}
+
+/// Lines a worker writes a second about refused chunks.
+pub const REFUSAL_LINES_PER_S: u32 = 10;
+
+/// The reply refusing a device's chunked message at the transport, saying why.
+type Refuse = dyn Fn(&DeviceId, &str) -> Vec<u8> + Send;
+
+/// Makes the reply refusing a chunked message.
+struct Refuser(Box<Refuse>);
+
+impl std::fmt::Debug for Refuser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Refuser")
+    }
 }
 
 /// Whether a request (its sender, its bytes) may be served at all; if not, the reply that says
@@ -341,8 +392,95 @@ impl MqttEndpoint {
             waiting: HashMap::new(),
             next_ticket: 0,
             partial: HashMap::new(),
+            buffered: 0,
             gate: None,
+            refuse: None,
+            refused_chunks: 0,
+            said: (Instant::now(), 0, 0),
         })
+    }
+
+    /// The same endpoint answering a refused chunk with `refuse`'s reply (the cloud's signed
+    /// error envelope) instead of an unsigned one.
+    pub fn refusing(self, refuse: impl Fn(&DeviceId, &str) -> Vec<u8> + Send + 'static) -> Self {
+        Self { refuse: Some(Refuser(Box::new(refuse))), ..self }
+    }
+
+    /// Chunks refused so far.
+    pub fn refused_chunks(&self) -> u64 {
+        self.refused_chunks
+    }
+
+    /// Takes one packet of `device`'s: the whole message when it is one (or completes one).
+    /// A refused chunk is answered and said here.
+    fn reassemble(&mut self, device: &DeviceId, packet: &[u8]) -> Option<Vec<u8>> {
+        let now = Instant::now();
+        if !packet.starts_with(crate::chunk::CHUNK_MAGIC) {
+            return Some(packet.to_vec());
+        }
+        if !self.partial.contains_key(device) && self.partial.len() >= MAX_SENDERS_IN_REASSEMBLY {
+            let before = self.partial.len();
+            self.partial.retain(|_, r| !r.is_idle(now));
+            self.buffered = self.partial.values().map(Reassembler::held).sum();
+            if self.partial.len() >= MAX_SENDERS_IN_REASSEMBLY {
+                let reason = format!("the cloud holds chunked messages of {before} devices; retry later");
+                self.refuse_chunk(device, &reason, now);
+                return None;
+            }
+        }
+        let reassembler =
+            self.partial.entry(device.clone()).or_insert_with(|| Reassembler::new(MAX_MESSAGE, REASSEMBLY_TIMEOUT));
+        let before = reassembler.held();
+        let pushed = reassembler.push(packet, now);
+        let after = reassembler.held();
+        self.buffered = self.buffered.saturating_sub(before) + after;
+        let result = match pushed {
+            Ok(message) if self.buffered > MAX_REASSEMBLY_BYTES => {
+                drop(message);
+                Err(format!("the cloud holds {MAX_REASSEMBLY_BYTES} bytes of chunked messages; retry later"))
+            }
+            Ok(message) => Ok(message),
+            Err(e) => Err(e.to_string()),
+        };
+        match result {
+            Ok(message) => {
+                if message.is_some() && after == 0 {
+                    self.partial.remove(device);
+                }
+                message
+            }
+            Err(reason) => {
+                // What it held of this device's message is given up with the refusal.
+                if let Some(r) = self.partial.remove(device) {
+                    self.buffered = self.buffered.saturating_sub(r.held());
+                }
+                self.refuse_chunk(device, &reason, now);
+                None
+            }
+        }
+    }
+
+    fn refuse_chunk(&mut self, device: &DeviceId, reason: &str, now: Instant) {
+        self.refused_chunks += 1;
+        if now.saturating_duration_since(self.said.0) >= Duration::from_secs(1) {
+            if self.said.2 > 0 {
+                eprintln!("mmpg cloud (mqtt): {} more refused chunks not shown", self.said.2);
+            }
+            self.said = (now, 0, 0);
+        }
+        if self.said.1 < REFUSAL_LINES_PER_S {
+            self.said.1 += 1;
+            eprintln!("mmpg cloud (mqtt): device `{device}`: chunk refused: {reason}");
+        } else {
+            self.said.2 += 1;
+        }
+        let reason = format!("chunk refused: {reason}");
+        let reply = match &self.refuse {
+            Some(refuse) => (refuse.0)(device, &reason),
+            None => refusal(device, &reason),
+        };
+        // A reply the broker cannot take is that device's loss.
+        let _ = self.session.publish(&self.topics.params(device), &reply);
     }
 
     /// The same endpoint handing on only requests `admit` accepts (a cloud's revocation list
@@ -362,12 +500,8 @@ impl CloudEndpoint for MqttEndpoint {
                 Ok((topic, bytes)) => {
                     // Anything not a summary topic of this deployment is not a request.
                     let Some(device) = self.topics.device_of_summary(&topic) else { continue };
-                    let reassembler = self
-                        .partial
-                        .entry(device.clone())
-                        .or_insert_with(|| Reassembler::new(MAX_MESSAGE, REASSEMBLY_TIMEOUT));
-                    // A malformed or partial chunked message is not a request (yet).
-                    let Ok(Some(bytes)) = reassembler.push(&bytes, Instant::now()) else { continue };
+                    // A partial chunked message is not a request yet; a refused one never is.
+                    let Some(bytes) = self.reassemble(&device, &bytes) else { continue };
                     let peer = Peer { identity: Some(device.clone()), address: format!("mqtt {topic}") };
                     if let Some(Err(refusal)) = self.gate.as_ref().map(|gate| (gate.0)(&peer, &bytes)) {
                         // A reply the broker cannot take is that device's loss.

@@ -143,8 +143,13 @@ fn configuration(port: u16, secured: Option<&Secured>) -> String {
          max_connections -1\n\
          max_inflight_messages 0\n\
          max_queued_messages 10000\n\
+         max_queued_bytes 67108864\n\
+         max_packet_size {max_packet}\n\
          log_type error\nlog_type warning\nlog_type notice\n\
-         listener {port} 127.0.0.1\n"
+         listener {port} 127.0.0.1\n",
+        // One client's bounds at the broker: no packet beyond what mmpg ever sends, and at most
+        // 64 MiB queued for a client that does not read.
+        max_packet = crate::MAX_PACKET
     );
     if running_as_root() {
         c.push_str("user root\n");

@@ -17,6 +17,18 @@ use crate::{BrokerSettings, MAX_PACKET, MqttEndpoint, MqttError, MqttLink, Topic
 /// Default `max_packet`: 128 KiB, AWS IoT Core's limit, the smallest of the managed brokers.
 pub const DEFAULT_MAX_PACKET: usize = 128 * 1024;
 
+/// Longest `name` and `group`, in bytes.
+pub const MAX_NAME: usize = 64;
+
+/// The longest topic any deployment publishes to: `mmpg/<name>/summary/<device>` with a name of
+/// [`MAX_NAME`] bytes and a device id of [`MAX_DEVICE_ID`](mmpg::wire::MAX_DEVICE_ID) bytes, both
+/// percent-encoded (up to 3 bytes each).
+const LONGEST_TOPIC: usize = "mmpg/".len() + 3 * MAX_NAME + "/summary/".len() + 3 * mmpg::wire::MAX_DEVICE_ID;
+
+/// Smallest `max_packet` a deployment may set: a PUBLISH of the longest topic, a chunk header and
+/// 1 KiB of the message. Below it a device's request cannot leave it at all.
+pub const MIN_MAX_PACKET: usize = crate::link::publish_overhead_of(LONGEST_TOPIC) + crate::chunk::CHUNK_HEADER + 1024;
+
 /// `[transport.settings]` of the mqtt transport.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -55,12 +67,22 @@ impl Settings for MqttSettings {
         if self.group.is_empty() {
             check.fail("group", "must not be empty");
         }
+        // A name becomes one topic level (percent-encoded) and a line of the broker's ACL: it
+        // must be printable and short, whatever it holds (`+`, `#`, `/`, `%` are escaped).
+        for (key, value) in [("name", &self.name), ("group", &self.group)] {
+            if value.len() > MAX_NAME {
+                check.fail(key, format!("{} bytes, over the {MAX_NAME}-byte limit", value.len()));
+            } else if value.chars().any(char::is_control) {
+                check.fail(key, "must not hold control characters (it becomes a topic level and an ACL line)");
+            }
+        }
         if let Some(url) = &self.broker
             && let Err(e) = BrokerUrl::parse(url)
         {
             check.fail("broker", e.to_string());
         }
-        check.within("max_packet", self.max_packet, 64..=MAX_PACKET as usize);
+        // From what works: the longest topic, MQTT's header and a chunk header must leave room.
+        check.within("max_packet", self.max_packet, MIN_MAX_PACKET..=MAX_PACKET as usize);
         check.within("connect_timeout_ms", self.connect_timeout_ms, 1..=600_000);
     }
 }
@@ -234,8 +256,19 @@ mod tests {
     }
 
     #[test]
+    fn names_are_bounded_and_printable_and_a_wildcard_is_only_a_name() {
+        let check = |t: &str| MQTT.settings.check(&toml::from_str::<toml::Table>(t).expect("toml"));
+        assert!(check("name = '+'").is_ok());
+        assert!(check("name = '#'\ngroup = 'a/b'").is_ok());
+        assert!(check(&format!("name = '{}'", "n".repeat(MAX_NAME + 1))).is_err());
+        assert!(check("name = \"a\\u0000b\"").is_err());
+        assert!(check(&format!("name = 'q'\nmax_packet = {}", MIN_MAX_PACKET - 1)).is_err());
+        assert!(check(&format!("name = 'q'\nmax_packet = {MIN_MAX_PACKET}")).is_ok());
+    }
+
+    #[test]
     fn validate_names_each_bad_key() {
-        let table: toml::Table = toml::from_str("broker = 'http://x'\nmax_packet = 10\ngroup = ''").expect("toml");
+        let table: toml::Table = toml::from_str("broker = 'http://x'\nmax_packet = 64\ngroup = ''").expect("toml");
         let errors = MQTT.settings.check(&table).expect_err("refused");
         let keys: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
         for key in ["name", "broker", "max_packet", "group"] {
@@ -244,6 +277,20 @@ mod tests {
     }
 
     proptest! {
+        /// Issue 28: `max_packet = 64` validated, then every request failed. At the smallest
+        /// `max_packet` validate takes, any deployment name and any device id leave room for a
+        /// chunk and a KiB of the message.
+        #[test]
+        fn the_smallest_packet_limit_carries_any_topic(name in "\\PC{1,16}", device in "\\PC{1,64}") {
+            let name: String = name.chars().take(MAX_NAME).collect();
+            let topics = Topics::new(&name);
+            let topic = topics.summary(&DeviceId(device));
+            let room = MIN_MAX_PACKET - crate::link::publish_overhead(&topic);
+            prop_assert!(room >= crate::chunk::CHUNK_HEADER + 1024, "{topic}");
+            let message = vec![7u8; 5000];
+            prop_assert!(crate::chunk::split(&message, 1, room).is_ok());
+        }
+
         /// Whatever string a config holds, parsing never panics, and what parses prints back as
         /// a URL that parses to the same broker.
         #[test]

@@ -29,12 +29,23 @@ impl Topics {
 
     /// Where `device` publishes its summaries.
     pub fn summary(&self, device: &DeviceId) -> String {
-        format!("{}/summary/{}", self.root, level(device))
+        self.summary_level(&level(device))
     }
 
     /// Where `device` receives its parameters.
     pub fn params(&self, device: &DeviceId) -> String {
-        format!("{}/params/{}", self.root, level(device))
+        self.params_level(&level(device))
+    }
+
+    /// The summary topic with `last` as its last level as written (a wildcard `+`, or an ACL's
+    /// `%u`); the deployment's own level stays encoded whatever it holds.
+    pub fn summary_level(&self, last: &str) -> String {
+        format!("{}/summary/{last}", self.root)
+    }
+
+    /// The params topic with `last` as its last level as written.
+    pub fn params_level(&self, last: &str) -> String {
+        format!("{}/params/{last}", self.root)
     }
 
     /// What every cloud worker of `group` subscribes to: each summary goes to one of them.

@@ -253,3 +253,47 @@ fn raw_publish_retained(settings: &BrokerSettings, topic: &str, payload: &[u8], 
     }
     None
 }
+
+/// Issue 28: a malformed chunk header got no reply and no log line, so its device only timed
+/// out. The worker answers on the device's params topic, naming the header's fault.
+#[test]
+fn a_malformed_chunk_is_answered_naming_its_fault() {
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::{Client, Event, MqttOptions};
+    let broker = broker();
+    let topics = Topics::new("test");
+    let stop = Arc::new(AtomicBool::new(false));
+    let endpoint = MqttEndpoint::connect(&broker.settings, &topics, "cloud", "w").expect("worker connects");
+    let worker = worker(endpoint, "w", stop.clone());
+    let device = DeviceId("victim".into());
+    let (client, mut connection) =
+        Client::new(MqttOptions::new("listener", broker.settings.host.clone(), broker.settings.port), 8);
+    client.subscribe(topics.params(&device), QoS::AtLeastOnce).expect("queued");
+    let mut subscribed = false;
+    for _ in 0..50 {
+        if let Ok(Ok(Event::Incoming(Packet::SubAck(_)))) = connection.recv_timeout(Duration::from_millis(200)) {
+            subscribed = true;
+            break;
+        }
+    }
+    assert!(subscribed, "no SUBACK");
+    // `MMPC`, then version 9 where 1 belongs, and a header cut short.
+    let mut chunk = b"MMPC".to_vec();
+    chunk.extend_from_slice(&[9, 0, 0, 0]);
+    raw_publish_retained(&broker.settings, &topics.summary(&device), &chunk, false);
+    let mut refusal = None;
+    for _ in 0..100 {
+        if let Ok(Ok(Event::Incoming(Packet::Publish(p)))) = connection.recv_timeout(Duration::from_millis(200)) {
+            refusal = Some(p.payload.to_vec());
+            break;
+        }
+    }
+    let refusal = refusal.expect("the worker answered");
+    let envelope = mmpg::wire::Envelope::decode(&refusal).expect("an envelope");
+    let reason = envelope.to_error().expect("an error reply");
+    assert_eq!((envelope.device, envelope.sequence), (device, 0));
+    assert!(reason.contains("chunk refused: malformed chunk"), "{reason}");
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(worker.join().expect("worker"), 0, "a refused chunk is not a request");
+}
