@@ -227,7 +227,9 @@ pub fn serve(
                 connections_per_peer: config.max_connections_per_peer,
                 requests_per_peer: config.max_requests_per_peer,
                 buffered_bytes: config.buffered_bytes(),
-                idle: Duration::from_millis(config.request_timeout_ms),
+                // At least 2 s: devices drop their kept connections after 0.9 s idle, so the
+                // server never closes one a device is about to send on.
+                idle: Duration::from_millis(config.request_timeout_ms).max(Duration::from_secs(2)),
             },
         },
         published.clone(),

@@ -1146,11 +1146,9 @@ impl Parser<'_> {
         check.within("serve.body_limit", serve.body_limit, 1024..=crate::wire::MAX_PAYLOAD);
         check.within("serve.request_timeout_ms", serve.request_timeout_ms, 1..=600_000);
         check.within("serve.max_connections", serve.max_connections, 16..=1 << 20);
-        check.within(
-            "serve.max_connections_per_peer",
-            serve.max_connections_per_peer,
-            1..=serve.max_connections.max(1),
-        );
+        // Against the total as validate will take it: one bad value is one error, not two.
+        let total = serve.max_connections.clamp(16, 1 << 20);
+        check.within("serve.max_connections_per_peer", serve.max_connections_per_peer, 1..=total);
         check.within("serve.max_requests_per_peer", serve.max_requests_per_peer, 1..=4096);
         if let Some(bytes) = serve.max_buffered_bytes {
             // Room for at least one request of the largest size.

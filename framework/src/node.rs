@@ -672,8 +672,9 @@ impl DeviceNode {
         // take as newer.
         let sequence = self.sequence.checked_add(1).filter(|s| *s < MAX_SEQUENCE).ok_or_else(|| {
             WireError::Content(format!(
-                "request sequence numbers exhausted ({} of {MAX_SEQUENCE}); the cloud's ledger (cloud/sequences.log) \
-                 must forget this device before it can ask again",
+                "request sequence numbers exhausted: this device's counter is {}, the last below {MAX_SEQUENCE}; if \
+                 the cloud's ledger (cloud/sequences.log) holds it too, the ledger must forget this device before it \
+                 can ask again",
                 self.sequence
             ))
         })?;

@@ -72,8 +72,8 @@ pub fn unseal(sealed: &[u8]) -> Option<&[u8]> {
     (crate::bundle::sha256_hex(content).as_bytes() == sum).then_some(content)
 }
 
-/// A request counter as its file holds it: ASCII digits only, no sign or space, below
-/// [`MAX_SEQUENCE`].
+/// A request counter as its file holds it: ASCII digits only, no sign or space, and leaving a
+/// next request (below [`MAX_SEQUENCE`] − 1): a counter at the end is damage, not history.
 ///
 /// # Errors
 /// What is wrong, for a person.
@@ -86,8 +86,8 @@ pub fn parse_sequence(text: &[u8]) -> Result<u64, String> {
         .ok()
         .and_then(|t| t.parse().ok())
         .ok_or_else(|| format!("not a request sequence: {:?}", shown()))?;
-    if sequence >= MAX_SEQUENCE {
-        return Err(format!("sequence {sequence} is not below {MAX_SEQUENCE} (2^48)"));
+    if sequence >= MAX_SEQUENCE - 1 {
+        return Err(format!("sequence {sequence} leaves no next request below {MAX_SEQUENCE} (2^48)"));
     }
     Ok(sequence)
 }
@@ -167,7 +167,9 @@ mod tests {
     #[test]
     fn counters_are_plain_digits_below_the_bound() {
         assert_eq!(parse_sequence(b"0"), Ok(0));
-        assert_eq!(parse_sequence((MAX_SEQUENCE - 1).to_string().as_bytes()), Ok(MAX_SEQUENCE - 1));
+        assert_eq!(parse_sequence((MAX_SEQUENCE - 2).to_string().as_bytes()), Ok(MAX_SEQUENCE - 2));
+        // The new user's example: 2^48 − 1 was restored and the device could not ask at all.
+        assert!(parse_sequence((MAX_SEQUENCE - 1).to_string().as_bytes()).is_err());
         for bad in [&b""[..], b" 1", b"1\n", b"+1", b"-1", b"1e3", b"99999999999999999999999"] {
             assert!(parse_sequence(bad).is_err(), "{bad:?}");
         }
@@ -189,7 +191,7 @@ mod tests {
         /// Whatever the bytes, parsing a counter never panics and never yields one at the bound.
         #[test]
         fn parsed_counters_are_below_the_bound(text in proptest::collection::vec(any::<u8>(), 0..32)) {
-            if let Ok(s) = parse_sequence(&text) { prop_assert!(s < MAX_SEQUENCE); }
+            if let Ok(s) = parse_sequence(&text) { prop_assert!(s + 1 < MAX_SEQUENCE); }
         }
     }
 }

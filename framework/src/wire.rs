@@ -275,6 +275,11 @@ impl Envelope {
         Self::error(device, sequence, schema_hash, &reason)
     }
 
+    /// Whether this is the cloud's refusal of a sequence too far ahead ([`Envelope::ahead`]).
+    pub fn is_ahead(&self) -> bool {
+        self.to_error().is_ok_and(|reason| reason.starts_with(AHEAD))
+    }
+
     /// The last sequence the cloud accepted, if this is its refusal of a stale sequence or of
     /// one too far ahead ([`Envelope::stale`], [`Envelope::ahead`]): the device continues after it.
     pub fn last_accepted(&self) -> Option<u64> {

@@ -232,8 +232,13 @@ impl Guard {
     pub fn audit_if_replayed(&self, reply: &[u8], address: &str) {
         let envelope = crate::wire::unchecked_envelope(reply).and_then(|b| crate::wire::Envelope::decode(b).ok());
         if let Some(envelope) = envelope.filter(|e| e.last_accepted().is_some()) {
-            let reason = format!("replayed: {}", envelope.to_error().unwrap_or_default());
-            self.audit_refusal(&envelope.device.0, &reason, address);
+            // A stale sequence is a replay (or a device that lost its count); one far ahead is a
+            // damaged count (or an attack on the ledger): audited under their own reasons.
+            let label = if envelope.is_ahead() { "sequence_ahead" } else { "replayed" };
+            let reason = format!("{label}: {}", envelope.to_error().unwrap_or_default());
+            if let Some(left_out) = self.throttle(&envelope.device.0, label, Instant::now()) {
+                self.write(Some(&envelope.device.0), reason, address, left_out);
+            }
         }
     }
 

@@ -61,11 +61,12 @@ pub fn parse(text: &str) -> Result<BTreeSet<String>, (usize, String)> {
         }
         let shown: String = entry.chars().take(80).collect();
         let Some(id) = identity::decode(entry).filter(|id| !id.is_empty()) else {
-            let hint = match identity::decode(&identity::encode(entry)) {
-                Some(_) if entry.chars().all(|c| !c.is_control() && c != '\u{feff}') => {
-                    format!("; if the device id is `{shown}`, write it as `{}`", identity::encode(entry))
-                }
-                _ => String::new(),
+            let hint = if entry.contains('\u{feff}') {
+                "; it holds a byte-order mark (U+FEFF), which only the file's very start may hold".to_string()
+            } else if entry.chars().any(char::is_control) {
+                "; it holds a control character".to_string()
+            } else {
+                format!("; if the device id is `{shown}`, write it as `{}`", identity::encode(entry))
             };
             return Err((
                 n + 1,
@@ -83,12 +84,17 @@ pub fn parse(text: &str) -> Result<BTreeSet<String>, (usize, String)> {
 /// [`RevocationError`]: the file is not a regular file, over [`MAX_LIST`], unreadable, not
 /// UTF-8, or has a line [`parse`] refuses.
 pub fn read(path: &Path) -> Result<BTreeSet<String>, RevocationError> {
+    Ok(read_if_present(path)?.unwrap_or_default())
+}
+
+/// [`read`], telling an absent file (`None`) from an empty one.
+fn read_if_present(path: &Path) -> Result<Option<BTreeSet<String>>, RevocationError> {
     let text = match crate::files::read_text(path, MAX_LIST, Links::Refuse) {
         Ok(text) => text,
-        Err(e) if e.is_not_found() => return Ok(BTreeSet::new()),
+        Err(e) if e.is_not_found() => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    parse(&text).map_err(|(line, message)| RevocationError::Line { path: path.to_path_buf(), line, message })
+    parse(&text).map(Some).map_err(|(line, message)| RevocationError::Line { path: path.to_path_buf(), line, message })
 }
 
 /// The line a revoked device takes.
@@ -100,6 +106,8 @@ pub fn line(id: &str) -> String {
 struct Seen {
     stamp: Option<(SystemTime, u64)>,
     read_at: Option<Instant>,
+    /// Whether the file existed when last taken.
+    existed: bool,
     ids: BTreeSet<String>,
     problem: Option<String>,
     failures: u64,
@@ -127,9 +135,14 @@ impl Revocations {
     /// # Errors
     /// As [`read`]: starting with a list that cannot be read would revoke no one.
     pub fn open(path: &Path) -> Result<Self, RevocationError> {
-        let ids = read(path)?;
-        let stamp = metadata_stamp(path);
-        let seen = Seen { stamp, read_at: Some(Instant::now()), ids, ..Seen::default() };
+        let found = read_if_present(path)?;
+        let seen = Seen {
+            stamp: metadata_stamp(path),
+            read_at: Some(Instant::now()),
+            existed: found.is_some(),
+            ids: found.unwrap_or_default(),
+            ..Seen::default()
+        };
         Ok(Self { path: path.to_path_buf(), seen: Mutex::new(seen) })
     }
 
@@ -145,10 +158,20 @@ impl Revocations {
         if stamp != seen.stamp || due {
             seen.read_at = Some(now);
             seen.stamp = stamp;
-            match read(&self.path) {
-                Ok(ids) => {
-                    seen.ids = ids;
-                    seen.problem = None;
+            // A list that existed and is gone does not mean "no one is revoked": that takes an
+            // empty file, written on purpose.
+            let taken = match read_if_present(&self.path) {
+                Ok(None) if seen.existed => Err(format!("{}: no longer exists", self.path.display())),
+                Ok(found) => Ok(found),
+                Err(e) => Err(e.to_string()),
+            };
+            match taken {
+                Ok(found) => {
+                    seen.existed = found.is_some();
+                    seen.ids = found.unwrap_or_default();
+                    if seen.problem.take().is_some() {
+                        eprintln!("mmpg cloud: revocation list: taken again ({} revoked)", seen.ids.len());
+                    }
                 }
                 // A list that cannot be taken keeps the last one in force, and says so: neither
                 // a slip of the editor nor of permissions un-revokes anyone.
@@ -233,6 +256,15 @@ mod tests {
         assert!(list.is_revoked("d") && !list.is_revoked("c"));
         assert_eq!(list.problem(), None);
         assert!(list.failures() >= 1);
+        // Deleted under a running cloud: the previous list stays; an empty file clears it.
+        std::fs::remove_file(&path).expect("removed");
+        assert!(list.is_revoked("d"));
+        assert!(list.problem().is_some_and(|p| p.contains("no longer exists")), "{:?}", list.problem());
+        std::fs::write(&path, "# none\n").expect("writes");
+        assert!(!list.is_revoked("d"));
+        assert_eq!(list.problem(), None);
+        let bom = parse("a\n\u{feff}b\n").expect_err("refused");
+        assert!(bom.1.contains("byte-order mark"), "{}", bom.1);
     }
 
     /// The content is followed, not the metadata: an edit keeping the size and the timestamp is

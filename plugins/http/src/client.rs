@@ -94,7 +94,9 @@ impl CloudClient {
             // redirect (to another host, or from https:// to http://) is an error, not followed.
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(5))
-            .pool_idle_timeout(Duration::from_secs(90))
+            // Below the server's idle limit (its request timeout, 10 s by default, and at least
+            // 2 s): a kept connection is dropped here before the server closes it under a request.
+            .pool_idle_timeout(Duration::from_millis(900))
             .user_agent(concat!("mmpg-device/", env!("CARGO_PKG_VERSION")));
         if let Some(ca) = &trust.ca {
             // Trusting a CA means TLS, on every request this client makes.

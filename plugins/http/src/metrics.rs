@@ -30,7 +30,7 @@ pub struct Metrics {
     bytes_in: Counter,
     bytes_out: Counter,
     revocation_list_valid: Gauge,
-    audit_suppressed: Family<ReasonLabel, Gauge>,
+    audit_suppressed: Family<ReasonLabel, Counter>,
 }
 
 /// An audit reason, as a label.
@@ -67,7 +67,7 @@ impl Default for Metrics {
             "1 when the revocation list's current content is in force, 0 when it was refused (the previous list is)",
             revocation_list_valid.clone(),
         );
-        let audit_suppressed = Family::<ReasonLabel, Gauge>::default();
+        let audit_suppressed = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "audit_suppressed",
             "Refusals left out of the audit log by its per-peer throttling, by reason, since start",
@@ -109,7 +109,9 @@ impl Metrics {
     pub fn security(&self, revocations_valid: bool, suppressed: &std::collections::BTreeMap<&'static str, u64>) {
         self.revocation_list_valid.set(i64::from(revocations_valid));
         for (reason, count) in suppressed {
-            self.audit_suppressed.get_or_create(&ReasonLabel { reason }).set(i64::try_from(*count).unwrap_or(i64::MAX));
+            // The gate's counts only grow: the counter catches up with them.
+            let counter = self.audit_suppressed.get_or_create(&ReasonLabel { reason });
+            counter.inc_by(count.saturating_sub(counter.get()));
         }
     }
 

@@ -490,7 +490,9 @@ async fn adapt(
             Some(slot) => Some(slot),
             None => {
                 s.metrics.outcome("peer_requests");
-                let message = format!("device `{id}` already has {} requests in flight", s.limits.requests_per_peer);
+                let n = s.limits.requests_per_peer;
+                let message =
+                    format!("device `{id}` already has {n} request{} in flight", if n == 1 { "" } else { "s" });
                 return retry_later(StatusCode::TOO_MANY_REQUESTS, message);
             }
         },
@@ -506,10 +508,17 @@ async fn adapt(
             "the cloud is at capacity for request bodies; retry later",
         );
     };
-    let Ok(body) = axum::body::to_bytes(request.into_body(), s.body_limit).await else {
-        s.metrics.outcome("too_large");
-        let message = format!("the body is over this cloud's limit of {} bytes, or was cut short", s.body_limit);
-        return plain(StatusCode::PAYLOAD_TOO_LARGE, message);
+    let body = match axum::body::to_bytes(request.into_body(), s.body_limit).await {
+        Ok(body) => body,
+        Err(e) if is_length_limit(&e) => {
+            s.metrics.outcome("too_large");
+            let message = format!("the body is over this cloud's limit of {} bytes", s.body_limit);
+            return plain(StatusCode::PAYLOAD_TOO_LARGE, message);
+        }
+        Err(e) => {
+            s.metrics.outcome("cut_short");
+            return plain(StatusCode::BAD_REQUEST, format!("the body was cut short: {e}"));
+        }
     };
     s.metrics.received(body.len());
     if let Some(guard) = &s.guard
@@ -552,6 +561,18 @@ async fn adapt(
             plain(StatusCode::GATEWAY_TIMEOUT, format!("no reply within {:?}", s.request_timeout))
         }
     }
+}
+
+/// Whether reading a body failed on the size limit (not on a peer that hung up).
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(cause) = source {
+        if cause.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// A refusal the peer may retry after a second.
