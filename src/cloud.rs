@@ -80,9 +80,11 @@ fn security(deployment: &Deployment, workers: bool) -> anyhow::Result<Secured> {
             ledger.len(),
             if ledger.len() == 1 { "" } else { "s" },
         );
+        let guard = Arc::new(guard);
+        guard.keep_revocations_current();
         return Ok(Secured {
             tls: Some(Arc::new(tls)),
-            guard: Some(Arc::new(guard)),
+            guard: Some(guard),
             signer: Some(Arc::new(signer)),
             ledger: Some(ledger),
         });

@@ -176,7 +176,7 @@ fn bundle(
 ) -> anyhow::Result<Bundle> {
     if let Some(dir) = exported {
         let b = Bundle::open(dir, key).with_context(|| format!("the bundle in {}", dir.display()))?;
-        b.write(&state.bundle()).context("saving the bundle")?;
+        save_bundle(&b, state)?;
         log.event(json!({"event": "bundle", "source": dir.display().to_string(), "training": b.manifest.training}));
         return Ok(b);
     }
@@ -201,7 +201,7 @@ fn bundle(
         match fetched {
             Ok(None) => return saved.map_err(Into::into),
             Ok(Some(b)) => {
-                b.write(&state.bundle()).context("saving the bundle")?;
+                save_bundle(&b, state)?;
                 log.event(json!({"event": "bundle", "source": client.url(), "training": b.manifest.training}));
                 return Ok(b);
             }
@@ -235,6 +235,13 @@ fn bundle(
             }
         }
     }
+}
+
+/// Saves `bundle` into the state folder's `bundle/`, which is the device's own: a link or file
+/// standing there is replaced by a folder, never followed.
+fn save_bundle(bundle: &Bundle, state: &StateDir) -> anyhow::Result<()> {
+    mmpg::files::own_folder(&state.bundle()).with_context(|| format!("making {}", state.bundle().display()))?;
+    bundle.write(&state.bundle()).context("saving the bundle")
 }
 
 /// Restores the privacy a device's earlier runs spent. A ledger that cannot be read is an
@@ -325,11 +332,8 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
         options.state.clone().unwrap_or_else(|| fleet.state.join(mmpg::security::identity::encode(&options.id))),
     );
     std::fs::create_dir_all(&state.0).with_context(|| format!("creating {}", state.0.display()))?;
-    let log_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(state.log())
-        .with_context(|| format!("opening {}", state.log().display()))?;
+    // The state folder is the device's own: nothing in it is written through a link or a FIFO.
+    let log_file = mmpg::files::open_append(&state.log())?;
     let mut log = Log(log_file);
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -523,7 +527,7 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
     log.event(json!({
         "event": "stop", "served": served, "requests": sent, "skipped_windows": skipped, "failures": failures,
     }));
-    std::fs::write(state.report(), serde_json::to_string_pretty(&report)?)
+    mmpg::files::write_atomically(&state.report(), serde_json::to_string_pretty(&report)?.as_bytes())
         .with_context(|| format!("writing {}", state.report().display()))?;
     println!("{}", serde_json::to_string(&report)?);
     Ok(())

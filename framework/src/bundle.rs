@@ -226,6 +226,10 @@ impl Bundle {
             let path = path.to_path_buf();
             move |error| BundleError::Io { path, error }
         };
+        if std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink()) {
+            let error = std::io::Error::other("a symbolic link; a bundle is written into a folder of its own");
+            return Err(BundleError::Io { path: dir.to_path_buf(), error });
+        }
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let manifest = dir.join(MANIFEST);
         let _ = std::fs::remove_file(&manifest);
@@ -234,19 +238,19 @@ impl Bundle {
         for (name, bytes) in self.files() {
             let path = dir.join(name);
             clear(&path)?;
-            std::fs::write(&path, bytes).map_err(io(&path))?;
+            crate::files::write_atomically(&path, &bytes).map_err(io(&path))?;
         }
         let signature = dir.join(SIGNATURE);
         clear(&signature)?;
         clear(&manifest)?;
         match &self.signature {
-            Some(sig) => std::fs::write(&signature, sig).map_err(io(&signature))?,
+            Some(sig) => crate::files::write_atomically(&signature, sig).map_err(io(&signature))?,
             None => match std::fs::remove_file(&signature) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&signature)(e)),
                 _ => {}
             },
         }
-        std::fs::write(&manifest, &self.manifest_bytes).map_err(io(&manifest))
+        crate::files::write_atomically(&manifest, &self.manifest_bytes).map_err(io(&manifest))
     }
 
     /// Reads and verifies the bundle in `dir`; with the cloud's `key`, only a bundle it signed.

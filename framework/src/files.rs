@@ -92,6 +92,78 @@ pub enum Links<'a> {
     Within(&'a Path),
 }
 
+/// Writes `bytes` to `path` so that a crash leaves the old file or the new one, and nothing is
+/// written through whatever stood at `path` or beside it: a fresh temporary file in the same
+/// folder (created exclusively, never through a link), fsynced, renamed over `path` (which
+/// replaces a link, FIFO or file there instead of following it), the folder fsynced.
+///
+/// # Errors
+/// The I/O error.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let folder = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut nonce = [0u8; 8];
+    getrandom::getrandom(&mut nonce).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let tmp = folder.join(format!(".{name}.{:016x}.tmp", u64::from_le_bytes(nonce)));
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NOFOLLOW);
+    let written = options.open(&tmp).and_then(|mut file| {
+        file.write_all(bytes)?;
+        file.sync_all()
+    });
+    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    // The rename itself is durable once the folder is.
+    std::fs::File::open(folder)?.sync_all()
+}
+
+/// Opens `path` for appending (created if absent): a regular file only, never through a link
+/// and never blocking on a FIFO.
+///
+/// # Errors
+/// [`FileError`] naming the path.
+pub fn open_append(path: &Path) -> Result<std::fs::File, FileError> {
+    // Said before opening: a FIFO without a reader would fail the open with a less telling error.
+    if let Ok(meta) = std::fs::symlink_metadata(path)
+        && !meta.is_file()
+        && !meta.file_type().is_symlink()
+    {
+        return Err(FileError::NotRegular { path: path.to_path_buf(), kind: kind(&meta) });
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).append(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NOFOLLOW | libc::O_NONBLOCK);
+    let file = options.open(path).map_err(|error| match error.raw_os_error() {
+        Some(40) => FileError::Link { path: path.to_path_buf(), why: "where a file belongs".into() },
+        _ => FileError::Io { path: path.to_path_buf(), error },
+    })?;
+    let meta = file.metadata().map_err(|error| FileError::Io { path: path.to_path_buf(), error })?;
+    if !meta.is_file() {
+        return Err(FileError::NotRegular { path: path.to_path_buf(), kind: kind(&meta) });
+    }
+    Ok(file)
+}
+
+/// Makes `dir` a real folder of its owner's: a link, file or FIFO standing there is removed
+/// first (a state folder's content is the program's own), then the folder is created.
+///
+/// # Errors
+/// The I/O error.
+pub fn own_folder(dir: &Path) -> std::io::Result<()> {
+    if let Ok(meta) = std::fs::symlink_metadata(dir)
+        && !meta.is_dir()
+    {
+        std::fs::remove_file(dir)?;
+    }
+    std::fs::create_dir_all(dir)
+}
+
 /// Largest key, certificate, password or name list of a kit read, in bytes.
 pub const MAX_KIT_FILE: u64 = 1 << 20;
 
@@ -247,6 +319,38 @@ mod tests {
         assert!(matches!(read(&link, 64, Links::Refuse), Err(FileError::Link { .. })));
         let outside = tempfile::tempdir().expect("temp dir");
         assert!(matches!(read(&link, 64, Links::Within(outside.path())), Err(FileError::Link { .. })));
+    }
+
+    /// Issue 28: writes into a device's state followed links out of the folder (a bundle file
+    /// linked to another file was overwritten) and blocked on FIFOs.
+    #[test]
+    fn writes_replace_links_and_fifos_instead_of_following_them() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"keep").expect("writes");
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).expect("mkdir");
+        let link = state.join("report.json");
+        std::os::unix::fs::symlink(&victim, &link).expect("links");
+        write_atomically(&link, b"new").expect("written");
+        assert_eq!(std::fs::read(&victim).expect("reads"), b"keep");
+        assert_eq!(read(&link, 16, Links::Refuse).expect("a regular file now"), b"new");
+        let fifo = state.join("sequence");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status().expect("mkfifo runs");
+        assert!(made.success());
+        write_atomically(&fifo, b"1").expect("written without blocking");
+        assert_eq!(read(&fifo, 16, Links::Refuse).expect("reads"), b"1");
+        let log = state.join("log.jsonl");
+        std::os::unix::fs::symlink(&victim, &log).expect("links");
+        assert!(matches!(open_append(&log), Err(FileError::Link { .. })));
+        let made = std::process::Command::new("mkfifo").arg(state.join("fifo.log")).status().expect("mkfifo runs");
+        assert!(made.success());
+        assert!(matches!(open_append(&state.join("fifo.log")), Err(FileError::NotRegular { .. })));
+        let bundle = state.join("bundle");
+        std::os::unix::fs::symlink(dir.path(), &bundle).expect("links");
+        own_folder(&bundle).expect("made its own");
+        assert!(std::fs::symlink_metadata(&bundle).expect("exists").is_dir());
+        assert_eq!(std::fs::read(&victim).expect("reads"), b"keep");
     }
 
     #[test]

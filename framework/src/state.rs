@@ -7,7 +7,6 @@
 //! refusal of a stale request names the sequence to continue after
 //! ([`Envelope::last_accepted`](crate::wire::Envelope::last_accepted)).
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use crate::files::{FileError, Links};
@@ -116,28 +115,14 @@ pub fn read_sequence(path: &Path) -> Result<Option<u64>, StateError> {
         .transpose()
 }
 
-/// Writes `content` sealed to `path` so that a crash leaves either the old file or the new one:
-/// a temporary file in the same folder, fsynced, renamed over the old one, the folder fsynced.
+/// Writes `content` sealed to `path` as [`crate::files::write_atomically`] does: the old file or
+/// the new one after a crash, never through a link or into a FIFO standing there.
 ///
 /// # Errors
 /// [`StateError::Write`].
 pub fn write_sealed(path: &Path, content: &[u8]) -> Result<(), StateError> {
-    write_atomically(path, &seal(content)).map_err(|error| StateError::Write { path: path.to_path_buf(), error })
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        // The rename itself is durable once the folder is.
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    crate::files::write_atomically(path, &seal(content))
+        .map_err(|error| StateError::Write { path: path.to_path_buf(), error })
 }
 
 #[cfg(test)]

@@ -125,6 +125,24 @@ impl Guard {
         &self.revocations
     }
 
+    /// Re-reads the revocation list once a second on a thread of its own, whether or not
+    /// requests come: an edit made while no device asks is taken then, not only at the next
+    /// request (when a later, broken edit could already have replaced it). The thread ends with
+    /// the last other holder of the guard.
+    pub fn keep_revocations_current(self: &std::sync::Arc<Self>) {
+        let guard = std::sync::Arc::downgrade(self);
+        let spawned = std::thread::Builder::new().name("mmpg-revocations".into()).spawn(move || {
+            while let Some(guard) = guard.upgrade() {
+                drop(guard.revocations.problem());
+                drop(guard);
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        });
+        if let Err(e) = spawned {
+            eprintln!("mmpg cloud: the revocation list is re-read at each request only: {e}");
+        }
+    }
+
     /// Refusals left out of the audit log by its throttling, by reason, since the cloud started.
     pub fn suppressed(&self) -> BTreeMap<&'static str, u64> {
         self.suppressed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()

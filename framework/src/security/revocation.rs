@@ -60,8 +60,11 @@ pub fn parse(text: &str) -> Result<BTreeSet<String>, (usize, String)> {
             continue;
         }
         let shown: String = entry.chars().take(80).collect();
-        let Some(id) = identity::decode(entry).filter(|id| !id.is_empty()) else {
-            let hint = if entry.contains('\u{feff}') {
+        let Some(id) = identity::decode(entry).filter(|id| !id.is_empty() && id.len() <= crate::wire::MAX_DEVICE_ID)
+        else {
+            let hint = if identity::decode(entry).is_some() {
+                format!("; device ids are at most {} bytes", crate::wire::MAX_DEVICE_ID)
+            } else if entry.contains('\u{feff}') {
                 "; it holds a byte-order mark (U+FEFF), which only the file's very start may hold".to_string()
             } else if entry.chars().any(char::is_control) {
                 "; it holds a control character".to_string()

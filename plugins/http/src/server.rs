@@ -138,26 +138,27 @@ struct Identity(Option<String>);
 #[derive(Debug, Default)]
 pub struct Published {
     ready: AtomicBool,
-    info: RwLock<Option<Vec<u8>>>,
+    info: RwLock<Option<bytes::Bytes>>,
     bundle: RwLock<Option<BundleFiles>>,
 }
 
-/// A published bundle: the manifest's bytes and every file by name.
-type BundleFiles = (Vec<u8>, BTreeMap<String, Vec<u8>>);
+/// A published bundle: the manifest's bytes and every file by name. Shared, not copied, by
+/// every response that sends them: a thousand devices fetching the model hold one copy.
+type BundleFiles = (bytes::Bytes, BTreeMap<String, bytes::Bytes>);
 
 impl Published {
     /// Publishes the cloud's info (JSON) and its device bundle, and becomes ready.
     pub fn ready(&self, info: Vec<u8>, bundle: &Bundle) {
-        let mut files: BTreeMap<String, Vec<u8>> =
-            bundle.files().into_iter().map(|(name, bytes)| (name.to_string(), bytes)).collect();
+        let mut files: BTreeMap<String, bytes::Bytes> =
+            bundle.files().into_iter().map(|(name, bytes)| (name.to_string(), bytes.into())).collect();
         if let Some(signature) = bundle.signature() {
-            files.insert(mmpg::bundle::SIGNATURE.into(), signature.to_vec());
+            files.insert(mmpg::bundle::SIGNATURE.into(), signature.to_vec().into());
         }
         if let Ok(mut slot) = self.bundle.write() {
-            *slot = Some((bundle.manifest_bytes().to_vec(), files));
+            *slot = Some((bundle.manifest_bytes().to_vec().into(), files));
         }
         if let Ok(mut slot) = self.info.write() {
-            *slot = Some(info);
+            *slot = Some(info.into());
         }
         self.ready.store(true, Ordering::Release);
     }
@@ -181,8 +182,6 @@ struct Shared {
     request_timeout: Duration,
     guard: Option<Arc<Guard>>,
     body_limit: usize,
-    limits: Limits,
-    peers: Arc<Peers>,
     /// Request bytes that may still be buffered (permits are bytes).
     buffered: Arc<tokio::sync::Semaphore>,
 }
@@ -231,16 +230,34 @@ impl Drop for PeerSlot {
     }
 }
 
-/// A connection's requests in flight and when it last finished one: what the idle watchdog reads.
+/// A connection's requests in flight, when it last finished one, and when it last wrote to its
+/// peer: what the idle watchdog reads.
 #[derive(Debug)]
 struct Activity {
     in_flight: std::sync::atomic::AtomicUsize,
     last: std::sync::Mutex<Instant>,
+    wrote: std::sync::Mutex<Instant>,
 }
 
 impl Activity {
     fn new() -> Arc<Self> {
-        Arc::new(Self { in_flight: 0.into(), last: std::sync::Mutex::new(Instant::now()) })
+        let now = Instant::now();
+        Arc::new(Self { in_flight: 0.into(), last: std::sync::Mutex::new(now), wrote: std::sync::Mutex::new(now) })
+    }
+
+    fn wrote(&self) {
+        *self.wrote.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Instant::now();
+    }
+
+    /// How long requests have been in flight without a byte written to the peer (zero when none
+    /// is): a peer that never opens its window, or never reads, holds its responses.
+    fn stuck_for(&self, now: Instant) -> Duration {
+        if self.in_flight.load(Ordering::Acquire) == 0 {
+            return Duration::ZERO;
+        }
+        let wrote = *self.wrote.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let last = *self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        now.saturating_duration_since(wrote.max(last))
     }
 
     /// A request started; it ends when the returned value is dropped (its response sent, or
@@ -269,14 +286,78 @@ impl Drop for InFlight {
     }
 }
 
-/// Returns once `activity` has been idle for `idle`: the connection is then dropped.
+/// Returns once `activity` has been idle for `idle`, or its requests have been in flight without
+/// a byte sent for twice that (a request's own work is bounded by the request timeout, at most
+/// `idle`; sending its response by another `idle`): the connection is then dropped.
 async fn idle_watch(activity: Arc<Activity>, idle: Duration) {
     loop {
-        let waited = activity.idle_for(Instant::now());
-        if waited >= idle {
+        let now = Instant::now();
+        let (waited, stuck) = (activity.idle_for(now), activity.stuck_for(now));
+        if waited >= idle || stuck >= 2 * idle {
             return;
         }
-        tokio::time::sleep((idle - waited).max(Duration::from_millis(10))).await;
+        let left = if activity.in_flight.load(Ordering::Acquire) > 0 { 2 * idle - stuck } else { idle - waited };
+        tokio::time::sleep(left.clamp(Duration::from_millis(10), idle)).await;
+    }
+}
+
+/// A connection's stream, noting every write that made progress.
+struct Watched<Io> {
+    io: Io,
+    activity: Arc<Activity>,
+}
+
+impl<Io: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<Io> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<Io: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<Io> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let written = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
+        if matches!(written, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.wrote();
+        }
+        written
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let written = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if matches!(written, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.wrote();
+        }
+        written
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -353,8 +434,6 @@ impl CloudServer {
             request_timeout: settings.request_timeout,
             guard: settings.guard.clone(),
             body_limit: settings.body_limit,
-            limits,
-            peers: peers.clone(),
             buffered: Arc::new(tokio::sync::Semaphore::new(limits.buffered_bytes.max(settings.body_limit))),
         });
         let app = router(shared, settings.body_limit);
@@ -485,19 +564,6 @@ async fn adapt(
         s.metrics.outcome(denial.label());
         return denied(&denial, identity.as_deref());
     }
-    let _request_slot = match identity.as_deref() {
-        Some(id) => match s.peers.take(id, true, s.limits.requests_per_peer) {
-            Some(slot) => Some(slot),
-            None => {
-                s.metrics.outcome("peer_requests");
-                let n = s.limits.requests_per_peer;
-                let message =
-                    format!("device `{id}` already has {n} request{} in flight", if n == 1 { "" } else { "s" });
-                return retry_later(StatusCode::TOO_MANY_REQUESTS, message);
-            }
-        },
-        None => None,
-    };
     // Bytes reserved before reading: the declared length, or the limit for a body that declares
     // none (chunked); given back when the reply is sent.
     let reserve = declared.and_then(|l| usize::try_from(l).ok()).unwrap_or(s.body_limit).max(1);
@@ -619,7 +685,7 @@ async fn bundle_file(State(s): State<Arc<Shared>>, Path(file): Path<String>) -> 
     match bundle.as_ref() {
         None => not_ready(),
         Some((_, files)) => match files.get(&file) {
-            Some(bytes) => octets(StatusCode::OK, bytes.clone()),
+            Some(bytes) => (StatusCode::OK, [(header::CONTENT_TYPE, OCTET_STREAM)], bytes.clone()).into_response(),
             None => plain(StatusCode::NOT_FOUND, format!("no file `{file}` in the bundle")),
         },
     }
@@ -766,24 +832,38 @@ impl Connection {
             None => None,
         };
         let activity = Activity::new();
-        let identity = Identity(identity);
         let watched = activity.clone();
         let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
             request.extensions_mut().insert(ConnectInfo(peer));
-            request.extensions_mut().insert(identity.clone());
+            request.extensions_mut().insert(Identity(identity.clone()));
+            // Every route counts against the device's requests in flight until its response's
+            // body is sent: a device cannot hold more by asking for bundle files instead.
+            let taken = identity.as_deref().map(|id| peers.take(id, true, limits.requests_per_peer));
+            let refused = matches!(taken, Some(None));
+            let slot = taken.flatten();
             let in_flight = watched.start();
             let app = app.clone();
+            let metrics = metrics.clone();
+            let id = identity.clone().unwrap_or_default();
             async move {
+                if refused {
+                    metrics.outcome("peer_requests");
+                    let n = limits.requests_per_peer;
+                    let plural = if n == 1 { "" } else { "s" };
+                    let message = format!("device `{id}` already has {n} request{plural} in flight");
+                    return Ok(retry_later(StatusCode::TOO_MANY_REQUESTS, message));
+                }
                 let response = tower::ServiceExt::oneshot(app, request).await?;
                 // In flight until the response's body is sent (or the connection drops).
                 Ok::<_, std::convert::Infallible>(response.map(|body| {
                     axum::body::Body::new(http_body_util::BodyExt::map_frame(body, move |frame| {
-                        let _ = &in_flight;
+                        let _ = (&in_flight, &slot);
                         frame
                     }))
                 }))
             }
         });
+        let io = Watched { io, activity: activity.clone() };
         let serve = watcher.watch(builder.serve_connection(TokioIo::new(io), service).into_owned());
         tokio::select! {
             _ = serve => {}

@@ -94,7 +94,9 @@ fn one_device_flooding_leaves_others_answered_and_memory_within_its_bound() {
     let schema = mmpg::SlotSchema::new(vec![mmpg::SlotSpec::f32("w", vec![1])]).expect("schema");
     let entry = |p: &str| PluginEntry { plugin: p.into(), settings: mmpg::toml::Table::new() };
     let reference = mmpg::FeatureStats { mean: vec![0.0], std: vec![1.0] };
-    published.ready(b"{}".to_vec(), &Bundle::new(vec![1], reference, schema, (entry("m"), entry("a")), "t".into()));
+    // A 4 MiB model: responses share it, never copy it.
+    let model = vec![7u8; 4 << 20];
+    published.ready(b"{}".to_vec(), &Bundle::new(model, reference, schema, (entry("m"), entry("a")), "t".into()));
     let (server, mut endpoint) = CloudServer::start(settings, published).expect("starts");
     let address = server.address();
     // The cloud node's place: answers every request with its own bytes.
@@ -142,10 +144,11 @@ fn one_device_flooding_leaves_others_answered_and_memory_within_its_bound() {
 
     // 2. Unfinished bodies over HTTP/1.1: at most the peer's requests in flight; the others are
     //    refused at once, before their bodies are read.
-    let mut unfinished = Vec::new();
-    let mut refused = 0;
-    for i in 0..limits.connections_per_peer {
-        let mut stream = handshake(address, &h1);
+    // Every connection is made first, then every request starts at once, then the answers are
+    // read: a refusal comes at once (429), an admitted request waits for its body until the
+    // request timeout (408).
+    let mut unfinished: Vec<_> = (0..limits.connections_per_peer).map(|_| handshake(address, &h1)).collect();
+    for (i, stream) in unfinished.iter_mut().enumerate() {
         let head = format!(
             "POST /v1/adapt HTTP/1.1\r\nhost: x\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\n\r\n",
             BODY_LIMIT
@@ -153,17 +156,23 @@ fn one_device_flooding_leaves_others_answered_and_memory_within_its_bound() {
         stream.write_all(head.as_bytes()).expect("head");
         stream.write_all(&envelope("mallory", 1000 + i as u64)).expect("a start");
         stream.flush().expect("flush");
-        stream.sock.set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
-        let mut answer = [0u8; 12];
-        if stream.read_exact(&mut answer).is_ok() {
-            assert_eq!(&answer, b"HTTP/1.1 429", "refused as over its requests in flight");
-            refused += 1;
-        }
-        unfinished.push(stream);
     }
-    assert_eq!(refused, limits.connections_per_peer - limits.requests_per_peer);
     honest_adapts();
     peak = peak.max(rss_bytes());
+    let mut refused = 0;
+    for stream in &mut unfinished {
+        stream.sock.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        let mut answer = [0u8; 12];
+        stream.read_exact(&mut answer).expect("an answer");
+        if &answer == b"HTTP/1.1 429" {
+            refused += 1;
+        } else {
+            assert_eq!(&answer, b"HTTP/1.1 408", "admitted, its body never finished");
+        }
+    }
+    // Exactly the others, unless the first admitted ones had already timed out (a slow machine).
+    let others = limits.connections_per_peer - limits.requests_per_peer;
+    assert!((others - limits.requests_per_peer..=others).contains(&refused), "{refused} refused");
     drop(unfinished);
 
     // 3. Unfinished bodies over HTTP/2 (the example: 150 streams of 1 MB on one
@@ -194,30 +203,83 @@ fn one_device_flooding_leaves_others_answered_and_memory_within_its_bound() {
             let _ = body.send_data(start.into(), false);
             held.push((response, body));
         }
-        for (response, _) in &mut held {
-            let status = tokio::time::timeout(Duration::from_millis(300), response).await;
-            statuses.push(match status {
-                Ok(Ok(r)) => r.status().as_u16(),
-                _ => 0,
-            });
+        // All awaited at once, each up to well past the request timeout: a refusal is a 429 at
+        // once, an admitted request's unfinished body a 408 at the request timeout.
+        let streams = held.len();
+        let waits: Vec<_> = held
+            .into_iter()
+            .map(|(response, body)| {
+                tokio::spawn(async move {
+                    let status = tokio::time::timeout(Duration::from_secs(20), response).await;
+                    drop(body);
+                    status.ok().and_then(Result::ok).map_or(0, |r| r.status().as_u16())
+                })
+            })
+            .collect();
+        for wait in waits {
+            statuses.push(wait.await.unwrap_or(0));
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        (statuses, held.len())
+        (statuses, streams)
     });
     let (statuses, streams) = statuses;
-    // Unanswered: the peer's requests in flight, and streams the client holds back itself under
-    // the server's limit of concurrent streams (never sent). Every other stream is refused at
-    // once, its body unread.
-    let pending = statuses.iter().filter(|s| **s == 0).count();
-    let refused = statuses.iter().filter(|s| **s == 429).count();
+    // Admitted (their bodies read until the request timeout: 408) at most the peer's requests in
+    // flight at a time; every other stream refused at once, its body unread.
+    // (A stream the server resets under its own stream limit counts as refused: status 0.)
+    let admitted = statuses.iter().filter(|s| **s == 408).count();
+    let refused = statuses.iter().filter(|s| matches!(**s, 429 | 0)).count();
     assert_eq!(streams, 150);
-    assert!(pending <= limits.requests_per_peer + 16, "{pending} of {streams} HTTP/2 requests held: {statuses:?}");
-    assert!(refused >= streams - pending - limits.requests_per_peer, "{statuses:?}");
+    assert_eq!(admitted + refused, streams, "{statuses:?}");
+    assert!((1..=2 * limits.requests_per_peer).contains(&admitted), "{statuses:?}");
     honest_adapts();
     peak = peak.max(rss_bytes());
     drop(runtime);
 
-    // 4. A refusal storm: impersonations, audited throttled and counted.
+    // 4. Responses never read (the hostile review's example: HTTP/2 streams asking for the model
+    //    under a window of 0 held 77 MB and their connections forever): every route counts
+    //    against the device's requests in flight, the bundle is shared, and a connection whose
+    //    responses make no progress for twice the idle time is closed.
+    let h2 = tls_config(&kit, "mallory", b"h2");
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let (statuses, closed_after) = runtime.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(address).await.expect("connects");
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+        let tls = tokio_rustls::TlsConnector::from(h2).connect(name, tcp).await.expect("handshake");
+        let (mut client, connection) =
+            h2::client::Builder::new().initial_window_size(0).handshake::<_, bytes::Bytes>(tls).await.expect("h2");
+        let driver = tokio::spawn(connection);
+        let started = Instant::now();
+        let mut responses = Vec::new();
+        for _ in 0..16 {
+            client = client.ready().await.expect("ready");
+            let request =
+                http::Request::get("https://127.0.0.1/v1/bundle/model.safetensors").body(()).expect("request");
+            let (response, _) = client.send_request(request, true).expect("sent");
+            responses.push(response);
+        }
+        let mut statuses = Vec::new();
+        // Held, never read: their bodies stay in flight.
+        let mut held = Vec::new();
+        for response in responses {
+            let status = tokio::time::timeout(Duration::from_secs(5), response).await;
+            let response = status.ok().and_then(Result::ok);
+            statuses.push(response.as_ref().map_or(0, |r| r.status().as_u16()));
+            held.push(response);
+        }
+        let closed = tokio::time::timeout(idle * 4, driver).await.is_ok();
+        drop(held);
+        (statuses, closed.then(|| started.elapsed()))
+    });
+    let admitted = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(admitted, limits.requests_per_peer, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 16 - limits.requests_per_peer, "{statuses:?}");
+    // Stuck for twice the idle time (4 s), then closed; not before (responses in flight).
+    let closed_after = closed_after.expect("a connection whose responses never move is closed");
+    assert!(closed_after >= 2 * idle, "closed after {closed_after:?}");
+    honest_adapts();
+    peak = peak.max(rss_bytes());
+    drop(runtime);
+
+    // 5. A refusal storm: impersonations, audited throttled and counted.
     let mut mallory = {
         let dk = DeviceKit::new(&kit.device_dir("mallory"));
         let trust = mmpg::config::ClientTrust {
