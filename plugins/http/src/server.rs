@@ -204,7 +204,11 @@ impl Peers {
     /// than `max`.
     fn take(self: &Arc<Self>, peer: &str, request: bool, max: usize) -> Option<PeerSlot> {
         let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let held = map.entry(peer.to_string()).or_default();
+        // A device already holding something costs no allocation: the common case.
+        if !map.contains_key(peer) {
+            map.insert(peer.to_string(), (0, 0));
+        }
+        let held = map.get_mut(peer)?;
         let count = if request { &mut held.1 } else { &mut held.0 };
         if *count >= max {
             if *held == (0, 0) {
@@ -307,6 +311,16 @@ struct Watched<Io> {
     activity: Arc<Activity>,
 }
 
+impl<Io> Watched<Io> {
+    /// `written`, noted as progress when it wrote anything.
+    fn noted(&self, written: std::task::Poll<std::io::Result<usize>>) -> std::task::Poll<std::io::Result<usize>> {
+        if matches!(written, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.wrote();
+        }
+        written
+    }
+}
+
 impl<Io: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<Io> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
@@ -324,10 +338,7 @@ impl<Io: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<Io> {
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
         let written = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
-        if matches!(written, std::task::Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.wrote();
-        }
-        written
+        self.noted(written)
     }
 
     fn poll_write_vectored(
@@ -336,10 +347,7 @@ impl<Io: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<Io> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
         let written = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        if matches!(written, std::task::Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.wrote();
-        }
-        written
+        self.noted(written)
     }
 
     fn is_write_vectored(&self) -> bool {

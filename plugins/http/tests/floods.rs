@@ -250,7 +250,10 @@ fn one_device_flooding_leaves_others_answered_and_memory_within_its_bound() {
         let started = Instant::now();
         let mut responses = Vec::new();
         for _ in 0..16 {
-            client = client.ready().await.expect("ready");
+            client = tokio::time::timeout(Duration::from_secs(20), client.ready())
+                .await
+                .expect("a stream within 20 s")
+                .expect("ready");
             let request =
                 http::Request::get("https://127.0.0.1/v1/bundle/model.safetensors").body(()).expect("request");
             let (response, _) = client.send_request(request, true).expect("sent");
