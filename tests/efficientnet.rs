@@ -1,0 +1,148 @@
+//! EfficientNet-Lite0 in Burn against an independent reference: a NumPy forward pass in float64
+//! (`scripts/efficientnet-reference.py`, its own reader of the legacy `.pth`), whose pixels,
+//! features and logits for three real photos are stored in
+//! `tests/fixtures/efficientnet-lite0/reference.json` with their provenance. Then real photos
+//! through Rust's own decoding get their ImageNet labels. Needs `scripts/fetch-data.sh`.
+
+use std::path::Path;
+
+use base64::Engine as _;
+use burn::tensor::{Tensor, TensorData};
+use mmpg_backends::{Backend, BurnDevice};
+use mmpg_lmm::efficientnet::{CLASSES, DEFAULT_WEIGHTS, EfficientNetError, EfficientNetLite0, FEATURE_DIM};
+
+/// Largest absolute difference allowed against the float64 reference (float32 through 16
+/// blocks gives at most 1.3e-5 and 4.6e-5 on the fixture).
+const FEATURE_TOLERANCE: f32 = 1e-4;
+const LOGIT_TOLERANCE: f32 = 2e-4;
+const OPENCV_DATA: &str = "/usr/share/doc/opencv-doc/examples/data";
+
+fn device() -> BurnDevice {
+    BurnDevice::Flex(Default::default())
+}
+
+fn network() -> EfficientNetLite0<Backend> {
+    EfficientNetLite0::load(Path::new(DEFAULT_WEIGHTS), &device()).expect("weights: run scripts/fetch-data.sh")
+}
+
+/// `[n, 3, h, w]` on the 0–255 scale from HWC RGB bytes.
+fn batch(images: &[(Vec<u8>, usize, usize)]) -> Tensor<Backend, 4> {
+    let (_, h, w) = images[0];
+    let mut values = Vec::with_capacity(images.len() * 3 * h * w);
+    for (pixels, ..) in images {
+        for c in 0..3 {
+            values.extend((0..h * w).map(|i| f32::from(pixels[i * 3 + c])));
+        }
+    }
+    Tensor::from_data(TensorData::new(values, [images.len(), 3, h, w]), &device())
+}
+
+fn values<const D: usize>(t: Tensor<Backend, D>) -> Vec<f32> {
+    t.into_data().to_vec::<f32>().expect("f32 tensor")
+}
+
+fn largest_difference(a: &[f32], b: &[f64]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (f64::from(*x) - y).abs() as f32).fold(0.0, f32::max)
+}
+
+fn top(logits: &[f32], k: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|a, b| logits[*b].total_cmp(&logits[*a]));
+    order.truncate(k);
+    order
+}
+
+#[test]
+fn features_and_logits_match_an_independent_numpy_forward_pass() {
+    let text = std::fs::read_to_string("tests/fixtures/efficientnet-lite0/reference.json").expect("fixture");
+    let reference: serde_json::Value = serde_json::from_str(&text).expect("fixture is JSON");
+    let net = network();
+    let mut worst = (0f32, 0f32);
+    for image in reference["images"].as_array().expect("images") {
+        let name = image["name"].as_str().expect("name");
+        let (h, w) =
+            (image["height"].as_u64().expect("height") as usize, image["width"].as_u64().expect("width") as usize);
+        let pixels = base64::engine::general_purpose::STANDARD
+            .decode(image["pixels_base64"].as_str().expect("pixels"))
+            .expect("base64");
+        assert_eq!(pixels.len(), h * w * 3, "{name}");
+        let floats = |key: &str| -> Vec<f64> {
+            image[key].as_array().expect(key).iter().map(|v| v.as_f64().expect("number")).collect()
+        };
+        let features = net.features(batch(&[(pixels, h, w)]));
+        let logits = values(net.classify(features.clone()));
+        let features = values(features);
+        assert_eq!((features.len(), logits.len()), (FEATURE_DIM, CLASSES));
+        let (df, dl) =
+            (largest_difference(&features, &floats("features")), largest_difference(&logits, &floats("logits")));
+        eprintln!("{name}: largest |Δ| features {df:.2e}, logits {dl:.2e}");
+        assert!(df <= FEATURE_TOLERANCE, "{name}: features differ by {df}");
+        assert!(dl <= LOGIT_TOLERANCE, "{name}: logits differ by {dl}");
+        // The reference's top 3 (its 5th and 6th logits of one image are 2e-4 apart).
+        let expected: Vec<usize> = image["top5"]
+            .as_array()
+            .expect("top5")
+            .iter()
+            .take(3)
+            .map(|v| v.as_u64().expect("index") as usize)
+            .collect();
+        assert_eq!(top(&logits, 3), expected, "{name}");
+        worst = (worst.0.max(df), worst.1.max(dl));
+    }
+    eprintln!("largest |Δ| over the fixture: features {:.2e}, logits {:.2e}", worst.0, worst.1);
+}
+
+/// The 1000 ImageNet class names OpenCV's documentation ships (Debian `opencv-doc`).
+fn class_names() -> Vec<String> {
+    std::fs::read_to_string(format!("{OPENCV_DATA}/dnn/classification_classes_ILSVRC2012.txt"))
+        .expect("opencv-doc: run scripts/fetch-data.sh")
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn real_photos_get_their_imagenet_labels() {
+    let names = class_names();
+    assert_eq!(names.len(), CLASSES);
+    let net = network();
+    for (file, expected) in [("squirrel_cls.jpg", "fox squirrel"), ("orange.jpg", "orange"), ("baboon.jpg", "baboon")] {
+        let photo = image::open(format!("{OPENCV_DATA}/{file}")).expect("photo").to_rgb8();
+        let resized = image::imageops::resize(&photo, 224, 224, image::imageops::FilterType::Triangle);
+        let logits = values(net.classify(net.features(batch(&[(resized.into_raw(), 224, 224)]))));
+        let best = top(&logits, 1)[0];
+        eprintln!("{file}: {best} {}", names[best]);
+        assert!(names[best].starts_with(expected), "{file} is labelled {best} `{}`", names[best]);
+    }
+}
+
+#[test]
+fn any_resolution_gives_one_feature_per_image() {
+    let net = network();
+    for (h, w) in [(1, 1), (33, 47), (64, 64)] {
+        let x = Tensor::<Backend, 4>::full([2, 3, h, w], 128.0, &device());
+        let features = net.features(x);
+        assert_eq!(features.dims(), [2, FEATURE_DIM], "{h}×{w}");
+        assert!(values(features).iter().all(|v| v.is_finite()));
+    }
+}
+
+#[test]
+fn bad_weight_files_are_named_errors() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let missing = dir.path().join("absent.pth");
+    match EfficientNetLite0::<Backend>::load(&missing, &device()) {
+        Err(e @ EfficientNetError::Missing { .. }) => assert!(e.to_string().contains("scripts/fetch-data.sh"), "{e}"),
+        other => panic!("expected Missing, got {other:?}"),
+    }
+    let text = dir.path().join("text.pth");
+    std::fs::write(&text, "not a checkpoint").expect("write");
+    assert!(matches!(EfficientNetLite0::<Backend>::load(&text, &device()), Err(EfficientNetError::Unreadable { .. })));
+    // The real file cut short: its storages end early.
+    let bytes = std::fs::read(DEFAULT_WEIGHTS).expect("weights");
+    let cut = dir.path().join("cut.pth");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).expect("write");
+    let err = EfficientNetLite0::<Backend>::load(&cut, &device()).expect_err("a file cut in half");
+    assert!(err.to_string().contains("cut.pth"), "{err}");
+}
