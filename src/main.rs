@@ -128,8 +128,10 @@ enum Command {
         state: Option<PathBuf>,
         /// Serve the clips in this folder (one `.safetensors` file per clip, as `mmpg clips`
         /// writes them; cycled) instead of the data source's for the device's domain.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "video")]
         clips: Option<PathBuf>,
+        #[command(flatten)]
+        video: VideoArgs,
         /// Start from this bundle (a folder `mmpg export` wrote) instead of fetching the cloud's.
         #[arg(long)]
         bundle: Option<PathBuf>,
@@ -158,6 +160,8 @@ enum Command {
         /// Strip the answers (an unlabelled recording).
         #[arg(long)]
         unlabelled: bool,
+        #[command(flatten)]
+        video: VideoArgs,
     },
     /// Start the cloud and every device of a deployment as processes on loopback (or devices
     /// only, against `--cloud`); print the same table and JSON report as `mmpg run`.
@@ -236,6 +240,30 @@ enum CloudCommand {
 /// Exit code of a usage or configuration problem.
 const EXIT_CONFIG: u8 = 2;
 
+/// A video file as a device's input (`mmpg device --video`, `mmpg clips --video`).
+#[derive(Debug, clap::Args)]
+struct VideoArgs {
+    /// Read clips from this video file (any container and codec FFmpeg decodes: MP4/H.264,
+    /// AVI, …) instead of the data source: T frames per clip, `--frame-stride` source frames
+    /// apart, each scaled to the task's frame shape. Such clips carry no labels.
+    #[arg(long, value_name = "FILE")]
+    video: Option<PathBuf>,
+    /// With --video: source frames between two frames of a clip.
+    #[arg(long, default_value_t = 4, requires = "video", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    frame_stride: u32,
+    /// With --video: the question every clip asks (default: the question of a clip the
+    /// deployment's data source draws).
+    #[arg(long, requires = "video")]
+    question: Option<String>,
+}
+
+impl VideoArgs {
+    fn input(self) -> Option<device::VideoInput> {
+        let (stride, question) = (self.frame_stride as usize, self.question);
+        self.video.map(|path| device::VideoInput { path, stride, question })
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let mut registry = match Registry::with_static_plugins() {
@@ -301,12 +329,14 @@ fn main() -> ExitCode {
             let options = provision::ProvisionOptions { out, load: load as usize, revoke, devices };
             exit_code(provision::run(&deployment, &options, &mut registry))
         }
-        Command::Device { id, deployment, cloud, rounds, state, clips, bundle, kit, broker } => {
-            let options = device::DeviceOptions { id, cloud, rounds, state, clips, bundle, kit, broker };
+        Command::Device { id, deployment, cloud, rounds, state, clips, video, bundle, kit, broker } => {
+            let video = video.input();
+            let options = device::DeviceOptions { id, cloud, rounds, state, clips, video, bundle, kit, broker };
             exit_code(device::run(&deployment, &options, &mut registry))
         }
-        Command::Clips { id, deployment, count, out, unlabelled } => {
-            exit_code(device::write_clips(&deployment, &id, count, &out, unlabelled, &mut registry))
+        Command::Clips { id, deployment, count, out, unlabelled, video } => {
+            let video = video.input();
+            exit_code(device::write_clips(&deployment, &id, count, &out, unlabelled, video.as_ref(), &mut registry))
         }
         Command::Fleet { deployment, cloud, rounds, report, deadline, workers } => {
             let deadline = std::time::Duration::from_secs(deadline);

@@ -146,3 +146,70 @@ fn bad_weight_files_are_named_errors() {
     let err = EfficientNetLite0::<Backend>::load(&cut, &device()).expect_err("a file cut in half");
     assert!(err.to_string().contains("cut.pth"), "{err}");
 }
+
+mod as_the_device_models_frame_encoder {
+    use mmpg::{Clip, DeviceDescriptor, HostTensor, TaskSpec};
+    use mmpg_lmm::encoder::{EncoderSettings, FrameEncoder};
+    use mmpg_lmm::{LmmCloud, LmmSettings};
+
+    use super::*;
+
+    fn grey_frames(n: usize, seed: u32) -> Vec<f32> {
+        (0..n * 28 * 28).map(|i| ((i as u32 * 7919 + seed * 104_729) % 251) as f32 / 250.0).collect()
+    }
+
+    #[test]
+    fn features_are_memoised_by_frame_content() {
+        let settings = EncoderSettings { resolution: 32, ..EncoderSettings::default() };
+        let encoder = FrameEncoder::load(settings, &device()).expect("weights");
+        let a = grey_frames(3, 1);
+        let first = encoder.encode(&a, 3, [1, 28, 28]).expect("encode");
+        assert_eq!(first.len(), 3 * FEATURE_DIM);
+        // The same frames, in another batch and order, give the same rows.
+        let mut b = a[28 * 28..].to_vec();
+        b.extend_from_slice(&a[..28 * 28]);
+        let again = encoder.encode(&b, 3, [1, 28, 28]).expect("encode");
+        assert_eq!(&again[..2 * FEATURE_DIM], &first[FEATURE_DIM..]);
+        assert_eq!(&again[2 * FEATURE_DIM..], &first[..FEATURE_DIM]);
+        // Other frames, other features.
+        let other = encoder.encode(&grey_frames(1, 7), 1, [1, 28, 28]).expect("encode");
+        assert!(other[..] != first[..FEATURE_DIM]);
+    }
+
+    #[test]
+    fn the_lmm_serves_through_the_pretrained_encoder() {
+        let task = TaskSpec {
+            answers: vec!["a".into(), "b".into(), "c".into()],
+            frames_per_clip: 2,
+            frame_shape: [1, 28, 28],
+        };
+        let settings = LmmSettings {
+            encoder: Some(EncoderSettings { resolution: 32, ..EncoderSettings::default() }),
+            ..LmmSettings::default()
+        };
+        let cloud = LmmCloud::new(settings, &task, &device()).expect("model");
+        let clips: Vec<Clip> = (0..2)
+            .map(|i| Clip {
+                frames: HostTensor::new(vec![2, 1, 28, 28], grey_frames(2, i)).expect("frames"),
+                question: "what is shown first".into(),
+                caption: String::new(),
+                answer: Some(1),
+                provenance: Vec::new(),
+            })
+            .collect();
+        let model = mmpg::CloudModel::export(&cloud, &DeviceDescriptor::cpu()).expect("device model");
+        let logits = model.answer_logits(&clips).expect("logits");
+        assert_eq!(logits.shape(), [2, 3]);
+        assert!(logits.is_finite());
+        // The encoder's 1,280 features feed one linear layer; the backbone is not the model's.
+        assert!(mmpg::CloudModel::parameter_count(&cloud) < 1_000_000);
+    }
+
+    #[test]
+    fn grey_or_rgb_frames_only() {
+        let task = TaskSpec { answers: vec!["a".into()], frames_per_clip: 2, frame_shape: [2, 28, 28] };
+        let settings = LmmSettings { encoder: Some(EncoderSettings::default()), ..LmmSettings::default() };
+        let err = LmmCloud::new(settings, &task, &device()).expect_err("two channels");
+        assert!(err.to_string().contains("grey"), "{err}");
+    }
+}

@@ -1350,6 +1350,8 @@ mod tests {
             adaptation_peak_bytes: None,
             error: None,
             warning: None,
+            static_entropy: None,
+            adapted_entropy: None,
             privacy: None,
         }
     }

@@ -157,6 +157,26 @@ pub trait DeviceModel: Send {
         Ok(rows.map(argmax).collect())
     }
 
+    /// Mean Shannon entropy, in nats, of the answer distribution (the softmax of the QA logits)
+    /// over `clips`: how unsure the model is, measurable without labels (0 = certain; ln of the
+    /// vocabulary size = uniform). NaN for no clips.
+    fn answer_entropy(&self, clips: &[Clip]) -> Result<f64, ModelError> {
+        if clips.is_empty() {
+            return Ok(f64::NAN);
+        }
+        let logits = self.answer_logits(clips)?;
+        let rows = logits.rows().ok_or_else(|| ModelError::Input("logits are not 2-D".into()))?;
+        let (mut total, mut n) = (0.0, 0usize);
+        for row in rows {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let exp: Vec<f64> = row.iter().map(|l| f64::from(l - max).exp()).collect();
+            let z: f64 = exp.iter().sum();
+            total -= exp.iter().map(|e| e / z).filter(|p| *p > 0.0).map(|p| p * p.ln()).sum::<f64>();
+            n += 1;
+        }
+        Ok(if n == 0 { f64::NAN } else { total / n as f64 })
+    }
+
     /// Fraction of labelled clips answered correctly (unlabelled clips are skipped); NaN when no
     /// clip is labelled, since no accuracy exists then (reports show it as "n/a").
     fn accuracy(&self, clips: &[Clip]) -> Result<f64, ModelError> {

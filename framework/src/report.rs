@@ -57,6 +57,14 @@ pub struct DeviceReport {
     /// encoding.
     #[serde(default)]
     pub warning: Option<String>,
+    /// Mean entropy (nats) of the static model's answers over the device's unlabelled window
+    /// ([`crate::DeviceModel::answer_entropy`]): what `mmpg device` reports where no clip is
+    /// labelled (a video file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub static_entropy: Option<f64>,
+    /// The same with the installed parameters, after the last adaptation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapted_entropy: Option<f64>,
     /// Differential privacy the device's private summaries spent (none sent: `None`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub privacy: Option<crate::privacy::PrivacySpent>,
@@ -200,6 +208,8 @@ mod tests {
             adaptation_peak_bytes: None,
             error: None,
             warning: None,
+            static_entropy: None,
+            adapted_entropy: None,
             privacy: None,
         }
     }

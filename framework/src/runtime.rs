@@ -452,6 +452,8 @@ pub fn score_device(
         adaptation_peak_bytes: None,
         error: None,
         warning: None,
+        static_entropy: None,
+        adapted_entropy: None,
         privacy: None,
     };
     Ok(DrawnDevice { window, eval, report })

@@ -9,6 +9,7 @@
 //! gradients back to the generator), the device feeds its installed values.
 
 pub mod efficientnet;
+pub mod encoder;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -61,6 +62,9 @@ pub struct LmmSettings {
     pub retrieval_weight: f64,
     /// Source clips used to compute the reference feature statistics.
     pub reference_clips: usize,
+    /// A pretrained frame encoder (EfficientNet-Lite0) in place of the small conv encoder: its
+    /// pooled features go through one linear layer, FiLM-modulated by the `frame_film` slot.
+    pub encoder: Option<encoder::EncoderSettings>,
 }
 
 impl Default for LmmSettings {
@@ -74,6 +78,7 @@ impl Default for LmmSettings {
             retrieval_dim: 32,
             retrieval_weight: 0.5,
             reference_clips: 256,
+            encoder: None,
         }
     }
 }
@@ -89,6 +94,10 @@ impl Settings for LmmSettings {
         check.within("retrieval_dim", self.retrieval_dim, 1..=1024);
         check.real("retrieval_weight", self.retrieval_weight, 0.0..=100.0);
         check.within("reference_clips", self.reference_clips, 1..=10_000);
+        if let Some(e) = &self.encoder {
+            check.within("encoder.resolution", e.resolution, 16..=512);
+            check.within("encoder.memo_frames", e.memo_frames, 0..=10_000_000);
+        }
     }
 }
 
@@ -127,14 +136,22 @@ struct Geometry {
     answers: usize,
     /// A frozen text encoder replacing the bag of words, when the deployment has one.
     text: Option<Arc<TextSource>>,
+    /// A frozen pretrained frame encoder, when the settings name one.
+    frames_encoder: Option<Arc<encoder::FrameEncoder>>,
 }
 
 impl Geometry {
     fn new(settings: LmmSettings, task: &TaskSpec) -> Result<Self, ModelError> {
         let [c, h, w] = task.frame_shape;
+        if settings.encoder.is_some() && !((c == 1 || c == 3) && h >= 1 && w >= 1) {
+            return Err(ModelError::Input(format!(
+                "the pretrained encoder reads grey [1, H, W] or RGB [3, H, W] frames; task has {:?}",
+                task.frame_shape
+            )));
+        }
         let image = h >= 4 && w >= 4 && h % 4 == 0 && w % 4 == 0;
         let features = h == 1 && w == 1;
-        if c == 0 || !(image || features) {
+        if c == 0 || !(image || features || settings.encoder.is_some()) {
             return Err(ModelError::Input(format!(
                 "frames must be images [C, H, W] with H, W multiples of 4, or features [d, 1, 1]; task has {:?}",
                 task.frame_shape
@@ -158,6 +175,7 @@ impl Geometry {
             frame_shape: task.frame_shape,
             answers: task.answers.len(),
             text: None,
+            frames_encoder: None,
         })
     }
 
@@ -181,7 +199,9 @@ impl Geometry {
     fn init<B: burn::tensor::backend::Backend>(&self, device: &B::Device) -> LmmNet<B> {
         let s = &self.settings;
         let [c, h, w] = self.frame_shape;
-        let features = h == 1 && w == 1;
+        let encoded = self.frames_encoder.as_ref().map(|e| e.dim());
+        let features = (h == 1 && w == 1) || encoded.is_some();
+        let c = encoded.unwrap_or(c);
         let pooled = if features { s.conv1_channels } else { s.conv2_channels * (h / 4) * (w / 4) };
         let conv = |input: usize, output: usize| {
             Conv2dConfig::new([input, output], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(device)
@@ -396,6 +416,15 @@ fn inputs<B: burn::tensor::backend::Backend>(
         }
         frames.extend_from_slice(clip.frames.values());
     }
+    let n = clips.len() * geo.frames;
+    let frames = match &geo.frames_encoder {
+        // Frames become their pretrained features, `[d, 1, 1]` each: the feature path follows.
+        Some(encoder) => {
+            let features = encoder.encode(&frames, n, [c, h, w]).map_err(ModelError::Input)?;
+            Tensor::from_data(TensorData::new(features, [n, encoder.dim(), 1, 1]), device)
+        }
+        None => Tensor::from_data(TensorData::new(frames, [n, c, h, w]), device),
+    };
     let buckets = geo.settings.text_buckets;
     let bag = |f: fn(&Clip) -> &str| -> Result<Tensor<B, 2>, ModelError> {
         let (values, width) = match &geo.text {
@@ -413,12 +442,7 @@ fn inputs<B: burn::tensor::backend::Backend>(
         .map(|c| c.answer.filter(|a| *a < geo.answers).map(|a| a as i64))
         .collect::<Option<Vec<i64>>>()
         .map(|a| Tensor::from_data(TensorData::new(a, [clips.len()]), device));
-    Ok(Inputs {
-        frames: Tensor::from_data(TensorData::new(frames, [clips.len() * geo.frames, c, h, w]), device),
-        questions: bag(|c| c.question.as_str())?,
-        captions: bag(|c| c.caption.as_str())?,
-        answers,
-    })
+    Ok(Inputs { frames, questions: bag(|c| c.question.as_str())?, captions: bag(|c| c.caption.as_str())?, answers })
 }
 
 /// Symmetric InfoNCE between a batch's `[n, r]` video and caption projections: cosine
@@ -501,6 +525,13 @@ impl LmmCloud {
     ) -> Result<Self, ModelError> {
         let mut geo = Geometry::new(settings, task)?;
         geo.text = text;
+        geo.frames_encoder = match &geo.settings.encoder {
+            Some(e) => Some(Arc::new(
+                encoder::FrameEncoder::load(e.clone(), &inference_device(device))
+                    .map_err(|e| ModelError::Input(e.to_string()))?,
+            )),
+            None => None,
+        };
         Ok(Self {
             schema: geo.schema(),
             // Drawn on the CPU generator, then moved: one seed, one initial model on every backend.

@@ -1,0 +1,128 @@
+//! A pretrained, frozen frame encoder in front of the LMM: each frame through
+//! EfficientNet-Lite0 to its pooled 1280-d feature, which the model's dynamic slots then
+//! modulate (FiLM on the pooled feature).
+//!
+//! Nothing the slots change flows back into the encoder, so its output is computed once per
+//! distinct frame and kept: the key is the SHA-256 of the frame's values (the image with its
+//! corruption), and one encoder has one set of weights and one resolution, so those are fixed
+//! per memo. Cloud training revisits frames; a device serves each once.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use burn::tensor::module::interpolate;
+use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+use burn::tensor::{Tensor, TensorData};
+use mmpg_backends::{Backend, BurnDevice};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::efficientnet::{DEFAULT_WEIGHTS, EfficientNetError, EfficientNetLite0, FEATURE_DIM};
+
+/// `[model.settings.encoder]`: the pretrained frame encoder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EncoderSettings {
+    /// The network's weights (`scripts/fetch-data.sh` fetches them).
+    pub weights: PathBuf,
+    /// Frames are resized (bilinear) to this square size before the network, in pixels.
+    pub resolution: usize,
+    /// Most frames whose features are kept in memory (each 5 KiB).
+    pub memo_frames: usize,
+}
+
+impl Default for EncoderSettings {
+    fn default() -> Self {
+        Self { weights: PathBuf::from(DEFAULT_WEIGHTS), resolution: 96, memo_frames: 200_000 }
+    }
+}
+
+/// Frames encoded per forward pass: bounds the activations' memory (at 224 pixels, 64 frames
+/// hold about 0.8 GB).
+const CHUNK: usize = 64;
+
+/// EfficientNet-Lite0 with its memo.
+pub struct FrameEncoder {
+    net: EfficientNetLite0<Backend>,
+    device: BurnDevice,
+    settings: EncoderSettings,
+    memo: Mutex<HashMap<[u8; 32], Vec<f32>>>,
+}
+
+impl std::fmt::Debug for FrameEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameEncoder").field("settings", &self.settings).finish_non_exhaustive()
+    }
+}
+
+impl FrameEncoder {
+    /// The encoder on `device` (inference only).
+    ///
+    /// # Errors
+    /// What [`EfficientNetLite0::load`] refuses.
+    pub fn load(settings: EncoderSettings, device: &BurnDevice) -> Result<Self, EfficientNetError> {
+        Ok(Self {
+            net: EfficientNetLite0::load(&settings.weights, device)?,
+            device: device.clone(),
+            settings,
+            memo: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Feature width (1280).
+    pub fn dim(&self) -> usize {
+        FEATURE_DIM
+    }
+
+    /// `frames` (`n` frames of `[c, h, w]` values in [0, 1], c = 1 grey or 3 RGB, flat) →
+    /// `[n, 1280]` features, flat.
+    ///
+    /// # Errors
+    /// When the backend returns the features in another element type.
+    pub fn encode(&self, frames: &[f32], n: usize, [c, h, w]: [usize; 3]) -> Result<Vec<f32>, String> {
+        let size = c * h * w;
+        let keys: Vec<[u8; 32]> = frames
+            .chunks_exact(size)
+            .map(|frame| {
+                let mut hash = Sha256::new();
+                frame.iter().for_each(|v| hash.update(v.to_le_bytes()));
+                hash.finalize().into()
+            })
+            .collect();
+        let mut memo = self.memo.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut missing: Vec<usize> = (0..n).filter(|i| !memo.contains_key(&keys[*i])).collect();
+        // A frame repeated within the batch is encoded once.
+        missing.sort_by_key(|i| keys[*i]);
+        missing.dedup_by_key(|i| keys[*i]);
+        let mut fresh: HashMap<[u8; 32], Vec<f32>> = HashMap::new();
+        for chunk in missing.chunks(CHUNK) {
+            let values: Vec<f32> = chunk.iter().flat_map(|i| &frames[i * size..(i + 1) * size]).copied().collect();
+            let features = self.features(values, chunk.len(), [c, h, w])?;
+            for (i, row) in chunk.iter().zip(features.chunks_exact(FEATURE_DIM)) {
+                fresh.insert(keys[*i], row.to_vec());
+            }
+        }
+        let out: Vec<f32> =
+            keys.iter().flat_map(|k| fresh.get(k).or_else(|| memo.get(k)).cloned().unwrap_or_default()).collect();
+        for (k, v) in fresh {
+            if memo.len() >= self.settings.memo_frames {
+                break;
+            }
+            memo.insert(k, v);
+        }
+        Ok(out)
+    }
+
+    /// One pass: grey replicated to RGB, scaled to 0–255, resized, through the network.
+    fn features(&self, values: Vec<f32>, n: usize, [c, h, w]: [usize; 3]) -> Result<Vec<f32>, String> {
+        let x = Tensor::<Backend, 4>::from_data(TensorData::new(values, [n, c, h, w]), &self.device) * 255.0;
+        let rgb = if c == 3 { x } else { x.repeat_dim(1, 3) };
+        let r = self.settings.resolution;
+        let resized = match (h, w) == (r, r) {
+            true => rgb,
+            false => interpolate(rgb, [r, r], InterpolateOptions::new(InterpolateMode::Bilinear)),
+        };
+        self.net.features(resized).into_data().to_vec::<f32>().map_err(|e| format!("frame features: {e:?}"))
+    }
+}
