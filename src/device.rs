@@ -56,11 +56,16 @@ pub struct VideoInput {
     pub stride: usize,
     /// The question every clip asks (default: that of a clip the data source draws).
     pub question: Option<String>,
+    /// A corruption of the CIFAR-10-C suite applied to every frame: kind and severity.
+    pub corruption: Option<(String, u8)>,
 }
 
 /// Most clips read from one video file: a window's worth is what a device summarises, and the
 /// file is cycled.
 const MAX_VIDEO_CLIPS: usize = 1024;
+/// Most bytes of decoded frames held from one video file (f32 values): large frames mean fewer
+/// clips.
+const MAX_VIDEO_BYTES: usize = 256 << 20;
 
 /// Unlabelled clips of `video` for `data`'s task, at most `max_clips`.
 fn video_clips(video: &VideoInput, data: &dyn mmpg::DataSource, max_clips: usize) -> anyhow::Result<Vec<Clip>> {
@@ -73,9 +78,25 @@ fn video_clips(video: &VideoInput, data: &dyn mmpg::DataSource, max_clips: usize
         }
     };
     let sampling = mmpg_video::Sampling { stride: video.stride, max_clips };
-    let (clips, info) = mmpg_video::read_clips(&video.path, data.task(), sampling, &question)?;
+    let (mut clips, info) = mmpg_video::read_clips(&video.path, data.task(), sampling, &question)?;
+    if let Some((kind, severity)) = &video.corruption {
+        let [_, h, w] = data.task().frame_shape;
+        if h != w {
+            anyhow::bail!("--corruption: the corruption suite takes square frames; the task's are {h}×{w}");
+        }
+        for (i, clip) in clips.iter_mut().enumerate() {
+            let mut rng = seed::rng(0xC022_0975, i as u64);
+            let mut values = clip.frames.values().to_vec();
+            // Each channel of each frame as a grey image.
+            for plane in values.chunks_mut(h * w) {
+                mmpg_fashion::corruptions::corrupt(plane, h, kind, *severity, &mut rng)?;
+            }
+            clip.frames = mmpg::HostTensor::new(clip.frames.shape().to_vec(), values)?;
+        }
+    }
+    let corrupted = video.corruption.as_ref().map(|(k, s)| format!(", under {k}@{s}")).unwrap_or_default();
     eprintln!(
-        "video {}: {} {}×{} at {:.2} fps, {} frames decoded, {} clips of {} frames {} apart, asking \"{question}\"",
+        "video {}: {} {}×{} at {:.2} fps, {} frames decoded, {} clips of {} frames {} apart{corrupted}, asking \"{question}\"",
         video.path.display(),
         info.codec,
         info.size[0],
@@ -358,7 +379,10 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
     // device need not be one of the deployment's.
     let folder = match (&options.clips, &options.video) {
         (Some(dir), _) => Some(mmpg::clip_file::read_clip_dir(dir, data.task())?),
-        (None, Some(video)) => Some(video_clips(video, data.as_ref(), MAX_VIDEO_CLIPS)?),
+        (None, Some(video)) => {
+            let per_clip = 4 * data.task().raw_clip_bytes().max(1);
+            Some(video_clips(video, data.as_ref(), (MAX_VIDEO_BYTES / per_clip).clamp(1, MAX_VIDEO_CLIPS))?)
+        }
         (None, None) => None,
     };
     let domain = match device_domain(&composer, &options.id) {
@@ -419,7 +443,10 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
             let mut drawn = score_device(&domain, true, data.task(), node.model.as_ref(), window, eval)?;
             drawn.report.shift = match (&options.clips, &options.video) {
                 (Some(dir), _) => format!("clips from {}", dir.display()),
-                (None, Some(video)) => format!("video {}", video.path.display()),
+                (None, Some(video)) => match &video.corruption {
+                    Some((kind, severity)) => format!("video {} under {kind}@{severity}", video.path.display()),
+                    None => format!("video {}", video.path.display()),
+                },
                 (None, None) => String::new(),
             };
             drawn

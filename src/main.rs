@@ -255,12 +255,27 @@ struct VideoArgs {
     /// deployment's data source draws).
     #[arg(long, requires = "video")]
     question: Option<String>,
+    /// With --video: corrupt every frame, e.g. `fog@4` (a kind of the CIFAR-10-C suite of
+    /// `mmpg_fashion::corruptions`, severity 1–5; square frames only), seeded per clip.
+    #[arg(long, requires = "video", value_name = "KIND@SEVERITY", value_parser = parse_corruption)]
+    corruption: Option<(String, u8)>,
+}
+
+fn parse_corruption(text: &str) -> Result<(String, u8), String> {
+    let (kind, severity) = text.split_once('@').ok_or("expected KIND@SEVERITY, e.g. fog@4")?;
+    if !mmpg_fashion::corruptions::KINDS.contains(&kind) {
+        return Err(format!("unknown kind `{kind}`; known: {}", mmpg_fashion::corruptions::KINDS.join(", ")));
+    }
+    match severity.parse::<u8>() {
+        Ok(s @ 1..=5) => Ok((kind.to_string(), s)),
+        _ => Err(format!("severity `{severity}`: expected 1 to 5")),
+    }
 }
 
 impl VideoArgs {
     fn input(self) -> Option<device::VideoInput> {
-        let (stride, question) = (self.frame_stride as usize, self.question);
-        self.video.map(|path| device::VideoInput { path, stride, question })
+        let (stride, question, corruption) = (self.frame_stride as usize, self.question, self.corruption);
+        self.video.map(|path| device::VideoInput { path, stride, question, corruption })
     }
 }
 

@@ -149,7 +149,7 @@ fn bad_weight_files_are_named_errors() {
 
 mod as_the_device_models_frame_encoder {
     use mmpg::{Clip, DeviceDescriptor, HostTensor, TaskSpec};
-    use mmpg_lmm::encoder::{EncoderSettings, FrameEncoder};
+    use mmpg_lmm::encoder::{EncoderSettings, FilmAt, FrameEncoder};
     use mmpg_lmm::{LmmCloud, LmmSettings};
 
     use super::*;
@@ -178,13 +178,19 @@ mod as_the_device_models_frame_encoder {
 
     #[test]
     fn the_lmm_serves_through_the_pretrained_encoder() {
+        for film_at in [FilmAt::Pooled, FilmAt::LastStage] {
+            serves_with_film_at(film_at);
+        }
+    }
+
+    fn serves_with_film_at(film_at: FilmAt) {
         let task = TaskSpec {
             answers: vec!["a".into(), "b".into(), "c".into()],
             frames_per_clip: 2,
             frame_shape: [1, 28, 28],
         };
         let settings = LmmSettings {
-            encoder: Some(EncoderSettings { resolution: 32, ..EncoderSettings::default() }),
+            encoder: Some(EncoderSettings { resolution: 64, film_at, ..EncoderSettings::default() }),
             ..LmmSettings::default()
         };
         let cloud = LmmCloud::new(settings, &task, &device()).expect("model");
@@ -197,12 +203,29 @@ mod as_the_device_models_frame_encoder {
                 provenance: Vec::new(),
             })
             .collect();
-        let model = mmpg::CloudModel::export(&cloud, &DeviceDescriptor::cpu()).expect("device model");
+        let mut model = mmpg::CloudModel::export(&cloud, &DeviceDescriptor::cpu()).expect("device model");
         let logits = model.answer_logits(&clips).expect("logits");
         assert_eq!(logits.shape(), [2, 3]);
         assert!(logits.is_finite());
-        // The encoder's 1,280 features feed one linear layer; the backbone is not the model's.
-        assert!(mmpg::CloudModel::parameter_count(&cloud) < 1_000_000);
+        // The FiLM slot modulates the pooled feature's linear layer (16 channels) or the
+        // 192-channel map entering the last stage.
+        let film = mmpg::CloudModel::schema(&cloud).get("frame_film").expect("film slot").shape.clone();
+        let expected = if film_at == FilmAt::Pooled { vec![2, 16] } else { vec![2, 192] };
+        assert_eq!(film, expected);
+        // The model holds no pretrained weight (pooled) or only the last stage and head.
+        let params = mmpg::CloudModel::parameter_count(&cloud);
+        assert!(
+            if film_at == FilmAt::Pooled { params < 200_000 } else { params > 700_000 && params < 1_200_000 },
+            "{params}"
+        );
+        // A FiLM slot installed changes the answers: it reaches the network.
+        let mut values = model.current_params();
+        let film = values.tensors.get_mut("frame_film").expect("film values");
+        *film = HostTensor::new(film.shape().to_vec(), film.values().iter().map(|v| v + 0.5).collect()).expect("shape");
+        let installed = model.schema().validate(values).expect("valid");
+        model.install(&installed).expect("install");
+        let after = model.answer_logits(&clips).expect("logits");
+        assert!(after.values() != logits.values());
     }
 
     #[test]

@@ -28,6 +28,11 @@ const BN_EPSILON: f64 = 1e-3;
 /// Stride of each of the 16 MBConv blocks (EfficientNet-B0's stages: repeats 1, 2, 2, 3, 3, 4, 1;
 /// the first block of stages 2, 3, 4 and 6 halves the resolution). Weights do not record it.
 const BLOCK_STRIDES: [usize; 16] = [1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1, 1, 1, 1];
+/// The first block of the last stage (k3, 192 → 320 channels): where a FiLM slot on an
+/// intermediate stage modulates the network's 192-channel map, at 1/32 of the input's size.
+pub const LAST_STAGE: usize = 15;
+/// Channels entering [`LAST_STAGE`].
+pub const LAST_STAGE_CHANNELS: usize = 192;
 /// Where `scripts/fetch-data.sh` puts the weights.
 pub const DEFAULT_WEIGHTS: &str = "data/efficientnet-lite0/efficientnet-lite0.pth";
 
@@ -253,24 +258,50 @@ impl<B: Backend> EfficientNetLite0<B> {
         Ok(Self { stem, blocks, head, classifier }.no_grad())
     }
 
-    /// `[N, 3, H, W]` RGB on the 0–255 scale → the head's feature map `[N, 1280, ⌈H/32⌉, ⌈W/32⌉]`.
-    pub fn feature_map(&self, rgb: Tensor<B, 4>) -> Tensor<B, 4> {
+    /// `[N, 3, H, W]` RGB on the 0–255 scale → the map entering block `block` (0..=16; 16 is
+    /// the head's input): the stem and the blocks before it.
+    pub fn map_before(&self, rgb: Tensor<B, 4>, block: usize) -> Tensor<B, 4> {
         let mut x = self.stem.forward((rgb - 127.0) / 128.0);
-        for block in &self.blocks {
-            x = block.forward(x);
+        for b in &self.blocks[..block.min(self.blocks.len())] {
+            x = b.forward(x);
         }
-        self.head.forward(x)
+        x
+    }
+
+    /// The blocks from `block` on and the head, frozen: what runs after a map
+    /// [`Self::map_before`] gave.
+    pub fn tail(&self, block: usize) -> EfficientNetTail<B> {
+        let blocks = self.blocks[block.min(self.blocks.len())..].to_vec();
+        EfficientNetTail { blocks, head: self.head.clone() }
     }
 
     /// `[N, 3, H, W]` RGB on the 0–255 scale → pooled features `[N, 1280]` (global average).
     pub fn features(&self, rgb: Tensor<B, 4>) -> Tensor<B, 2> {
-        let map = self.feature_map(rgb);
-        let [n, c, _, _] = map.dims();
-        map.mean_dim(3).mean_dim(2).reshape([n, c])
+        self.tail(0).features(self.map_before(rgb, 0))
     }
 
     /// Pooled features `[N, 1280]` → ImageNet-1k logits `[N, 1000]`.
     pub fn classify(&self, features: Tensor<B, 2>) -> Tensor<B, 2> {
         self.classifier.forward(features)
+    }
+}
+
+/// The last blocks of the network and its head, frozen: a map entering them → pooled features.
+#[derive(Module, Debug)]
+pub struct EfficientNetTail<B: Backend> {
+    blocks: Vec<MbConv<B>>,
+    head: ConvBn<B>,
+}
+
+impl<B: Backend> EfficientNetTail<B> {
+    /// `[N, C, h, w]` → `[N, 1280]`.
+    pub fn features(&self, map: Tensor<B, 4>) -> Tensor<B, 2> {
+        let mut x = map;
+        for block in &self.blocks {
+            x = block.forward(x);
+        }
+        let map = self.head.forward(x);
+        let [n, c, _, _] = map.dims();
+        map.mean_dim(3).mean_dim(2).reshape([n, c])
     }
 }

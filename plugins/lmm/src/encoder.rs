@@ -1,8 +1,9 @@
 //! A pretrained, frozen frame encoder in front of the LMM: each frame through
-//! EfficientNet-Lite0 to its pooled 1280-d feature, which the model's dynamic slots then
-//! modulate (FiLM on the pooled feature).
+//! EfficientNet-Lite0, up to where the model's FiLM slot modulates it — its pooled 1280-d
+//! feature ([`FilmAt::Pooled`]), or the 192-channel map entering its last stage
+//! ([`FilmAt::LastStage`], whose blocks and head then run in the model).
 //!
-//! Nothing the slots change flows back into the encoder, so its output is computed once per
+//! Nothing the slots change flows back into what is encoded here, so it is computed once per
 //! distinct frame and kept: the key is the SHA-256 of the frame's values (the image with its
 //! corruption), and one encoder has one set of weights and one resolution, so those are fixed
 //! per memo. Cloud training revisits frames; a device serves each once.
@@ -18,7 +19,21 @@ use mmpg_backends::{Backend, BurnDevice};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::efficientnet::{DEFAULT_WEIGHTS, EfficientNetError, EfficientNetLite0, FEATURE_DIM};
+use crate::efficientnet::{
+    DEFAULT_WEIGHTS, EfficientNetError, EfficientNetLite0, EfficientNetTail, FEATURE_DIM, LAST_STAGE,
+    LAST_STAGE_CHANNELS,
+};
+
+/// Where the FiLM slot modulates the pretrained network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FilmAt {
+    /// On the pooled 1280-d feature, through one linear layer: everything pretrained is cached.
+    Pooled,
+    /// Per channel on the 192-channel map entering the last stage: its block (k3, 192 → 320)
+    /// and the head run on every pass, the rest is cached.
+    LastStage,
+}
 
 /// `[model.settings.encoder]`: the pretrained frame encoder.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -30,11 +45,13 @@ pub struct EncoderSettings {
     pub resolution: usize,
     /// Most frames whose features are kept in memory (each 5 KiB).
     pub memo_frames: usize,
+    /// Where the FiLM slot modulates the network.
+    pub film_at: FilmAt,
 }
 
 impl Default for EncoderSettings {
     fn default() -> Self {
-        Self { weights: PathBuf::from(DEFAULT_WEIGHTS), resolution: 96, memo_frames: 200_000 }
+        Self { weights: PathBuf::from(DEFAULT_WEIGHTS), resolution: 96, memo_frames: 200_000, film_at: FilmAt::Pooled }
     }
 }
 
@@ -70,13 +87,35 @@ impl FrameEncoder {
         })
     }
 
-    /// Feature width (1280).
+    /// Width of the pooled feature the model's linear layer reads (1280).
     pub fn dim(&self) -> usize {
         FEATURE_DIM
     }
 
+    /// What [`Self::encode`] gives per frame: `[1280, 1, 1]` pooled, or the last stage's input
+    /// map `[192, ⌈r/32⌉, ⌈r/32⌉]`.
+    pub fn output_shape(&self) -> [usize; 3] {
+        match self.settings.film_at {
+            FilmAt::Pooled => [FEATURE_DIM, 1, 1],
+            FilmAt::LastStage => {
+                let side = self.settings.resolution.div_ceil(32);
+                [LAST_STAGE_CHANNELS, side, side]
+            }
+        }
+    }
+
+    /// Channels the FiLM slot scales and shifts.
+    pub fn film_channels(&self) -> Option<usize> {
+        (self.settings.film_at == FilmAt::LastStage).then_some(LAST_STAGE_CHANNELS)
+    }
+
+    /// The network's part after the cached map, when the slot sits inside it.
+    pub fn tail(&self) -> Option<EfficientNetTail<Backend>> {
+        (self.settings.film_at == FilmAt::LastStage).then(|| self.net.tail(LAST_STAGE))
+    }
+
     /// `frames` (`n` frames of `[c, h, w]` values in [0, 1], c = 1 grey or 3 RGB, flat) →
-    /// `[n, 1280]` features, flat.
+    /// `[n, …output_shape]`, flat.
     ///
     /// # Errors
     /// When the backend returns the features in another element type.
@@ -99,7 +138,8 @@ impl FrameEncoder {
         for chunk in missing.chunks(CHUNK) {
             let values: Vec<f32> = chunk.iter().flat_map(|i| &frames[i * size..(i + 1) * size]).copied().collect();
             let features = self.features(values, chunk.len(), [c, h, w])?;
-            for (i, row) in chunk.iter().zip(features.chunks_exact(FEATURE_DIM)) {
+            let per_frame: usize = self.output_shape().iter().product();
+            for (i, row) in chunk.iter().zip(features.chunks_exact(per_frame)) {
                 fresh.insert(keys[*i], row.to_vec());
             }
         }
@@ -123,6 +163,10 @@ impl FrameEncoder {
             true => rgb,
             false => interpolate(rgb, [r, r], InterpolateOptions::new(InterpolateMode::Bilinear)),
         };
-        self.net.features(resized).into_data().to_vec::<f32>().map_err(|e| format!("frame features: {e:?}"))
+        let out = match self.settings.film_at {
+            FilmAt::Pooled => self.net.features(resized).into_data(),
+            FilmAt::LastStage => self.net.map_before(resized, LAST_STAGE).into_data(),
+        };
+        out.to_vec::<f32>().map_err(|e| format!("frame features: {e:?}"))
     }
 }

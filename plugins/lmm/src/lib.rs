@@ -115,6 +115,9 @@ pub struct LmmNet<B: burn::tensor::backend::Backend> {
     conv2: Option<Conv2d<B>>,
     /// Pre-extracted frame features (`[d, 1, 1]` frames): one linear layer, FiLM-modulated.
     feature_in: Option<Linear<B>>,
+    /// The pretrained encoder's last stage and head, frozen, when the FiLM slot modulates the
+    /// map entering it (the frames are then those maps).
+    tail: Option<efficientnet::EfficientNetTail<B>>,
     frame_proj: Linear<B>,
     temporal: Linear<B>,
     text_embedding: Param<Tensor<B, 2>>,
@@ -184,10 +187,16 @@ impl Geometry {
         self.text.as_ref().map_or(self.settings.text_buckets, |t| t.dim())
     }
 
+    /// Channels the FiLM slot modulates: the first conv layer's or the first linear layer's,
+    /// or the pretrained map's when it sits inside the encoder.
+    fn film_channels(&self) -> usize {
+        self.frames_encoder.as_ref().and_then(|e| e.film_channels()).unwrap_or(self.settings.conv1_channels)
+    }
+
     fn schema(&self) -> SlotSchema {
         let s = &self.settings;
         SlotSchema::new(vec![
-            SlotSpec::f32(FILM, vec![2, s.conv1_channels]),
+            SlotSpec::f32(FILM, vec![2, self.film_channels()]),
             SlotSpec::f32(FUSION_W, vec![2 * s.feature_dim, s.hidden]),
             SlotSpec::f32(FUSION_B, vec![s.hidden]),
             SlotSpec::f32(HEAD_W, vec![s.hidden, self.answers]),
@@ -214,6 +223,7 @@ impl Geometry {
             conv1: (!features).then(|| conv(c, s.conv1_channels)),
             conv2: (!features).then(|| conv(s.conv1_channels, s.conv2_channels)),
             feature_in: features.then(|| LinearConfig::new(c, s.conv1_channels).init(device)),
+            tail: None,
             frame_proj: LinearConfig::new(pooled, s.feature_dim).init(device),
             temporal: LinearConfig::new(2 * s.feature_dim, s.feature_dim).init(device),
             // A learned bag-of-words embedding, or a learned projection of the frozen encoder's
@@ -225,7 +235,7 @@ impl Geometry {
             )),
             video_proj: LinearConfig::new(s.feature_dim, s.retrieval_dim).init(device),
             text_proj: LinearConfig::new(s.feature_dim, s.retrieval_dim).init(device),
-            base_film: Param::from_tensor(Tensor::zeros([2 * s.conv1_channels], device)),
+            base_film: Param::from_tensor(Tensor::zeros([2 * self.film_channels()], device)),
             base_fusion_w: uniform(2 * s.feature_dim * s.hidden, 2 * s.feature_dim),
             base_fusion_b: Param::from_tensor(Tensor::zeros([s.hidden], device)),
             base_head_w: uniform(s.hidden * self.answers, s.hidden),
@@ -271,10 +281,17 @@ impl<B: burn::tensor::backend::Backend> LmmNet<B> {
                 let [n, c, h, w] = x.dims();
                 x.reshape([n, c * h * w])
             }
-            (_, _, Some(feature_in)) => {
-                let x = feature_in.forward(frames.reshape([n, c]));
-                relu(x * log_gamma.reshape([1, c1]).exp() + beta.reshape([1, c1]))
-            }
+            (_, _, Some(feature_in)) => match &self.tail {
+                // FiLM on the pretrained map, then the network's last stage and head.
+                Some(tail) => {
+                    let x = frames * log_gamma.reshape([1, c1, 1, 1]).exp() + beta.reshape([1, c1, 1, 1]);
+                    relu(feature_in.forward(tail.features(x)))
+                }
+                None => {
+                    let x = feature_in.forward(frames.reshape([n, c]));
+                    relu(x * log_gamma.reshape([1, c1]).exp() + beta.reshape([1, c1]))
+                }
+            },
             _ => unreachable!("Geometry::init builds the conv pair or the feature layer"),
         };
         relu(self.frame_proj.forward(pooled))
@@ -421,7 +438,8 @@ fn inputs<B: burn::tensor::backend::Backend>(
         // Frames become their pretrained features, `[d, 1, 1]` each: the feature path follows.
         Some(encoder) => {
             let features = encoder.encode(&frames, n, [c, h, w]).map_err(ModelError::Input)?;
-            Tensor::from_data(TensorData::new(features, [n, encoder.dim(), 1, 1]), device)
+            let [d, fh, fw] = encoder.output_shape();
+            Tensor::from_data(TensorData::new(features, [n, d, fh, fw]), device)
         }
         None => Tensor::from_data(TensorData::new(frames, [n, c, h, w]), device),
     };
@@ -532,14 +550,11 @@ impl LmmCloud {
             )),
             None => None,
         };
-        Ok(Self {
-            schema: geo.schema(),
-            // Drawn on the CPU generator, then moved: one seed, one initial model on every backend.
-            net: relocate(materialise(geo.init(&init_device())), device),
-            geo,
-            device: device.clone(),
-            reference: None,
-        })
+        // Drawn on the CPU generator, then moved: one seed, one initial model on every backend.
+        let mut net = relocate(materialise(geo.init(&init_device())), device);
+        // Pretrained and frozen: pretraining trains only what follows it.
+        net.tail = geo.frames_encoder.as_ref().and_then(|e| e.tail()).map(|t| relocate(t, device).no_grad());
+        Ok(Self { schema: geo.schema(), net, geo, device: device.clone(), reference: None })
     }
 
     fn sample_batch(
@@ -993,6 +1008,7 @@ impl LmmTuner {
         net.video_proj = net.video_proj.no_grad();
         net.text_proj = net.text_proj.no_grad();
         if scope == TuneScope::Slots {
+            net.tail = net.tail.map(Module::no_grad);
             net.conv1 = net.conv1.no_grad();
             net.conv2 = net.conv2.no_grad();
             net.feature_in = net.feature_in.no_grad();

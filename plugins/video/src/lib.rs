@@ -152,16 +152,10 @@ pub fn read_clips(
         return Err(damaged("its video stream declares no picture size".into()));
     }
     let format = if c == 1 { ffmpeg::format::Pixel::GRAY8 } else { ffmpeg::format::Pixel::RGB24 };
-    let mut scaler = ffmpeg::software::scaling::Context::get(
-        decoder.format(),
-        decoder.width(),
-        decoder.height(),
-        format,
-        w as u32,
-        h as u32,
-        ffmpeg::software::scaling::Flags::AREA,
-    )
-    .map_err(|e| damaged(format!("no scaler from {:?}: {e}", decoder.format())))?;
+    // Built from the first decoded picture, rebuilt when a picture differs: a damaged stream's
+    // header may name a pixel format or size its pictures do not have, and libswscale aborts the
+    // process on a format it cannot read.
+    let mut scaler: Option<((ffmpeg::format::Pixel, u32, u32), ffmpeg::software::scaling::Context)> = None;
     let size = [decoder.width(), decoder.height()];
 
     let mut clips = Vec::new();
@@ -212,7 +206,28 @@ pub fn read_clips(
             if offset % stride != 0 || offset / stride >= t {
                 continue;
             }
-            scaler.run(&picture, &mut scaled).map_err(|e| damaged(format!("scaling frame {position}: {e}")))?;
+            let key = (picture.format(), picture.width(), picture.height());
+            if scaler.as_ref().is_none_or(|(k, _)| *k != key) {
+                let (pixel, width, height) = key;
+                if width == 0 || height == 0 || !ffmpeg::software::scaling::support::input(pixel) {
+                    return Err(damaged(format!(
+                        "frame {position}: a {width}×{height} picture in {pixel:?} cannot be scaled"
+                    )));
+                }
+                let context = ffmpeg::software::scaling::Context::get(
+                    pixel,
+                    width,
+                    height,
+                    format,
+                    w as u32,
+                    h as u32,
+                    ffmpeg::software::scaling::Flags::AREA,
+                )
+                .map_err(|e| damaged(format!("frame {position}: no scaler from {pixel:?}: {e}")))?;
+                scaler = Some((key, context));
+            }
+            let Some((_, context)) = scaler.as_mut() else { continue };
+            context.run(&picture, &mut scaled).map_err(|e| damaged(format!("scaling frame {position}: {e}")))?;
             push_plane(&scaled, c, h, w, &mut current);
             if current.len() == t * c * h * w {
                 let frames = HostTensor::new(vec![t, c, h, w], std::mem::take(&mut current))
