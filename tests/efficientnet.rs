@@ -236,3 +236,25 @@ mod as_the_device_models_frame_encoder {
         assert!(err.to_string().contains("grey"), "{err}");
     }
 }
+
+mod common;
+
+#[test]
+fn validate_names_missing_weights_and_bad_settings() {
+    let text = std::fs::read_to_string("examples/fashion-lite0.toml")
+        .expect("example")
+        .replace("data/efficientnet-lite0/efficientnet-lite0.pth", "nowhere/lite0.pth")
+        .replace("resolution = 64", "resolution = 8")
+        .replace("film_at = \"pooled\"", "film_at = \"middle\"");
+    let registry = common::registry();
+    let errors = mmpg::Deployment::parse(&text, "lite0.toml", &registry).expect_err("refused").to_string();
+    assert!(errors.contains("film_at") || errors.contains("middle"), "{errors}");
+    let text = text.replace("film_at = \"middle\"", "film_at = \"last-stage\"");
+    let errors = mmpg::Deployment::parse(&text, "lite0.toml", &registry).expect_err("refused").to_string();
+    assert!(errors.contains("lite0.toml:") && errors.contains("encoder.weights"), "{errors}");
+    assert!(errors.contains("nowhere/lite0.pth") && errors.contains("scripts/fetch-data.sh"), "{errors}");
+    assert!(errors.contains("encoder.resolution"), "{errors}");
+    // The example itself is valid.
+    let example = std::fs::read_to_string("examples/fashion-lite0.toml").expect("example");
+    mmpg::Deployment::parse(&example, "examples/fashion-lite0.toml", &registry).expect("valid");
+}
