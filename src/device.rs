@@ -754,7 +754,12 @@ pub fn write_clips(
             let bytes = mmpg::clip_file::encode_clip(clip, data.task())?;
             std::fs::write(&file, bytes).with_context(|| format!("writing {}", file.display()))?;
         }
-        println!("clips: {} files in {} (video {})", clips.len(), out.display(), video.path.display());
+        let note = if clips.len() < count {
+            format!("; the file holds {} at this stride", clips.len())
+        } else {
+            String::new()
+        };
+        println!("clips: {} files in {} (video {}{note})", clips.len(), out.display(), video.path.display());
         return Ok(());
     }
     let domain = device_domain(&composer, id)?;

@@ -253,12 +253,19 @@ struct VideoArgs {
     frame_stride: u32,
     /// With --video: the question every clip asks (default: the question of a clip the
     /// deployment's data source draws).
-    #[arg(long, requires = "video")]
+    #[arg(long, requires = "video", value_parser = parse_question)]
     question: Option<String>,
     /// With --video: corrupt every frame, e.g. `fog@4` (a kind of the CIFAR-10-C suite of
     /// `mmpg_fashion::corruptions`, severity 1–5; square frames only), seeded per clip.
     #[arg(long, requires = "video", value_name = "KIND@SEVERITY", value_parser = parse_corruption)]
     corruption: Option<(String, u8)>,
+}
+
+fn parse_question(text: &str) -> Result<String, String> {
+    match text.trim().is_empty() || text.len() > mmpg::clip_file::MAX_TEXT {
+        true => Err(format!("a question is 1..={} bytes, not blank", mmpg::clip_file::MAX_TEXT)),
+        false => Ok(text.to_string()),
+    }
 }
 
 fn parse_corruption(text: &str) -> Result<(String, u8), String> {

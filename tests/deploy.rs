@@ -195,3 +195,31 @@ fn a_device_outside_the_deployment_serves_and_adapts_on_a_folder_of_clips() {
     assert_eq!(report.scored_clips, 6);
     assert!(report.shift.starts_with("clips from"), "{}", report.shift);
 }
+
+#[test]
+fn a_device_serves_a_video_file_under_a_corruption_and_restarts_on_its_state() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = deployment(dir.path(), free_port(), "adapt_every = 4", "");
+    let video = std::env::current_dir().expect("cwd").join("data/videos/bikes.mp4");
+    let state = dir.path().join("camera");
+    let (video_arg, state_arg) = (video.display().to_string(), state.display().to_string());
+    let args = ["--video", &video_arg, "--corruption", "fog@4", "--frame-stride", "2", "--state", &state_arg];
+    let _cloud = cloud(&file, dir.path(), 1);
+    let mut dev = device(&file, "camera-7", 2, &args);
+    assert!(dev.wait(Duration::from_secs(120)).success(), "{:#?}", events(&state));
+    assert_eq!(count(&state, "adapted"), 2, "{:#?}", events(&state));
+    let report: DeviceReport =
+        serde_json::from_slice(&std::fs::read(state.join("report.json")).expect("report")).expect("json");
+    // Unlabelled: no accuracy, but the answers' entropy before and after.
+    assert_eq!(report.scored_clips, 0);
+    assert!(report.static_accuracy.is_nan());
+    assert!(report.static_entropy.is_some_and(f64::is_finite) && report.adapted_entropy.is_some_and(f64::is_finite));
+    assert!(report.bytes_up > 0 && report.bytes_up < report.raw_window_bytes, "{report:?}");
+    assert_eq!(report.shift, format!("video {video_arg} under fog@4"));
+    // Restarted on its state folder, it restores its parameters (nothing to score them on) and
+    // goes on adapting.
+    let mut again = device(&file, "camera-7", 1, &args);
+    assert!(again.wait(Duration::from_secs(120)).success(), "{:#?}", events(&state));
+    assert!(events(&state).iter().any(|e| e["event"] == "restored"), "{:#?}", events(&state));
+    assert_eq!(count(&state, "adapted"), 3, "{:#?}", events(&state));
+}

@@ -239,6 +239,13 @@ mod as_the_device_models_frame_encoder {
 
 mod common;
 
+/// The example deployment with its `weights = …` line replaced.
+fn example_with(weights_line: &str) -> String {
+    std::fs::read_to_string("examples/fashion-lite0.toml")
+        .expect("example")
+        .replace("weights = \"data/efficientnet-lite0/efficientnet-lite0.pth\"", weights_line)
+}
+
 #[test]
 fn validate_names_missing_weights_and_bad_settings() {
     let text = std::fs::read_to_string("examples/fashion-lite0.toml")
@@ -254,6 +261,13 @@ fn validate_names_missing_weights_and_bad_settings() {
     assert!(errors.contains("lite0.toml:") && errors.contains("encoder.weights"), "{errors}");
     assert!(errors.contains("nowhere/lite0.pth") && errors.contains("scripts/fetch-data.sh"), "{errors}");
     assert!(errors.contains("encoder.resolution"), "{errors}");
+    // A file that is not the network's checkpoint is caught by validate, not at training.
+    let text = example_with("weights = \"README.md\"");
+    let errors = mmpg::Deployment::parse(&text, "lite0.toml", &registry).expect_err("refused").to_string();
+    assert!(errors.contains("README.md: not a readable PyTorch checkpoint"), "{errors}");
+    let text = example_with("weights = \"data\"");
+    let errors = mmpg::Deployment::parse(&text, "lite0.toml", &registry).expect_err("refused").to_string();
+    assert!(errors.contains("data: not a regular file"), "{errors}");
     // The example itself is valid.
     let example = std::fs::read_to_string("examples/fashion-lite0.toml").expect("example");
     mmpg::Deployment::parse(&example, "examples/fashion-lite0.toml", &registry).expect("valid");

@@ -180,6 +180,10 @@ pub trait DeviceModel: Send {
     /// Fraction of labelled clips answered correctly (unlabelled clips are skipped); NaN when no
     /// clip is labelled, since no accuracy exists then (reports show it as "n/a").
     fn accuracy(&self, clips: &[Clip]) -> Result<f64, ModelError> {
+        // Without a labelled clip there is nothing to score, and nothing to run.
+        if clips.iter().all(|c| c.answer.is_none()) {
+            return Ok(f64::NAN);
+        }
         let predicted = self.answers(clips)?;
         let (right, total) = clips
             .iter()

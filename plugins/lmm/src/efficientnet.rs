@@ -39,8 +39,8 @@ pub const DEFAULT_WEIGHTS: &str = "data/efficientnet-lite0/efficientnet-lite0.pt
 /// Why the network could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum EfficientNetError {
-    /// The weight file is not there.
-    #[error("{path}: no such file; fetch it with scripts/fetch-data.sh")]
+    /// The weight file is not there, or not a regular file.
+    #[error("{path}: {}", missing_hint(path))]
     Missing {
         /// The path looked at.
         path: PathBuf,
@@ -63,6 +63,37 @@ pub enum EfficientNetError {
         /// What is wrong with it.
         message: String,
     },
+}
+
+fn missing_hint(path: &Path) -> String {
+    match (path.exists(), path == Path::new(DEFAULT_WEIGHTS)) {
+        (true, _) => "not a regular file".into(),
+        (false, true) => "no such file: run `scripts/fetch-data.sh`".into(),
+        (false, false) => format!("no such file (`scripts/fetch-data.sh` puts the weights at {DEFAULT_WEIGHTS})"),
+    }
+}
+
+/// Checks what [`EfficientNetLite0::load`] would refuse first without reading the tensors: the
+/// file is a PyTorch checkpoint holding the network's first and last tensors.
+///
+/// # Errors
+/// As `load`'s `Missing`, `Unreadable` and `Tensor`.
+pub fn check_weights(path: &Path) -> Result<(), EfficientNetError> {
+    if !path.is_file() {
+        return Err(EfficientNetError::Missing { path: path.to_path_buf() });
+    }
+    let reader = pytorch_reader::PytorchReader::new(path)
+        .map_err(|e| EfficientNetError::Unreadable { path: path.to_path_buf(), message: e.to_string() })?;
+    for name in ["_conv_stem.weight", "_conv_head.weight", "_fc.weight"] {
+        if reader.get(name).is_none() {
+            return Err(EfficientNetError::Tensor {
+                path: path.to_path_buf(),
+                name: name.into(),
+                message: "missing: not EfficientNet-Lite0's checkpoint".into(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// A convolution with its batch norm folded in, then (optionally) ReLU6.
@@ -203,9 +234,7 @@ impl<B: Backend> EfficientNetLite0<B> {
     /// [`EfficientNetError::Missing`] naming the fetch command; `Unreadable` for a file that is
     /// not a PyTorch checkpoint; `Tensor` for a missing, mistyped, misshapen or non-finite tensor.
     pub fn load(path: &Path, device: &B::Device) -> Result<Self, EfficientNetError> {
-        if !path.is_file() {
-            return Err(EfficientNetError::Missing { path: path.to_path_buf() });
-        }
+        check_weights(path)?;
         let reader = pytorch_reader::PytorchReader::new(path)
             .map_err(|e| EfficientNetError::Unreadable { path: path.to_path_buf(), message: e.to_string() })?;
         let w = Weights { path: path.to_path_buf(), reader };

@@ -97,12 +97,9 @@ impl Settings for LmmSettings {
         if let Some(e) = &self.encoder {
             check.within("encoder.resolution", e.resolution, 16..=512);
             check.within("encoder.memo_frames", e.memo_frames, 0..=10_000_000);
-            // What loading would refuse first, without reading 18 MB here.
-            if !e.weights.is_file() {
-                check.fail(
-                    "encoder.weights",
-                    format!("{} is missing: run `scripts/fetch-data.sh`", e.weights.display()),
-                );
+            // What loading would refuse, from the checkpoint's metadata (its tensors are not read).
+            if let Err(problem) = efficientnet::check_weights(&e.weights) {
+                check.fail("encoder.weights", problem.to_string());
             }
         }
     }
