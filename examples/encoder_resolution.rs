@@ -94,7 +94,7 @@ fn main() -> anyhow::Result<()> {
     println!("|---:|---:|---:|");
     for r in resolutions {
         let encoder =
-            FrameEncoder::load(EncoderSettings { resolution: r, memo_frames: 0, ..Default::default() }, &device)?;
+            FrameEncoder::load(EncoderSettings { resolution: r, memo_mib: 0, ..Default::default() }, &device)?;
         let (train, _) = encode(&encoder, &train_pixels, train_labels.len())?;
         let (test, ms) = encode(&encoder, &test_pixels, test_labels.len())?;
         let accuracy = probe_accuracy((&train, &train_labels), (&test, &test_labels), encoder.dim());

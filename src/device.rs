@@ -67,7 +67,8 @@ const MAX_VIDEO_CLIPS: usize = 1024;
 /// clips.
 const MAX_VIDEO_BYTES: usize = 256 << 20;
 
-/// Unlabelled clips of `video` for `data`'s task, at most `max_clips`.
+/// Unlabelled clips of `video` for `data`'s task, at most `max_clips` and [`MAX_VIDEO_BYTES`] of
+/// frames.
 fn video_clips(video: &VideoInput, data: &dyn mmpg::DataSource, max_clips: usize) -> anyhow::Result<Vec<Clip>> {
     let question = match &video.question {
         Some(q) => q.clone(),
@@ -77,13 +78,16 @@ fn video_clips(video: &VideoInput, data: &dyn mmpg::DataSource, max_clips: usize
             drawn.first().map(|c| c.question.clone()).unwrap_or_default()
         }
     };
-    let sampling = mmpg_video::Sampling { stride: video.stride, max_clips };
+    let [_, h, w] = data.task().frame_shape;
+    if video.corruption.is_some() && h != w {
+        anyhow::bail!("--corruption: the corruption suite takes square frames; the task's are {h}×{w}");
+    }
+    // Frames are held as f32 until written or served: large frames mean fewer clips.
+    let per_clip = 4 * data.task().raw_clip_bytes().max(1);
+    let sampling =
+        mmpg_video::Sampling { stride: video.stride, max_clips: max_clips.min(MAX_VIDEO_BYTES / per_clip).max(1) };
     let (mut clips, info) = mmpg_video::read_clips(&video.path, data.task(), sampling, &question)?;
     if let Some((kind, severity)) = &video.corruption {
-        let [_, h, w] = data.task().frame_shape;
-        if h != w {
-            anyhow::bail!("--corruption: the corruption suite takes square frames; the task's are {h}×{w}");
-        }
         for (i, clip) in clips.iter_mut().enumerate() {
             let mut rng = seed::rng(0xC022_0975, i as u64);
             let mut values = clip.frames.values().to_vec();
@@ -96,8 +100,8 @@ fn video_clips(video: &VideoInput, data: &dyn mmpg::DataSource, max_clips: usize
     }
     let corrupted = video.corruption.as_ref().map(|(k, s)| format!(", under {k}@{s}")).unwrap_or_default();
     eprintln!(
-        "video {}: {} {}×{} at {:.2} fps, {} frames decoded, {} clips of {} frames {} apart{corrupted}, asking \"{question}\"",
-        video.path.display(),
+        "video {:?}: {} {}×{} at {:.2} fps, {} frames decoded, {} clip(s) of {} frames {} apart{corrupted}, asking {question:?}",
+        video.path,
         info.codec,
         info.size[0],
         info.size[1],
@@ -379,10 +383,7 @@ pub fn run(path: &Path, options: &DeviceOptions, registry: &mut Registry) -> any
     // device need not be one of the deployment's.
     let folder = match (&options.clips, &options.video) {
         (Some(dir), _) => Some(mmpg::clip_file::read_clip_dir(dir, data.task())?),
-        (None, Some(video)) => {
-            let per_clip = 4 * data.task().raw_clip_bytes().max(1);
-            Some(video_clips(video, data.as_ref(), (MAX_VIDEO_BYTES / per_clip).clamp(1, MAX_VIDEO_CLIPS))?)
-        }
+        (None, Some(video)) => Some(video_clips(video, data.as_ref(), MAX_VIDEO_CLIPS)?),
         (None, None) => None,
     };
     let domain = match device_domain(&composer, &options.id) {

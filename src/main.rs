@@ -151,9 +151,9 @@ enum Command {
         id: String,
         /// Deployment TOML file.
         deployment: PathBuf,
-        /// How many clips.
-        #[arg(long, default_value_t = 64)]
-        count: usize,
+        /// How many clips (with --video: at most, and at most 256 MiB of frames).
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+        count: u64,
         /// Folder to write.
         #[arg(long)]
         out: PathBuf,
@@ -358,7 +358,15 @@ fn main() -> ExitCode {
         }
         Command::Clips { id, deployment, count, out, unlabelled, video } => {
             let video = video.input();
-            exit_code(device::write_clips(&deployment, &id, count, &out, unlabelled, video.as_ref(), &mut registry))
+            exit_code(device::write_clips(
+                &deployment,
+                &id,
+                count as usize,
+                &out,
+                unlabelled,
+                video.as_ref(),
+                &mut registry,
+            ))
         }
         Command::Fleet { deployment, cloud, rounds, report, deadline, workers } => {
             let deadline = std::time::Duration::from_secs(deadline);

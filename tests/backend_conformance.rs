@@ -135,14 +135,12 @@ fn a_tiny_deployment_adapts_alike() {
     };
     let kind = backend_kind();
     let a = run("kind = \"cpu\"");
-    let b = run(&format!("kind = \"{kind}\""));
     // A mixed deployment: the cloud trains and generates on this backend, the devices serve on
-    // the CPU; only backend-agnostic tensors cross between them.
+    // the CPU; only backend-agnostic tensors cross between them. (Devices serving and installing
+    // on the backend are the tests above: a whole second deployment on lavapipe took 4 minutes.)
     let mixed = run(&format!("kind = \"cpu\"\ncloud = \"{kind}\""));
-    eprintln!("[{kind}] tiny deployment (static, adapted): cpu {a:?}, {kind} {b:?}, cloud on {kind} {mixed:?}");
-    for other in [b, mixed] {
-        assert!((a.0 - other.0).abs() <= 0.05 && (a.1 - other.1).abs() <= 0.05, "{a:?} vs {other:?}");
-    }
+    eprintln!("[{kind}] tiny deployment (static, adapted): cpu {a:?}, cloud on {kind} {mixed:?}");
+    assert!((a.0 - mixed.0).abs() <= 0.05 && (a.1 - mixed.1).abs() <= 0.05, "{a:?} vs {mixed:?}");
 }
 
 #[test]

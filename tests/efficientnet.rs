@@ -145,6 +145,16 @@ fn bad_weight_files_are_named_errors() {
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).expect("write");
     let err = EfficientNetLite0::<Backend>::load(&cut, &device()).expect_err("a file cut in half");
     assert!(err.to_string().contains("cut.pth"), "{err}");
+    // Finite but absurd values in the middle of the file: refused by name, not left to diverge
+    // in training.
+    let mut huge = bytes.clone();
+    for at in (8_000_000..9_000_000).step_by(4) {
+        huge[at..at + 4].copy_from_slice(&3e38f32.to_le_bytes());
+    }
+    let path = dir.path().join("huge.pth");
+    std::fs::write(&path, &huge).expect("write");
+    let err = EfficientNetLite0::<Backend>::load(&path, &device()).expect_err("absurd weights");
+    assert!(matches!(err, EfficientNetError::Tensor { .. }) && err.to_string().contains("huge.pth"), "{err}");
 }
 
 mod as_the_device_models_frame_encoder {

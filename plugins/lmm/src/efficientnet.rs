@@ -33,6 +33,8 @@ const BLOCK_STRIDES: [usize; 16] = [1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1, 1, 1,
 pub const LAST_STAGE: usize = 15;
 /// Channels entering [`LAST_STAGE`].
 pub const LAST_STAGE_CHANNELS: usize = 192;
+/// Largest magnitude of a weight or statistic the file may hold.
+const MAX_WEIGHT: f64 = 1e6;
 /// Where `scripts/fetch-data.sh` puts the weights.
 pub const DEFAULT_WEIGHTS: &str = "data/efficientnet-lite0/efficientnet-lite0.pth";
 
@@ -170,6 +172,10 @@ impl Weights {
         if values.iter().any(|v| !v.is_finite()) {
             return Err(self.error(name, "holds a value that is not finite"));
         }
+        // Trained weights and statistics are small; 1e6 is beyond any of this network's.
+        if let Some(v) = values.iter().find(|v| v.abs() > MAX_WEIGHT) {
+            return Err(self.error(name, format!("holds {v:e}, beyond ±{MAX_WEIGHT:e}: not trained weights")));
+        }
         Ok((t.shape().to_vec(), values))
     }
 
@@ -284,7 +290,14 @@ impl<B: Backend> EfficientNetLite0<B> {
             TensorData::new(fc_bias.iter().map(|v| *v as f32).collect::<Vec<f32>>(), [CLASSES]),
             device,
         )));
-        Ok(Self { stem, blocks, head, classifier }.no_grad())
+        let net = Self { stem, blocks, head, classifier }.no_grad();
+        // Folding can still overflow what reads as finite: a grey probe must come out finite.
+        let probe = net.features(Tensor::full([1, 3, 32, 32], 128.0, device));
+        let finite = probe.into_data().to_vec::<f32>().is_ok_and(|v| v.iter().all(|x| x.is_finite()));
+        if !finite {
+            return Err(w.error("_conv_head.weight", "a grey image's features are not finite: damaged weights"));
+        }
+        Ok(net)
     }
 
     /// `[N, 3, H, W]` RGB on the 0–255 scale → the map entering block `block` (0..=16; 16 is

@@ -43,21 +43,22 @@ pub struct EncoderSettings {
     pub weights: PathBuf,
     /// Frames are resized (bilinear) to this square size before the network, in pixels.
     pub resolution: usize,
-    /// Most frames whose features are kept in memory (each 5 KiB).
-    pub memo_frames: usize,
+    /// Memory the kept encodings may take, in MiB (a pooled feature is 5 KiB; a last-stage map
+    /// at 64 pixels 3 KiB, at 512 pixels 192 KiB).
+    pub memo_mib: usize,
     /// Where the FiLM slot modulates the network.
     pub film_at: FilmAt,
 }
 
 impl Default for EncoderSettings {
     fn default() -> Self {
-        Self { weights: PathBuf::from(DEFAULT_WEIGHTS), resolution: 96, memo_frames: 200_000, film_at: FilmAt::Pooled }
+        Self { weights: PathBuf::from(DEFAULT_WEIGHTS), resolution: 96, memo_mib: 1024, film_at: FilmAt::Pooled }
     }
 }
 
-/// Frames encoded per forward pass: bounds the activations' memory (at 224 pixels, 64 frames
-/// hold about 0.8 GB).
-const CHUNK: usize = 64;
+/// Pixels encoded per forward pass (64 frames of 96×96, fewer at higher resolutions): bounds the
+/// activations' memory.
+const CHUNK_PIXELS: usize = 64 * 96 * 96;
 
 /// EfficientNet-Lite0 with its memo.
 pub struct FrameEncoder {
@@ -135,7 +136,8 @@ impl FrameEncoder {
         missing.sort_by_key(|i| keys[*i]);
         missing.dedup_by_key(|i| keys[*i]);
         let mut fresh: HashMap<[u8; 32], Vec<f32>> = HashMap::new();
-        for chunk in missing.chunks(CHUNK) {
+        let r = self.settings.resolution.max(1);
+        for chunk in missing.chunks((CHUNK_PIXELS / (r * r)).max(1)) {
             let values: Vec<f32> = chunk.iter().flat_map(|i| &frames[i * size..(i + 1) * size]).copied().collect();
             let features = self.features(values, chunk.len(), [c, h, w])?;
             let per_frame: usize = self.output_shape().iter().product();
@@ -145,8 +147,10 @@ impl FrameEncoder {
         }
         let out: Vec<f32> =
             keys.iter().flat_map(|k| fresh.get(k).or_else(|| memo.get(k)).cloned().unwrap_or_default()).collect();
+        let per_frame = 4 * self.output_shape().iter().product::<usize>() + 64;
+        let capacity = (self.settings.memo_mib << 20) / per_frame;
         for (k, v) in fresh {
-            if memo.len() >= self.settings.memo_frames {
+            if memo.len() >= capacity {
                 break;
             }
             memo.insert(k, v);

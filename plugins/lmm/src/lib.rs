@@ -96,7 +96,7 @@ impl Settings for LmmSettings {
         check.within("reference_clips", self.reference_clips, 1..=10_000);
         if let Some(e) = &self.encoder {
             check.within("encoder.resolution", e.resolution, 16..=512);
-            check.within("encoder.memo_frames", e.memo_frames, 0..=10_000_000);
+            check.within("encoder.memo_mib", e.memo_mib, 0..=1 << 20);
             // What loading would refuse, from the checkpoint's metadata (its tensors are not read).
             if let Err(problem) = efficientnet::check_weights(&e.weights) {
                 check.fail("encoder.weights", problem.to_string());

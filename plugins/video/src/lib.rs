@@ -21,7 +21,7 @@ use mmpg::{Clip, HostTensor, TaskSpec};
 pub struct Sampling {
     /// Source frames between two frames of a clip (1 = consecutive).
     pub stride: usize,
-    /// Stop after this many clips.
+    /// Stop after this many clips (at least one is read).
     pub max_clips: usize,
 }
 
@@ -103,6 +103,14 @@ pub enum VideoError {
 /// Consecutive read errors tolerated before a file is called damaged (FFmpeg returns transient
 /// errors such as EAGAIN between good packets).
 const MAX_READ_ERRORS: usize = 64;
+/// Largest file read: FFmpeg's demuxers scan damaged data byte by byte (a gigabyte of zeros after
+/// a cut AVI takes it 18 s); cut longer recordings first.
+pub const MAX_FILE_BYTES: u64 = 2 << 30;
+/// Most pixels of one decoded picture (8K UHD): a 400-byte GIF may declare 16000×16000.
+pub const MAX_PIXELS: u64 = 7680 * 4320;
+/// The containers read. Demuxers that open other files or addresses (concat playlists, HLS,
+/// SDP, …) are left out, and only the `file` protocol is allowed, whatever the file is named.
+const DEMUXERS: &str = "mov,avi,matroska,mpegts,mpeg,flv,gif,ogg,asf,h264,hevc,m4v,mjpeg";
 
 /// Unlabelled clips of `task`'s shape from the video file at `path`, each asking `question`.
 ///
@@ -123,14 +131,31 @@ pub fn read_clips(
     let span = (t - 1) * stride + 1;
     let file = || path.to_path_buf();
     let io = |message: String| VideoError::Io { path: file(), message };
-    // FFmpeg would turn a missing file into a terse "No such file or directory"; say it plainly.
-    std::fs::metadata(path).map_err(|e| io(e.to_string()))?;
+    // FFmpeg would turn a missing file into a terse "No such file or directory", and would block
+    // on a FIFO with no writer: only a regular file of bounded size is opened.
+    let metadata = std::fs::metadata(path).map_err(|e| io(e.to_string()))?;
+    if !metadata.is_file() {
+        return Err(io("not a regular file".into()));
+    }
+    if metadata.len() > MAX_FILE_BYTES {
+        return Err(io(format!(
+            "{} bytes; at most {MAX_FILE_BYTES} are read (cut the recording first)",
+            metadata.len()
+        )));
+    }
+    // FFmpeg takes a URL: `tcp:…` or `pipe:0` as a file name would be opened as such. The file
+    // protocol with an absolute path is what is meant.
+    let absolute = std::path::absolute(path).map_err(|e| io(e.to_string()))?;
     // ffmpeg-next unwraps a path that is not UTF-8.
-    let utf8 = path.to_str().ok_or_else(|| io("the path is not UTF-8".into()))?;
+    let utf8 = absolute.to_str().ok_or_else(|| io("the path is not UTF-8".into()))?;
     ffmpeg::init().map_err(|e| io(format!("FFmpeg did not start: {e}")))?;
     ffmpeg::util::log::set_level(ffmpeg::util::log::Level::Fatal);
     let not_video = |message: String| VideoError::NotVideo { path: file(), message };
-    let mut input = ffmpeg::format::input(utf8).map_err(|e| not_video(e.to_string()))?;
+    let mut options = ffmpeg::Dictionary::new();
+    options.set("protocol_whitelist", "file");
+    options.set("format_whitelist", DEMUXERS);
+    let mut input = ffmpeg::format::input_with_dictionary(&format!("file:{utf8}"), options)
+        .map_err(|e| not_video(e.to_string()))?;
     let stream = input.streams().best(ffmpeg::media::Type::Video).ok_or_else(|| not_video("no video stream".into()))?;
     let index = stream.index();
     let declared = usize::try_from(stream.frames()).unwrap_or(0);
@@ -148,8 +173,10 @@ pub fn read_clips(
     let mut decoder = context.decoder().video().map_err(|e| unsupported(e.to_string()))?;
     let codec_name = decoder.codec().map_or_else(|| format!("{codec:?}").to_lowercase(), |c| c.name().to_string());
     let damaged = |message: String| VideoError::Damaged { path: file(), message };
-    if decoder.width() == 0 || decoder.height() == 0 {
-        return Err(damaged("its video stream declares no picture size".into()));
+    let pixels = u64::from(decoder.width()) * u64::from(decoder.height());
+    if pixels == 0 || pixels > MAX_PIXELS {
+        let (w, h) = (decoder.width(), decoder.height());
+        return Err(damaged(format!("its video stream declares {w}×{h} pictures; 1 to {MAX_PIXELS} pixels are read")));
     }
     let format = if c == 1 { ffmpeg::format::Pixel::GRAY8 } else { ffmpeg::format::Pixel::RGB24 };
     // Built from the first decoded picture, rebuilt when a picture differs: a damaged stream's
@@ -209,7 +236,8 @@ pub fn read_clips(
             let key = (picture.format(), picture.width(), picture.height());
             if scaler.as_ref().is_none_or(|(k, _)| *k != key) {
                 let (pixel, width, height) = key;
-                if width == 0 || height == 0 || !ffmpeg::software::scaling::support::input(pixel) {
+                let pixels = u64::from(width) * u64::from(height);
+                if pixels == 0 || pixels > MAX_PIXELS || !ffmpeg::software::scaling::support::input(pixel) {
                     return Err(damaged(format!(
                         "frame {position}: a {width}×{height} picture in {pixel:?} cannot be scaled"
                     )));

@@ -113,3 +113,41 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn only_regular_files_of_plain_containers_are_opened() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let t = task(2, [1, 8, 8]);
+    // A FIFO with no writer would block FFmpeg forever.
+    let fifo = dir.path().join("camera.fifo");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().expect("mkfifo").success());
+    let err = refused(&fifo, &t);
+    assert!(matches!(err, VideoError::Io { .. }) && err.to_string().contains("not a regular file"), "{err}");
+    // A concat playlist would open other files: not a container read here.
+    let playlist = dir.path().join("list.ffconcat");
+    std::fs::write(&playlist, format!("ffconcat version 1.0\nfile '{}'\n", bikes().display())).expect("write");
+    assert!(matches!(refused(&playlist, &t), VideoError::NotVideo { .. }));
+    // A file named like a URL is that file: `tcp:…`, `pipe:0` are not protocols here.
+    for name in ["tcp:127.0.0.1:9", "pipe:0"] {
+        let copy = dir.path().join(name);
+        std::fs::copy(bikes(), &copy).expect("copy");
+        let (clips, info) = read_clips(&copy, &t, Sampling { stride: 1, max_clips: 1 }, "q").expect(name);
+        assert_eq!((clips.len(), info.codec.as_str()), (1, "h264"));
+    }
+}
+
+#[test]
+fn a_picture_size_beyond_8k_is_refused_before_decoding() {
+    // A GIF of one 1×1 image on a 16000×16000 screen: 40 bytes that would decode to 1 GB.
+    let mut gif = b"GIF89a".to_vec();
+    gif.extend_from_slice(&16000u16.to_le_bytes());
+    gif.extend_from_slice(&16000u16.to_le_bytes());
+    gif.extend_from_slice(&[0x00, 0x00, 0x00]); // no colour table
+    gif.extend_from_slice(&[0x2C, 0, 0, 0, 0, 1, 0, 1, 0, 0x00]); // image at 0,0, 1×1
+    gif.extend_from_slice(&[0x02, 0x02, 0x4C, 0x01, 0x00, 0x3B]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("huge.gif");
+    std::fs::write(&path, &gif).expect("write");
+    let err = refused(&path, &task(2, [1, 8, 8]));
+    assert!(err.to_string().contains("16000×16000"), "{err}");
+}
