@@ -52,7 +52,7 @@ pub struct EncoderSettings {
 
 impl Default for EncoderSettings {
     fn default() -> Self {
-        Self { weights: PathBuf::from(DEFAULT_WEIGHTS), resolution: 96, memo_mib: 1024, film_at: FilmAt::Pooled }
+        Self { weights: PathBuf::from(DEFAULT_WEIGHTS), resolution: 64, memo_mib: 1024, film_at: FilmAt::Pooled }
     }
 }
 
