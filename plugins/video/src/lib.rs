@@ -230,7 +230,7 @@ pub fn read_clips(
             decoded += 1;
             // Frames between clips and between a clip's frames are decoded, never scaled.
             let offset = position % (t * stride);
-            if offset % stride != 0 || offset / stride >= t {
+            if !offset.is_multiple_of(stride) || offset / stride >= t {
                 continue;
             }
             let key = (picture.format(), picture.width(), picture.height());
