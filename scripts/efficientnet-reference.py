@@ -155,32 +155,24 @@ def same_pad(x, k, s):
     return np.pad(x, pads + [(0, 0)])
 
 
-def conv2d(x, w, stride):
-    """Dense convolution; x: (H, W, Cin), w: (Cout, Cin, k, k), TF SAME padding, no bias."""
-    k = w.shape[2]
+def taps(x, k, stride):
+    """For each kernel offset (i, j): the (Ho, Wo, C) input pixels it meets, TF SAME padding."""
     xp = same_pad(x, k, stride)
     ho = -(-x.shape[0] // stride)
     wo = -(-x.shape[1] // stride)
-    out = np.zeros((ho, wo, w.shape[0]))
     for i in range(k):
         for j in range(k):
-            patch = xp[i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
-            out += patch @ w[:, :, i, j].T
-    return out
+            yield i, j, xp[i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
+
+
+def conv2d(x, w, stride):
+    """Dense convolution; x: (H, W, Cin), w: (Cout, Cin, k, k), TF SAME padding, no bias."""
+    return sum(patch @ w[:, :, i, j].T for i, j, patch in taps(x, w.shape[2], stride))
 
 
 def depthwise_conv2d(x, w, stride):
     """Depthwise convolution; x: (H, W, C), w: (C, 1, k, k), TF SAME padding, no bias."""
-    k = w.shape[2]
-    xp = same_pad(x, k, stride)
-    ho = -(-x.shape[0] // stride)
-    wo = -(-x.shape[1] // stride)
-    out = np.zeros((ho, wo, x.shape[2]))
-    for i in range(k):
-        for j in range(k):
-            patch = xp[i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
-            out += patch * w[:, 0, i, j]
-    return out
+    return sum(patch * w[:, 0, i, j] for i, j, patch in taps(x, w.shape[2], stride))
 
 
 def batch_norm(x, p, prefix):
