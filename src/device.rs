@@ -747,30 +747,29 @@ pub fn write_clips(
     let deployment = crate::open(path, registry).map_err(RunError::Config)?;
     let composer = Composer::new(&deployment, registry)?;
     let data = composer.data_source()?;
-    if let Some(video) = video {
-        let clips = video_clips(video, data.as_ref(), count)?;
-        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-        for (i, clip) in clips.iter().enumerate() {
-            let file = out.join(format!("clip-{i:05}.safetensors"));
-            let bytes = mmpg::clip_file::encode_clip(clip, data.task())?;
-            std::fs::write(&file, bytes).with_context(|| format!("writing {}", file.display()))?;
+    let (clips, label) = match video {
+        Some(video) => {
+            let clips = video_clips(video, data.as_ref(), count)?;
+            let held = if clips.len() < count {
+                format!("; the file holds {} at this stride", clips.len())
+            } else {
+                String::new()
+            };
+            (clips, format!("video {}{held}", video.path.display()))
         }
-        let note = if clips.len() < count {
-            format!("; the file holds {} at this stride", clips.len())
-        } else {
-            String::new()
-        };
-        println!("clips: {} files in {} (video {}{note})", clips.len(), out.display(), video.path.display());
-        return Ok(());
-    }
-    let domain = device_domain(&composer, id)?;
+        None => {
+            let domain = device_domain(&composer, id)?;
+            let clips = data.clips(&domain, Split::Test, count, domain.seed)?;
+            let clips = if unlabelled { clips.iter().map(Clip::unlabelled).collect() } else { clips };
+            (clips, format!("{id}, {}", domain.shift_label()))
+        }
+    };
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    for (i, clip) in data.clips(&domain, Split::Test, count, domain.seed)?.into_iter().enumerate() {
-        let clip = if unlabelled { clip.unlabelled() } else { clip };
+    for (i, clip) in clips.iter().enumerate() {
         let file = out.join(format!("clip-{i:05}.safetensors"));
-        let bytes = mmpg::clip_file::encode_clip(&clip, data.task())?;
+        let bytes = mmpg::clip_file::encode_clip(clip, data.task())?;
         std::fs::write(&file, bytes).with_context(|| format!("writing {}", file.display()))?;
     }
-    println!("clips: {count} files in {} ({id}, {})", out.display(), domain.shift_label());
+    println!("clips: {} files in {} ({label})", clips.len(), out.display());
     Ok(())
 }

@@ -81,6 +81,11 @@ fn missing_hint(path: &Path) -> String {
 /// # Errors
 /// As `load`'s `Missing`, `Unreadable` and `Tensor`.
 pub fn check_weights(path: &Path) -> Result<(), EfficientNetError> {
+    open_checkpoint(path).map(drop)
+}
+
+/// The checkpoint's metadata, once it holds the network's first and last tensors.
+fn open_checkpoint(path: &Path) -> Result<pytorch_reader::PytorchReader, EfficientNetError> {
     if !path.is_file() {
         return Err(EfficientNetError::Missing { path: path.to_path_buf() });
     }
@@ -95,7 +100,7 @@ pub fn check_weights(path: &Path) -> Result<(), EfficientNetError> {
             });
         }
     }
-    Ok(())
+    Ok(reader)
 }
 
 /// A convolution with its batch norm folded in, then (optionally) ReLU6.
@@ -240,9 +245,7 @@ impl<B: Backend> EfficientNetLite0<B> {
     /// [`EfficientNetError::Missing`] naming the fetch command; `Unreadable` for a file that is
     /// not a PyTorch checkpoint; `Tensor` for a missing, mistyped, misshapen or non-finite tensor.
     pub fn load(path: &Path, device: &B::Device) -> Result<Self, EfficientNetError> {
-        check_weights(path)?;
-        let reader = pytorch_reader::PytorchReader::new(path)
-            .map_err(|e| EfficientNetError::Unreadable { path: path.to_path_buf(), message: e.to_string() })?;
+        let reader = open_checkpoint(path)?;
         let w = Weights { path: path.to_path_buf(), reader };
         let stem = w.conv_bn("_conv_stem", "_bn0", 2, false, true, device)?;
         let mut blocks = Vec::with_capacity(BLOCK_STRIDES.len());
