@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+use mmpg_baselines::HELD_OUT_LOSS;
 use mmpg_bench::{BenchReport, Family};
 use plotters::prelude::*;
 use plotters::style::{FontStyle, register_font};
@@ -218,20 +219,27 @@ fn labels_plot(report: &BenchReport, path: &Path) -> PlotResult {
     Ok(())
 }
 
-/// The curves the training baselines recorded on their first device (FTA: held-out loss per
-/// epoch, epoch 0 the model as it came), one line per method and curve.
-fn curves_plot(report: &BenchReport, path: &Path) -> PlotResult {
-    let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let lines: Vec<(String, &Vec<f64>)> = report
+/// The held-out loss per epoch each FTA row recorded on its first device (epoch 0 the model as it
+/// came), one line per row. Other curves (TENT's entropy per step) are in the JSON report.
+fn held_out_curves(report: &BenchReport) -> Vec<(String, &Vec<f64>)> {
+    report
         .methods
         .iter()
         .filter_map(|m| m.example_curves.as_ref().map(|(device, curves)| (m, device, curves)))
         .flat_map(|(m, device, curves)| {
-            curves.iter().map(move |(name, values)| (format!("{} on {device}: {name}", m.method), values))
+            curves
+                .iter()
+                .filter(|(name, _)| name == HELD_OUT_LOSS)
+                .map(move |(_, values)| (format!("{} on {device}", m.method), values))
         })
         .filter(|(_, values)| !values.is_empty())
-        .collect();
+        .collect()
+}
+
+fn curves_plot(report: &BenchReport, path: &Path) -> PlotResult {
+    let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let lines = held_out_curves(report);
     let epochs = lines.iter().map(|(_, v)| v.len()).max().unwrap_or(1).max(2) as f64 - 1.0;
     let finite = || lines.iter().flat_map(|(_, v)| v.iter().copied()).filter(|v| v.is_finite());
     let (lo, hi) = (finite().fold(f64::INFINITY, f64::min), finite().fold(f64::NEG_INFINITY, f64::max));
@@ -278,11 +286,7 @@ pub fn draw_all(report: &BenchReport, dir: &Path) -> Result<Vec<PathBuf>, String
     if report.methods.iter().any(|m| m.labels_per_device > 0) {
         draw("fta_vs_labels.png", labels_plot)?;
     }
-    if report
-        .methods
-        .iter()
-        .any(|m| m.example_curves.as_ref().is_some_and(|(_, c)| c.iter().any(|(_, v)| !v.is_empty())))
-    {
+    if !held_out_curves(report).is_empty() {
         draw("fta_held_out_loss.png", curves_plot)?;
     }
     Ok(written)

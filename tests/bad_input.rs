@@ -84,6 +84,17 @@ fn a_baselines_tune_candidates_are_checked_one_by_one_and_an_oracle_needs_them()
         "{errs:?}"
     );
     assert!(fta("tune = { learning_rate = [0.001, 0.01] }\noracle = true").is_empty());
+    // A combined row starts from CDC; tuning adapts the static model, so it is refused there.
+    let errs = fta("start = \"cdc\"\ntune = { learning_rate = [0.001, 0.01] }");
+    assert!(errs.len() == 1 && errs[0].contains("bench.baselines[0].tune: `tune` adapts the static model"), "{errs:?}");
+    let errs = fta("start = \"cloud\"");
+    assert!(errs.len() == 1 && errs[0].contains("bench.baselines[0].start"), "{errs:?}");
+    assert!(fta("start = \"cdc\"").is_empty());
+    // The label-free methods' settings are checked like every plugin's.
+    let errs = errors(&with("[[bench.baselines]]\nplugin = \"foa\"\nsettings = { slots = [], step_size = 0 }\n"));
+    assert_eq!(errs.len(), 2, "{errs:?}");
+    let errs = errors(&with("[[bench.baselines]]\nplugin = \"lame\"\nsettings = { k = 0 }\n"));
+    assert!(errs.len() == 1 && errs[0].contains("bench.baselines[0].settings.k"), "{errs:?}");
     let named = |a: &str, b: &str| {
         errors(&with(&format!(
             "[[bench.baselines]]\nplugin = \"t3a\"\nname = \"{a}\"\n[[bench.baselines]]\nplugin = \"fta\"\nname = \"{b}\"\n"

@@ -45,7 +45,7 @@ fn bench_section_errors_name_line_and_key_path() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("bad-bench.toml");
     let text = "[bench]\nk_sweep = [4, 0]\n[[bench.baselines]]\nplugin = \"fta\"\nsettings = { labels = 4, epochs = 3 }\n\
-                [[bench.baselines]]\nplugin = \"tent\"\n[[bench.variants]]\nname = \"x\"\nanchor = { strategy = \"best\" }\n\
+                [[bench.baselines]]\nplugin = \"tenet\"\n[[bench.variants]]\nname = \"x\"\nanchor = { strategy = \"best\" }\n\
                 [fleet]\ndevices = 1\n";
     std::fs::write(&path, text).expect("write");
     let (code, _, stderr) = mmpg(&["validate", path.to_str().expect("utf-8 path")]);
@@ -54,7 +54,7 @@ fn bench_section_errors_name_line_and_key_path() {
     assert_eq!(lines.len(), 4, "{stderr}");
     assert!(lines[0].contains(":2:") && lines[0].contains("bench.k_sweep[1]"), "{stderr}");
     assert!(lines[1].contains(":5:") && lines[1].contains("bench.baselines[0].settings.epochs"), "{stderr}");
-    assert!(lines[2].contains(":7:") && lines[2].contains("no adapter plugin named `tent`"), "{stderr}");
+    assert!(lines[2].contains(":7:") && lines[2].contains("no adapter plugin named `tenet`"), "{stderr}");
     assert!(lines[3].contains(":10:") && lines[3].contains("bench.variants[0].anchor.strategy"), "{stderr}");
 }
 

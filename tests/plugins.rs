@@ -320,7 +320,7 @@ fn the_out_of_tree_herding_plugin_adapts_a_fleet() {
 }
 
 /// The baselines reach the model's capabilities (fine-tuning, statistics recalibration, its
-/// linear head) through the boundary too: `mmpg bench` with `lmm` from its library matches the
+/// linear head, entropy minimisation for TENT, feature alignment for FOA) through the boundary too: `mmpg bench` with `lmm` from its library matches the
 /// linked one row by row.
 #[test]
 fn bench_baselines_use_a_loaded_models_capabilities_as_a_linked_ones() {
@@ -351,6 +351,14 @@ settings = { labels = 4, max_epochs = 2, scope = "all" }
 plugin = "feature-stats"
 [[bench.baselines]]
 plugin = "t3a"
+[[bench.baselines]]
+plugin = "tent"
+settings = { batch = 4 }
+[[bench.baselines]]
+plugin = "foa"
+settings = { batch = 4, epochs = 1 }
+[[bench.baselines]]
+plugin = "lame"
 "#;
     let rows = |registry: &Registry| {
         let deployment = Deployment::parse(text, "bench.toml", registry).expect("valid");
@@ -369,7 +377,7 @@ plugin = "t3a"
     loaded.remove(PluginKind::Model, "lmm").expect("lmm is built in");
     loaded.load_library(&library("mmpg_lmm_plugin"), None).expect("lmm library loads");
     assert_eq!(linked, rows(&loaded));
-    assert!(linked.len() >= 5, "{linked:?}");
+    assert!(linked.len() >= 8, "{linked:?}");
 }
 
 #[test]

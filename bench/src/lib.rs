@@ -11,11 +11,11 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use mmpg::adapt::{AdaptInput, DeviceAdapter};
-use mmpg::config::{Deployment, Variant};
+use mmpg::config::{Deployment, Start, Variant};
 use mmpg::data::{Clip, DomainSpec, Split};
 use mmpg::generator::ParameterGenerator;
 use mmpg::metrics::RetrievalMetrics;
-use mmpg::registry::{BuildContext, PluginKind, Registry};
+use mmpg::registry::{BuildContext, PluginError, PluginKind, Registry};
 use mmpg::report::{CloudReport, DeviceReport};
 use mmpg::runtime::{
     CheckpointDir, Composer, FleetDevice, RunError, TrainedCloud, adapt_fleet, checkpoint_error, cloud_report,
@@ -153,10 +153,17 @@ pub struct MethodRow {
     pub failures: usize,
     /// Method-specific figures, averaged over devices (epochs, anchors, …).
     pub detail: Vec<(String, f64)>,
-    /// Devices the method adapted without error but left as they came (it changed no
-    /// parameter: for FTA, early stopping kept epoch 0), out of those it adapted.
+    /// Devices the method adapted without error but left answering every scored clip as the
+    /// model it started from did (for FTA, typically early stopping keeping epoch 0), out of
+    /// those it adapted.
     #[serde(default)]
     pub unchanged_devices: Option<(usize, usize)>,
+    /// The adapter plugin of a baseline row.
+    #[serde(default)]
+    pub plugin: Option<String>,
+    /// Mean forward passes over a batch of window clips per adaptation (baselines).
+    #[serde(default)]
+    pub forward_passes: Option<f64>,
     /// The method's curves on its first device (e.g. FTA's held-out loss per epoch), with
     /// that device's name.
     #[serde(default)]
@@ -333,10 +340,31 @@ fn row(
         failures: devices.iter().filter(|d| d.error.is_some()).count(),
         detail,
         unchanged_devices: None,
+        plugin: None,
+        forward_passes: None,
         example_curves: None,
         tuning: None,
         devices,
     }
+}
+
+/// Fraction of the labelled `clips` that `answers` gets right (NaN when none is labelled), as
+/// [`DeviceModel::accuracy`](mmpg::DeviceModel::accuracy) scores them.
+fn scored(clips: &[Clip], answers: &[usize]) -> f64 {
+    let (right, total) = clips
+        .iter()
+        .zip(answers)
+        .filter_map(|(clip, p)| clip.answer.map(|a| a == *p))
+        .fold((0usize, 0usize), |(r, t), ok| (r + usize::from(ok), t + 1));
+    if total == 0 { f64::NAN } else { right as f64 / total as f64 }
+}
+
+/// What names a baseline row and where its adapter starts.
+#[derive(Debug, Clone, Copy)]
+struct RowOf<'a> {
+    name: &'a str,
+    plugin: &'a str,
+    start: Start,
 }
 
 /// The bench's shared state: the trained cloud, the devices' data, the composer.
@@ -377,14 +405,21 @@ impl Harness<'_> {
     fn baseline(
         &self,
         adapter: &dyn DeviceAdapter,
-        name: String,
+        row_of: RowOf<'_>,
         seed_name: &str,
         progress: &dyn Progress,
     ) -> Result<MethodRow, RunError> {
+        let RowOf { name, plugin, start } = row_of;
         let mut fleet = self.fresh_fleet(&self.composer)?;
+        if start == Start::Cdc {
+            // A combined row: the adapter starts where the method left each device.
+            let mut transport = self.composer.transport()?;
+            let download = self.composer.deployment.cloud.download;
+            adapt_fleet(&mut fleet, self.cloud.generator.as_ref(), transport.as_mut(), download, progress)?;
+        }
         let needed = adapter.labels_needed();
         let (mut trainable, mut changed, mut detail_sum, mut detail_n) = (0, 0, Vec::<(String, f64)>::new(), 0usize);
-        let (mut unchanged, mut example) = (0usize, None);
+        let (mut unchanged, mut example, mut passes) = (0usize, None, 0usize);
         progress.start(&format!("bench: {name}"), fleet.len() as u64);
         for (device, labelled) in fleet.iter_mut().zip(&self.labelled) {
             let input = AdaptInput {
@@ -392,15 +427,23 @@ impl Harness<'_> {
                 labelled: &labelled[..needed.min(labelled.len())],
                 seed: seed::derive_str(device.domain.seed, seed_name),
             };
+            // What the device answered before, to tell a device the method left as it was.
+            let before = device.node.model.answers(&device.eval)?;
             let t0 = Instant::now();
             let (outcome, peak) = mmpg::memory::peak_during(|| adapter.adapt(&mut device.node.model, &input));
-            device.report.adaptation_ms = t0.elapsed().as_secs_f64() * 1e3;
-            device.report.adaptation_peak_bytes = peak;
+            let elapsed = t0.elapsed().as_secs_f64() * 1e3;
+            // A combined row's device time is the method's and the adapter's.
+            device.report.adaptation_ms =
+                if start == Start::Cdc { device.report.adaptation_ms + elapsed } else { elapsed };
+            device.report.adaptation_peak_bytes = match (device.report.adaptation_peak_bytes, peak) {
+                (Some(a), Some(b)) if start == Start::Cdc => Some(a.max(b)),
+                _ => peak,
+            };
             match outcome {
                 Ok(outcome) => {
                     trainable = trainable.max(outcome.trainable_parameters);
                     changed = changed.max(outcome.changed_parameters);
-                    unchanged += usize::from(outcome.changed_parameters == 0);
+                    passes += outcome.forward_passes;
                     if example.is_none() && !outcome.curves.is_empty() {
                         example = Some((device.node.id.to_string(), outcome.curves.clone()));
                     }
@@ -411,7 +454,9 @@ impl Harness<'_> {
                         }
                     }
                     detail_n += 1;
-                    device.report.adapted_accuracy = device.node.model.accuracy(&device.eval)?;
+                    let after = device.node.model.answers(&device.eval)?;
+                    unchanged += usize::from(after == before);
+                    device.report.adapted_accuracy = scored(&device.eval, &after);
                     device.report.adapted_retrieval = score_retrieval(device.node.model.as_ref(), &device.eval);
                 }
                 // The device keeps its previous model; it is scored with the static figures.
@@ -422,11 +467,18 @@ impl Harness<'_> {
         progress.finish();
         let detail = detail_sum.into_iter().map(|(k, v)| (k, v / detail_n.max(1) as f64)).collect();
         let reports = fleet.into_iter().map(|d| d.report).collect();
-        let costs = Costs { device_trainable: trainable, device_changed: changed, cloud_trainable: 0, labels: needed };
+        // A combined row changes what CDC installs, and then what the adapter changes.
+        let (cloud_trainable, changed) = match start {
+            Start::Cdc => (self.cloud.generator.parameter_count(), changed + self.cloud.model.schema().numel()),
+            Start::Static => (0, changed),
+        };
+        let costs = Costs { device_trainable: trainable, device_changed: changed, cloud_trainable, labels: needed };
         Ok(MethodRow {
             unchanged_devices: Some((unchanged, detail_n)),
+            plugin: Some(plugin.to_string()),
+            forward_passes: (detail_n > 0).then(|| passes as f64 / detail_n as f64),
             example_curves: example,
-            ..row(name, Family::Baseline, reports, costs, detail)
+            ..row(name.to_string(), Family::Baseline, reports, costs, detail)
         })
     }
 
@@ -791,6 +843,21 @@ pub fn bench(deployment: &Deployment, registry: &Registry, progress: &dyn Progre
         })
         .collect::<Result<_, RunError>>()?;
     let max_labels = adapters.iter().flat_map(|(_, a)| a.iter().map(|(_, a)| a.labels_needed())).max().unwrap_or(0);
+    // Settings that cannot work on this model stop the bench here, not on every device.
+    let schema = cloud.model.schema();
+    for (choice, candidates) in &adapters {
+        for (candidate, adapter) in candidates {
+            adapter.check_schema(schema).map_err(|e| RunError::Plugin {
+                kind: PluginKind::Adapter,
+                name: if candidate.is_empty() {
+                    choice.plugin.clone()
+                } else {
+                    format!("{} [{candidate}]", choice.plugin)
+                },
+                error: PluginError::Build(e.to_string()),
+            })?;
+        }
+    }
 
     let domains = deployment.device_domains();
     progress.start("bench: draw devices, score static", domains.len() as u64);
@@ -801,11 +868,18 @@ pub fn bench(deployment: &Deployment, registry: &Registry, progress: &dyn Progre
             fleet_device(&composer, data.as_ref(), cloud.model.as_ref(), domain, deployment.fleet.eval_clips)
                 .map_err(mmpg::runtime::located_at(deployment, path))?,
         );
-        labelled.push(if max_labels == 0 {
+        let pool = if max_labels == 0 {
             Vec::new()
         } else {
             data.clips(domain, Split::Train, max_labels, seed::derive_str(domain.seed, "labelled"))?
-        });
+        };
+        // A model that memoises what is frozen (the pretrained encoder's features) now holds the
+        // labelled clips' as it holds the window's after scoring static: a device computed them
+        // when it served those clips, and no row's device time depends on which row ran first.
+        if let Some(device) = fleet.last().filter(|_| !pool.is_empty()) {
+            device.node.model.answers(&pool)?;
+        }
+        labelled.push(pool);
         progress.step(Some(domain.name.clone()));
     }
     progress.finish();
@@ -840,8 +914,14 @@ pub fn bench(deployment: &Deployment, registry: &Registry, progress: &dyn Progre
             harness.tune(candidates, progress).map(|(i, t)| (i, Some(t)))?
         };
         let Some((_, adapter)) = candidates.get(chosen) else { continue };
-        let name = unique(choice.name.clone().unwrap_or_else(|| adapter.label()));
-        let row = harness.baseline(adapter.as_ref(), name.clone(), &name, progress)?;
+        // A combined row's default name says that CDC ran first.
+        let label = match choice.start {
+            Start::Static => adapter.label(),
+            Start::Cdc => format!("CDC + {}", adapter.label()),
+        };
+        let name = unique(choice.name.clone().unwrap_or(label));
+        let row_of = RowOf { name: &name, plugin: &choice.plugin, start: choice.start };
+        let row = harness.baseline(adapter.as_ref(), row_of, &name, progress)?;
         let oracle = if choice.oracle {
             // The chosen candidate's run is the row itself (same seeds): only the others run.
             let rows = candidates
@@ -851,7 +931,8 @@ pub fn bench(deployment: &Deployment, registry: &Registry, progress: &dyn Progre
                     if j == chosen {
                         Ok(row.clone())
                     } else {
-                        harness.baseline(a.as_ref(), format!("{name} [{label}]"), &name, progress)
+                        let candidate = format!("{name} [{label}]");
+                        harness.baseline(a.as_ref(), RowOf { name: &candidate, ..row_of }, &name, progress)
                     }
                 })
                 .collect::<Result<Vec<_>, RunError>>()?;
@@ -1006,6 +1087,41 @@ pub fn targets(report: &BenchReport) -> Vec<Target> {
     });
     out.extend(never_below_static(&cdc.devices, &report.stream));
     out.extend(retrieval_targets(&cdc.devices));
+    // The label-free test-time adaptation methods (#30): CDC at least as accurate, and what it
+    // adds on the device a hundredth of what those that search or backpropagate spend.
+    let label_free = report.methods.iter().filter(|m| {
+        // A combined row (the method's parameters first) is not a rival: its cloud trains.
+        m.family == Family::Baseline
+            && m.labels_per_device == 0
+            && m.cloud_trainable_parameters == 0
+            && m.plugin.as_deref().is_some_and(|p| p != "static")
+    });
+    for m in label_free {
+        // A row that failed on every device measured nothing: the target is not met.
+        if m.failures == m.devices.len() {
+            let why = m.devices.iter().find_map(|d| d.error.clone()).unwrap_or_default();
+            out.push(Target {
+                name: format!("accuracy ≥ {} (label-free; shifted devices)", m.method),
+                measured: format!("not measured: it failed on every device ({why})"),
+                met: false,
+            });
+            continue;
+        }
+        let margin = 100.0 * (cdc.accuracy.mean - m.accuracy.mean);
+        out.push(Target {
+            name: format!("accuracy ≥ {} (label-free; shifted devices)", m.method),
+            measured: format!("{}% vs {}% ({} points)", pct(cdc.accuracy.mean), pct(m.accuracy.mean), signed(margin)),
+            met: margin >= 0.0,
+        });
+        if matches!(m.plugin.as_deref(), Some("tent" | "foa")) && m.method != CDC {
+            let ratio = m.device_ms.mean / cdc.device_ms.mean;
+            out.push(Target {
+                name: format!("device time adaptation adds ≤ 1/100 of {}", m.method),
+                measured: format!("{:.3} ms vs {:.1} ms (1/{ratio:.0})", cdc.device_ms.mean, m.device_ms.mean),
+                met: ratio >= 100.0,
+            });
+        }
+    }
     // CDC's margin against every labelled row, the oracles included (#17).
     for m in report.methods.iter().filter(|m| m.labels_per_device > 0 && fta16.is_none_or(|f| f.method != m.method)) {
         let margin = 100.0 * (cdc.accuracy.mean - m.accuracy.mean);
@@ -1121,22 +1237,35 @@ fn retrieval_per_device(devices: &[DeviceReport], out: &mut String) {
     }
 }
 
+/// The shifted device that lost most against static, in points (NaN when none is scored).
+fn worst_against_static(devices: &[DeviceReport]) -> f64 {
+    devices
+        .iter()
+        .filter(|d| d.shifted)
+        .map(|d| 100.0 * (d.adapted_accuracy - d.static_accuracy))
+        .filter(|g| g.is_finite())
+        .fold(f64::NAN, f64::min)
+}
+
 fn method_table(rows: &[MethodRow], out: &mut String) {
     out.push_str(
-        "| method | QA acc % mean [p10, p90] | R@1 | R@5 | R@10 | med. rank | device trainable | device changed | cloud trainable | labels | up B | down B | device ms mean [p10, p90] | device peak |\n",
+        "| method | QA acc % mean [p10, p90] | worst Δ | R@1 | R@5 | R@10 | med. rank | device trainable | backprop | passes | device changed | cloud trainable | labels | up B | down B | device ms mean [p10, p90] | device peak |\n",
     );
-    out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in rows {
         let (r1, r5, r10, mr) = match &r.retrieval {
             Some(x) => (pct(x.r1.mean), pct(x.r5.mean), pct(x.r10.mean), format!("{:.1}", x.median_rank)),
             None => ("-".into(), "-".into(), "-".into(), "-".into()),
         };
         let failures = if r.failures > 0 { format!(" ({} failed)", r.failures) } else { String::new() };
+        let passes = r.forward_passes.map_or("-".to_string(), |p| format!("{p:.0}"));
         out.push_str(&format!(
-            "| {}{failures} | {} | {r1} | {r5} | {r10} | {mr} | {} | {} | {} | {} | {:.0} | {:.0} | {:.2} [{:.2}, {:.2}] | {} |\n",
+            "| {}{failures} | {} | {} | {r1} | {r5} | {r10} | {mr} | {} | {} | {passes} | {} | {} | {} | {:.0} | {:.0} | {:.2} [{:.2}, {:.2}] | {} |\n",
             r.method,
             spread(&r.accuracy),
+            signed(worst_against_static(&r.devices)),
             r.device_trainable_parameters,
+            if r.device_trainable_parameters > 0 { "yes" } else { "no" },
             r.device_changed_parameters,
             r.cloud_trainable_parameters,
             r.labels_per_device,
@@ -1191,11 +1320,21 @@ impl BenchReport {
                 out.push_str(&format!("- {}: {}; {over}: {}\n", r.method, t.chosen, scores.join(", ")));
             }
         }
-        // Training methods that kept the model as it came did not adapt those devices at all.
-        for r in self.methods.iter().filter(|r| r.device_trainable_parameters > 0) {
+        // A failed device keeps the model it started from; say why, once per row.
+        for r in self.methods.iter().filter(|r| r.failures > 0) {
+            let why = r.devices.iter().find_map(|d| d.error.as_deref()).unwrap_or("");
+            out.push_str(&format!(
+                "- {}: failed on {} of {} devices (scored as the model it started from): {why}\n",
+                r.method,
+                r.failures,
+                r.devices.len()
+            ));
+        }
+        // A method that left a device answering as before did not adapt it at all.
+        for r in &self.methods {
             if let Some((unchanged, of)) = r.unchanged_devices {
                 out.push_str(&format!(
-                    "- {}: {unchanged} of {of} devices ended at the initial weights (nothing changed; for FTA, best epoch 0)\n",
+                    "- {}: {unchanged} of {of} devices answer every scored clip as before adapting (for FTA, typically best epoch 0)\n",
                     r.method
                 ));
             }
@@ -1203,7 +1342,10 @@ impl BenchReport {
         out.push_str(
             "\nDevice trainable: parameters updated by gradient on the device. Device changed: parameters or \
              statistics whose values change there. Cloud trainable: trained for this method beyond the shared \
-             static model. Device ms: adaptation only (CDC: what adapting adds to serving — anchors, request, validate/apply; the serving pass whose features it reuses is serving_ms; FTA: all epochs).\n\n",
+             static model. Worst Δ: the shifted device that lost most against static, in points. Backprop: whether \
+             the device computes gradients. Passes: forward passes over a batch of clips per adaptation (the window's; \
+             FTA's labelled ones). \
+             Device ms: adaptation only (CDC: what adapting adds to serving — anchors, request, validate/apply; the serving pass whose features it reuses is serving_ms; FTA: all epochs).\n\n",
         );
         if !self.ablations.is_empty() {
             out.push_str("## Ablations\n\n");

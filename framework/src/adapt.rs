@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::Clip;
 use crate::model::{DeviceModel, ModelError};
-use crate::slots::ParamsError;
+use crate::slots::{ParamsError, SlotSchema};
 
 /// What a device hands an adaptation method.
 #[derive(Debug, Clone, Copy)]
@@ -29,6 +29,10 @@ pub struct AdaptOutcome {
     pub changed_parameters: usize,
     /// Labelled clips consumed.
     pub labels_used: usize,
+    /// Forward passes over a batch of clips (window clips, or FTA's labelled ones) the adaptation
+    /// ran: a training step counts one; passes that scoring would run anyway do not count.
+    #[serde(default)]
+    pub forward_passes: usize,
     /// Method-specific figures (epochs run, best held-out accuracy, …).
     pub detail: Vec<(String, f64)>,
     /// Method-specific curves by name, e.g. FTA's held-out loss per epoch (epoch 0 first).
@@ -61,5 +65,12 @@ pub trait DeviceAdapter: Send + Sync {
     /// Labelled clips of its own domain the method needs (0: label-free).
     fn labels_needed(&self) -> usize {
         0
+    }
+
+    /// Whether the method can run on a model with these dynamic slots (e.g. the slots it
+    /// names exist); the bench asks before any device adapts, so that a setting that cannot work
+    /// is one clear error, not a failure on every device.
+    fn check_schema(&self, _schema: &SlotSchema) -> Result<(), AdaptError> {
+        Ok(())
     }
 }

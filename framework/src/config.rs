@@ -515,6 +515,22 @@ pub struct BaselineChoice {
     /// clips — an upper bound no deployment could reach. Needs `tune`.
     #[serde(default)]
     pub oracle: bool,
+    /// The model the adapter starts from on each device: `static` (the exported model) or
+    /// `cdc` (the method's generated parameters installed first: a combined row, whose bytes
+    /// and device time include the method's).
+    #[serde(default)]
+    pub start: Start,
+}
+
+/// What a baseline row's adapter starts from (see [`BaselineChoice::start`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Start {
+    /// The static model the cloud exported.
+    #[default]
+    Static,
+    /// The static model with the method's generated parameters installed.
+    Cdc,
 }
 
 /// Most combinations one baseline's `tune` may ask for.
@@ -523,7 +539,13 @@ pub const MAX_TUNE_CANDIDATES: usize = 64;
 impl BaselineChoice {
     fn new(plugin: &str, settings: &str) -> Self {
         let settings = toml::from_str(settings).expect("built-in baseline settings are valid TOML");
-        Self { plugin: plugin.into(), settings, name: None, tune: BTreeMap::new(), oracle: false }
+        Self { plugin: plugin.into(), settings, name: None, tune: BTreeMap::new(), oracle: false, start: Start::Static }
+    }
+
+    /// With `key` chosen on source domains among `values`.
+    fn tuning(mut self, key: &str, values: &[f64]) -> Self {
+        self.tune.insert(key.into(), values.iter().copied().map(toml::Value::Float).collect());
+        self
     }
 
     /// With the learning rate chosen on source domains among 1e-3, 3e-3, 1e-2 and 3e-2.
@@ -628,6 +650,15 @@ impl Default for BenchConfig {
                 BaselineChoice::new("fta", "labels = 16\nscope = \"all\"").tuned(),
                 BaselineChoice::new("feature-stats", ""),
                 BaselineChoice::new("t3a", ""),
+                // The label-free test-time adaptation methods of the field (#30).
+                BaselineChoice::new("tent", "").tuning("learning_rate", &[1e-4, 1e-3, 1e-2]),
+                BaselineChoice::new("foa", "").tuning("step_size", &[0.03, 0.1, 0.3]),
+                BaselineChoice::new("lame", ""),
+                BaselineChoice {
+                    name: Some("CDC + LAME".into()),
+                    start: Start::Cdc,
+                    ..BaselineChoice::new("lame", "")
+                },
             ],
             variants: Vec::new(),
             k_sweep: Vec::new(),
@@ -1417,6 +1448,18 @@ impl Deployment {
                 p.fail(
                     KeyPath::parse(&format!("{at}.tune")),
                     format!("asks for more than {MAX_TUNE_CANDIDATES} combinations; tune fewer values"),
+                );
+            }
+            if b.start == Start::Cdc && b.plugin == "static" {
+                p.fail(
+                    KeyPath::parse(&format!("{at}.start")),
+                    "`static` from CDC's parameters is CDC's own row; `start = \"cdc\"` is for an adapter to run after it",
+                );
+            }
+            if b.start == Start::Cdc && !b.tune.is_empty() {
+                p.fail(
+                    KeyPath::parse(&format!("{at}.tune")),
+                    "`tune` adapts the static model on source domains; a row with `start = \"cdc\"` takes fixed settings",
                 );
             }
             if b.oracle && b.tune.is_empty() {

@@ -55,8 +55,9 @@ pub use config::{ConfigError, ConfigErrors, Deployment};
 pub use data::{Clip, DeviceId, DomainSpec, Shift, Split, TaskSpec, provenance_id};
 pub use generator::{GeneratorError, GeneratorTraining, ParameterGenerator};
 pub use model::{
-    CloudModel, DeviceModel, FineTunable, FineTuner, LinearHead, LinearQaHead, ModelError, ObjectiveGradient,
-    RetrievalEmbeddings, Served, SlotGradient, SlotValues, StatisticsRecalibration, TrainingPlan, TuneScope,
+    Activations, CloudModel, DeviceModel, EntropyMinimisation, FeatureAlignment, FineTunable, FineTuner, LinearHead,
+    LinearQaHead, ModelError, ObjectiveGradient, RetrievalEmbeddings, Served, SlotGradient, SlotValues,
+    StatisticsRecalibration, TrainingPlan, TuneScope,
 };
 pub use node::{BatchPolicy, CloudNode, DeviceNode, Outcome, Refusal};
 pub use registry::{

@@ -29,7 +29,13 @@ pub fn retrieval(embeddings: &RetrievalEmbeddings, captions: &[&str]) -> Option<
     if n == 0 || videos.len() != n || texts.len() != n || embeddings.video.shape() != embeddings.text.shape() {
         return None;
     }
-    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    // A score that is not a number ranks below every other.
+    let dot = |a: &[f32], b: &[f32]| {
+        let s = a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+        if s.is_nan() { f32::NEG_INFINITY } else { s }
+    };
+    // Ties rank pessimistically: a collapsed space, every score equal, ranks every query last
+    // among the clips it cannot tell apart, not first.
     let mut ranks: Vec<usize> = texts
         .iter()
         .enumerate()
@@ -37,7 +43,7 @@ pub fn retrieval(embeddings: &RetrievalEmbeddings, captions: &[&str]) -> Option<
             let scores: Vec<f32> = videos.iter().map(|v| dot(text, v)).collect();
             let best_relevant =
                 (0..n).filter(|j| captions[*j] == captions[q]).map(|j| scores[j]).fold(f32::NEG_INFINITY, f32::max);
-            1 + (0..n).filter(|j| captions[*j] != captions[q] && scores[*j] > best_relevant).count()
+            1 + (0..n).filter(|j| captions[*j] != captions[q] && scores[*j] >= best_relevant).count()
         })
         .collect();
     ranks.sort_unstable();
@@ -57,6 +63,16 @@ mod tests {
             video: HostTensor::new(vec![n, e], video).expect("fits"),
             text: HostTensor::new(vec![n, e], text).expect("fits"),
         }
+    }
+
+    #[test]
+    fn a_collapsed_or_broken_space_ranks_last_not_first() {
+        let same = vec![1.0, 0.0, 1.0, 0.0, 1.0, 0.0];
+        let m = retrieval(&embeddings(same.clone(), same, 3, 2), &["a", "b", "c"]).expect("scores");
+        assert_eq!((m.r1, m.median_rank), (0.0, 3.0));
+        let nan = vec![f32::NAN; 6];
+        let m = retrieval(&embeddings(nan.clone(), nan, 3, 2), &["a", "b", "c"]).expect("scores");
+        assert_eq!((m.r1, m.median_rank), (0.0, 3.0));
     }
 
     #[test]

@@ -126,8 +126,20 @@ pub trait DeviceModel: Send {
         None
     }
 
-    /// A linear QA head over readable representations, when offered (T3A).
+    /// A linear QA head over readable representations, when offered (T3A, LAME).
     fn as_linear_head(&self) -> Option<&dyn LinearQaHead> {
+        None
+    }
+
+    /// Gradient descent on the entropy of its own predictions over unlabelled clips, when
+    /// offered (TENT).
+    fn as_entropy_minimisation(&self) -> Option<&dyn EntropyMinimisation> {
+        None
+    }
+
+    /// Served frame activations, their source statistics and a shift on them, when offered
+    /// (FOA).
+    fn as_feature_alignment(&mut self) -> Option<&mut dyn FeatureAlignment> {
         None
     }
 
@@ -202,6 +214,10 @@ pub enum TuneScope {
     Slots,
     /// Every parameter of the model.
     All,
+    /// The channel-wise affine parameters (scale and shift) of the model's normalisation or
+    /// modulation layers: what TENT trains (Wang et al., ICLR 2021, §3). In the `lmm`, its FiLM
+    /// slot.
+    Affine,
 }
 
 impl std::fmt::Display for TuneScope {
@@ -209,6 +225,7 @@ impl std::fmt::Display for TuneScope {
         f.write_str(match self {
             TuneScope::Slots => "slots",
             TuneScope::All => "all",
+            TuneScope::Affine => "affine",
         })
     }
 }
@@ -233,6 +250,50 @@ pub trait FineTunable {
     /// # Errors
     /// [`ModelError::Training`] for a learning rate that is not positive and finite.
     fn fine_tuner(&self, scope: TuneScope, learning_rate: f64) -> Result<Box<dyn FineTuner>, ModelError>;
+}
+
+/// A model that descends the entropy of its own answers on unlabelled clips (see
+/// [`DeviceModel::as_entropy_minimisation`]): TENT's objective (Wang et al., ICLR 2021, §3).
+pub trait EntropyMinimisation {
+    /// Starts on-device training from the current state whose [`FineTuner::step`] takes
+    /// unlabelled clips and minimises the mean Shannon entropy (nats) of their answer
+    /// distributions, training what `scope` names with Adam at `learning_rate`; `step` returns
+    /// the batch's entropy before the update.
+    ///
+    /// # Errors
+    /// [`ModelError::Training`] for a learning rate that is not positive and finite;
+    /// [`ModelError::Unsupported`] for a scope the model cannot train this way.
+    fn entropy_tuner(&self, scope: TuneScope, learning_rate: f64) -> Result<Box<dyn FineTuner>, ModelError>;
+}
+
+/// Frame features and QA logits of a batch, from one forward pass under the installed slots
+/// (see [`FeatureAlignment::activations`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Activations {
+    /// `[n·T, d]` frame features as served: installed slots and any alignment applied.
+    pub features: HostTensor,
+    /// `[n, answers]` QA logits computed from them.
+    pub logits: HostTensor,
+}
+
+/// A model whose served frame features a forward-only method can measure against the source and
+/// steer (see [`DeviceModel::as_feature_alignment`]): FOA's fitness and its back-to-source shift
+/// (Niu et al., ICML 2024, Eqs. 5 and 7).
+pub trait FeatureAlignment {
+    /// The activations of `clips` under the installed slots, one forward pass.
+    fn activations(&self, clips: &[Clip]) -> Result<Activations, ModelError>;
+
+    /// Per-dimension statistics of the frame features on the cloud's source domains (the
+    /// reference the device's bundle carries).
+    fn source_statistics(&self) -> FeatureStats;
+
+    /// Replaces the per-dimension map `x·scale + shift` applied to served frame features
+    /// (`[d]` each; `None` removes it); returns how many values it set.
+    ///
+    /// # Errors
+    /// [`ModelError::Input`] when a vector's length is not `d` or a value is not finite; the
+    /// previous map stays.
+    fn set_feature_alignment(&mut self, alignment: Option<(Vec<f32>, Vec<f32>)>) -> Result<usize, ModelError>;
 }
 
 /// A model whose normalisation statistics can be re-estimated on unlabelled target clips

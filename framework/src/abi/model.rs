@@ -12,8 +12,9 @@ use crate::anchor::FeatureStats;
 use crate::backend::DeviceDescriptor;
 use crate::data::{Clip, DomainSpec};
 use crate::model::{
-    CloudModel, DeviceModel, FineTunable, FineTuner, LinearHead, LinearQaHead, ModelError, ObjectiveGradient,
-    RetrievalEmbeddings, Served, SlotGradient, SlotValues, StatisticsRecalibration, TrainingPlan, TuneScope,
+    Activations, CloudModel, DeviceModel, EntropyMinimisation, FeatureAlignment, FineTunable, FineTuner, LinearHead,
+    LinearQaHead, ModelError, ObjectiveGradient, RetrievalEmbeddings, Served, SlotGradient, SlotValues,
+    StatisticsRecalibration, TrainingPlan, TuneScope,
 };
 use crate::slots::{GeneratedParams, SlotSchema, ValidatedParams};
 use crate::source::DataSource;
@@ -250,6 +251,15 @@ mod device {
     pub const QA_REPRESENTATIONS: u32 = 10;
     /// `Vec<Clip>` → `Served`.
     pub const SERVE: u32 = 11;
+    /// `()` → `(bool, Option<FeatureStats>)`: entropy minimisation; feature alignment, with its
+    /// source statistics. A library that predates it answers "unknown method": neither.
+    pub const CAPABILITIES: u32 = 12;
+    /// `(TuneScope, f64)` → an entropy-minimising fine-tuner object.
+    pub const ENTROPY_TUNER: u32 = 13;
+    /// `Vec<Clip>` → `(HostTensor, HostTensor)`: served frame features and logits.
+    pub const ACTIVATIONS: u32 = 14;
+    /// `Option<(Vec<f32>, Vec<f32>)>` → `usize`.
+    pub const SET_ALIGNMENT: u32 = 15;
 }
 
 /// A library's device model, served.
@@ -295,6 +305,26 @@ impl Serve for OwnedDevice {
                 let head = m.as_linear_head().ok_or_else(|| unsupported(m.as_ref(), "a linear QA head"))?;
                 head.qa_representations(&clips)
             }),
+            device::CAPABILITIES => {
+                let entropy = m.as_entropy_minimisation().is_some();
+                Outcome::value((entropy, m.as_feature_alignment().map(|a| a.source_statistics())))
+            }
+            device::ENTROPY_TUNER => with_object(input, |(scope, rate): (TuneScope, f64)| {
+                let minimisation =
+                    m.as_entropy_minimisation().ok_or_else(|| unsupported(m.as_ref(), "entropy minimisation"))?;
+                let tuner = minimisation.entropy_tuner(scope, rate)?;
+                Ok::<_, ModelError>(Box::new(OwnedTuner(Mutex::new(tuner))) as Box<dyn Serve>)
+            }),
+            device::ACTIVATIONS => with(input, |clips: Vec<Clip>| {
+                let name = m.name().to_string();
+                let a = m.as_feature_alignment().ok_or_else(|| ModelError::unsupported(&name, "feature alignment"))?;
+                a.activations(&clips).map(|a| (a.features, a.logits))
+            }),
+            device::SET_ALIGNMENT => with(input, |alignment: Option<(Vec<f32>, Vec<f32>)>| {
+                let name = m.name().to_string();
+                let a = m.as_feature_alignment().ok_or_else(|| ModelError::unsupported(&name, "feature alignment"))?;
+                a.set_feature_alignment(alignment)
+            }),
             other => Outcome::unknown(other),
         }
     }
@@ -308,13 +338,20 @@ pub(crate) struct RemoteDevice {
     fine_tunable: bool,
     recalibration: bool,
     head: Option<LinearHead>,
+    entropy_minimisation: bool,
+    /// The source statistics of a model offering feature alignment, read once: the trait's
+    /// accessor cannot fail, so nothing falls back to made-up statistics later.
+    source_statistics: Option<FeatureStats>,
 }
 
 impl RemoteDevice {
     fn new(proxy: Proxy) -> Result<Self, ModelError> {
         let (schema, name, fine_tunable, recalibration, head) =
             proxy.call::<_, _, ModelError>(device::DESCRIBE, &())?;
-        Ok(Self { proxy, schema, name, fine_tunable, recalibration, head })
+        // A library without the method offers neither capability.
+        let (entropy_minimisation, source_statistics) =
+            proxy.call::<_, (bool, Option<FeatureStats>), ModelError>(device::CAPABILITIES, &()).unwrap_or_default();
+        Ok(Self { proxy, schema, name, fine_tunable, recalibration, head, entropy_minimisation, source_statistics })
     }
 }
 
@@ -366,13 +403,50 @@ impl DeviceModel for RemoteDevice {
     fn as_linear_head(&self) -> Option<&dyn LinearQaHead> {
         self.head.is_some().then_some(self as &dyn LinearQaHead)
     }
+
+    fn as_entropy_minimisation(&self) -> Option<&dyn EntropyMinimisation> {
+        self.entropy_minimisation.then_some(self as &dyn EntropyMinimisation)
+    }
+
+    fn as_feature_alignment(&mut self) -> Option<&mut dyn FeatureAlignment> {
+        if self.source_statistics.is_some() { Some(self as &mut dyn FeatureAlignment) } else { None }
+    }
+}
+
+impl EntropyMinimisation for RemoteDevice {
+    fn entropy_tuner(&self, scope: TuneScope, learning_rate: f64) -> Result<Box<dyn FineTuner>, ModelError> {
+        self.tuner(device::ENTROPY_TUNER, scope, learning_rate)
+    }
+}
+
+impl FeatureAlignment for RemoteDevice {
+    fn activations(&self, clips: &[Clip]) -> Result<Activations, ModelError> {
+        let (features, logits) =
+            self.proxy.call::<_, (HostTensor, HostTensor), ModelError>(device::ACTIVATIONS, clips)?;
+        Ok(Activations { features, logits })
+    }
+
+    fn source_statistics(&self) -> FeatureStats {
+        // Present whenever this capability is handed out (`as_feature_alignment`).
+        self.source_statistics.clone().unwrap_or(FeatureStats { mean: Vec::new(), std: Vec::new() })
+    }
+
+    fn set_feature_alignment(&mut self, alignment: Option<(Vec<f32>, Vec<f32>)>) -> Result<usize, ModelError> {
+        self.proxy.call(device::SET_ALIGNMENT, &alignment)
+    }
+}
+
+impl RemoteDevice {
+    /// A tuner the library's model makes through `method` (fine-tuning or entropy minimisation).
+    fn tuner(&self, method: u32, scope: TuneScope, learning_rate: f64) -> Result<Box<dyn FineTuner>, ModelError> {
+        let remote = self.proxy.call_object::<_, ModelError>(method, &(scope, learning_rate), Vec::new())?;
+        Ok(Box::new(RemoteTuner(Proxy::new(remote, self.proxy.label()))))
+    }
 }
 
 impl FineTunable for RemoteDevice {
     fn fine_tuner(&self, scope: TuneScope, learning_rate: f64) -> Result<Box<dyn FineTuner>, ModelError> {
-        let remote =
-            self.proxy.call_object::<_, ModelError>(device::FINE_TUNER, &(scope, learning_rate), Vec::new())?;
-        Ok(Box::new(RemoteTuner(Proxy::new(remote, self.proxy.label()))))
+        self.tuner(device::FINE_TUNER, scope, learning_rate)
     }
 }
 

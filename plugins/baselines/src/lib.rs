@@ -8,6 +8,37 @@
 //!   window (AdaBN-style).
 //! - `t3a`: backprop-free classifier adjustment (Iwasawa & Matsuo, 2021): class prototypes from
 //!   the window's confident pseudo-labelled representations replace the QA head.
+//! - `tent`: entropy minimisation on the affine parameters by gradient (Wang et al., ICLR 2021).
+//! - `foa`: CMA-ES on a few slot values with an entropy and activation-statistics fitness, and a
+//!   back-to-source shift; forward passes only (Niu et al., ICML 2024).
+//! - `lame`: Laplacian-regularised adjustment of each served batch's predictions; no parameter
+//!   changes (Boudiaf et al., CVPR 2022).
+
+pub mod foa;
+pub mod lame;
+pub mod tent;
+
+/// What the adapters' unit tests share.
+#[cfg(test)]
+mod test_support {
+    use mmpg::HostTensor;
+    use rand::Rng as _;
+
+    /// A tensor of `shape` holding `values`.
+    pub fn tensor(shape: Vec<usize>, values: Vec<f32>) -> HostTensor {
+        HostTensor::new(shape, values).expect("shape fits")
+    }
+
+    /// A draw of `len` values uniform in `[-scale, scale)`, from `seed`'s stream `stream`.
+    pub fn uniform(seed: u64, stream: u64) -> impl FnMut(usize, f32) -> Vec<f32> {
+        let mut rng = mmpg::seed::rng(seed, stream);
+        move |len, scale| (0..len).map(|_| rng.random_range(-scale..scale)).collect()
+    }
+}
+
+pub use foa::{Foa, FoaSettings};
+pub use lame::{Lame, LameModel, LameSettings};
+pub use tent::{Tent, TentSettings};
 
 use mmpg::seed;
 use mmpg::{
@@ -185,6 +216,8 @@ impl DeviceAdapter for Fta {
             trainable_parameters: trainable,
             changed_parameters: if best_epoch == 0 { 0 } else { trainable },
             labels_used: s.labels,
+            // Each step one pass over its batch, each epoch one over the held-out clips.
+            forward_passes: steps + epochs * usize::from(held > 0),
             detail: vec![
                 ("epochs".into(), epochs as f64),
                 ("steps".into(), steps as f64),
@@ -324,6 +357,18 @@ impl DeviceAdapter for T3a {
     }
 }
 
+fn build_tent(settings: &toml::Table, _ctx: &BuildContext) -> Result<Box<dyn DeviceAdapter>, PluginError> {
+    Ok(Box::new(Tent::new(parse_settings(settings)?)?))
+}
+
+fn build_foa(settings: &toml::Table, _ctx: &BuildContext) -> Result<Box<dyn DeviceAdapter>, PluginError> {
+    Ok(Box::new(Foa::new(parse_settings(settings)?)?))
+}
+
+fn build_lame(settings: &toml::Table, _ctx: &BuildContext) -> Result<Box<dyn DeviceAdapter>, PluginError> {
+    Ok(Box::new(Lame::new(parse_settings(settings)?)?))
+}
+
 fn build_static(settings: &toml::Table, _ctx: &BuildContext) -> Result<Box<dyn DeviceAdapter>, PluginError> {
     let _: NoSettings = parse_settings(settings)?;
     Ok(Box::new(Static))
@@ -378,14 +423,38 @@ inventory::submit! {
     }))
 }
 
+inventory::submit! {
+    StaticPlugin(Plugin::Adapter(Factory {
+        name: "tent",
+        summary: "TENT: gradient steps on the answers' entropy over the affine parameters, on the unlabelled window",
+        settings: SettingsSpec::of::<TentSettings>(),
+        build: Build::Static(build_tent),
+    }))
+}
+
+inventory::submit! {
+    StaticPlugin(Plugin::Adapter(Factory {
+        name: "foa",
+        summary: "FOA: forward-only CMA-ES on slot values (entropy + activation statistics) and a back-to-source shift",
+        settings: SettingsSpec::of::<FoaSettings>(),
+        build: Build::Static(build_foa),
+    }))
+}
+
+inventory::submit! {
+    StaticPlugin(Plugin::Adapter(Factory {
+        name: "lame",
+        summary: "LAME: Laplacian-regularised adjustment of each served batch's predictions, no parameter changes",
+        settings: SettingsSpec::of::<LameSettings>(),
+        build: Build::Static(build_lame),
+    }))
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_support::{tensor, uniform};
     use super::*;
     use proptest::prelude::*;
-
-    fn tensor(shape: Vec<usize>, values: Vec<f32>) -> HostTensor {
-        HostTensor::new(shape, values).expect("shape fits")
-    }
 
     proptest! {
         #[test]
@@ -395,9 +464,8 @@ mod tests {
             n in 0usize..12,
             seed in any::<u64>(),
         ) {
-            use rand::Rng as _;
-            let mut rng = seed::rng(seed, 0);
-            let mut draw = |len: usize| (0..len).map(|_| rng.random_range(-1f32..1.0)).collect::<Vec<_>>();
+            let mut random = uniform(seed, 0);
+            let mut draw = |len: usize| random(len, 1.0);
             let w = tensor(vec![h, classes], draw(h * classes));
             let b = tensor(vec![classes], draw(classes));
             let z = tensor(vec![n, h], draw(n * h));

@@ -20,16 +20,17 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
-use burn::tensor::activation::relu;
+use burn::tensor::activation::{log_softmax, relu};
 use burn::tensor::module::avg_pool2d;
 use burn::tensor::{Int, Tensor, TensorData};
 use mmpg::seed;
 use mmpg::{
-    Build, Check, Clip, CloudModel, DataSource, DeviceDescriptor, DeviceModel, DomainSpec, Factory, FeatureStats,
-    FineTunable, FineTuner, GeneratedParams, HostTensor, LinearHead, LinearQaHead, ModelContext, ModelError,
-    ObjectiveGradient, Plugin, PluginError, Progress, RetrievalEmbeddings, Served, Settings, SettingsSpec,
-    SlotGradient, SlotSchema, SlotSpec, SlotValues, Split, StaticPlugin, StatisticsRecalibration, TaskSpec, TextSource,
-    TrainingLog, TrainingPlan, TuneScope, ValidatedParams, parse_settings,
+    Activations, Build, Check, Clip, CloudModel, DataSource, DeviceDescriptor, DeviceModel, DomainSpec,
+    EntropyMinimisation, Factory, FeatureAlignment, FeatureStats, FineTunable, FineTuner, GeneratedParams, HostTensor,
+    LinearHead, LinearQaHead, ModelContext, ModelError, ObjectiveGradient, Plugin, PluginError, Progress,
+    RetrievalEmbeddings, Served, Settings, SettingsSpec, SlotGradient, SlotSchema, SlotSpec, SlotValues, Split,
+    StaticPlugin, StatisticsRecalibration, TaskSpec, TextSource, TrainingLog, TrainingPlan, TuneScope, ValidatedParams,
+    parse_settings,
 };
 use mmpg_backends::modules::{
     all_finite, inference_device, init_device, materialise, parameters, read_checkpoint, relocate, restore,
@@ -913,6 +914,14 @@ impl DeviceModel for LmmDevice {
         Some(self)
     }
 
+    fn as_entropy_minimisation(&self) -> Option<&dyn EntropyMinimisation> {
+        Some(self)
+    }
+
+    fn as_feature_alignment(&mut self) -> Option<&mut dyn FeatureAlignment> {
+        Some(self)
+    }
+
     fn install(&mut self, params: &ValidatedParams) -> Result<(), ModelError> {
         // Build every tensor first; only then replace, so a failure changes nothing.
         let mut built = BTreeMap::new();
@@ -934,7 +943,51 @@ impl FineTunable for LmmDevice {
         if !(learning_rate.is_finite() && learning_rate > 0.0) {
             return Err(ModelError::Training(format!("learning rate must be positive, found {learning_rate}")));
         }
-        Ok(Box::new(LmmTuner::new(self, scope, learning_rate)))
+        Ok(Box::new(LmmTuner::new(self, scope, learning_rate, TuneObjective::CrossEntropy)))
+    }
+}
+
+impl EntropyMinimisation for LmmDevice {
+    fn entropy_tuner(&self, scope: TuneScope, learning_rate: f64) -> Result<Box<dyn FineTuner>, ModelError> {
+        if !(learning_rate.is_finite() && learning_rate > 0.0) {
+            return Err(ModelError::Training(format!("learning rate must be positive, found {learning_rate}")));
+        }
+        Ok(Box::new(LmmTuner::new(self, scope, learning_rate, TuneObjective::Entropy)))
+    }
+}
+
+impl FeatureAlignment for LmmDevice {
+    fn activations(&self, clips: &[Clip]) -> Result<Activations, ModelError> {
+        let x = inputs::<DB>(&self.geo, clips, &self.device)?;
+        let features = self.served_features(x.frames);
+        let v = self.net.video(features.clone(), self.geo.frames);
+        let logits = self.net.logits(v, self.net.text(x.questions), &self.slots);
+        Ok(Activations { features: HostTensor::from_burn(features), logits: HostTensor::from_burn(logits) })
+    }
+
+    fn source_statistics(&self) -> FeatureStats {
+        self.reference.clone()
+    }
+
+    fn set_feature_alignment(&mut self, alignment: Option<(Vec<f32>, Vec<f32>)>) -> Result<usize, ModelError> {
+        let Some((scale, shift)) = alignment else {
+            self.alignment = None;
+            return Ok(0);
+        };
+        let d = self.geo.settings.feature_dim;
+        if scale.len() != d || shift.len() != d {
+            return Err(ModelError::Input(format!(
+                "an alignment needs {d} scales and {d} shifts, found {} and {}",
+                scale.len(),
+                shift.len()
+            )));
+        }
+        if scale.iter().chain(&shift).any(|v| !v.is_finite()) {
+            return Err(ModelError::Input("an alignment's values must be finite".into()));
+        }
+        let tensor = |v: Vec<f32>| Tensor::<DB, 1>::from_data(TensorData::new(v, [d]), &self.device);
+        self.alignment = Some((tensor(scale), tensor(shift)));
+        Ok(2 * d)
     }
 }
 
@@ -973,8 +1026,18 @@ impl LinearQaHead for LmmDevice {
     }
 }
 
-/// On-device fine-tuning of an [`LmmDevice`]: Adam on the QA loss. The slot values train as the
-/// network's base parameters; what `scope` excludes is frozen (no gradient, never updated).
+/// What an [`LmmTuner`] step descends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TuneObjective {
+    /// The QA cross-entropy of labelled clips (FTA).
+    CrossEntropy,
+    /// The mean entropy of the answers to unlabelled clips (TENT).
+    Entropy,
+}
+
+/// On-device training of an [`LmmDevice`]: Adam on the QA loss, or on the answers' entropy. The
+/// slot values train as the network's base parameters; what `scope` excludes is frozen (no
+/// gradient, never updated).
 struct LmmTuner {
     geo: Geometry,
     schema: SlotSchema,
@@ -984,6 +1047,7 @@ struct LmmTuner {
     net: LmmNet<DB>,
     optim: burn::optim::adaptor::OptimizerAdaptor<burn::optim::Adam, LmmNet<DB>, DB>,
     learning_rate: f64,
+    objective: TuneObjective,
     trainable: usize,
     device: BurnDevice,
     train_device: BurnDevice,
@@ -998,7 +1062,7 @@ impl std::fmt::Debug for LmmTuner {
 }
 
 impl LmmTuner {
-    fn new(device_model: &LmmDevice, scope: TuneScope, learning_rate: f64) -> Self {
+    fn new(device_model: &LmmDevice, scope: TuneScope, learning_rate: f64, objective: TuneObjective) -> Self {
         let train_device = BurnDevice::autodiff(inference_device(&device_model.device));
         let mut net = relocate(device_model.net.clone(), &train_device);
         let param = |t: &Tensor<DB, 1>| Param::from_tensor(relocate_tensor(t, &train_device)).set_require_grad(true);
@@ -1011,7 +1075,14 @@ impl LmmTuner {
         // QA labels never reach the retrieval projections: they stay frozen in every scope.
         net.video_proj = net.video_proj.no_grad();
         net.text_proj = net.text_proj.no_grad();
-        if scope == TuneScope::Slots {
+        if scope == TuneScope::Affine {
+            // FiLM's per-channel scale and shift only.
+            net.base_fusion_w = net.base_fusion_w.set_require_grad(false);
+            net.base_fusion_b = net.base_fusion_b.set_require_grad(false);
+            net.base_head_w = net.base_head_w.set_require_grad(false);
+            net.base_head_b = net.base_head_b.set_require_grad(false);
+        }
+        if scope != TuneScope::All {
             net.tail = net.tail.map(Module::no_grad);
             net.conv1 = net.conv1.no_grad();
             net.conv2 = net.conv2.no_grad();
@@ -1022,6 +1093,7 @@ impl LmmTuner {
         }
         let trainable = match scope {
             TuneScope::Slots => device_model.schema.numel(),
+            TuneScope::Affine => device_model.schema.get(FILM).map_or(0, SlotSpec::numel),
             TuneScope::All => {
                 Module::<DB>::num_params(&net)
                     - Module::<DB>::num_params(&net.video_proj)
@@ -1035,6 +1107,7 @@ impl LmmTuner {
             net,
             optim: AdamConfig::new().init::<DB, LmmNet<DB>>(),
             learning_rate,
+            objective,
             trainable,
             device: device_model.device.clone(),
             train_device,
@@ -1056,7 +1129,12 @@ impl FineTuner for LmmTuner {
 
     fn step(&mut self, batch: &[Clip]) -> Result<f64, ModelError> {
         let x = inputs::<DB>(&self.geo, batch, &self.train_device)?;
-        let targets = x.answers.ok_or_else(|| ModelError::Training("fine-tuning needs labelled clips".into()))?;
+        let targets = match self.objective {
+            TuneObjective::CrossEntropy => {
+                Some(x.answers.ok_or_else(|| ModelError::Training("fine-tuning needs labelled clips".into()))?)
+            }
+            TuneObjective::Entropy => None,
+        };
         let net = &self.net;
         let mut features = net.frame_features(x.frames, net.base_film.val());
         if let Some((scale, shift)) = &self.alignment {
@@ -1066,7 +1144,14 @@ impl FineTuner for LmmTuner {
         }
         let v = net.video(features, self.geo.frames);
         let logits = net.logits(v, net.text(x.questions), &net.base_slots());
-        let loss = CrossEntropyLossConfig::new().init(&self.train_device).forward(logits, targets);
+        let loss = match targets {
+            Some(targets) => CrossEntropyLossConfig::new().init(&self.train_device).forward(logits, targets),
+            // Mean Shannon entropy of the answer distributions, in nats.
+            None => {
+                let log_p = log_softmax(logits, 1);
+                (log_p.clone().exp() * log_p).sum_dim(1).mean().neg()
+            }
+        };
         let value = f64::from(loss.clone().into_scalar());
         if !value.is_finite() {
             return Err(ModelError::Training(format!("loss became {value}")));
@@ -1173,16 +1258,54 @@ mod tests {
     }
 
     fn tune(scope: TuneScope) -> (State, State, usize, usize) {
+        tune_on(scope, TuneObjective::CrossEntropy).0
+    }
+
+    /// Three steps of `objective` over `scope`; with the step values.
+    fn tune_on(scope: TuneScope, objective: TuneObjective) -> ((State, State, usize, usize), Vec<f64>) {
         let cloud =
             mmpg_backends::with_burn_seed(3, || LmmCloud::new(small(), &task(), &init_device())).expect("model");
         let device = cloud.device_copy(&mmpg_backends::modules::inference_device(&init_device()));
-        let mut tuner = LmmTuner::new(&device, scope, 1e-2);
-        let batch = clips(6, 1);
-        for _ in 0..3 {
-            tuner.step(&batch).expect("step");
-        }
+        let mut tuner = LmmTuner::new(&device, scope, 1e-2, objective);
+        let batch = match objective {
+            TuneObjective::CrossEntropy => clips(6, 1),
+            TuneObjective::Entropy => clips(6, 1).iter().map(Clip::unlabelled).collect(),
+        };
+        let values: Vec<f64> = (0..3).map(|_| tuner.step(&batch).expect("step")).collect();
         let total = Module::<DB>::num_params(&device.net);
-        (state(&device), state(&tuner.snapshot_device()), tuner.trainable_parameters(), total)
+        ((state(&device), state(&tuner.snapshot_device()), tuner.trainable_parameters(), total), values)
+    }
+
+    #[test]
+    fn entropy_minimisation_on_the_affine_scope_trains_film_alone_and_lowers_entropy() {
+        let ((before, after, trainable, _), entropies) = tune_on(TuneScope::Affine, TuneObjective::Entropy);
+        assert_eq!(changed(&before, &after), vec![format!("slot:{FILM}")]);
+        assert_eq!(trainable, 2 * small().conv1_channels);
+        assert!(entropies.iter().all(|e| e.is_finite() && *e >= 0.0), "{entropies:?}");
+        assert!(entropies[2] < entropies[0], "entropy did not fall: {entropies:?}");
+    }
+
+    #[test]
+    fn a_feature_alignment_shifts_served_features_and_refuses_bad_lengths() {
+        let cloud =
+            mmpg_backends::with_burn_seed(4, || LmmCloud::new(small(), &task(), &init_device())).expect("model");
+        let mut device = cloud.device_copy(&mmpg_backends::modules::inference_device(&init_device()));
+        let batch = clips(3, 2);
+        let before = device.activations(&batch).expect("activations");
+        assert_eq!(before.features.shape(), &[6, 8]);
+        assert_eq!(before.logits, device.answer_logits(&batch).expect("logits"));
+        assert_eq!(device.source_statistics().dim(), 8);
+        assert_eq!(device.set_feature_alignment(Some((vec![1.0; 8], vec![0.5; 8]))).expect("set"), 16);
+        let shifted = device.activations(&batch).expect("activations");
+        for (a, b) in shifted.features.values().iter().zip(before.features.values()) {
+            assert!((a - b - 0.5).abs() < 1e-5);
+        }
+        assert!(device.set_feature_alignment(Some((vec![1.0; 7], vec![0.0; 8]))).is_err());
+        assert!(device.set_feature_alignment(Some((vec![f32::NAN; 8], vec![0.0; 8]))).is_err());
+        // A refused alignment leaves the previous one.
+        assert_eq!(device.activations(&batch).expect("activations"), shifted);
+        device.set_feature_alignment(None).expect("removed");
+        assert_eq!(device.activations(&batch).expect("activations"), before);
     }
 
     fn changed(before: &State, after: &State) -> Vec<String> {
