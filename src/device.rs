@@ -656,13 +656,20 @@ fn drain(
                             // Sealed: a file damaged at rest is refused on restore, not installed.
                             let _ = mmpg::state::write_sealed(&state.params(), &bytes);
                         }
-                        match node.model.accuracy(eval) {
-                            Ok(a) => report.adapted_accuracy = a,
-                            Err(e) => report.error = Some(format!("evaluate: {e}")),
-                        }
+                        // The parameters are installed; an evaluation that fails says so instead
+                        // of leaving the previous accuracy standing.
+                        report.error = match node.model.accuracy(eval) {
+                            Ok(a) => {
+                                report.adapted_accuracy = a;
+                                None
+                            }
+                            Err(e) => {
+                                report.adapted_accuracy = f64::NAN;
+                                Some(format!("evaluate: {e}"))
+                            }
+                        };
                         report.adapted_retrieval = score_retrieval(node.model.as_ref(), eval);
                         report.adapted_entropy = node.model.answer_entropy(window).ok();
-                        report.error = None;
                         log.event(json!({
                             "event": "adapted", "sequence": envelope.sequence, "accuracy": report.adapted_accuracy,
                             "static_accuracy": report.static_accuracy, "bytes_up": up, "bytes_down": down,

@@ -121,8 +121,61 @@ pub trait ParameterGenerator: Send + Sync {
     }
 
     /// Parameters for one summary.
+    ///
+    /// # Errors
+    /// [`GeneratorError::Output`] when [`generate_batch`](Self::generate_batch) answers one summary
+    /// with other than exactly one parameter set: the generator's fault, not the device's summary.
     fn generate(&self, summary: &AnchorSummary) -> Result<GeneratedParams, GeneratorError> {
         let mut out = self.generate_batch(std::slice::from_ref(summary))?;
-        out.pop().ok_or(GeneratorError::Summary(AnchorError::Empty))
+        match (out.pop(), out.is_empty()) {
+            (Some(params), true) => Ok(params),
+            (None, _) => Err(GeneratorError::Output("no parameter set for one summary".into())),
+            (Some(_), false) => {
+                Err(GeneratorError::Output(format!("{} parameter sets for one summary", out.len() + 1)))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::anchor::{Quantisation, QuantisedTensor};
+    use crate::slots::SlotSpec;
+    use crate::tensor::HostTensor;
+
+    /// Answers every batch with `n` copies of empty parameters.
+    struct Answers(SlotSchema, usize);
+
+    impl ParameterGenerator for Answers {
+        fn schema(&self) -> &SlotSchema {
+            &self.0
+        }
+
+        fn generate_batch(&self, _summaries: &[AnchorSummary]) -> Result<Vec<GeneratedParams>, GeneratorError> {
+            let params = GeneratedParams { schema_hash: self.0.hash(), tensors: Default::default() };
+            Ok(vec![params; self.1])
+        }
+    }
+
+    #[test]
+    fn one_summary_gets_exactly_one_parameter_set_or_the_generator_is_at_fault() {
+        let schema = SlotSchema::new(vec![SlotSpec::f32("s", vec![1])]).expect("schema");
+        let anchors = HostTensor::new(vec![1, 1], vec![0.5]).expect("fits");
+        let summary = AnchorSummary {
+            anchors: QuantisedTensor::quantise(&anchors, Quantisation::F32).expect("finite"),
+            mean: vec![0.0],
+            var: vec![1.0],
+            frames: 1,
+            clips: 1,
+            text_anchors: None,
+            privacy: None,
+        };
+        assert!(Answers(schema.clone(), 1).generate(&summary).is_ok());
+        for n in [0, 2] {
+            let err = Answers(schema.clone(), n).generate(&summary).expect_err("not one");
+            // Not the device's summary: the generator's output.
+            assert!(matches!(err, GeneratorError::Output(_)), "{n}: {err:?}");
+        }
     }
 }
