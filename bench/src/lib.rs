@@ -348,17 +348,6 @@ fn row(
     }
 }
 
-/// Fraction of the labelled `clips` that `answers` gets right (NaN when none is labelled), as
-/// [`DeviceModel::accuracy`](mmpg::DeviceModel::accuracy) scores them.
-fn scored(clips: &[Clip], answers: &[usize]) -> f64 {
-    let (right, total) = clips
-        .iter()
-        .zip(answers)
-        .filter_map(|(clip, p)| clip.answer.map(|a| a == *p))
-        .fold((0usize, 0usize), |(r, t), ok| (r + usize::from(ok), t + 1));
-    if total == 0 { f64::NAN } else { right as f64 / total as f64 }
-}
-
 /// What names a baseline row and where its adapter starts.
 #[derive(Debug, Clone, Copy)]
 struct RowOf<'a> {
@@ -456,7 +445,7 @@ impl Harness<'_> {
                     detail_n += 1;
                     let after = device.node.model.answers(&device.eval)?;
                     unchanged += usize::from(after == before);
-                    device.report.adapted_accuracy = scored(&device.eval, &after);
+                    device.report.adapted_accuracy = mmpg::model::accuracy_of(&device.eval, &after);
                     device.report.adapted_retrieval = score_retrieval(device.node.model.as_ref(), &device.eval);
                 }
                 // The device keeps its previous model; it is scored with the static figures.
@@ -1097,23 +1086,20 @@ pub fn targets(report: &BenchReport) -> Vec<Target> {
             && m.plugin.as_deref().is_some_and(|p| p != "static")
     });
     for m in label_free {
+        let name = format!("accuracy ≥ {} (label-free; shifted devices)", m.method);
         // A row that failed on every device measured nothing: the target is not met.
         if m.failures == m.devices.len() {
             let why = m.devices.iter().find_map(|d| d.error.clone()).unwrap_or_default();
-            out.push(Target {
-                name: format!("accuracy ≥ {} (label-free; shifted devices)", m.method),
-                measured: format!("not measured: it failed on every device ({why})"),
-                met: false,
-            });
+            out.push(Target { name, measured: format!("not measured: it failed on every device ({why})"), met: false });
             continue;
         }
         let margin = 100.0 * (cdc.accuracy.mean - m.accuracy.mean);
         out.push(Target {
-            name: format!("accuracy ≥ {} (label-free; shifted devices)", m.method),
+            name,
             measured: format!("{}% vs {}% ({} points)", pct(cdc.accuracy.mean), pct(m.accuracy.mean), signed(margin)),
             met: margin >= 0.0,
         });
-        if matches!(m.plugin.as_deref(), Some("tent" | "foa")) && m.method != CDC {
+        if matches!(m.plugin.as_deref(), Some("tent" | "foa")) {
             let ratio = m.device_ms.mean / cdc.device_ms.mean;
             out.push(Target {
                 name: format!("device time adaptation adds ≤ 1/100 of {}", m.method),

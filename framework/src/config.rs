@@ -550,8 +550,7 @@ impl BaselineChoice {
 
     /// With the learning rate chosen on source domains among 1e-3, 3e-3, 1e-2 and 3e-2.
     fn tuned(self) -> Self {
-        let rates = [1e-3, 3e-3, 1e-2, 3e-2].map(toml::Value::Float).to_vec();
-        Self { tune: BTreeMap::from([("learning_rate".to_string(), rates)]), ..self }
+        self.tuning("learning_rate", &[1e-3, 3e-3, 1e-2, 3e-2])
     }
 
     /// With the batch chosen too, among 1, 2 and 4 clips: at 4 labels (3 to train on) the

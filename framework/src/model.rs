@@ -196,14 +196,20 @@ pub trait DeviceModel: Send {
         if clips.iter().all(|c| c.answer.is_none()) {
             return Ok(f64::NAN);
         }
-        let predicted = self.answers(clips)?;
-        let (right, total) = clips
-            .iter()
-            .zip(predicted)
-            .filter_map(|(clip, p)| clip.answer.map(|a| a == p))
-            .fold((0usize, 0usize), |(r, t), ok| (r + usize::from(ok), t + 1));
-        Ok(if total == 0 { f64::NAN } else { right as f64 / total as f64 })
+        Ok(accuracy_of(clips, &self.answers(clips)?))
     }
+}
+
+/// Fraction of the labelled `clips` that `answers` (one per clip) gets right; NaN when none is
+/// labelled. [`DeviceModel::accuracy`] scores with it, and so does whoever already holds the
+/// answers.
+pub fn accuracy_of(clips: &[Clip], answers: &[usize]) -> f64 {
+    let (right, total) = clips
+        .iter()
+        .zip(answers)
+        .filter_map(|(clip, p)| clip.answer.map(|a| a == *p))
+        .fold((0usize, 0usize), |(r, t), ok| (r + usize::from(ok), t + 1));
+    if total == 0 { f64::NAN } else { right as f64 / total as f64 }
 }
 
 /// Which parameters on-device fine-tuning trains.
@@ -285,7 +291,11 @@ pub trait FeatureAlignment {
 
     /// Per-dimension statistics of the frame features on the cloud's source domains (the
     /// reference the device's bundle carries).
-    fn source_statistics(&self) -> FeatureStats;
+    ///
+    /// # Errors
+    /// Whatever keeps the model from answering (a plugin library failing at the boundary):
+    /// never made-up statistics.
+    fn source_statistics(&self) -> Result<FeatureStats, ModelError>;
 
     /// Replaces the per-dimension map `x·scale + shift` applied to served frame features
     /// (`[d]` each; `None` removes it); returns how many values it set.

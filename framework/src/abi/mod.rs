@@ -39,7 +39,7 @@ use crate::registry::Plugin;
 
 /// The plugin ABI this mmpg speaks. Bumped whenever anything that crosses the boundary
 /// changes: the descriptor, a method number, or the encoding of any argument or result.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// The mmpg version a library or host was built against.
 pub const MMPG_VERSION: &str = env!("CARGO_PKG_VERSION");

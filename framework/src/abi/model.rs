@@ -252,7 +252,7 @@ mod device {
     /// `Vec<Clip>` → `Served`.
     pub const SERVE: u32 = 11;
     /// `()` → `(bool, Option<FeatureStats>)`: entropy minimisation; feature alignment, with its
-    /// source statistics. A library that predates it answers "unknown method": neither.
+    /// source statistics (ABI 4).
     pub const CAPABILITIES: u32 = 12;
     /// `(TuneScope, f64)` → an entropy-minimising fine-tuner object.
     pub const ENTROPY_TUNER: u32 = 13;
@@ -305,10 +305,11 @@ impl Serve for OwnedDevice {
                 let head = m.as_linear_head().ok_or_else(|| unsupported(m.as_ref(), "a linear QA head"))?;
                 head.qa_representations(&clips)
             }),
-            device::CAPABILITIES => {
+            device::CAPABILITIES => with(input, |(): ()| {
                 let entropy = m.as_entropy_minimisation().is_some();
-                Outcome::value((entropy, m.as_feature_alignment().map(|a| a.source_statistics())))
-            }
+                let statistics = m.as_feature_alignment().map(|a| a.source_statistics()).transpose()?;
+                Ok::<_, ModelError>((entropy, statistics))
+            }),
             device::ENTROPY_TUNER => with_object(input, |(scope, rate): (TuneScope, f64)| {
                 let minimisation =
                     m.as_entropy_minimisation().ok_or_else(|| unsupported(m.as_ref(), "entropy minimisation"))?;
@@ -339,8 +340,8 @@ pub(crate) struct RemoteDevice {
     recalibration: bool,
     head: Option<LinearHead>,
     entropy_minimisation: bool,
-    /// The source statistics of a model offering feature alignment, read once: the trait's
-    /// accessor cannot fail, so nothing falls back to made-up statistics later.
+    /// The source statistics of a model offering feature alignment, read once with the
+    /// capabilities.
     source_statistics: Option<FeatureStats>,
 }
 
@@ -348,9 +349,8 @@ impl RemoteDevice {
     fn new(proxy: Proxy) -> Result<Self, ModelError> {
         let (schema, name, fine_tunable, recalibration, head) =
             proxy.call::<_, _, ModelError>(device::DESCRIBE, &())?;
-        // A library without the method offers neither capability.
         let (entropy_minimisation, source_statistics) =
-            proxy.call::<_, (bool, Option<FeatureStats>), ModelError>(device::CAPABILITIES, &()).unwrap_or_default();
+            proxy.call::<_, (bool, Option<FeatureStats>), ModelError>(device::CAPABILITIES, &())?;
         Ok(Self { proxy, schema, name, fine_tunable, recalibration, head, entropy_minimisation, source_statistics })
     }
 }
@@ -426,9 +426,8 @@ impl FeatureAlignment for RemoteDevice {
         Ok(Activations { features, logits })
     }
 
-    fn source_statistics(&self) -> FeatureStats {
-        // Present whenever this capability is handed out (`as_feature_alignment`).
-        self.source_statistics.clone().unwrap_or(FeatureStats { mean: Vec::new(), std: Vec::new() })
+    fn source_statistics(&self) -> Result<FeatureStats, ModelError> {
+        self.source_statistics.clone().ok_or_else(|| ModelError::unsupported(&self.name, "feature alignment"))
     }
 
     fn set_feature_alignment(&mut self, alignment: Option<(Vec<f32>, Vec<f32>)>) -> Result<usize, ModelError> {

@@ -259,7 +259,7 @@ impl DeviceAdapter for Foa {
         let source = model
             .as_feature_alignment()
             .ok_or_else(|| ModelError::unsupported(&name, "feature alignment (FOA)"))?
-            .source_statistics();
+            .source_statistics()?;
         let base = model.current_params();
         let mut x0 = Vec::new();
         for slot in &s.slots {
@@ -346,7 +346,7 @@ impl DeviceAdapter for Foa {
             let window = align.activations(input.window)?;
             let stats = FeatureStats::of_rows(&window.features)
                 .ok_or_else(|| AdaptError::Input("FOA: the window has no frame features".into()))?;
-            let source = align.source_statistics();
+            let source = align.source_statistics()?;
             let shift: Vec<f32> =
                 (0..stats.dim()).map(|j| (s.shift * f64::from(source.mean[j] - stats.mean[j])) as f32).collect();
             shifted = align.set_feature_alignment(Some((vec![1.0; shift.len()], shift)))?;

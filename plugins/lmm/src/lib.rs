@@ -940,19 +940,13 @@ impl DeviceModel for LmmDevice {
 
 impl FineTunable for LmmDevice {
     fn fine_tuner(&self, scope: TuneScope, learning_rate: f64) -> Result<Box<dyn FineTuner>, ModelError> {
-        if !(learning_rate.is_finite() && learning_rate > 0.0) {
-            return Err(ModelError::Training(format!("learning rate must be positive, found {learning_rate}")));
-        }
-        Ok(Box::new(LmmTuner::new(self, scope, learning_rate, TuneObjective::CrossEntropy)))
+        Ok(Box::new(LmmTuner::new(self, scope, learning_rate, TuneObjective::CrossEntropy)?))
     }
 }
 
 impl EntropyMinimisation for LmmDevice {
     fn entropy_tuner(&self, scope: TuneScope, learning_rate: f64) -> Result<Box<dyn FineTuner>, ModelError> {
-        if !(learning_rate.is_finite() && learning_rate > 0.0) {
-            return Err(ModelError::Training(format!("learning rate must be positive, found {learning_rate}")));
-        }
-        Ok(Box::new(LmmTuner::new(self, scope, learning_rate, TuneObjective::Entropy)))
+        Ok(Box::new(LmmTuner::new(self, scope, learning_rate, TuneObjective::Entropy)?))
     }
 }
 
@@ -965,8 +959,8 @@ impl FeatureAlignment for LmmDevice {
         Ok(Activations { features: HostTensor::from_burn(features), logits: HostTensor::from_burn(logits) })
     }
 
-    fn source_statistics(&self) -> FeatureStats {
-        self.reference.clone()
+    fn source_statistics(&self) -> Result<FeatureStats, ModelError> {
+        Ok(self.reference.clone())
     }
 
     fn set_feature_alignment(&mut self, alignment: Option<(Vec<f32>, Vec<f32>)>) -> Result<usize, ModelError> {
@@ -1005,13 +999,7 @@ impl StatisticsRecalibration for LmmDevice {
             scale.push(s);
             shift.push(self.reference.mean[j] - target.mean[j] * s);
         }
-        if scale.iter().chain(&shift).any(|v| !v.is_finite()) {
-            return Err(ModelError::Input("recalibration statistics are not finite".into()));
-        }
-        let d = scale.len();
-        let tensor = |v: Vec<f32>| Tensor::<DB, 1>::from_data(TensorData::new(v, [d]), &self.device);
-        self.alignment = Some((tensor(scale), tensor(shift)));
-        Ok(2 * d)
+        self.set_feature_alignment(Some((scale, shift)))
     }
 }
 
@@ -1062,7 +1050,15 @@ impl std::fmt::Debug for LmmTuner {
 }
 
 impl LmmTuner {
-    fn new(device_model: &LmmDevice, scope: TuneScope, learning_rate: f64, objective: TuneObjective) -> Self {
+    fn new(
+        device_model: &LmmDevice,
+        scope: TuneScope,
+        learning_rate: f64,
+        objective: TuneObjective,
+    ) -> Result<Self, ModelError> {
+        if !(learning_rate.is_finite() && learning_rate > 0.0) {
+            return Err(ModelError::Training(format!("learning rate must be positive, found {learning_rate}")));
+        }
         let train_device = BurnDevice::autodiff(inference_device(&device_model.device));
         let mut net = relocate(device_model.net.clone(), &train_device);
         let param = |t: &Tensor<DB, 1>| Param::from_tensor(relocate_tensor(t, &train_device)).set_require_grad(true);
@@ -1100,7 +1096,7 @@ impl LmmTuner {
                     - Module::<DB>::num_params(&net.text_proj)
             }
         };
-        Self {
+        Ok(Self {
             geo: device_model.geo.clone(),
             schema: device_model.schema.clone(),
             original: device_model.net.clone(),
@@ -1113,7 +1109,7 @@ impl LmmTuner {
             train_device,
             reference: device_model.reference.clone(),
             alignment: device_model.alignment.clone(),
-        }
+        })
     }
 }
 
@@ -1266,7 +1262,7 @@ mod tests {
         let cloud =
             mmpg_backends::with_burn_seed(3, || LmmCloud::new(small(), &task(), &init_device())).expect("model");
         let device = cloud.device_copy(&mmpg_backends::modules::inference_device(&init_device()));
-        let mut tuner = LmmTuner::new(&device, scope, 1e-2, objective);
+        let mut tuner = LmmTuner::new(&device, scope, 1e-2, objective).expect("a positive learning rate");
         let batch = match objective {
             TuneObjective::CrossEntropy => clips(6, 1),
             TuneObjective::Entropy => clips(6, 1).iter().map(Clip::unlabelled).collect(),
@@ -1294,7 +1290,7 @@ mod tests {
         let before = device.activations(&batch).expect("activations");
         assert_eq!(before.features.shape(), &[6, 8]);
         assert_eq!(before.logits, device.answer_logits(&batch).expect("logits"));
-        assert_eq!(device.source_statistics().dim(), 8);
+        assert_eq!(device.source_statistics().expect("statistics").dim(), 8);
         assert_eq!(device.set_feature_alignment(Some((vec![1.0; 8], vec![0.5; 8]))).expect("set"), 16);
         let shifted = device.activations(&batch).expect("activations");
         for (a, b) in shifted.features.values().iter().zip(before.features.values()) {
